@@ -1,0 +1,16 @@
+"""vaeguard: variational autoencoders for anomaly detection, compression and representation.
+
+The public face: detectors, :func:`load`, and :data:`hookimpl` for plugin authors.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("vaeguard")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+from vaeguard.estimators import VAEAnomalyDetector, load  # noqa: E402
+from vaeguard.hookspecs import hookimpl  # noqa: E402
+
+__all__ = ["VAEAnomalyDetector", "__version__", "hookimpl", "load"]

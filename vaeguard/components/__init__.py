@@ -1,0 +1,1 @@
+"""Built-in parts, registered through the same pluggy hooks as third-party plugins."""

@@ -1,0 +1,236 @@
+"""Built-in observation models p(x|z): gaussian, diag_gaussian, bernoulli, categorical.
+
+A likelihood turns the decoder's output ``params`` of shape
+``(..., n_params, *event_shape)`` into a normalised distribution over ``x`` of shape
+``(..., *event_shape)``; ``log_prob`` sums over the event dimensions and returns
+nats per sample. Elementwise distributions come from :mod:`torch.distributions`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.distributions import Bernoulli, Categorical, Distribution, Normal
+
+from vaeguard.hookspecs import hookimpl
+
+#: Bounds on log σ (standardised units) so that densities never overflow.
+LOG_SCALE_MIN = -6.0
+LOG_SCALE_MAX = 4.0
+
+
+def soft_clamp(x: Tensor, low: float, high: float) -> Tensor:
+    """Smoothly squash ``x`` into ``(low, high)``; the identity well inside the bounds."""
+    return high - nn.functional.softplus(high - low - nn.functional.softplus(x - low))
+
+
+def _first_bad_entry(mask: np.ndarray) -> tuple[int, int]:
+    """(row, column) of the first True entry of a 2-D boolean array (flattened beyond 2-D)."""
+    flat = mask.reshape(mask.shape[0], -1)
+    row, col = np.argwhere(flat)[0]
+    return int(row), int(col)
+
+
+class Likelihood(nn.Module):
+    """Base class of observation models.
+
+    Subclasses set ``n_params`` (decoder outputs per data element) and ``discrete``
+    (a mass function, data used as given) and implement :meth:`distribution`.
+
+    Parameters
+    ----------
+    event_shape : tuple of int
+        Shape of one sample, e.g. ``(n_features,)``.
+    """
+
+    n_params: ClassVar[int] = 1
+    discrete: ClassVar[bool] = False
+
+    def __init__(self, event_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.event_shape = tuple(int(s) for s in event_shape)
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def options_from_data(cls, X: np.ndarray) -> dict[str, Any]:
+        """Constructor options read off the training data (e.g. the number of categories)."""
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able constructor arguments (besides ``event_shape``) to rebuild this object."""
+        return {}
+
+    def check_support(self, X: np.ndarray) -> None:
+        """Raise ``ValueError`` naming the first row and column outside the support."""
+
+    @property
+    def param_count(self) -> int:
+        """Decoder outputs per data element."""
+        return self.n_params
+
+    @property
+    def encoder_input_shape(self) -> tuple[int, ...]:
+        """Shape of :meth:`encoder_input` per sample."""
+        return self.event_shape
+
+    def encoder_input(self, x: Tensor) -> Tensor:
+        """What the encoder sees of ``x`` (the data itself unless a subclass encodes it)."""
+        return x
+
+    # -- the distribution --------------------------------------------------------------
+    def param(self, params: Tensor, i: int) -> Tensor:
+        """The ``i``-th parameter slice, shape ``(..., *event_shape)``."""
+        return params.select(-1 - len(self.event_shape), i)
+
+    def distribution(self, params: Tensor) -> Distribution:
+        """Elementwise distribution with batch shape ``(..., *event_shape)``."""
+        raise NotImplementedError
+
+    def per_feature_log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        """Log density (or mass) of each element, nats, shape ``(..., *event_shape)``."""
+        return self.distribution(params).log_prob(x)
+
+    def log_prob(self, x: Tensor, params: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Log-likelihood summed over the event dimensions, nats, shape ``(...)``.
+
+        ``mask`` (same shape as ``x``, true = observed) restricts the sum to observed
+        entries, which for this factorised model is the exact marginal likelihood.
+        """
+        lp = self.per_feature_log_prob(x, params)
+        if mask is not None:
+            lp = torch.where(mask, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+        return lp.flatten(start_dim=lp.dim() - len(self.event_shape)).sum(-1)
+
+    def mean(self, params: Tensor) -> Tensor:
+        """Mean of x given the parameters, shape ``(..., *event_shape)``."""
+        return self.distribution(params).mean
+
+    def sample(self, params: Tensor) -> Tensor:
+        """One draw of x per parameter set (uses torch's global generator)."""
+        return self.distribution(params).sample()
+
+
+class GaussianLikelihood(Likelihood):
+    """Normal with the decoder's mean and a learned σ per feature (shared over samples)."""
+
+    def __init__(self, event_shape: tuple[int, ...]) -> None:
+        super().__init__(event_shape)
+        self.raw_log_scale = nn.Parameter(torch.zeros(self.event_shape))
+
+    @property
+    def log_scale(self) -> Tensor:
+        return soft_clamp(self.raw_log_scale, LOG_SCALE_MIN, LOG_SCALE_MAX)
+
+    def distribution(self, params: Tensor) -> Distribution:
+        loc = self.param(params, 0)
+        return Normal(loc, self.log_scale.exp().expand_as(loc))
+
+
+class DiagGaussianLikelihood(Likelihood):
+    """Normal with mean and σ per feature per sample, both from the decoder."""
+
+    n_params = 2
+
+    def distribution(self, params: Tensor) -> Distribution:
+        log_scale = soft_clamp(self.param(params, 1), LOG_SCALE_MIN, LOG_SCALE_MAX)
+        return Normal(self.param(params, 0), log_scale.exp())
+
+
+class BernoulliLikelihood(Likelihood):
+    """Independent Bernoulli per element, for binary data in {0, 1}; a mass function."""
+
+    discrete = True
+
+    def check_support(self, X: np.ndarray) -> None:
+        bad = (X != 0) & (X != 1)
+        if bad.any():
+            row, col = _first_bad_entry(bad)
+            value = X.reshape(X.shape[0], -1)[row, col]
+            raise ValueError(
+                f"likelihood 'bernoulli' needs values 0 or 1; row {row}, column {col} holds {value!r}"
+            )
+
+    def distribution(self, params: Tensor) -> Distribution:
+        return Bernoulli(logits=self.param(params, 0).clamp(-30.0, 30.0), validate_args=False)
+
+
+class CategoricalLikelihood(Likelihood):
+    """Independent categorical per element over ``0 .. n_categories-1``; a mass function.
+
+    Parameters
+    ----------
+    event_shape : tuple of int
+        Shape of one sample.
+    n_categories : int
+        Number of levels; the data must hold integers in ``[0, n_categories)``.
+    """
+
+    discrete = True
+
+    def __init__(self, event_shape: tuple[int, ...], n_categories: int) -> None:
+        super().__init__(event_shape)
+        if int(n_categories) < 2:
+            raise ValueError(f"likelihood 'categorical' needs n_categories >= 2, got {n_categories}")
+        self.n_categories = int(n_categories)
+
+    @property
+    def param_count(self) -> int:
+        return self.n_categories
+
+    @property
+    def encoder_input_shape(self) -> tuple[int, ...]:
+        return (*self.event_shape, self.n_categories)
+
+    def encoder_input(self, x: Tensor) -> Tensor:
+        return nn.functional.one_hot(x.long().clamp(0, self.n_categories - 1), self.n_categories).to(
+            torch.get_default_dtype()
+        )
+
+    @classmethod
+    def options_from_data(cls, X: np.ndarray) -> dict[str, Any]:
+        return {"n_categories": max(2, int(np.max(X)) + 1) if X.size else 2}
+
+    def config(self) -> dict[str, Any]:
+        return {"n_categories": self.n_categories}
+
+    def check_support(self, X: np.ndarray) -> None:
+        bad = (X < 0) | (X >= self.n_categories) | (X != np.round(X))
+        if bad.any():
+            row, col = _first_bad_entry(bad)
+            value = X.reshape(X.shape[0], -1)[row, col]
+            raise ValueError(
+                f"likelihood 'categorical' needs integers in [0, {self.n_categories}); "
+                f"row {row}, column {col} holds {value!r}"
+            )
+
+    def distribution(self, params: Tensor) -> Distribution:
+        logits = params.movedim(-1 - len(self.event_shape), -1)
+        return Categorical(logits=logits, validate_args=False)
+
+    def per_feature_log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        return self.distribution(params).log_prob(x.long())
+
+    def mean(self, params: Tensor) -> Tensor:
+        probs = self.distribution(params).probs
+        levels = torch.arange(self.n_categories, dtype=probs.dtype, device=probs.device)
+        return (probs * levels).sum(-1)
+
+    def sample(self, params: Tensor) -> Tensor:
+        return self.distribution(params).sample().to(params.dtype)
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """log N(z; 0, I) summed over the last dimension, nats."""
+    return -0.5 * (z.square().sum(-1) + z.shape[-1] * math.log(2 * math.pi))
+
+
+@hookimpl
+def vaeguard_register_likelihoods(register):  # noqa: ANN001, ANN201
+    register("gaussian", GaussianLikelihood)
+    register("diag_gaussian", DiagGaussianLikelihood)
+    register("bernoulli", BernoulliLikelihood)
+    register("categorical", CategoricalLikelihood)

@@ -1,0 +1,507 @@
+"""scikit-learn style estimators: :class:`VAEAnomalyDetector` and :func:`load`."""
+
+from __future__ import annotations
+
+import math
+import os
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, OutlierMixin, TransformerMixin, _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from vaeguard import storage
+from vaeguard.components.likelihoods import Likelihood
+from vaeguard.model import VAE
+from vaeguard.plugins import get_part
+from vaeguard.preprocessing import Standardizer, first_nonfinite
+from vaeguard.scoring import (
+    common_random_numbers,
+    evidence_lower_bound,
+    importance_sampled_log_likelihood,
+    posterior_means,
+)
+from vaeguard.training import TrainingConfig, TrainingHistory, train
+
+#: Optimisation steps the automatic epoch count aims at (early stopping usually ends sooner).
+AUTO_STEPS = 3000
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` → CUDA when present, else CPU; anything else as torch reads it."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a device torch knows ('cpu', 'cuda', 'cuda:1', 'auto')") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but CUDA is not available here; use 'cpu' or 'auto'")
+    return resolved
+
+
+def auto_batch_size(n: int) -> int:
+    """n/32 rounded to a power of two, within [32, 512]."""
+    return int(2 ** round(math.log2(min(512, max(32, n / 32)))))
+
+
+def auto_epochs(n: int, batch_size: int) -> int:
+    """Epochs for about :data:`AUTO_STEPS` steps, within [10, 300]."""
+    steps_per_epoch = math.ceil(n / batch_size)
+    return int(min(300, max(10, math.ceil(AUTO_STEPS / steps_per_epoch))))
+
+
+class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, OutlierMixin, BaseEstimator):
+    """Anomaly detection by the importance-sampled log-likelihood of a variational autoencoder.
+
+    The model p(x) = ∫ p(x|z) p(z) dz is trained by maximising the ELBO; each sample is
+    scored by an importance-sampled estimate of log p(x) in nats, in the units of the
+    data as given (internal standardisation adds its log-Jacobian). Higher is more normal.
+
+    Parameters
+    ----------
+    latent_dim : int or "auto", default="auto"
+        Size of z; "auto" is about n_features/4 within [2, 32].
+    hidden_dims : list of int or "auto", default="auto"
+        Encoder hidden widths (the decoder mirrors them); "auto" is two layers of
+        2·n_features within [32, 256].
+    encoder : str, default="mlp"
+        Network family, by registered name (``vaeguard plugins`` lists them).
+    likelihood : str, default="gaussian"
+        Observation model by registered name: "gaussian" (learned σ per feature),
+        "diag_gaussian", "bernoulli" (0/1 data), "categorical" (integers 0..K−1), or a
+        plugin's (e.g. "studentt").
+    epochs : int or "auto", default="auto"
+        Maximum epochs; "auto" aims at about 3000 optimisation steps (10 to 300 epochs).
+        Early stopping on a validation split usually ends sooner.
+    batch_size : int or "auto", default="auto"
+        Minibatch size; "auto" is n/32 rounded to a power of two within [32, 512].
+    learning_rate : float, default=1e-3
+        Adam's step size.
+    n_importance_samples : int, default=64
+        K, the importance samples per row in :meth:`score_samples`.
+    contamination : float in (0, 0.5], default=0.1
+        Expected fraction of outliers in the training data. ``offset_`` is the
+        ``100·contamination`` percentile of the training scores, so :meth:`predict`
+        flags that fraction of the training rows as outliers.
+    validation_fraction : float in [0, 1), default=0.1
+        Share of the training rows held out for early stopping (none when fewer than
+        20 rows would be held out).
+    device : str, default="auto"
+        "auto" (CUDA when present), "cpu", "cuda", "cuda:N".
+    random_state : int, RandomState instance or None, default=None
+        Seeds initialisation, shuffling, the validation split and the importance
+        samples: the same seed gives the same scores on the same device.
+    verbose : bool or int, default=False
+        Show training progress on stderr.
+
+    Attributes
+    ----------
+    model_ : VAE
+        The trained torch module.
+    offset_ : float
+        Threshold on :meth:`score_samples` (nats); ``decision_function = score_samples - offset_``.
+    latent_dim_ : int
+        The latent size used.
+    history_ : TrainingHistory
+        Per-epoch training and validation loss (−ELBO, nats, standardised units).
+    fingerprint_ : str or None
+        SHA-256 of the model file this estimator was saved to or loaded from.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+        Present when fitted on a DataFrame with string column names.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from vaeguard import VAEAnomalyDetector
+    >>> X = np.random.default_rng(0).normal(size=(300, 4))
+    >>> det = VAEAnomalyDetector(epochs=5, random_state=0).fit(X)
+    >>> det.score_samples(X[:3]).shape
+    (3,)
+    """
+
+    _parameter_constraints: dict = {
+        "latent_dim": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
+        "hidden_dims": [StrOptions({"auto"}), list, tuple],
+        "encoder": [str],
+        "likelihood": [str],
+        "epochs": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
+        "batch_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "n_importance_samples": [Interval(Integral, 1, None, closed="left")],
+        "contamination": [Interval(Real, 0, 0.5, closed="right")],
+        "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+        "device": [str],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        *,
+        latent_dim: int | str = "auto",
+        hidden_dims: list[int] | tuple[int, ...] | str = "auto",
+        encoder: str = "mlp",
+        likelihood: str = "gaussian",
+        epochs: int | str = "auto",
+        batch_size: int | str = "auto",
+        learning_rate: float = 1e-3,
+        n_importance_samples: int = 64,
+        contamination: float = 0.1,
+        validation_fraction: float = 0.1,
+        device: str = "auto",
+        random_state: int | np.random.RandomState | None = None,
+        verbose: bool | int = False,
+    ) -> None:
+        self.latent_dim = latent_dim
+        self.hidden_dims = hidden_dims
+        self.encoder = encoder
+        self.likelihood = likelihood
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.n_importance_samples = n_importance_samples
+        self.contamination = contamination
+        self.validation_fraction = validation_fraction
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # -- input ---------------------------------------------------------------------------
+    def _column_name(self, col: int) -> str:
+        names = getattr(self, "feature_names_in_", None)
+        return repr(str(names[col])) if names is not None else str(col)
+
+    def _validate_input(self, X: Any, *, reset: bool) -> np.ndarray:
+        """Validated float64 array (n, d); ValueErrors name the row and column at fault."""
+        if hasattr(X, "dtypes") and hasattr(X, "columns"):
+            bad = [str(c) for c, t in zip(X.columns, X.dtypes, strict=True) if not _is_numeric_dtype(t)]
+            if bad:
+                raise ValueError(
+                    f"column(s) {', '.join(repr(b) for b in bad)} are not numeric; "
+                    "VAEAnomalyDetector needs numeric columns (encode categories as numbers first)"
+                )
+        X = validate_data(self, X, reset=reset, dtype=np.float64, ensure_all_finite=False)
+        bad_entry = first_nonfinite(X)
+        if bad_entry is not None:
+            row, col, kind = bad_entry
+            n_bad = int((~np.isfinite(X)).sum())
+            more = f" ({n_bad - 1} more non-finite entries)" if n_bad > 1 else ""
+            raise ValueError(
+                f"X contains {kind} at row {row}, column {self._column_name(col)}{more}; "
+                "remove or impute non-finite values first"
+            )
+        return X
+
+    def _to_internal(self, X: np.ndarray) -> torch.Tensor:
+        """Standardise (continuous likelihoods) or check the support (discrete ones); float32 tensor."""
+        if self.standardizer_ is not None:
+            Z = self.standardizer_.transform(X)
+            too_big = np.abs(Z) > 1e30
+            if too_big.any():
+                row, col = (int(i) for i in np.argwhere(too_big)[0])
+                raise ValueError(
+                    f"row {row}, column {self._column_name(col)} holds {X[row, col]!r}, "
+                    "too far from the training data to be scored in float32"
+                )
+        else:
+            self.model_.likelihood.check_support(X)
+            Z = X
+        return torch.tensor(Z, dtype=torch.float32)
+
+    @property
+    def _log_jacobian(self) -> float:
+        return self.standardizer_.log_jacobian if self.standardizer_ is not None else 0.0
+
+    # -- fitting -------------------------------------------------------------------------
+    def _build_model(self, likelihood: Likelihood, latent_dim: int, hidden_dims: list[int] | None) -> VAE:
+        family = get_part("encoders", self.encoder)
+        options = {"output_shape": likelihood.event_shape}
+        if hidden_dims is not None:
+            options["hidden_dims"] = list(hidden_dims)
+        enc, dec = family(likelihood.encoder_input_shape, latent_dim, likelihood.param_count, **options)
+        return VAE(enc, dec, likelihood, latent_dim)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X: Any, y: Any = None) -> VAEAnomalyDetector:
+        """Train the VAE on the rows of ``X`` (n_samples, n_features).
+
+        Parameters
+        ----------
+        X : array-like or DataFrame of shape (n_samples, n_features)
+            Numeric training data; may contain some anomalies.
+        y : Ignored
+
+        Returns
+        -------
+        self
+        """
+        X = self._validate_input(X, reset=True)
+        n, d = X.shape
+        lik_cls = get_part("likelihoods", self.likelihood)
+        if self.hidden_dims != "auto" and (
+            not self.hidden_dims or not all(isinstance(h, Integral) and h > 0 for h in self.hidden_dims)
+        ):
+            raise ValueError(f"hidden_dims must be 'auto' or a non-empty list of positive integers, got {self.hidden_dims!r}")
+        if lik_cls.discrete:
+            Xchk = X.astype(np.float64)
+            options = lik_cls.options_from_data(Xchk)
+            likelihood = lik_cls((d,), **options)
+            likelihood.check_support(Xchk)
+            self.standardizer_ = None
+        else:
+            likelihood = lik_cls((d,), **lik_cls.options_from_data(X))
+            self.standardizer_ = Standardizer.fit(X)
+        rng = check_random_state(self.random_state)
+        fit_seed, score_seed = (int(s) for s in rng.randint(0, 2**31 - 1, size=2))
+        self.score_seed_ = score_seed
+        self.latent_dim_ = self.latent_dim if self.latent_dim != "auto" else _auto_latent(d)
+        batch_size = self.batch_size if self.batch_size != "auto" else auto_batch_size(n)
+        epochs = self.epochs if self.epochs != "auto" else auto_epochs(n, batch_size)
+        config = TrainingConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=self.learning_rate,
+            validation_fraction=self.validation_fraction,
+            patience=max(10, epochs // 10),
+        )
+        device = resolve_device(self.device)
+        self.device_ = str(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(fit_seed)
+            hidden = None if self.hidden_dims == "auto" else list(self.hidden_dims)
+            model = self._build_model(likelihood, self.latent_dim_, hidden)
+            self.model_spec_ = {
+                "encoder": self.encoder,
+                "likelihood": self.likelihood,
+                "likelihood_options": likelihood.config(),
+                "latent_dim": int(self.latent_dim_),
+                "hidden_dims": hidden,
+                "n_features": int(d),
+            }
+            self.model_ = model
+            x = self._to_internal(X)
+            generator = torch.Generator(device="cpu").manual_seed(fit_seed)
+            self.history_ = train(model, x, config, generator=generator, device=device, verbose=bool(self.verbose))
+        self.fingerprint_ = None
+        train_scores = self._log_likelihood_internal(x, self.n_importance_samples).value + self._log_jacobian
+        self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
+        return self
+
+    @property
+    def _n_features_out(self) -> int:
+        return int(self.latent_dim_)
+
+    # -- scoring -------------------------------------------------------------------------
+    def _log_likelihood_internal(self, x: torch.Tensor, n_samples: int, return_std: bool = False):  # noqa: ANN202
+        eps = common_random_numbers(n_samples, self.latent_dim_, self.score_seed_)
+        result = importance_sampled_log_likelihood(self.model_, x, eps, return_std=return_std, device=self.device_)
+        if not np.all(np.isfinite(result.value)):
+            row = int(np.flatnonzero(~np.isfinite(result.value))[0])
+            raise ValueError(
+                f"row {row} got a non-finite log-likelihood ({result.value[row]}): its values are too extreme "
+                "for this model to score"
+            )
+        return result
+
+    def log_likelihood(
+        self, X: Any, n_samples: int | None = None, return_std: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Importance-sampled estimate of log p(x) per row, in nats, in the data's units.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        n_samples : int, optional
+            K, the number of importance samples (default ``n_importance_samples``).
+            The estimate is a stochastic lower bound that tightens as K grows.
+        return_std : bool, default=False
+            Also return each estimate's standard error (nats), from the K weights.
+
+        Returns
+        -------
+        log_px : ndarray of shape (n_samples,)
+        std : ndarray of shape (n_samples,), only when ``return_std``
+        """
+        check_is_fitted(self)
+        k = self.n_importance_samples if n_samples is None else int(n_samples)
+        if k < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        x = self._to_internal(self._validate_input(X, reset=False))
+        result = self._log_likelihood_internal(x, k, return_std)
+        value = result.value + self._log_jacobian
+        return (value, result.std) if return_std else value
+
+    def score_samples(self, X: Any) -> np.ndarray:
+        """Estimated log p(x) per row (nats, data units, K = ``n_importance_samples``); higher = more normal.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+        """
+        return self.log_likelihood(X)
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """``score_samples(X) - offset_``: negative for outliers, shape (n_samples,)."""
+        check_is_fitted(self)
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X: Any) -> np.ndarray:
+        """+1 for inliers, −1 for outliers, shape (n_samples,)."""
+        return np.where(self.decision_function(X) < 0, -1, 1)
+
+    def elbo(self, X: Any, n_samples: int | None = None) -> np.ndarray:
+        """The evidence lower bound per row (nats, data units): E_q[log p(x|z)] − KL(q ‖ p).
+
+        The expectation is averaged over ``n_samples`` draws (default ``n_importance_samples``),
+        the same draws :meth:`log_likelihood` uses; the KL is exact.
+        """
+        check_is_fitted(self)
+        k = self.n_importance_samples if n_samples is None else int(n_samples)
+        x = self._to_internal(self._validate_input(X, reset=False))
+        eps = common_random_numbers(k, self.latent_dim_, self.score_seed_)
+        return evidence_lower_bound(self.model_, x, eps, device=self.device_) + self._log_jacobian
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Posterior means E[z|x], shape (n_samples, latent_dim_)."""
+        check_is_fitted(self)
+        x = self._to_internal(self._validate_input(X, reset=False))
+        return posterior_means(self.model_, x, device=self.device_)
+
+    @torch.no_grad()
+    def sample(self, n_samples: int = 1, random_state: int | None = None) -> np.ndarray:
+        """Draw ``n_samples`` rows from the model p(x), shape (n_samples, n_features), data units."""
+        check_is_fitted(self)
+        if not isinstance(n_samples, Integral) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        seed = int(check_random_state(random_state).randint(0, 2**31 - 1))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            z = torch.randn(int(n_samples), self.latent_dim_).to(self.device_)
+            self.model_.eval()
+            x = self.model_.likelihood.sample(self.model_.decode(z)).double().cpu().numpy()
+        return self.standardizer_.inverse_transform(x) if self.standardizer_ is not None else x
+
+    def __sklearn_tags__(self):  # noqa: ANN204
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        tags.transformer_tags.preserves_dtype = ["float64"]
+        return tags
+
+    # -- persistence ---------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> str:
+        """Write the fitted model to an HDF5 model file atomically; returns its SHA-256 fingerprint."""
+        check_is_fitted(self)
+        params = self.get_params()
+        if not (params["random_state"] is None or isinstance(params["random_state"], Integral)):
+            params["random_state"] = None
+        config = {
+            "estimator": type(self).__name__,
+            "params": params,
+            "model": self.model_spec_,
+            "fitted": {
+                "offset_": self.offset_,
+                "score_seed_": self.score_seed_,
+                "latent_dim_": int(self.latent_dim_),
+                "n_features_in_": int(self.n_features_in_),
+                "feature_names_in_": [str(c) for c in getattr(self, "feature_names_in_", [])] or None,
+                "best_epoch": self.history_.best_epoch,
+                "stopped_early": self.history_.stopped_early,
+            },
+        }
+        arrays = {f"model.{k}": v.detach().cpu().numpy() for k, v in self.model_.state_dict().items()}
+        arrays["history.train_loss"] = np.asarray(self.history_.train_loss, dtype=np.float64)
+        arrays["history.validation_loss"] = np.asarray(self.history_.validation_loss, dtype=np.float64)
+        if self.standardizer_ is not None:
+            arrays["standardizer.center"] = self.standardizer_.center
+            arrays["standardizer.scale"] = self.standardizer_.scale
+        self.fingerprint_ = storage.write_model_file(path, config, arrays)
+        return self.fingerprint_
+
+    @classmethod
+    def _from_file(cls, config: dict[str, Any], arrays: dict[str, np.ndarray], digest: str, device: str) -> VAEAnomalyDetector:
+        est = cls(**config["params"])
+        spec = config["model"]
+        fitted = config["fitted"]
+        lik_cls = get_part("likelihoods", spec["likelihood"])
+        likelihood = lik_cls((spec["n_features"],), **spec["likelihood_options"])
+        model = est._build_model(likelihood, spec["latent_dim"], spec["hidden_dims"])
+        state = {k[len("model.") :]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("model.")}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(f"the model file's weights do not fit the network it describes: {exc}") from exc
+        est.model_spec_ = spec
+        est.device_ = str(resolve_device(device))
+        est.model_ = model.to(est.device_).eval()
+        est.standardizer_ = (
+            Standardizer(arrays["standardizer.center"], arrays["standardizer.scale"])
+            if "standardizer.center" in arrays
+            else None
+        )
+        est.offset_ = float(fitted["offset_"])
+        est.score_seed_ = int(fitted["score_seed_"])
+        est.latent_dim_ = int(fitted["latent_dim_"])
+        est.n_features_in_ = int(fitted["n_features_in_"])
+        if fitted.get("feature_names_in_"):
+            est.feature_names_in_ = np.asarray(fitted["feature_names_in_"], dtype=object)
+        est.history_ = TrainingHistory(
+            list(arrays["history.train_loss"]),
+            list(arrays["history.validation_loss"]),
+            int(fitted["best_epoch"]),
+            bool(fitted["stopped_early"]),
+        )
+        est.fingerprint_ = digest
+        return est
+
+
+def _auto_latent(d: int) -> int:
+    from vaeguard.components.encoders import default_latent_dim
+
+    return default_latent_dim(d)
+
+
+def _is_numeric_dtype(dtype: Any) -> bool:
+    import pandas as pd
+
+    return bool(pd.api.types.is_numeric_dtype(dtype)) and not pd.api.types.is_complex_dtype(dtype)
+
+
+ESTIMATORS = {"VAEAnomalyDetector": VAEAnomalyDetector}
+
+
+def load(path: str | os.PathLike[str], *, device: str = "auto") -> VAEAnomalyDetector:
+    """Load a fitted estimator from a model file written by ``save``.
+
+    The file is verified against its SHA-256 first; nothing in it is unpickled or
+    executed, and parts are looked up among the installed plugins by name (a missing
+    plugin is a ``ValueError`` naming it).
+
+    Parameters
+    ----------
+    path : str or PathLike
+    device : str, default="auto"
+        Where to put the model.
+
+    Raises
+    ------
+    ValueError
+        For a truncated, altered or foreign file, or a part no installed plugin provides.
+    """
+    config, arrays, digest = storage.read_model_file(path)
+    name = config.get("estimator")
+    if name not in ESTIMATORS:
+        raise ValueError(f"{str(path)!r} holds an unknown estimator {name!r}; known: {', '.join(ESTIMATORS)}")
+    try:
+        return ESTIMATORS[name]._from_file(config, arrays, digest, device)
+    except KeyError as exc:
+        raise ValueError(f"{str(path)!r} lacks the entry {exc} that a model file must have") from exc

@@ -1,0 +1,70 @@
+"""The vaeguard plugin contract: pluggy hook specifications, nothing else.
+
+Every hook is registration-style: vaeguard calls it with a ``register`` callable and a
+plugin calls ``register(name, factory)`` once per part it provides. Plugins return
+nothing. The built-in parts are registered through exactly these hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("vaeguard")
+hookimpl = pluggy.HookimplMarker("vaeguard")
+
+Register = Callable[[str, Any], None]
+
+
+@hookspec
+def vaeguard_register_encoders(register: Register) -> None:
+    """Register network families (an encoder and its mirrored decoder).
+
+    :param register: call ``register(name, family)`` for each family. ``family`` is a
+        callable ``family(input_shape, latent_dim, n_params, **options)`` returning an
+        ``(encoder, decoder)`` pair of ``torch.nn.Module`` s: ``encoder(x)`` maps a batch
+        ``(batch, *input_shape)`` to ``(batch, 2 * latent_dim)`` (means, then
+        log-variances) and ``decoder(z)`` maps ``(batch, latent_dim)`` to
+        ``(batch, n_params, *input_shape)``.
+    """
+
+
+@hookspec
+def vaeguard_register_likelihoods(register: Register) -> None:
+    """Register observation models p(x|z).
+
+    :param register: call ``register(name, cls)`` for each likelihood. ``cls`` is a
+        :class:`vaeguard.components.likelihoods.Likelihood` subclass: a normalised
+        density or mass function whose ``log_prob(x, params, mask=None)`` returns one
+        value in nats per sample.
+    """
+
+
+@hookspec
+def vaeguard_register_regularizers(register: Register) -> None:
+    """Register disentanglement regularizers.
+
+    :param register: call ``register(name, factory)``; ``factory(**params)`` returns an
+        object with ``penalty(out, step) -> torch.Tensor`` (a scalar added to -ELBO).
+    """
+
+
+@hookspec
+def vaeguard_register_codecs(register: Register) -> None:
+    """Register latent-code compression codecs.
+
+    :param register: call ``register(name, factory)``; ``factory(**params)`` returns an
+        object with ``encode(model, X) -> bytes``, ``decode(model, payload) -> X`` and a
+        ``lossless`` attribute.
+    """
+
+
+@hookspec
+def vaeguard_register_commands(cli: Any) -> None:
+    """Add click commands to the ``vaeguard`` command group.
+
+    :param cli: the :class:`click.Group`; call ``cli.add_command`` or use ``@cli.command``.
+        Put several commands in a subgroup of their own.
+    """

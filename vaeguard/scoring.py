@@ -1,0 +1,128 @@
+"""The score: the importance-sampled log-likelihood with q(z|x) as proposal.
+
+log p(x) ≈ logsumexp_k [log p(x|z_k) + log p(z_k) − log q(z_k|x)] − log K, z_k ~ q(z|x).
+
+Every row is scored with the same K standard-normal draws (common random numbers), so a
+row's score does not depend on its batch, the order of rows or the chunk size. The K
+weights of a chunk are one batched tensor; rows go in chunks so that memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vaeguard.model import VAE
+from vaeguard.objectives import elbo, log_importance_weights
+
+#: Elements (K × rows × per-row decoder outputs) one chunk may hold; about 64 MiB of float32.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def common_random_numbers(n_samples: int, latent_dim: int, seed: int) -> Tensor:
+    """The K standard-normal draws every row shares, shape ``(n_samples, latent_dim)``, on the CPU."""
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(n_samples, latent_dim, generator=generator)
+
+
+def chunk_rows(n_samples: int, elements_per_row: int, budget: int = CHUNK_ELEMENTS) -> int:
+    """Rows per chunk so that ``rows × n_samples × elements_per_row`` stays within ``budget``."""
+    return max(1, budget // max(1, n_samples * elements_per_row))
+
+
+def _chunks(x: Tensor, rows: int, device: torch.device) -> Iterator[Tensor]:
+    for start in range(0, x.shape[0], rows):
+        yield x[start : start + rows].to(device, non_blocking=True)
+
+
+@dataclass
+class LogLikelihood:
+    """Per-row estimates in nats: ``value`` (n,) and, when asked, its standard error ``std`` (n,)."""
+
+    value: np.ndarray
+    std: np.ndarray | None = None
+
+
+def _per_row_elements(model: VAE) -> int:
+    lik = model.likelihood
+    return max(1, lik.param_count * math.prod(lik.event_shape))
+
+
+@torch.no_grad()
+def importance_sampled_log_likelihood(
+    model: VAE,
+    x: Tensor,
+    eps: Tensor,
+    *,
+    return_std: bool = False,
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> LogLikelihood:
+    """Estimate log p(x) for every row, in nats, in the model's internal units.
+
+    Parameters
+    ----------
+    model : VAE
+    x : Tensor, shape (n, *event_shape)
+        Data on any device; chunks are moved to ``device``.
+    eps : Tensor, shape (K, latent_dim)
+        The shared standard-normal draws (:func:`common_random_numbers`).
+    return_std : bool, default=False
+        Also return the delta-method standard error of the estimate,
+        ``sd(w) / (√K · mean(w))``, from the K importance weights.
+    chunk_size : int, optional
+        Rows per chunk; by default sized so a chunk holds about 64 MiB.
+    device : torch.device, optional
+        Where to compute; defaults to the model's device.
+
+    Returns
+    -------
+    LogLikelihood
+        float64 arrays of shape (n,).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    k = eps.shape[0]
+    eps = eps.to(device)
+    rows = chunk_size or chunk_rows(k, _per_row_elements(model))
+    values, stds = [], []
+    model.eval()
+    for xb in _chunks(x, rows, device):
+        logw = log_importance_weights(model, xb, eps).double()  # (K, rows): accumulate in float64
+        values.append(torch.logsumexp(logw, 0) - math.log(k))
+        if return_std:
+            w = (logw - logw.max(0, keepdim=True).values).exp()
+            mean = w.mean(0)
+            sd = w.std(0, unbiased=False) if k > 1 else torch.zeros_like(mean)
+            stds.append(sd / (math.sqrt(k) * mean))
+    value = torch.cat(values).cpu().numpy() if values else np.zeros(0)
+    std = (torch.cat(stds).cpu().numpy() if stds else np.zeros(0)) if return_std else None
+    return LogLikelihood(value, std)
+
+
+@torch.no_grad()
+def evidence_lower_bound(
+    model: VAE, x: Tensor, eps: Tensor, *, chunk_size: int | None = None, device: torch.device | str | None = None
+) -> np.ndarray:
+    """ELBO per row in nats (internal units), the reconstruction term averaged over ``eps``; float64 (n,)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    eps = eps.to(device)
+    rows = chunk_size or chunk_rows(eps.shape[0], _per_row_elements(model))
+    model.eval()
+    out = [elbo(model, xb, eps)[0].double() for xb in _chunks(x, rows, device)]
+    return torch.cat(out).cpu().numpy() if out else np.zeros(0)
+
+
+@torch.no_grad()
+def posterior_means(model: VAE, x: Tensor, *, chunk_size: int = 65536, device: torch.device | str | None = None) -> np.ndarray:
+    """Posterior means μ(x), float64 of shape (n, latent_dim)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval()
+    out = [model.encode(xb)[0].double() for xb in _chunks(x, chunk_size, device)]
+    return torch.cat(out).cpu().numpy() if out else np.zeros((0, model.latent_dim))
