@@ -37,9 +37,15 @@ def chunk_rows(n_samples: int, elements_per_row: int, budget: int = CHUNK_ELEMEN
     return max(1, budget // max(1, n_samples * elements_per_row))
 
 
-def _chunks(x: Tensor, rows: int, device: torch.device) -> Iterator[Tensor]:
+def _chunks(x: Tensor, rows: int, device: torch.device, dtype: torch.dtype) -> Iterator[Tensor]:
     for start in range(0, x.shape[0], rows):
-        yield x[start : start + rows].to(device, non_blocking=True)
+        yield x[start : start + rows].to(device=device, dtype=dtype, non_blocking=True)
+
+
+def _placement(model: VAE, device: torch.device | str | None) -> tuple[torch.device, torch.dtype]:
+    """Where and in which floating-point type the model computes."""
+    p = next(model.parameters())
+    return (torch.device(device) if device is not None else p.device), p.dtype
 
 
 @dataclass
@@ -87,13 +93,13 @@ def importance_sampled_log_likelihood(
     LogLikelihood
         float64 arrays of shape (n,).
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device, dtype = _placement(model, device)
     k = eps.shape[0]
-    eps = eps.to(device)
+    eps = eps.to(device=device, dtype=dtype)
     rows = chunk_size or chunk_rows(k, _per_row_elements(model))
     values, stds = [], []
     model.eval()
-    for xb in _chunks(x, rows, device):
+    for xb in _chunks(x, rows, device, dtype):
         logw = log_importance_weights(model, xb, eps).double()  # (K, rows): accumulate in float64
         values.append(torch.logsumexp(logw, 0) - math.log(k))
         if return_std:
@@ -111,18 +117,18 @@ def evidence_lower_bound(
     model: VAE, x: Tensor, eps: Tensor, *, chunk_size: int | None = None, device: torch.device | str | None = None
 ) -> np.ndarray:
     """ELBO per row in nats (internal units), the reconstruction term averaged over ``eps``; float64 (n,)."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    eps = eps.to(device)
+    device, dtype = _placement(model, device)
+    eps = eps.to(device=device, dtype=dtype)
     rows = chunk_size or chunk_rows(eps.shape[0], _per_row_elements(model))
     model.eval()
-    out = [elbo(model, xb, eps)[0].double() for xb in _chunks(x, rows, device)]
+    out = [elbo(model, xb, eps)[0].double() for xb in _chunks(x, rows, device, dtype)]
     return torch.cat(out).cpu().numpy() if out else np.zeros(0)
 
 
 @torch.no_grad()
 def posterior_means(model: VAE, x: Tensor, *, chunk_size: int = 65536, device: torch.device | str | None = None) -> np.ndarray:
     """Posterior means μ(x), float64 of shape (n, latent_dim)."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device, dtype = _placement(model, device)
     model.eval()
-    out = [model.encode(xb)[0].double() for xb in _chunks(x, chunk_size, device)]
+    out = [model.encode(xb)[0].double() for xb in _chunks(x, chunk_size, device, dtype)]
     return torch.cat(out).cpu().numpy() if out else np.zeros((0, model.latent_dim))

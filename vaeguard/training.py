@@ -86,6 +86,7 @@ def train(
         When the loss or the gradients become NaN or infinite.
     """
     model.to(device)
+    x = x.to(torch.get_default_dtype())
     train_idx, val_idx = split_validation(x.shape[0], config, generator)
     x_train = x[train_idx].to(device)
     x_val = x[val_idx].to(device)

@@ -28,6 +28,15 @@ def soft_clamp(x: Tensor, low: float, high: float) -> Tensor:
     return high - nn.functional.softplus(high - low - nn.functional.softplus(x - low))
 
 
+def soft_clamp_inverse(y: Tensor, low: float, high: float) -> Tensor:
+    """The ``x`` with ``soft_clamp(x, low, high) == y`` for ``low < y < high``."""
+
+    def softplus_inverse(u: Tensor) -> Tensor:
+        return u + torch.log(-torch.expm1(-u))
+
+    return low + softplus_inverse(high - low - softplus_inverse(high - y))
+
+
 def _first_bad_entry(mask: np.ndarray) -> tuple[int, int]:
     """(row, column) of the first True entry of a 2-D boolean array (flattened beyond 2-D)."""
     flat = mask.reshape(mask.shape[0], -1)
@@ -151,7 +160,7 @@ class BernoulliLikelihood(Likelihood):
             row, col = _first_bad_entry(bad)
             value = X.reshape(X.shape[0], -1)[row, col]
             raise ValueError(
-                f"likelihood 'bernoulli' needs values 0 or 1; row {row}, column {col} holds {value!r}"
+                f"likelihood 'bernoulli' needs values 0 or 1; row {row}, column {col} holds {float(value):g}"
             )
 
     def distribution(self, params: Tensor) -> Distribution:
@@ -187,7 +196,7 @@ class CategoricalLikelihood(Likelihood):
 
     def encoder_input(self, x: Tensor) -> Tensor:
         return nn.functional.one_hot(x.long().clamp(0, self.n_categories - 1), self.n_categories).to(
-            torch.get_default_dtype()
+            x.dtype if x.is_floating_point() else torch.get_default_dtype()
         )
 
     @classmethod
@@ -204,7 +213,7 @@ class CategoricalLikelihood(Likelihood):
             value = X.reshape(X.shape[0], -1)[row, col]
             raise ValueError(
                 f"likelihood 'categorical' needs integers in [0, {self.n_categories}); "
-                f"row {row}, column {col} holds {value!r}"
+                f"row {row}, column {col} holds {float(value):g}"
             )
 
     def distribution(self, params: Tensor) -> Distribution:

@@ -1,0 +1,196 @@
+"""VAEAnomalyDetector: behaviour, sklearn integration, bad input, and learned densities."""
+
+import math
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from vaeguard import VAEAnomalyDetector
+
+
+@pytest.fixture(scope="module")
+def blobs() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(200, 4)) @ rng.normal(size=(4, 4))
+
+
+@pytest.fixture(scope="module")
+def fitted(blobs) -> VAEAnomalyDetector:
+    from conftest import FAST
+
+    return VAEAnomalyDetector(**FAST, random_state=0).fit(blobs)
+
+
+def test_methods_shapes_and_relations(fitted, blobs):
+    scores = fitted.score_samples(blobs)
+    assert scores.shape == (200,) and scores.dtype == np.float64 and np.all(np.isfinite(scores))
+    np.testing.assert_allclose(fitted.decision_function(blobs), scores - fitted.offset_)
+    pred = fitted.predict(blobs)
+    assert set(np.unique(pred)) <= {-1, 1}
+    # contamination = 0.1 of the training rows fall below the offset
+    assert (pred == -1).mean() == pytest.approx(0.1, abs=0.01)
+    assert fitted.transform(blobs).shape == (200, 2)
+    assert list(fitted.get_feature_names_out()) == ["vaeanomalydetector0", "vaeanomalydetector1"]
+    assert fitted.sample(7, random_state=0).shape == (7, 4)
+    ll, std = fitted.log_likelihood(blobs[:5], n_samples=100, return_std=True)
+    assert ll.shape == std.shape == (5,) and np.all(std >= 0)
+    assert np.mean(fitted.elbo(blobs)) <= np.mean(fitted.log_likelihood(blobs, n_samples=200))
+
+
+def test_contamination_sets_offset_as_training_percentile(blobs, fast_params):
+    det = VAEAnomalyDetector(**fast_params, contamination=0.25, random_state=0).fit(blobs)
+    assert (det.predict(blobs) == -1).mean() == pytest.approx(0.25, abs=0.01)
+    assert det.offset_ == pytest.approx(np.percentile(det.score_samples(blobs), 25))
+
+
+def test_same_seed_same_scores_and_different_seed_differs(blobs, fast_params):
+    a = VAEAnomalyDetector(**fast_params, random_state=3).fit(blobs).score_samples(blobs)
+    b = VAEAnomalyDetector(**fast_params, random_state=3).fit(blobs).score_samples(blobs)
+    c = VAEAnomalyDetector(**fast_params, random_state=4).fit(blobs).score_samples(blobs)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_score_of_a_row_does_not_depend_on_its_batch(fitted, blobs):
+    full = fitted.score_samples(blobs)
+    np.testing.assert_allclose(fitted.score_samples(blobs[3:4]), full[3:4], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(fitted.score_samples(blobs[::-1]), full[::-1], rtol=0, atol=1e-9)
+
+
+def test_fitting_does_not_touch_torch_global_rng(blobs, fast_params):
+    import torch
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    VAEAnomalyDetector(**fast_params, random_state=0).fit(blobs)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_pipeline_clone_gridsearch_and_pickle(blobs, fast_params):
+    pipe = Pipeline([("scale", StandardScaler()), ("vae", VAEAnomalyDetector(**fast_params, random_state=0))])
+    pipe.fit(blobs)
+    assert pipe.predict(blobs).shape == (200,)
+    assert pipe.score_samples(blobs).shape == (200,)
+    # as a transformer inside a pipeline
+    codes = Pipeline([("vae", VAEAnomalyDetector(**fast_params, random_state=0))]).fit_transform(blobs)
+    assert codes.shape == (200, 2)
+    twin = clone(pipe.named_steps["vae"])
+    assert twin.get_params() == pipe.named_steps["vae"].get_params()
+    search = GridSearchCV(
+        VAEAnomalyDetector(**fast_params, random_state=0),
+        {"latent_dim": [1, 2]},
+        scoring=lambda est, X, y=None: est.score_samples(X).mean(),
+        cv=2,
+    ).fit(blobs)
+    assert search.best_params_["latent_dim"] in (1, 2)
+    det = pipe.named_steps["vae"]
+    again = pickle.loads(pickle.dumps(det))
+    np.testing.assert_array_equal(again.score_samples(blobs), det.score_samples(blobs))
+
+
+def test_dataframe_keeps_feature_names(blobs, fast_params):
+    df = pd.DataFrame(blobs, columns=["a", "b", "c", "d"])
+    det = VAEAnomalyDetector(**fast_params, random_state=0).fit(df)
+    assert list(det.feature_names_in_) == ["a", "b", "c", "d"]
+    bad = df.copy()
+    bad.iloc[4, 2] = np.nan
+    with pytest.raises(ValueError, match=r"NaN at row 4, column 'c'"):
+        det.score_samples(bad)
+
+
+@pytest.mark.parametrize(
+    ("make_bad", "match"),
+    [
+        (lambda X: np.where(np.arange(X.size).reshape(X.shape) == 9, np.nan, X), r"NaN at row 2, column 1"),
+        (lambda X: np.where(np.arange(X.size).reshape(X.shape) == 6, np.inf, X), r"inf at row 1, column 2"),
+        (lambda X: X[:, :3], r"3 features, but VAEAnomalyDetector is expecting 4"),
+        (lambda X: X[:0], r"0 sample"),
+        (lambda X: X[:, 0], r"Expected 2D array"),
+        (lambda X: np.full_like(X, 1e300), r"too far from the training data"),
+    ],
+)
+def test_bad_input_at_score_time_is_a_clear_value_error(fitted, blobs, make_bad, match):
+    with pytest.raises(ValueError, match=match):
+        fitted.score_samples(make_bad(blobs[:10].copy()))
+
+
+def test_bad_input_at_fit_time(fast_params):
+    det = VAEAnomalyDetector(**fast_params)
+    with pytest.raises(ValueError, match="NaN at row 0, column 0"):
+        det.fit(np.array([[np.nan, 1.0], [2.0, 3.0]]))
+    with pytest.raises(ValueError, match=r"column\(s\) 'name' are not numeric"):
+        det.fit(pd.DataFrame({"x": [1.0, 2.0, 3.0], "name": ["a", "b", "c"]}))
+    with pytest.raises(ValueError, match="0 sample"):
+        det.fit(np.zeros((0, 3)))
+    with pytest.raises(ValueError, match="unknown likelihood 'nope'; known likelihoods: .*gaussian"):
+        VAEAnomalyDetector(**fast_params, likelihood="nope").fit(np.zeros((10, 2)))
+    with pytest.raises(ValueError, match="unknown encoder 'nope'; known encoders: .*mlp"):
+        VAEAnomalyDetector(**fast_params, encoder="nope").fit(np.zeros((10, 2)))
+    with pytest.raises(ValueError, match="hidden_dims"):
+        VAEAnomalyDetector(**{**fast_params, "hidden_dims": [0]}).fit(np.zeros((10, 2)))
+    with pytest.raises(ValueError, match="bernoulli.*row 1, column 0 holds 0.5"):
+        VAEAnomalyDetector(**fast_params, likelihood="bernoulli").fit(np.array([[0, 1], [0.5, 1]]))
+
+
+def test_constant_and_extreme_columns_give_finite_scores(fast_params):
+    rng = np.random.default_rng(1)
+    X = np.column_stack([rng.normal(size=300), np.full(300, 7.0), 1e8 * rng.standard_t(2, size=300)])
+    det = VAEAnomalyDetector(**fast_params, random_state=0).fit(X)
+    assert np.all(np.isfinite(det.score_samples(X)))
+    X_new = X[:5].copy()
+    X_new[:, 1] = 7.5  # off the constant column: very unlikely, still finite
+    assert np.all(np.isfinite(det.score_samples(X_new)))
+
+
+def test_discrete_likelihoods_give_probability_masses(fast_params):
+    rng = np.random.default_rng(0)
+    Xb = (rng.random((300, 6)) < 0.3).astype(float)
+    bern = VAEAnomalyDetector(**fast_params, likelihood="bernoulli", random_state=0).fit(Xb)
+    assert np.all(bern.score_samples(Xb) < 0)  # log of a probability mass
+    Xc = rng.integers(0, 4, size=(300, 3))
+    cat = VAEAnomalyDetector(**fast_params, likelihood="categorical", random_state=0).fit(Xc)
+    scores = cat.log_likelihood(Xc, n_samples=64)
+    assert np.all(scores < 0)
+    # uniform categories over 3 columns: about 3·log 4 nats per row
+    assert np.mean(scores) == pytest.approx(-3 * math.log(4), abs=0.15)
+    with pytest.raises(ValueError, match=r"integers in \[0, 4\); row 0, column 1 holds 7"):
+        cat.score_samples(np.array([[1, 7, 0]]))
+
+
+def test_studentt_plugin_works_through_the_estimator(blobs, fast_params):
+    det = VAEAnomalyDetector(**fast_params, likelihood="studentt", random_state=0).fit(blobs)
+    assert np.all(np.isfinite(det.score_samples(blobs)))
+
+
+def ppca(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draws from probabilistic PCA (d=10, 2 factors, σ=0.3) and their true log-densities."""
+    rng = np.random.default_rng(100)
+    W = rng.normal(size=(10, 2))
+    mu = rng.normal(size=10)
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 2)) @ W.T + mu + 0.3 * rng.normal(size=(n, 10))
+    cov = W @ W.T + 0.09 * np.eye(10)
+    diff = X - mu
+    _, logdet = np.linalg.slogdet(cov)
+    logp = -0.5 * (np.einsum("ni,ij,nj->n", diff, np.linalg.inv(cov), diff) + logdet + 10 * math.log(2 * math.pi))
+    return X, logp
+
+
+def test_learns_the_true_density_of_probabilistic_pca_and_keeps_units():
+    X, _ = ppca(4000, seed=1)
+    X_test, logp_test = ppca(1000, seed=2)
+    det = VAEAnomalyDetector(random_state=0).fit(X)
+    scores = det.score_samples(X_test)
+    assert abs(scores.mean() - logp_test.mean()) < 0.5, (scores.mean(), logp_test.mean())
+    # rescaling the data by 1000 shifts log-densities by exactly −d·log 1000
+    scaled = VAEAnomalyDetector(random_state=0).fit(X * 1000).score_samples(X_test * 1000)
+    shift = scaled - scores
+    assert np.mean(shift) == pytest.approx(-10 * math.log(1000), abs=0.05)
+    assert np.max(np.abs(shift + 10 * math.log(1000))) < 0.5
