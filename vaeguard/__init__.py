@@ -10,7 +10,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-from vaeguard.estimators import VAEAnomalyDetector, load  # noqa: E402
-from vaeguard.hookspecs import hookimpl  # noqa: E402
+from vaeguard.estimators import VAEAnomalyDetector, load
+from vaeguard.hookspecs import hookimpl
 
 __all__ = ["VAEAnomalyDetector", "__version__", "hookimpl", "load"]

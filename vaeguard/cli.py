@@ -37,8 +37,12 @@ def plugins_command(as_json: bool) -> None:
     except PluginError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
-        click.echo(json.dumps([{k: v for k, v in i.as_dict().items() if k != "version"} | {"version": i.version}
-                               for i in infos], indent=2))
+        click.echo(
+            json.dumps(
+                [{k: v for k, v in i.as_dict().items() if k != "version"} | {"version": i.version} for i in infos],
+                indent=2,
+            )
+        )
         return
     rows = [("plugin", "source", "version", "parts")]
     for info in infos:
@@ -85,12 +89,16 @@ def demo_command(dataset: str, seed: int, top: int) -> None:
     auroc = roc_auc_score(y_test, -scores)
     ap = average_precision_score(y_test, -scores)
     flagged = det.predict(X_test) == -1
-    click.echo(f"\nfitted in {fit_s:.1f} s: latent_dim={det.latent_dim_}, epochs={len(det.history_.train_loss)} "
-               f"(best {det.history_.best_epoch + 1})")
+    click.echo(
+        f"\nfitted in {fit_s:.1f} s: latent_dim={det.latent_dim_}, epochs={len(det.history_.train_loss)} "
+        f"(best {det.history_.best_epoch + 1})"
+    )
     click.echo(f"test rows: {len(X_test)}, anomalies: {int(y_test.sum())}")
-    click.echo(f"AUROC {auroc:.3f}   average precision {ap:.3f}   "
-               f"flagged {int(flagged.sum())} rows at contamination={det.contamination} "
-               f"(precision {y_test[flagged].mean() if flagged.any() else float('nan'):.2f})")
+    click.echo(
+        f"AUROC {auroc:.3f}   average precision {ap:.3f}   "
+        f"flagged {int(flagged.sum())} rows at contamination={det.contamination} "
+        f"(precision {y_test[flagged].mean() if flagged.any() else float('nan'):.2f})"
+    )
     order = np.argsort(scores)[:top]
     table = X_test.iloc[order].copy()
     table.insert(0, "log_likelihood", scores[order].round(2))

@@ -126,7 +126,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
     (3,)
     """
 
-    _parameter_constraints: dict = {
+    _parameter_constraints: dict = {  # noqa: RUF012 (scikit-learn convention)
         "latent_dim": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "hidden_dims": [StrOptions({"auto"}), list, tuple],
         "encoder": [str],
@@ -259,7 +259,9 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         if self.hidden_dims != "auto" and (
             not self.hidden_dims or not all(isinstance(h, Integral) and h > 0 for h in self.hidden_dims)
         ):
-            raise ValueError(f"hidden_dims must be 'auto' or a non-empty list of positive integers, got {self.hidden_dims!r}")
+            raise ValueError(
+                f"hidden_dims must be 'auto' or a non-empty list of positive integers, got {self.hidden_dims!r}"
+            )
         if lik_cls.discrete:
             Xchk = X.astype(np.float64)
             options = lik_cls.options_from_data(Xchk)
@@ -310,9 +312,11 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         return int(self.latent_dim_)
 
     # -- scoring -------------------------------------------------------------------------
-    def _log_likelihood_internal(self, x: torch.Tensor, n_samples: int, return_std: bool = False):  # noqa: ANN202
+    def _log_likelihood_internal(self, x: torch.Tensor, n_samples: int, return_std: bool = False):
         eps = common_random_numbers(n_samples, self.latent_dim_, self.score_seed_)
-        result = importance_sampled_log_likelihood(self._scoring_model(), x, eps, return_std=return_std, device=self.device_)
+        result = importance_sampled_log_likelihood(
+            self._scoring_model(), x, eps, return_std=return_std, device=self.device_
+        )
         if not np.all(np.isfinite(result.value)):
             row = int(np.flatnonzero(~np.isfinite(result.value))[0])
             raise ValueError(
@@ -403,7 +407,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             x = self.model_.likelihood.sample(self.model_.decode(z)).double().cpu().numpy()
         return self.standardizer_.inverse_transform(x) if self.standardizer_ is not None else x
 
-    def __sklearn_tags__(self):  # noqa: ANN204
+    def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.allow_nan = False
         tags.transformer_tags.preserves_dtype = ["float64"]
@@ -440,7 +444,9 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         return self.fingerprint_
 
     @classmethod
-    def _from_file(cls, config: dict[str, Any], arrays: dict[str, np.ndarray], digest: str, device: str) -> VAEAnomalyDetector:
+    def _from_file(
+        cls, config: dict[str, Any], arrays: dict[str, np.ndarray], digest: str, device: str
+    ) -> VAEAnomalyDetector:
         est = cls(**config["params"])
         spec = config["model"]
         fitted = config["fitted"]
@@ -513,6 +519,15 @@ def load(path: str | os.PathLike[str], *, device: str = "auto") -> VAEAnomalyDet
     name = config.get("estimator")
     if name not in ESTIMATORS:
         raise ValueError(f"{str(path)!r} holds an unknown estimator {name!r}; known: {', '.join(ESTIMATORS)}")
+    spec = config.get("model", {})
+    for kind, key in (("encoders", "encoder"), ("likelihoods", "likelihood")):
+        try:
+            get_part(kind, spec.get(key))
+        except ValueError as exc:
+            raise ValueError(
+                f"{str(path)!r} needs the {key} {spec.get(key)!r}, which no installed plugin provides "
+                f"(install the plugin that registers it): {exc}"
+            ) from exc
     try:
         return ESTIMATORS[name]._from_file(config, arrays, digest, device)
     except KeyError as exc:

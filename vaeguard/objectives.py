@@ -66,7 +66,9 @@ def log_importance_weights(model: VAE, x: Tensor, eps: Tensor, mask: Tensor | No
     return log_px_z + standard_normal_log_prob(z) - log_q
 
 
-def iwae_bound(model: VAE, x: Tensor, k: int, mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+def iwae_bound(
+    model: VAE, x: Tensor, k: int, mask: Tensor | None = None, generator: torch.Generator | None = None
+) -> Tensor:
     """The importance-weighted bound logsumexp_k log w_k − log K with fresh draws, ``(batch,)``."""
     eps = torch.randn(k, x.shape[0], model.latent_dim, generator=generator, device="cpu").to(x.device)
     logw = log_importance_weights(model, x, eps, mask)

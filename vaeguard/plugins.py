@@ -127,8 +127,8 @@ class PluginRegistry:
         hook_name, noun = PART_KINDS[kind]
         entries: dict[str, PartEntry] = {}
         hook = getattr(self.pm.hook, hook_name)
-        # Built-ins first, then others in registration order (pluggy calls LIFO).
-        for impl in reversed(hook.get_hookimpls()):
+        # In registration order: built-ins first.
+        for impl in hook.get_hookimpls():
 
             def register(name: str, factory: Any, _plugin: str = impl.plugin_name) -> None:
                 if not isinstance(name, str) or not name:
@@ -172,7 +172,7 @@ class PluginRegistry:
         import click
 
         out: dict[str, list[str]] = {}
-        for impl in reversed(self.pm.hook.vaeguard_register_commands.get_hookimpls()):
+        for impl in self.pm.hook.vaeguard_register_commands.get_hookimpls():
             scratch = click.Group("scratch")
             try:
                 impl.function(cli=scratch)
@@ -188,9 +188,7 @@ class PluginRegistry:
             if plugin_name is None:
                 continue
             source, version = _plugin_source(self.pm, plugin_name)
-            infos[plugin_name] = PluginInfo(
-                plugin_name, source, version, {k: [] for k in [*PART_KINDS, "commands"]}
-            )
+            infos[plugin_name] = PluginInfo(plugin_name, source, version, {k: [] for k in [*PART_KINDS, "commands"]})
         for kind in PART_KINDS:
             for entry in self.entries(kind).values():
                 infos[entry.plugin].parts[kind].append(entry.name)
@@ -215,4 +213,3 @@ def get_part(kind: str, name: str) -> Any:
 def register_commands(cli: Any, pm: pluggy.PluginManager | None = None) -> None:
     """Let every plugin add its commands to ``cli``."""
     (pm or get_plugin_manager()).hook.vaeguard_register_commands(cli=cli)
-

@@ -126,7 +126,9 @@ def evidence_lower_bound(
 
 
 @torch.no_grad()
-def posterior_means(model: VAE, x: Tensor, *, chunk_size: int = 65536, device: torch.device | str | None = None) -> np.ndarray:
+def posterior_means(
+    model: VAE, x: Tensor, *, chunk_size: int = 65536, device: torch.device | str | None = None
+) -> np.ndarray:
     """Posterior means μ(x), float64 of shape (n, latent_dim)."""
     device, dtype = _placement(model, device)
     model.eval()

@@ -51,14 +51,14 @@ class TrainingHistory:
 
 def split_validation(n: int, config: TrainingConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Indices of the training and validation rows (no validation rows for small data)."""
-    n_val = int(round(n * config.validation_fraction))
+    n_val = round(n * config.validation_fraction)
     perm = torch.randperm(n, generator=generator)
     if n_val < config.min_validation_rows or n - n_val < 2:
         return perm, perm[:0]
     return perm[n_val:], perm[:n_val]
 
 
-def _progress(total: int, verbose: bool):  # noqa: ANN202
+def _progress(total: int, verbose: bool):
     if not verbose:
         return None
     from tqdm.auto import tqdm

@@ -89,5 +89,5 @@ def mlp(
 
 
 @hookimpl
-def vaeguard_register_encoders(register):  # noqa: ANN001, ANN201
+def vaeguard_register_encoders(register):
     register("mlp", mlp)

@@ -136,7 +136,7 @@ class GaussianLikelihood(Likelihood):
 
     def distribution(self, params: Tensor) -> Distribution:
         loc = self.param(params, 0)
-        return Normal(loc, self.log_scale.exp().expand_as(loc))
+        return Normal(loc, self.log_scale.exp().expand_as(loc), validate_args=False)
 
 
 class DiagGaussianLikelihood(Likelihood):
@@ -146,7 +146,7 @@ class DiagGaussianLikelihood(Likelihood):
 
     def distribution(self, params: Tensor) -> Distribution:
         log_scale = soft_clamp(self.param(params, 1), LOG_SCALE_MIN, LOG_SCALE_MAX)
-        return Normal(self.param(params, 0), log_scale.exp())
+        return Normal(self.param(params, 0), log_scale.exp(), validate_args=False)
 
 
 class BernoulliLikelihood(Likelihood):
@@ -207,7 +207,7 @@ class CategoricalLikelihood(Likelihood):
         return {"n_categories": self.n_categories}
 
     def check_support(self, X: np.ndarray) -> None:
-        bad = (X < 0) | (X >= self.n_categories) | (X != np.round(X))
+        bad = (X < 0) | (self.n_categories <= X) | (np.round(X) != X)
         if bad.any():
             row, col = _first_bad_entry(bad)
             value = X.reshape(X.shape[0], -1)[row, col]
@@ -238,7 +238,7 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
 
 
 @hookimpl
-def vaeguard_register_likelihoods(register):  # noqa: ANN001, ANN201
+def vaeguard_register_likelihoods(register):
     register("gaussian", GaussianLikelihood)
     register("diag_gaussian", DiagGaussianLikelihood)
     register("bernoulli", BernoulliLikelihood)

@@ -61,5 +61,5 @@ class StudentTLikelihood(Likelihood):
 
 
 @vaeguard.hookimpl
-def vaeguard_register_likelihoods(register):  # noqa: ANN001, ANN201
+def vaeguard_register_likelihoods(register):
     register("studentt", StudentTLikelihood)

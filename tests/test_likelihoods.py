@@ -1,0 +1,106 @@
+"""Built-in likelihoods: normalised (checked by quadrature and summation), bounded, consistent."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vaeguard.components.likelihoods import (
+    LOG_SCALE_MAX,
+    LOG_SCALE_MIN,
+    BernoulliLikelihood,
+    CategoricalLikelihood,
+    DiagGaussianLikelihood,
+    GaussianLikelihood,
+    soft_clamp,
+    soft_clamp_inverse,
+)
+
+
+def integrate_1d(lik, params, lo=-60.0, hi=60.0, n=200001) -> float:
+    x = torch.linspace(lo, hi, n, dtype=torch.float64)[:, None]
+    p = lik.log_prob(x, params.expand(n, *params.shape[1:])).exp()
+    return torch.trapezoid(p, x[:, 0]).item()
+
+
+@pytest.mark.parametrize("raw_scale", [-8.0, -2.0, 0.0, 1.5, 9.0])
+def test_gaussian_integrates_to_one_even_at_the_bounds(raw_scale):
+    lik = GaussianLikelihood((1,)).double()
+    with torch.no_grad():
+        lik.raw_log_scale.fill_(raw_scale)
+    scale = lik.log_scale.exp().item()
+    assert math.exp(LOG_SCALE_MIN) <= scale <= math.exp(LOG_SCALE_MAX)
+    params = torch.tensor([[[0.3]]], dtype=torch.float64)
+    span = max(12 * scale, 1.0)
+    mass = integrate_1d(lik, params, 0.3 - span, 0.3 + span, n=400001)
+    assert mass == pytest.approx(1.0, abs=1e-4)
+
+
+def test_diag_gaussian_integrates_to_one_and_bounds_its_scale():
+    lik = DiagGaussianLikelihood((1,)).double()
+    for raw in (-50.0, 0.0, 50.0):
+        params = torch.tensor([[[1.0], [raw]]], dtype=torch.float64)
+        scale = math.exp(soft_clamp(torch.tensor(raw), LOG_SCALE_MIN, LOG_SCALE_MAX).item())
+        span = max(12 * scale, 1.0)
+        assert integrate_1d(lik, params, 1 - span, 1 + span, n=400001) == pytest.approx(1.0, abs=1e-4)
+    huge = lik.log_prob(
+        torch.tensor([[1e6]], dtype=torch.float64), torch.tensor([[[0.0], [-50.0]]], dtype=torch.float64)
+    )
+    assert torch.isfinite(huge).all()
+
+
+def test_gaussian_matches_the_closed_form_density_and_sums_features():
+    lik = GaussianLikelihood((3,)).double()
+    with torch.no_grad():
+        lik.raw_log_scale.copy_(
+            soft_clamp_inverse(
+                torch.log(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)), LOG_SCALE_MIN, LOG_SCALE_MAX
+            )
+        )
+    x = torch.tensor([[0.1, -1.0, 3.0]], dtype=torch.float64)
+    mu = torch.tensor([[[0.0, 0.5, 1.0]]], dtype=torch.float64)
+    sig = np.array([0.5, 1.0, 2.0])
+    expected = np.sum(-0.5 * ((x.numpy() - mu.numpy()[:, 0]) / sig) ** 2 - np.log(sig) - 0.5 * math.log(2 * math.pi))
+    assert lik.log_prob(x, mu).item() == pytest.approx(expected, abs=1e-5)
+    per = lik.per_feature_log_prob(x, mu)
+    assert per.shape == (1, 3) and per.sum().item() == pytest.approx(expected, abs=1e-5)
+    mask = torch.tensor([[True, False, True]])
+    assert lik.log_prob(x, mu, mask).item() == pytest.approx((per[0, 0] + per[0, 2]).item())
+
+
+def test_bernoulli_masses_sum_to_one():
+    lik = BernoulliLikelihood((2,))
+    logits = torch.tensor([[[0.3, -40.0]]])
+    states = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    total = lik.log_prob(states, logits.expand(4, 1, 2)).exp().sum().item()
+    assert total == pytest.approx(1.0, abs=1e-6)
+
+
+def test_categorical_masses_sum_to_one_and_support_is_checked():
+    lik = CategoricalLikelihood((2,), n_categories=3)
+    params = torch.randn(1, 3, 2)
+    states = torch.cartesian_prod(torch.arange(3.0), torch.arange(3.0))
+    assert lik.log_prob(states, params.expand(9, 3, 2)).exp().sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert lik.encoder_input(states).shape == (9, 2, 3)
+    assert lik.sample(params).shape == (1, 2)
+    with pytest.raises(ValueError, match=r"row 0, column 1 holds 1.5"):
+        lik.check_support(np.array([[0, 1.5]]))
+    with pytest.raises(ValueError, match="n_categories >= 2"):
+        CategoricalLikelihood((2,), n_categories=1)
+
+
+def test_soft_clamp_inverse_round_trips():
+    y = torch.linspace(-5.9, 3.9, 50, dtype=torch.float64)
+    torch.testing.assert_close(soft_clamp(soft_clamp_inverse(y, -6.0, 4.0), -6.0, 4.0), y)
+
+
+def test_means_and_samples_have_the_event_shape():
+    for lik, params in [
+        (GaussianLikelihood((4,)), torch.zeros(5, 1, 4)),
+        (DiagGaussianLikelihood((4,)), torch.zeros(5, 2, 4)),
+        (BernoulliLikelihood((4,)), torch.zeros(5, 1, 4)),
+    ]:
+        assert lik.mean(params).shape == (5, 4)
+        assert lik.sample(params).shape == (5, 4)
+        assert lik.log_prob(torch.zeros(5, 4), params).shape == (5,)

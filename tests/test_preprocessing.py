@@ -1,0 +1,29 @@
+import math
+
+import numpy as np
+
+from vaeguard.preprocessing import Standardizer, first_nonfinite
+
+
+def test_log_jacobian_converts_densities_to_data_units():
+    # A standard normal in standardised units is N(m, s²) in data units: densities differ by 1/s.
+    rng = np.random.default_rng(0)
+    X = rng.normal(3.0, 2.0, size=(100_000, 1))
+    st = Standardizer.fit(X)
+    x = np.array([[4.0]])
+    z = st.transform(x)[0, 0]
+    log_p_data = -0.5 * z**2 - 0.5 * math.log(2 * math.pi) + st.log_jacobian
+    s = st.scale[0]
+    expected = -0.5 * ((4.0 - st.center[0]) / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi)
+    assert math.isclose(log_p_data, expected, rel_tol=1e-12)
+    np.testing.assert_allclose(st.inverse_transform(st.transform(X[:5])), X[:5])
+
+
+def test_constant_columns_keep_unit_scale():
+    st = Standardizer.fit(np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0]]))
+    assert st.scale[1] == 1.0 and np.isfinite(st.log_jacobian)
+
+
+def test_first_nonfinite():
+    assert first_nonfinite(np.ones((2, 2))) is None
+    assert first_nonfinite(np.array([[1.0, np.inf], [np.nan, 1.0]])) == (0, 1, "inf")

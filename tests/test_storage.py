@@ -1,0 +1,131 @@
+"""The HDF5 model file: round trip, integrity, refusal of damaged and foreign files, atomic writes."""
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+import vaeguard
+from vaeguard import VAEAnomalyDetector, load, plugins, storage
+
+
+@pytest.fixture(scope="module")
+def data() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(150, 3))
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory, data):
+    from conftest import FAST
+
+    det = VAEAnomalyDetector(**FAST, random_state=0).fit(data)
+    path = tmp_path_factory.mktemp("m") / "model.h5"
+    det.save(path)
+    return det, path
+
+
+def test_round_trip_gives_identical_scores(model_file, data):
+    det, path = model_file
+    loaded = load(path)
+    np.testing.assert_array_equal(loaded.score_samples(data), det.score_samples(data))
+    np.testing.assert_array_equal(loaded.predict(data), det.predict(data))
+    np.testing.assert_array_equal(loaded.transform(data), det.transform(data))
+    assert loaded.get_params() == det.get_params()
+    assert loaded.fingerprint_ == det.fingerprint_ and len(loaded.fingerprint_) == 64
+    assert loaded.history_.train_loss == pytest.approx(det.history_.train_loss)
+
+
+def test_file_holds_json_config_and_arrays_only(model_file):
+    _, path = model_file
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format"] == "vaeguard-model"
+        config = json.loads(f.attrs["config"])
+        assert config["model"]["likelihood"] == "gaussian"
+        assert all(isinstance(f["arrays"][k], h5py.Dataset) for k in f["arrays"])
+        assert all(f["arrays"][k].dtype.kind == "f" for k in f["arrays"])  # numbers, no objects
+
+
+def test_truncated_file_is_refused(model_file, tmp_path):
+    _, path = model_file
+    raw = path.read_bytes()
+    for cut in (len(raw) // 2, 100, len(raw) - 1):
+        bad = tmp_path / f"cut{cut}.h5"
+        bad.write_bytes(raw[:cut])
+        with pytest.raises(ValueError, match="not a readable HDF5|damaged|integrity"):
+            load(bad)
+
+
+def test_altered_weights_are_refused(model_file, tmp_path):
+    _, path = model_file
+    bad = tmp_path / "altered.h5"
+    bad.write_bytes(path.read_bytes())
+    with h5py.File(bad, "r+") as f:
+        name = next(k for k in f["arrays"] if k.startswith("model."))
+        f["arrays"][name][...] = f["arrays"][name][()] + 1e-3
+    with pytest.raises(ValueError, match="integrity check"):
+        load(bad)
+
+
+def test_altered_config_is_refused(model_file, tmp_path):
+    _, path = model_file
+    bad = tmp_path / "config.h5"
+    bad.write_bytes(path.read_bytes())
+    with h5py.File(bad, "r+") as f:
+        config = json.loads(f.attrs["config"])
+        config["fitted"]["offset_"] = 123.0
+        f.attrs["config"] = json.dumps(config, sort_keys=True)
+    with pytest.raises(ValueError, match="integrity check"):
+        load(bad)
+
+
+def test_foreign_files_are_refused(tmp_path):
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.arange(3)
+    with pytest.raises(ValueError, match="not a vaeguard model file"):
+        load(foreign)
+    text = tmp_path / "text.h5"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="not a readable HDF5"):
+        load(text)
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "missing.h5")
+
+
+def test_missing_plugin_is_named_and_nothing_is_imported(tmp_path, data, monkeypatch):
+    from conftest import FAST
+
+    path = tmp_path / "t.h5"
+    VAEAnomalyDetector(**FAST, likelihood="studentt", random_state=0).fit(data).save(path)
+    monkeypatch.setattr(plugins, "_GLOBAL_PM", plugins.make_plugin_manager(load_entrypoints=False))
+    with pytest.raises(ValueError, match="needs the likelihood 'studentt', which no installed plugin provides"):
+        load(path)
+
+
+def test_writes_are_atomic(model_file, tmp_path, monkeypatch):
+    det, path = model_file
+    target = tmp_path / "model.h5"
+    target.write_bytes(path.read_bytes())
+    before = target.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(h5py.File, "create_dataset", fail, raising=False)
+    monkeypatch.setattr(h5py.Group, "create_dataset", fail)
+    with pytest.raises(OSError, match="disk full"):
+        det.save(target)
+    assert target.read_bytes() == before  # the old file is intact
+    assert os.listdir(tmp_path) == ["model.h5"]  # and no temporary file is left
+
+
+def test_fingerprint_covers_names_shapes_and_values():
+    a = {"w": np.zeros((2, 3))}
+    base = storage.fingerprint({"k": 1}, a)
+    assert base != storage.fingerprint({"k": 2}, a)
+    assert base != storage.fingerprint({"k": 1}, {"w": np.zeros((3, 2))})
+    assert base != storage.fingerprint({"k": 1}, {"v": np.zeros((2, 3))})
+    assert base == storage.fingerprint({"k": 1}, {"w": np.zeros((2, 3))})
+    assert vaeguard.__version__

@@ -1,0 +1,85 @@
+"""The training loop: early stopping restores the best weights, divergence is an error, seeds."""
+
+import numpy as np
+import pytest
+import torch
+
+from vaeguard.components.encoders import mlp
+from vaeguard.components.likelihoods import GaussianLikelihood
+from vaeguard.model import VAE
+from vaeguard.objectives import elbo
+from vaeguard.training import TrainingConfig, TrainingDivergedError, split_validation, train
+
+
+def small_vae(d=4, seed=0):
+    torch.manual_seed(seed)
+    enc, dec = mlp((d,), 2, 1, hidden_dims=[16])
+    return VAE(enc, dec, GaussianLikelihood((d,)), 2)
+
+
+def data(n=400, d=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return torch.tensor(
+        rng.normal(size=(n, 2)) @ rng.normal(size=(2, d)) + 0.1 * rng.normal(size=(n, d)), dtype=torch.float32
+    )
+
+
+def test_training_improves_the_elbo_and_keeps_the_best_epoch():
+    x = data()
+    vae = small_vae()
+    before = elbo(vae, x, torch.zeros(1, 2))[0].mean().item()
+    config = TrainingConfig(epochs=40, batch_size=64, patience=5)
+    hist = train(vae, x, config, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    after = elbo(vae, x, torch.zeros(1, 2))[0].mean().item()
+    assert after > before + 0.5
+    assert len(hist.validation_loss) == len(hist.train_loss)
+    assert hist.validation_loss[hist.best_epoch] == min(
+        [*hist.validation_loss[int(0.1 * 40) :], hist.validation_loss[hist.best_epoch]]
+    )
+
+
+def test_early_stopping_restores_the_best_weights():
+    # A learning rate so high that validation loss gets worse after the first epochs.
+    x = data(n=300)
+    vae = small_vae()
+    config = TrainingConfig(epochs=60, batch_size=16, learning_rate=0.05, patience=3, kl_warmup_fraction=0.0)
+    hist = train(vae, x, config, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    assert hist.stopped_early and hist.best_epoch < len(hist.train_loss) - 1
+    # Replay the generator to get the validation rows and draws train() used.
+    gen = torch.Generator().manual_seed(0)
+    _, val_idx = split_validation(300, config, gen)
+    val_eps = torch.randn(1, len(val_idx), 2, generator=gen)
+    with torch.no_grad():
+        val = -elbo(vae, x[val_idx], val_eps)[0].mean().item()
+    assert val == pytest.approx(min(hist.validation_loss), abs=1e-5)
+    assert val == pytest.approx(hist.validation_loss[hist.best_epoch], abs=1e-5)
+
+
+def test_divergence_is_a_clear_error():
+    x = data(n=100)
+    x[7, 1] = float("nan")
+    with pytest.raises(TrainingDivergedError, match="epoch 1"):
+        train(
+            small_vae(),
+            x,
+            TrainingConfig(epochs=2),
+            generator=torch.Generator().manual_seed(0),
+            device=torch.device("cpu"),
+        )
+
+
+def test_small_data_trains_without_a_validation_split():
+    gen = torch.Generator().manual_seed(0)
+    train_idx, val_idx = split_validation(50, TrainingConfig(), gen)
+    assert len(val_idx) == 0 and len(train_idx) == 50
+    hist = train(small_vae(), data(n=3), TrainingConfig(epochs=3), generator=gen, device=torch.device("cpu"))
+    assert hist.validation_loss == [] and len(hist.train_loss) == 3
+
+
+def test_same_generator_seed_same_weights():
+    x = data()
+    a, b = small_vae(seed=1), small_vae(seed=1)
+    for m in (a, b):
+        train(m, x, TrainingConfig(epochs=3), generator=torch.Generator().manual_seed(5), device=torch.device("cpu"))
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
