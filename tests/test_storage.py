@@ -42,7 +42,7 @@ def test_file_holds_json_config_and_arrays_only(model_file):
     with h5py.File(path, "r") as f:
         assert f.attrs["format"] == "vaeguard-model"
         config = json.loads(f.attrs["config"])
-        assert config["model"]["likelihood"] == "gaussian"
+        assert config["model"]["likelihood"] == "diag_gaussian"
         assert all(isinstance(f["arrays"][k], h5py.Dataset) for k in f["arrays"])
         assert all(f["arrays"][k].dtype.kind == "f" for k in f["arrays"])  # numbers, no objects
 

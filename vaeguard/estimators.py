@@ -72,10 +72,12 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         2·n_features within [32, 256].
     encoder : str, default="mlp"
         Network family, by registered name (``vaeguard plugins`` lists them).
-    likelihood : str, default="gaussian"
-        Observation model by registered name: "gaussian" (learned σ per feature),
-        "diag_gaussian", "bernoulli" (0/1 data), "categorical" (integers 0..K−1), or a
-        plugin's (e.g. "studentt").
+    likelihood : str, default="diag_gaussian"
+        Observation model by registered name: "diag_gaussian" (mean and σ per feature
+        per row from the decoder), "gaussian" (σ per feature, shared by all rows),
+        "bernoulli" (0/1 data), "categorical" (integers 0..K−1), or a plugin's (e.g.
+        "studentt"). σ is bounded below (e⁻⁶ of a column's standard deviation), so no
+        density is unbounded.
     epochs : int or "auto", default="auto"
         Maximum epochs; "auto" aims at about 3000 optimisation steps (10 to 300 epochs).
         Early stopping on a validation split usually ends sooner.
@@ -89,6 +91,18 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         Expected fraction of outliers in the training data. ``offset_`` is the
         ``100·contamination`` percentile of the training scores, so :meth:`predict`
         flags that fraction of the training rows as outliers.
+    discrete_columns : {"auto", "none"}, default="auto"
+        "auto": columns whose values lie on a regular grid of at most 1024 steps
+        (counts, ratings, quantised pixels) are scored by the probability mass of their
+        grid cell rather than a density (for likelihoods that support it: "gaussian",
+        "diag_gaussian"); values between grid points count in the nearest cell. Scores
+        are then densities of the continuous columns × masses of the discrete ones.
+        "none": every column continuous.
+    trim_fraction : float in [0, 0.5), default=0.1
+        Robust training on contaminated data: after the KL warm-up, the rows of each
+        minibatch with the lowest ELBO (this fraction of them) are left out of the loss,
+        so a few anomalies in the training data pull the model less towards them. This
+        trades exact maximum likelihood for robustness; 0 trains on every row.
     validation_fraction : float in [0, 1), default=0.1
         Share of the training rows held out for early stopping (none when fewer than
         20 rows would be held out).
@@ -136,6 +150,8 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
         "n_importance_samples": [Interval(Integral, 1, None, closed="left")],
         "contamination": [Interval(Real, 0, 0.5, closed="right")],
+        "discrete_columns": [StrOptions({"auto", "none"})],
+        "trim_fraction": [Interval(Real, 0, 0.5, closed="left")],
         "validation_fraction": [Interval(Real, 0, 1, closed="left")],
         "device": [str],
         "random_state": ["random_state"],
@@ -148,12 +164,14 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         latent_dim: int | str = "auto",
         hidden_dims: list[int] | tuple[int, ...] | str = "auto",
         encoder: str = "mlp",
-        likelihood: str = "gaussian",
+        likelihood: str = "diag_gaussian",
         epochs: int | str = "auto",
         batch_size: int | str = "auto",
         learning_rate: float = 1e-3,
         n_importance_samples: int = 64,
         contamination: float = 0.1,
+        discrete_columns: str = "auto",
+        trim_fraction: float = 0.1,
         validation_fraction: float = 0.1,
         device: str = "auto",
         random_state: int | np.random.RandomState | None = None,
@@ -168,6 +186,8 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         self.learning_rate = learning_rate
         self.n_importance_samples = n_importance_samples
         self.contamination = contamination
+        self.discrete_columns = discrete_columns
+        self.trim_fraction = trim_fraction
         self.validation_fraction = validation_fraction
         self.device = device
         self.random_state = random_state
@@ -269,8 +289,12 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             likelihood.check_support(Xchk)
             self.standardizer_ = None
         else:
-            likelihood = lik_cls((d,), **lik_cls.options_from_data(X))
-            self.standardizer_ = Standardizer.fit(X)
+            detect = self.discrete_columns == "auto" and lik_cls.supports_bin_widths
+            self.standardizer_ = Standardizer.fit(X, detect_lattice=detect)
+            options = lik_cls.options_from_data(X)
+            if detect and self.standardizer_.discrete.any():
+                options["bin_widths"] = self.standardizer_.bin_widths.tolist()
+            likelihood = lik_cls((d,), **options)
         rng = check_random_state(self.random_state)
         fit_seed, score_seed = (int(s) for s in rng.randint(0, 2**31 - 1, size=2))
         self.score_seed_ = score_seed
@@ -283,6 +307,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             learning_rate=self.learning_rate,
             validation_fraction=self.validation_fraction,
             patience=max(10, epochs // 10),
+            trim_fraction=self.trim_fraction,
         )
         device = resolve_device(self.device)
         self.device_ = str(device)
@@ -440,6 +465,9 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         if self.standardizer_ is not None:
             arrays["standardizer.center"] = self.standardizer_.center
             arrays["standardizer.scale"] = self.standardizer_.scale
+            if self.standardizer_.step is not None:
+                arrays["standardizer.origin"] = self.standardizer_.origin
+                arrays["standardizer.step"] = self.standardizer_.step
         self.fingerprint_ = storage.write_model_file(path, config, arrays)
         return self.fingerprint_
 
@@ -462,7 +490,12 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         est.device_ = str(resolve_device(device))
         est.model_ = model.to(est.device_).eval()
         est.standardizer_ = (
-            Standardizer(arrays["standardizer.center"], arrays["standardizer.scale"])
+            Standardizer(
+                arrays["standardizer.center"],
+                arrays["standardizer.scale"],
+                arrays.get("standardizer.origin"),
+                arrays.get("standardizer.step"),
+            )
             if "standardizer.center" in arrays
             else None
         )

@@ -37,6 +37,7 @@ class TrainingConfig:
     kl_warmup_fraction: float = 0.1
     max_grad_norm: float = 10.0
     weight_decay: float = 0.0
+    trim_fraction: float = 0.0
 
 
 @dataclass
@@ -108,7 +109,11 @@ def train(
                 xb = x_train[perm[start : start + batch_size]]
                 eps = torch.randn(1, xb.shape[0], model.latent_dim, generator=generator).to(device)
                 kl_weight = min(1.0, (step + 1) / warmup_steps)
-                loss = -elbo(model, xb, eps, kl_weight=kl_weight)[0].mean()
+                per_row = -elbo(model, xb, eps, kl_weight=kl_weight)[0]
+                n_keep = xb.shape[0] - int(config.trim_fraction * xb.shape[0])
+                if step >= warmup_steps and n_keep < xb.shape[0]:
+                    per_row = torch.topk(per_row, n_keep, largest=False).values
+                loss = per_row.mean()
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(
                         f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "

@@ -58,6 +58,8 @@ class Likelihood(nn.Module):
 
     n_params: ClassVar[int] = 1
     discrete: ClassVar[bool] = False
+    #: Whether the constructor takes ``bin_widths`` (cell masses for lattice-valued columns).
+    supports_bin_widths: ClassVar[bool] = False
 
     def __init__(self, event_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -123,30 +125,109 @@ class Likelihood(nn.Module):
         return self.distribution(params).sample()
 
 
-class GaussianLikelihood(Likelihood):
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 − eˣ) for x ≤ 0, accurate near 0 and far below it."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def log_normal_interval_mass(lo: Tensor, hi: Tensor) -> Tensor:
+    """log(Φ(hi) − Φ(lo)) for lo < hi, stable in both tails (upper tail by symmetry)."""
+    flip = lo > 0
+    a = torch.where(flip, -hi, lo)
+    b = torch.where(flip, -lo, hi)
+    la, lb = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
+    return lb + log1mexp(torch.minimum(la - lb, torch.full_like(la, -1e-30)))
+
+
+#: Below this bin width (in σ units) the mass is the density times the width, to rounding.
+NARROW_BIN = 1e-3
+
+
+def discretized_normal_log_prob(x: Tensor, loc: Tensor, scale: Tensor, bin_width: Tensor) -> Tensor:
+    """Log mass of the cell [x − w/2, x + w/2] under N(loc, scale²) where w > 0; log density where w = 0.
+
+    With cells on a regular lattice this is a mass function over the lattice: the masses
+    of all cells sum to one. Gradients stay finite in every branch.
+    """
+    z = (x - loc) / scale
+    log_density = -0.5 * z.square() - torch.log(scale) - 0.5 * math.log(2 * math.pi)
+    half = 0.5 * bin_width / scale
+    exact = half > NARROW_BIN
+    # keep the unused branch's inputs harmless so that its gradient is not NaN
+    half_safe = torch.where(exact, half, torch.ones_like(half))
+    log_mass = log_normal_interval_mass(z - half_safe, z + half_safe)
+    narrow = log_density + torch.log(torch.where(bin_width > 0, bin_width, torch.ones_like(bin_width)))
+    discrete = torch.where(exact, log_mass, narrow)
+    return torch.where(bin_width > 0, discrete, log_density)
+
+
+class _NormalLikelihood(Likelihood):
+    """A normal per element; columns with a lattice (``bin_widths`` > 0) get cell masses instead of densities.
+
+    Parameters
+    ----------
+    event_shape : tuple of int
+        Shape of one sample.
+    bin_widths : list of float, optional
+        Lattice step per element in the model's units (0 = continuous). Where positive,
+        the element's likelihood is the mass of the lattice cell holding the value, so
+        discrete-valued columns cost at most 0 nats and cannot reward a collapsing σ.
+    """
+
+    supports_bin_widths: ClassVar[bool] = True
+
+    def __init__(self, event_shape: tuple[int, ...], bin_widths: list[float] | None = None) -> None:
+        super().__init__(event_shape)
+        widths = (
+            torch.zeros(self.event_shape) if bin_widths is None else torch.tensor(bin_widths).reshape(self.event_shape)
+        )
+        if (widths < 0).any() or not torch.isfinite(widths).all():
+            raise ValueError("bin_widths must be finite and non-negative")
+        self.register_buffer("bin_widths", widths.to(torch.get_default_dtype()))
+
+    def config(self) -> dict[str, Any]:
+        if not (self.bin_widths > 0).any():
+            return {}
+        return {"bin_widths": self.bin_widths.flatten().tolist()}
+
+    def loc_scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def distribution(self, params: Tensor) -> Distribution:
+        loc, scale = self.loc_scale(params)
+        return Normal(loc, scale, validate_args=False)
+
+    def per_feature_log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        loc, scale = self.loc_scale(params)
+        if not (self.bin_widths > 0).any():
+            return Normal(loc, scale, validate_args=False).log_prob(x)
+        return discretized_normal_log_prob(x, loc, scale, self.bin_widths.to(loc.dtype))
+
+
+class GaussianLikelihood(_NormalLikelihood):
     """Normal with the decoder's mean and a learned σ per feature (shared over samples)."""
 
-    def __init__(self, event_shape: tuple[int, ...]) -> None:
-        super().__init__(event_shape)
+    def __init__(self, event_shape: tuple[int, ...], bin_widths: list[float] | None = None) -> None:
+        super().__init__(event_shape, bin_widths)
         self.raw_log_scale = nn.Parameter(torch.zeros(self.event_shape))
 
     @property
     def log_scale(self) -> Tensor:
         return soft_clamp(self.raw_log_scale, LOG_SCALE_MIN, LOG_SCALE_MAX)
 
-    def distribution(self, params: Tensor) -> Distribution:
+    def loc_scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
         loc = self.param(params, 0)
-        return Normal(loc, self.log_scale.exp().expand_as(loc), validate_args=False)
+        return loc, self.log_scale.exp().expand_as(loc)
 
 
-class DiagGaussianLikelihood(Likelihood):
+class DiagGaussianLikelihood(_NormalLikelihood):
     """Normal with mean and σ per feature per sample, both from the decoder."""
 
     n_params = 2
 
-    def distribution(self, params: Tensor) -> Distribution:
+    def loc_scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
         log_scale = soft_clamp(self.param(params, 1), LOG_SCALE_MIN, LOG_SCALE_MAX)
-        return Normal(self.param(params, 0), log_scale.exp(), validate_args=False)
+        return self.param(params, 0), log_scale.exp()
 
 
 class BernoulliLikelihood(Likelihood):

@@ -1,0 +1,223 @@
+"""ADBench's unsupervised protocol over a folder of ``.npz`` files, vaeguard against peers.
+
+For each data set and seed: a stratified 70/30 split, MinMaxScaler fitted on the train
+part, every detector fitted on the unlabeled train part, AUROC and average precision on
+the test part, fit and score seconds. A failed run becomes a row with its error.
+
+    python benchmarks/adbench.py                                  # the ten shared sets, seeds 0 1 2
+    python benchmarks/adbench.py --data-dir DIR --seeds 0 --methods vaeguard pyod_vae
+
+Writes ``adbench.csv`` and ``adbench.md`` to ``--out`` (default ``benchmarks/results``).
+Peers need the ``[bench]`` extra (PyOD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import MinMaxScaler
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "adbench"
+
+
+class Detector:
+    """fit(X) and anomaly scores (higher = more anomalous) for one method."""
+
+    def __init__(self, fit: Callable, score: Callable) -> None:
+        self.fit, self.score = fit, score
+
+
+VAEGUARD_PARAMS: dict = {}
+
+
+def make_vaeguard(seed: int) -> Detector:
+    from vaeguard import VAEAnomalyDetector
+
+    det = VAEAnomalyDetector(**{"random_state": seed, "device": "cpu", **VAEGUARD_PARAMS})
+    return Detector(det.fit, lambda X: -det.score_samples(X))
+
+
+def make_pyod(name: str) -> Callable[[int], Detector]:
+    def factory(seed: int) -> Detector:
+        if name == "pyod_vae":
+            from pyod.models.vae import VAE
+
+            det = VAE(random_state=seed, verbose=0, device="cpu")
+        elif name == "pyod_ae":
+            from pyod.models.auto_encoder import AutoEncoder
+
+            det = AutoEncoder(random_state=seed, verbose=0, device="cpu")
+        elif name == "iforest":
+            from pyod.models.iforest import IForest
+
+            det = IForest(random_state=seed)
+        elif name == "ecod":
+            from pyod.models.ecod import ECOD
+
+            det = ECOD()
+        else:
+            raise ValueError(name)
+        return Detector(det.fit, det.decision_function)
+
+    return factory
+
+
+def make_gmm(seed: int) -> Detector:
+    from sklearn.mixture import GaussianMixture
+
+    det = GaussianMixture(n_components=5, covariance_type="full", random_state=seed)
+    return Detector(det.fit, lambda X: -det.score_samples(X))
+
+
+METHODS: dict[str, Callable[[int], Detector]] = {
+    "vaeguard": make_vaeguard,
+    "pyod_vae": make_pyod("pyod_vae"),
+    "pyod_ae": make_pyod("pyod_ae"),
+    "iforest": make_pyod("iforest"),
+    "ecod": make_pyod("ecod"),
+    "gmm": make_gmm,
+}
+
+
+def run_one(method: str, X_train, X_test, y_test, seed: int) -> dict:
+    row: dict = {"method": method}
+    try:
+        torch.manual_seed(seed)
+        det = METHODS[method](seed)
+        t0 = time.perf_counter()
+        det.fit(X_train)
+        t1 = time.perf_counter()
+        scores = np.asarray(det.score(X_test), dtype=np.float64)
+        t2 = time.perf_counter()
+        if not np.all(np.isfinite(scores)):
+            raise ValueError(f"{int((~np.isfinite(scores)).sum())} non-finite scores")
+        row |= {
+            "auroc": roc_auc_score(y_test, scores),
+            "ap": average_precision_score(y_test, scores),
+            "fit_s": t1 - t0,
+            "score_s": t2 - t1,
+            "error": "",
+        }
+    except Exception as exc:
+        row |= {
+            "auroc": np.nan,
+            "ap": np.nan,
+            "fit_s": np.nan,
+            "score_s": np.nan,
+            "error": f"{type(exc).__name__}: {exc}",
+        }
+        traceback.print_exc(file=sys.stderr)
+    return row
+
+
+def run(data_dir: Path, seeds: list[int], methods: list[str]) -> pd.DataFrame:
+    files = sorted(
+        data_dir.glob("*.npz"), key=lambda p: (int(p.name.split("_")[0]) if p.name[0].isdigit() else 0, p.name)
+    )
+    if not files:
+        raise SystemExit(f"no .npz files in {data_dir}")
+    rows = []
+    total = len(files) * len(seeds) * len(methods)
+    done = 0
+    for path in files:
+        with np.load(path, allow_pickle=False) as d:
+            X, y = np.asarray(d["X"], dtype=np.float64), np.asarray(d["y"]).astype(int)
+        name = path.stem.split("_", 1)[-1]
+        for seed in seeds:
+            X_tr, X_te, _, y_te = train_test_split(X, y, test_size=0.3, stratify=y, random_state=seed)
+            scaler = MinMaxScaler().fit(X_tr)
+            X_tr, X_te = scaler.transform(X_tr), scaler.transform(X_te)
+            for method in methods:
+                row = {"dataset": name, "seed": seed} | run_one(method, X_tr, X_te, y_te, seed)
+                rows.append(row)
+                done += 1
+                print(
+                    f"[{done}/{total}] {name:14s} seed {seed} {method:9s} AUROC {row['auroc']:.4f} "
+                    f"fit {row['fit_s']:.1f}s {row['error']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return pd.DataFrame(rows)
+
+
+def summarise(df: pd.DataFrame, methods: list[str]) -> str:
+    per = df.groupby(["dataset", "method"])["auroc"].mean().unstack("method")[methods]
+    order = list(dict.fromkeys(df["dataset"]))
+    per = per.loc[order]
+    mean = per.mean().rename("**mean**")
+    times = df.groupby("method")[["fit_s", "score_s"]].sum()[["fit_s", "score_s"]].T[methods]
+    aps = df.groupby("method")["ap"].mean()[methods].rename("mean AP")
+    table = pd.concat([per, mean.to_frame().T, aps.to_frame().T])
+    lines = [
+        "| data set | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for idx, r in table.iterrows():
+        lines.append(f"| {idx} | " + " | ".join(f"{v:.4f}" for v in r.values) + " |")
+    lines.append("| total fit+score s | " + " | ".join(f"{times[m].sum():.1f}" for m in methods) + " |")
+    if "vaeguard" in methods and "pyod_vae" in methods:
+        gap = per["vaeguard"] - per["pyod_vae"]
+        lines.append("")
+        lines.append(
+            f"vaeguard − PyOD VAE: mean {gap.mean():+.4f}; worst data set {gap.idxmin()} {gap.min():+.4f}; "
+            f"all {int(df[df.method == 'vaeguard'].auroc.notna().sum())} vaeguard runs finite: "
+            f"{bool((df[df.method == 'vaeguard'].error == '').all())}"
+        )
+    errors = df[df["error"] != ""]
+    if len(errors):
+        lines.append("")
+        lines.append(f"{len(errors)} failed runs:")
+        lines += [f"- {r.dataset} seed {r.seed} {r.method}: {r.error}" for r in errors.itertuples()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument(
+        "--methods", nargs="+", default=["vaeguard", "pyod_vae", "iforest", "ecod", "gmm"], choices=list(METHODS)
+    )
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--name", default="adbench", help="file stem of the results")
+    ap.add_argument("--params", default="{}", help="JSON of VAEAnomalyDetector arguments (experiments only)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = ap.parse_args()
+    import json
+
+    VAEGUARD_PARAMS.update(json.loads(args.params))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    df = run(args.data_dir, args.seeds, args.methods)
+    args.out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(args.out / f"{args.name}.csv", index=False)
+    import vaeguard
+
+    header = (
+        f"# ADBench unsupervised protocol: mean AUROC over seeds {args.seeds}\n\n"
+        f"Command: `python benchmarks/adbench.py {' '.join(sys.argv[1:])}`  \n"
+        f"vaeguard {vaeguard.__version__}, torch {torch.__version__}, "
+        f"CPU ({platform.machine()}, {torch.get_num_threads()} torch threads), "
+        f"wall {time.perf_counter() - start:.0f} s.\n"
+        "Stratified 70/30 split per seed, MinMaxScaler on train, fit on the unlabeled train part, AUROC on test.\n\n"
+    )
+    text = header + summarise(df, args.methods) + "\n"
+    (args.out / f"{args.name}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
