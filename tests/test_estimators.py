@@ -194,3 +194,31 @@ def test_learns_the_true_density_of_probabilistic_pca_and_keeps_units():
     shift = scaled - scores
     assert np.mean(shift) == pytest.approx(-10 * math.log(1000), abs=0.05)
     assert np.max(np.abs(shift + 10 * math.log(1000))) < 0.5
+
+
+def test_discrete_columns_are_masses_and_continuous_ones_densities(fast_params):
+    # Rescaling a count column leaves its cell masses unchanged; rescaling a continuous
+    # column shifts every log-density by −log(factor).
+    rng = np.random.default_rng(0)
+    X = np.column_stack([rng.poisson(4, 400), rng.normal(size=400)]).astype(float)
+    params = {**fast_params, "random_state": 0}
+    base = VAEAnomalyDetector(**params).fit(X)
+    assert list(base.standardizer_.discrete) == [True, False]
+    s = base.score_samples(X)
+    counts_scaled = VAEAnomalyDetector(**params).fit(X * [1000, 1]).score_samples(X * [1000, 1])
+    cont_scaled = VAEAnomalyDetector(**params).fit(X * [1, 1000]).score_samples(X * [1, 1000])
+    np.testing.assert_allclose(counts_scaled, s, atol=1e-3)
+    np.testing.assert_allclose(cont_scaled, s - math.log(1000), atol=1e-3)
+    # samples of a count column are counts
+    draws = base.sample(50, random_state=0)
+    np.testing.assert_array_equal(draws[:, 0], np.round(draws[:, 0]))
+    none = VAEAnomalyDetector(**params, discrete_columns="none").fit(X)
+    assert not none.standardizer_.discrete.any()
+
+
+def test_offset_from_a_subsample_of_large_training_sets(blobs, fast_params, monkeypatch):
+    from vaeguard import estimators
+
+    monkeypatch.setattr(estimators, "OFFSET_ROWS", 100)
+    det = VAEAnomalyDetector(**fast_params, random_state=0).fit(blobs)
+    assert 0.03 <= (det.predict(blobs) == -1).mean() <= 0.2

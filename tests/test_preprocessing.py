@@ -2,7 +2,7 @@ import math
 
 import numpy as np
 
-from vaeguard.preprocessing import Standardizer, first_nonfinite
+from vaeguard.preprocessing import Standardizer, first_nonfinite, lattice_steps
 
 
 def test_log_jacobian_converts_densities_to_data_units():
@@ -27,3 +27,24 @@ def test_constant_columns_keep_unit_scale():
 def test_first_nonfinite():
     assert first_nonfinite(np.ones((2, 2))) is None
     assert first_nonfinite(np.array([[1.0, np.inf], [np.nan, 1.0]])) == (0, 1, "inf")
+
+
+def test_lattice_steps_find_grids_and_leave_continuous_columns():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(3, size=500).astype(float)
+    scaled_grid = rng.integers(0, 17, size=500) / 16.0  # optdigits-like, after min-max scaling
+    continuous = rng.normal(size=500)
+    constant = np.full(500, 2.0)
+    wide = rng.integers(0, 10**6, size=500).astype(float)  # too many steps to be a lattice
+    steps = lattice_steps(np.column_stack([counts, scaled_grid, continuous, constant, wide]))
+    assert steps[0] == 1.0 and abs(steps[1] - 1 / 16) < 1e-12
+    assert steps[2] == 0 and steps[3] == 0 and steps[4] == 0
+
+
+def test_lattice_columns_are_snapped_and_left_out_of_the_jacobian():
+    X = np.array([[0.0, 1.0], [2.0, 2.5371], [4.0, 0.3141], [2.0, 1.1]])
+    st = Standardizer.fit(X, detect_lattice=True)
+    assert list(st.discrete) == [True, False]
+    np.testing.assert_allclose(st.snap(np.array([[2.9, 0.123]])), [[2.0, 0.123]])
+    assert st.log_jacobian == -np.log(st.scale[1])
+    assert st.bin_widths[0] == 2.0 / st.scale[0] and st.bin_widths[1] == 0

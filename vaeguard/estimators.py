@@ -30,6 +30,8 @@ from vaeguard.training import TrainingConfig, TrainingHistory, train
 
 #: Optimisation steps the automatic epoch count aims at (early stopping usually ends sooner).
 AUTO_STEPS = 3000
+#: Training rows scored to set ``offset_``; larger training sets use a random subsample.
+OFFSET_ROWS = 100_000
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -90,7 +92,8 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
     contamination : float in (0, 0.5], default=0.1
         Expected fraction of outliers in the training data. ``offset_`` is the
         ``100·contamination`` percentile of the training scores, so :meth:`predict`
-        flags that fraction of the training rows as outliers.
+        flags that fraction of the training rows as outliers (above 100,000 rows, the
+        percentile of a random subsample of 100,000 of them).
     discrete_columns : {"auto", "none"}, default="auto"
         "auto": columns whose values lie on a regular grid of at most 1024 steps
         (counts, ratings, quantised pixels) are scored by the probability mass of their
@@ -283,10 +286,8 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
                 f"hidden_dims must be 'auto' or a non-empty list of positive integers, got {self.hidden_dims!r}"
             )
         if lik_cls.discrete:
-            Xchk = X.astype(np.float64)
-            options = lik_cls.options_from_data(Xchk)
-            likelihood = lik_cls((d,), **options)
-            likelihood.check_support(Xchk)
+            likelihood = lik_cls((d,), **lik_cls.options_from_data(X))
+            likelihood.check_support(X)
             self.standardizer_ = None
         else:
             detect = self.discrete_columns == "auto" and lik_cls.supports_bin_widths
@@ -312,7 +313,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         device = resolve_device(self.device)
         self.device_ = str(device)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(fit_seed)
+            torch.default_generator.manual_seed(fit_seed)  # the CPU generator only: init runs there
             hidden = None if self.hidden_dims == "auto" else list(self.hidden_dims)
             model = self._build_model(likelihood, self.latent_dim_, hidden)
             self.model_spec_ = {
@@ -328,6 +329,8 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             generator = torch.Generator(device="cpu").manual_seed(fit_seed)
             self.history_ = train(model, x, config, generator=generator, device=device, verbose=bool(self.verbose))
         self.fingerprint_ = None
+        if n > OFFSET_ROWS:  # the percentile of a large random subsample is as good and far cheaper
+            x = x[torch.randperm(n, generator=generator)[:OFFSET_ROWS]]
         train_scores = self._log_likelihood_internal(x, self.n_importance_samples).value + self._log_jacobian
         self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
         return self
@@ -420,17 +423,24 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
 
     @torch.no_grad()
     def sample(self, n_samples: int = 1, random_state: int | None = None) -> np.ndarray:
-        """Draw ``n_samples`` rows from the model p(x), shape (n_samples, n_features), data units."""
+        """Draw ``n_samples`` rows from the model p(x), shape (n_samples, n_features), data units.
+
+        Lattice-valued (discrete) columns are returned on their lattice.
+        """
         check_is_fitted(self)
         if not isinstance(n_samples, Integral) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
         seed = int(check_random_state(random_state).randint(0, 2**31 - 1))
-        with torch.random.fork_rng(devices=[]):
+        device = torch.device(self.device_)
+        forked = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=forked):  # seeded draws that leave torch's global state alone
             torch.manual_seed(seed)
-            z = torch.randn(int(n_samples), self.latent_dim_).to(self.device_)
+            z = torch.randn(int(n_samples), self.latent_dim_).to(device)
             self.model_.eval()
             x = self.model_.likelihood.sample(self.model_.decode(z)).double().cpu().numpy()
-        return self.standardizer_.inverse_transform(x) if self.standardizer_ is not None else x
+        if self.standardizer_ is None:
+            return x
+        return self.standardizer_.snap(self.standardizer_.inverse_transform(x))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
