@@ -13,9 +13,9 @@ from vaeguard.components.likelihoods import (
     LOG_SCALE_MIN,
     BernoulliLikelihood,
     CategoricalLikelihood,
-    discretized_normal_log_prob,
     DiagGaussianLikelihood,
     GaussianLikelihood,
+    discretized_normal_log_prob,
     soft_clamp,
     soft_clamp_inverse,
 )
