@@ -222,3 +222,22 @@ def test_offset_from_a_subsample_of_large_training_sets(blobs, fast_params, monk
     monkeypatch.setattr(estimators, "OFFSET_ROWS", 100)
     det = VAEAnomalyDetector(**fast_params, random_state=0).fit(blobs)
     assert 0.03 <= (det.predict(blobs) == -1).mean() <= 0.2
+
+
+def test_device_errors_are_clear(blobs, fast_params):
+    import torch
+
+    from vaeguard.estimators import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="not a device torch knows"):
+        VAEAnomalyDetector(**fast_params, device="gpu0").fit(blobs)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            VAEAnomalyDetector(**fast_params, device="cuda").fit(blobs)
+
+
+def test_verbose_shows_training_progress(blobs, fast_params, capsys):
+    VAEAnomalyDetector(**fast_params, verbose=True, random_state=0).fit(blobs)
+    err = capsys.readouterr().err
+    assert "training" in err and "epoch" in err and "val=" in err

@@ -57,25 +57,24 @@ def test_truncated_file_is_refused(model_file, tmp_path):
             load(bad)
 
 
-def test_altered_weights_are_refused(model_file, tmp_path):
+def alter_weights(f: h5py.File) -> None:
+    name = next(k for k in f["arrays"] if k.startswith("model."))
+    f["arrays"][name][...] = f["arrays"][name][()] + 1e-3
+
+
+def alter_config(f: h5py.File) -> None:
+    config = json.loads(f.attrs["config"])
+    config["fitted"]["offset_"] = 123.0
+    f.attrs["config"] = json.dumps(config, sort_keys=True)
+
+
+@pytest.mark.parametrize("alter", [alter_weights, alter_config])
+def test_altered_files_are_refused(model_file, tmp_path, alter):
     _, path = model_file
     bad = tmp_path / "altered.h5"
     bad.write_bytes(path.read_bytes())
     with h5py.File(bad, "r+") as f:
-        name = next(k for k in f["arrays"] if k.startswith("model."))
-        f["arrays"][name][...] = f["arrays"][name][()] + 1e-3
-    with pytest.raises(ValueError, match="integrity check"):
-        load(bad)
-
-
-def test_altered_config_is_refused(model_file, tmp_path):
-    _, path = model_file
-    bad = tmp_path / "config.h5"
-    bad.write_bytes(path.read_bytes())
-    with h5py.File(bad, "r+") as f:
-        config = json.loads(f.attrs["config"])
-        config["fitted"]["offset_"] = 123.0
-        f.attrs["config"] = json.dumps(config, sort_keys=True)
+        alter(f)
     with pytest.raises(ValueError, match="integrity check"):
         load(bad)
 
