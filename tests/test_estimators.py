@@ -241,3 +241,15 @@ def test_verbose_shows_training_progress(blobs, fast_params, capsys):
     VAEAnomalyDetector(**fast_params, verbose=True, random_state=0).fit(blobs)
     err = capsys.readouterr().err
     assert "training" in err and "epoch" in err and "val=" in err
+
+
+def test_divergence_is_an_error_and_leaves_the_estimator_unfitted(blobs):
+    from sklearn.exceptions import NotFittedError
+
+    from vaeguard.training import TrainingDivergedError
+
+    det = VAEAnomalyDetector(learning_rate=1e6, epochs=5, random_state=0)
+    with pytest.raises(TrainingDivergedError, match="try a smaller learning_rate"):
+        det.fit(blobs)
+    with pytest.raises(NotFittedError):
+        det.score_samples(blobs)

@@ -222,10 +222,17 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             )
         return X
 
-    def _to_internal(self, X: np.ndarray) -> torch.Tensor:
-        """Standardise (continuous likelihoods) or check the support (discrete ones); float32 tensor."""
-        if self.standardizer_ is not None:
-            Z = self.standardizer_.transform(X)
+    def _to_internal(
+        self, X: np.ndarray, standardizer: Standardizer | None = None, likelihood: Likelihood | None = None
+    ) -> torch.Tensor:
+        """Standardise (continuous likelihoods) or check the support (discrete ones); float64 tensor.
+
+        Uses the fitted ``standardizer_`` and likelihood unless others are given (during fit).
+        """
+        if likelihood is None:
+            standardizer, likelihood = self.standardizer_, self.model_.likelihood
+        if standardizer is not None:
+            Z = standardizer.transform(X)
             too_big = np.abs(Z) > 1e30
             if too_big.any():
                 row, col = (int(i) for i in np.argwhere(too_big)[0])
@@ -234,7 +241,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
                     "too far from the training data to be scored in float32"
                 )
         else:
-            self.model_.likelihood.check_support(X)
+            likelihood.check_support(X)
             Z = X
         return torch.tensor(Z, dtype=torch.float64)
 
@@ -286,20 +293,20 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
                 f"hidden_dims must be 'auto' or a non-empty list of positive integers, got {self.hidden_dims!r}"
             )
         if lik_cls.discrete:
+            standardizer = None
             likelihood = lik_cls((d,), **lik_cls.options_from_data(X))
-            likelihood.check_support(X)
-            self.standardizer_ = None
         else:
             detect = self.discrete_columns == "auto" and lik_cls.supports_bin_widths
-            self.standardizer_ = Standardizer.fit(X, detect_lattice=detect)
+            standardizer = Standardizer.fit(X, detect_lattice=detect)
             options = lik_cls.options_from_data(X)
-            if detect and self.standardizer_.discrete.any():
-                options["bin_widths"] = self.standardizer_.bin_widths.tolist()
+            if detect and standardizer.discrete.any():
+                options["bin_widths"] = standardizer.bin_widths.tolist()
             likelihood = lik_cls((d,), **options)
+        x = self._to_internal(X, standardizer, likelihood)
         rng = check_random_state(self.random_state)
         fit_seed, score_seed = (int(s) for s in rng.randint(0, 2**31 - 1, size=2))
-        self.score_seed_ = score_seed
-        self.latent_dim_ = self.latent_dim if self.latent_dim != "auto" else _auto_latent(d)
+        latent_dim = self.latent_dim if self.latent_dim != "auto" else _auto_latent(d)
+        hidden = None if self.hidden_dims == "auto" else list(self.hidden_dims)
         batch_size = self.batch_size if self.batch_size != "auto" else auto_batch_size(n)
         epochs = self.epochs if self.epochs != "auto" else auto_epochs(n, batch_size)
         config = TrainingConfig(
@@ -311,23 +318,26 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             trim_fraction=self.trim_fraction,
         )
         device = resolve_device(self.device)
-        self.device_ = str(device)
+        generator = torch.Generator(device="cpu").manual_seed(fit_seed)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(fit_seed)  # the CPU generator only: init runs there
-            hidden = None if self.hidden_dims == "auto" else list(self.hidden_dims)
-            model = self._build_model(likelihood, self.latent_dim_, hidden)
-            self.model_spec_ = {
-                "encoder": self.encoder,
-                "likelihood": self.likelihood,
-                "likelihood_options": likelihood.config(),
-                "latent_dim": int(self.latent_dim_),
-                "hidden_dims": hidden,
-                "n_features": int(d),
-            }
-            self.model_ = model
-            x = self._to_internal(X)
-            generator = torch.Generator(device="cpu").manual_seed(fit_seed)
-            self.history_ = train(model, x, config, generator=generator, device=device, verbose=bool(self.verbose))
+            model = self._build_model(likelihood, latent_dim, hidden)
+        history = train(model, x, config, generator=generator, device=device, verbose=bool(self.verbose))
+        # Fitted state is set only once training has succeeded.
+        self.standardizer_ = standardizer
+        self.model_ = model
+        self.model_spec_ = {
+            "encoder": self.encoder,
+            "likelihood": self.likelihood,
+            "likelihood_options": likelihood.config(),
+            "latent_dim": int(latent_dim),
+            "hidden_dims": hidden,
+            "n_features": int(d),
+        }
+        self.latent_dim_ = int(latent_dim)
+        self.score_seed_ = score_seed
+        self.device_ = str(device)
+        self.history_ = history
         self.fingerprint_ = None
         if n > OFFSET_ROWS:  # the percentile of a large random subsample is as good and far cheaper
             x = x[torch.randperm(n, generator=generator)[:OFFSET_ROWS]]

@@ -15,7 +15,7 @@ from vaeguard.model import VAE
 from vaeguard.objectives import elbo
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(ValueError, RuntimeError):
     """The loss became NaN or infinite; the message says when and what to try."""
 
 
