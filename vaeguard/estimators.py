@@ -345,6 +345,9 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
         return self
 
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "offset_")  # set last in fit, after training succeeded
+
     @property
     def _n_features_out(self) -> int:
         return int(self.latent_dim_)
