@@ -63,3 +63,20 @@ def test_demo_unknown_dataset_is_a_usage_error():
     result = CliRunner().invoke(cli, ["demo", "--dataset", "nope"])
     assert result.exit_code == 2
     assert "unknown data set 'nope'" in result.output
+
+
+def test_a_broken_plugin_is_one_line_and_exit_code_2(monkeypatch):
+    from vaeguard import cli as cli_module
+
+    class Broken:
+        @hookimpl
+        def vaeguard_register_likelihoods(self, register):
+            raise RuntimeError("cannot import torch_extras")
+
+    pm = make_plugin_manager(load_entrypoints=False)
+    pm.register(Broken(), name="broken-plugin")
+    monkeypatch.setattr(cli_module, "get_plugin_manager", lambda: pm)
+    result = CliRunner().invoke(cli, ["plugins"])
+    assert result.exit_code == 2
+    assert "plugin 'broken-plugin' failed in vaeguard_register_likelihoods: cannot import torch_extras" in result.output
+    assert "Traceback" not in result.output

@@ -11,6 +11,12 @@ from vaeguard import __version__
 from vaeguard.plugins import PluginError, PluginRegistry, get_plugin_manager, register_commands
 
 
+class UserError(click.ClickException):
+    """A one-line error a user can act on; exit code 2, no traceback."""
+
+    exit_code = 2
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vaeguard")
 def cli() -> None:
@@ -35,14 +41,9 @@ def plugins_command(as_json: bool) -> None:
     try:
         infos = PluginRegistry(get_plugin_manager()).plugins()
     except PluginError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise UserError(str(exc)) from exc
     if as_json:
-        click.echo(
-            json.dumps(
-                [{k: v for k, v in i.as_dict().items() if k != "version"} | {"version": i.version} for i in infos],
-                indent=2,
-            )
-        )
+        click.echo(json.dumps([info.as_dict() for info in infos], indent=2))
         return
     rows = [("plugin", "source", "version", "parts")]
     for info in infos:
