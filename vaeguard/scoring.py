@@ -56,9 +56,13 @@ class LogLikelihood:
     std: np.ndarray | None = None
 
 
+#: Floor on the per-row size used for chunking, standing in for the hidden activations.
+MIN_ROW_ELEMENTS = 512
+
+
 def _per_row_elements(model: VAE) -> int:
     lik = model.likelihood
-    return max(1, lik.param_count * math.prod(lik.event_shape))
+    return max(MIN_ROW_ELEMENTS, lik.param_count * math.prod(lik.event_shape))
 
 
 @torch.no_grad()
