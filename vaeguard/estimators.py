@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from numbers import Integral, Real
 from typing import Any
 
@@ -93,7 +94,11 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         Expected fraction of outliers in the training data. ``offset_`` is the
         ``100·contamination`` percentile of the training scores, so :meth:`predict`
         flags that fraction of the training rows as outliers (above 100,000 rows, the
-        percentile of a random subsample of 100,000 of them).
+        percentile of a random subsample of 100,000 of them). Ignored when ``offset``
+        is given; :meth:`set_threshold` replaces the rule after fitting.
+    offset : float or None, default=None
+        An explicit threshold on :meth:`score_samples`, in nats (log p(x) below it is an
+        outlier), instead of the ``contamination`` quantile.
     discrete_columns : {"auto", "none"}, default="auto"
         "auto": columns whose values lie on a regular grid of at most 1024 steps
         (counts, ratings, quantised pixels) are scored by the probability mass of their
@@ -123,6 +128,9 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         The trained torch module.
     offset_ : float
         Threshold on :meth:`score_samples` (nats); ``decision_function = score_samples - offset_``.
+    threshold_rule_ : dict
+        How ``offset_`` was set: ``{"rule": "contamination", ...}``, ``{"rule": "offset", ...}``
+        or ``{"rule": "fpr", "fpr": ..., "n_normal_rows": ...}`` (:meth:`set_threshold`).
     latent_dim_ : int
         The latent size used.
     history_ : TrainingHistory
@@ -153,6 +161,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
         "n_importance_samples": [Interval(Integral, 1, None, closed="left")],
         "contamination": [Interval(Real, 0, 0.5, closed="right")],
+        "offset": [Real, None],
         "discrete_columns": [StrOptions({"auto", "none"})],
         "trim_fraction": [Interval(Real, 0, 0.5, closed="left")],
         "validation_fraction": [Interval(Real, 0, 1, closed="left")],
@@ -173,6 +182,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         learning_rate: float = 1e-3,
         n_importance_samples: int = 64,
         contamination: float = 0.1,
+        offset: float | None = None,
         discrete_columns: str = "auto",
         trim_fraction: float = 0.1,
         validation_fraction: float = 0.1,
@@ -189,6 +199,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         self.learning_rate = learning_rate
         self.n_importance_samples = n_importance_samples
         self.contamination = contamination
+        self.offset = offset
         self.discrete_columns = discrete_columns
         self.trim_fraction = trim_fraction
         self.validation_fraction = validation_fraction
@@ -283,6 +294,8 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         -------
         self
         """
+        if self.offset is not None and not np.isfinite(self.offset):
+            raise ValueError(f"offset must be a finite number of nats, got {self.offset!r}")
         X = self._validate_input(X, reset=True)
         n, d = X.shape
         lik_cls = get_part("likelihoods", self.likelihood)
@@ -339,10 +352,47 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         self.device_ = str(device)
         self.history_ = history
         self.fingerprint_ = None
+        if self.offset is not None:
+            self.threshold_rule_ = {"rule": "offset", "offset": float(self.offset)}
+            self.offset_ = float(self.offset)
+            return self
         if n > OFFSET_ROWS:  # the percentile of a large random subsample is as good and far cheaper
             x = x[torch.randperm(n, generator=generator)[:OFFSET_ROWS]]
         train_scores = self._log_likelihood_internal(x, self.n_importance_samples).value + self._log_jacobian
+        self.threshold_rule_ = {"rule": "contamination", "contamination": float(self.contamination)}
         self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
+        return self
+
+    def set_threshold(self, X_normal: Any, fpr: float = 0.01) -> VAEAnomalyDetector:
+        """Set the threshold so that a fraction ``fpr`` of rows known to be normal is flagged.
+
+        ``offset_`` becomes the ``100·fpr`` percentile of ``score_samples(X_normal)``: on
+        data like ``X_normal``, :meth:`predict` then flags about ``fpr`` of the rows (the
+        false-positive rate), whatever the contamination of the training data.
+
+        Parameters
+        ----------
+        X_normal : array-like of shape (n_samples, n_features)
+            Rows the user declares normal (e.g. a clean validation set).
+        fpr : float in (0, 1), default=0.01
+            Target false-positive rate.
+
+        Returns
+        -------
+        self
+        """
+        check_is_fitted(self)
+        if not isinstance(fpr, Real) or not 0 < fpr < 1:
+            raise ValueError(f"fpr must be a number in (0, 1), got {fpr!r}")
+        scores = self.score_samples(X_normal)
+        if len(scores) * fpr < 1:
+            warnings.warn(
+                f"{len(scores)} normal rows cannot resolve fpr={fpr}: the threshold is their lowest score",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.offset_ = float(np.percentile(scores, 100.0 * fpr))
+        self.threshold_rule_ = {"rule": "fpr", "fpr": float(fpr), "n_normal_rows": len(scores)}
         return self
 
     def __sklearn_is_fitted__(self) -> bool:
@@ -474,6 +524,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             "model": self.model_spec_,
             "fitted": {
                 "offset_": self.offset_,
+                "threshold_rule_": self.threshold_rule_,
                 "score_seed_": self.score_seed_,
                 "latent_dim_": int(self.latent_dim_),
                 "n_features_in_": int(self.n_features_in_),
@@ -523,6 +574,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             else None
         )
         est.offset_ = float(fitted["offset_"])
+        est.threshold_rule_ = dict(fitted["threshold_rule_"])
         est.score_seed_ = int(fitted["score_seed_"])
         est.latent_dim_ = int(fitted["latent_dim_"])
         est.n_features_in_ = int(fitted["n_features_in_"])
