@@ -7,7 +7,8 @@ the test part, fit and score seconds. A failed run becomes a row with its error.
     python benchmarks/adbench.py                                  # the ten shared sets, seeds 0 1 2
     python benchmarks/adbench.py --data-dir DIR --seeds 0 --methods vaeguard pyod_vae
 
-Writes ``adbench.csv`` and ``adbench.md`` to ``--out`` (default ``benchmarks/results``).
+Writes ``adbench.csv``, ``adbench.md`` and ``adbench.png`` (vaeguard against the best peer per
+data set) to ``--out`` (default ``benchmarks/results``).
 Peers need the ``[bench]`` extra (PyOD).
 """
 
@@ -122,23 +123,39 @@ def run_one(method: str, X_train, X_test, y_test, seed: int) -> dict:
     return row
 
 
-def run(data_dir: Path, seeds: list[int], methods: list[str]) -> pd.DataFrame:
-    files = sorted(
+def dataset_files(data_dir: Path) -> list[Path]:
+    """The ``.npz`` files of a folder, in ADBench's numeric order (``4_breastw`` before ``18_Ionosphere``)."""
+    return sorted(
         data_dir.glob("*.npz"), key=lambda p: (int(p.name.split("_")[0]) if p.name[0].isdigit() else 0, p.name)
     )
+
+
+def load_npz(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
+    """``(name, X, y)`` of an ADBench-style file; the name drops the numeric prefix."""
+    with np.load(path, allow_pickle=False) as d:
+        X, y = np.asarray(d["X"], dtype=np.float64), np.asarray(d["y"]).astype(int)
+    return path.stem.split("_", 1)[-1], X, y
+
+
+def split_and_scale(X: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """ADBench's protocol: stratified 70/30 split, MinMaxScaler fitted on the train part only."""
+    X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.3, stratify=y, random_state=seed)
+    scaler = MinMaxScaler().fit(X_tr)
+    return scaler.transform(X_tr), scaler.transform(X_te), y_tr, y_te
+
+
+def run(data_dir: Path, seeds: list[int], methods: list[str]) -> pd.DataFrame:
+    """One row per data set × seed × method: AUROC, AP, fit and score seconds, error."""
+    files = dataset_files(data_dir)
     if not files:
         raise SystemExit(f"no .npz files in {data_dir}")
     rows = []
     total = len(files) * len(seeds) * len(methods)
     done = 0
     for path in files:
-        with np.load(path, allow_pickle=False) as d:
-            X, y = np.asarray(d["X"], dtype=np.float64), np.asarray(d["y"]).astype(int)
-        name = path.stem.split("_", 1)[-1]
+        name, X, y = load_npz(path)
         for seed in seeds:
-            X_tr, X_te, _, y_te = train_test_split(X, y, test_size=0.3, stratify=y, random_state=seed)
-            scaler = MinMaxScaler().fit(X_tr)
-            X_tr, X_te = scaler.transform(X_tr), scaler.transform(X_te)
+            X_tr, X_te, _, y_te = split_and_scale(X, y, seed)
             for method in methods:
                 row = {"dataset": name, "seed": seed} | run_one(method, X_tr, X_te, y_te, seed)
                 rows.append(row)
@@ -150,6 +167,40 @@ def run(data_dir: Path, seeds: list[int], methods: list[str]) -> pd.DataFrame:
                     flush=True,
                 )
     return pd.DataFrame(rows)
+
+
+def plot(df: pd.DataFrame, methods: list[str], path: Path) -> Path | None:
+    """Bar chart of mean AUROC per data set: vaeguard against the best peer on that set."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'vaeguard[plot]')", file=sys.stderr)
+        return None
+    per = df.groupby(["dataset", "method"])["auroc"].mean().unstack("method")
+    per = per.loc[list(dict.fromkeys(df["dataset"]))]
+    peers = [m for m in methods if m != "vaeguard" and m in per]
+    if "vaeguard" not in per or not peers:
+        return None
+    best_peer = per[peers].max(axis=1)
+    best_name = per[peers].idxmax(axis=1)
+    x = np.arange(len(per))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(per)), 4))
+    ax.bar(x - 0.2, per["vaeguard"], 0.4, label=f"vaeguard (mean {per['vaeguard'].mean():.3f})")
+    ax.bar(x + 0.2, best_peer, 0.4, label=f"best peer per data set (mean {best_peer.mean():.3f})", color="0.6")
+    for i, name in enumerate(best_name):
+        ax.text(x[i] + 0.2, best_peer.iloc[i] + 0.01, name, ha="center", va="bottom", fontsize=6, rotation=90)
+    ax.set_xticks(x, per.index, rotation=30, ha="right")
+    ax.set_ylabel("AUROC (mean over seeds)")
+    ax.set_ylim(0, 1.12)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title("ADBench unsupervised protocol")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def summarise(df: pd.DataFrame, methods: list[str]) -> str:
@@ -188,7 +239,10 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument(
-        "--methods", nargs="+", default=["vaeguard", "pyod_vae", "iforest", "ecod", "gmm"], choices=list(METHODS)
+        "--methods",
+        nargs="+",
+        default=["vaeguard", "pyod_vae", "pyod_ae", "iforest", "ecod", "gmm"],
+        choices=list(METHODS),
     )
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--name", default="adbench", help="file stem of the results")
@@ -216,6 +270,7 @@ def main() -> None:
     )
     text = header + summarise(df, args.methods) + "\n"
     (args.out / f"{args.name}.md").write_text(text)
+    plot(df, args.methods, args.out / f"{args.name}.png")
     print(text)
 
 
