@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vaeguard.resources import shipped_folder
+
 #: name → (file, column names, one-line description)
 DATASETS: dict[str, tuple[str, list[str], str]] = {
     "thyroid": (
@@ -18,12 +20,7 @@ DATASETS: dict[str, tuple[str, list[str], str]] = {
 
 
 def _data_dir() -> Path:
-    """The shipped data: inside the installed package, or ``datasets/`` of a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_datasets", here.parent / "datasets"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError("vaeguard's data folder is missing from this installation")
+    return shipped_folder("_datasets", "datasets")
 
 
 def list_datasets() -> dict[str, str]:

@@ -7,14 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from vaeguard.estimators import ESTIMATORS
+from vaeguard.resources import shipped_folder
 
 
 def _config_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_configs", here.parent / "configs"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError("vaeguard's configs folder is missing from this installation")
+    return shipped_folder("_configs", "configs")
 
 
 def list_presets() -> dict[str, str]:
