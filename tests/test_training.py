@@ -83,3 +83,15 @@ def test_same_generator_seed_same_weights():
         train(m, x, TrainingConfig(epochs=3), generator=torch.Generator().manual_seed(5), device=torch.device("cpu"))
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
+
+
+def test_validation_loss_does_not_depend_on_the_chunk_size():
+    from vaeguard.training import validation_loss
+
+    x = data(n=100)
+    vae = small_vae()
+    eps = torch.randn(1, 100, 2, generator=torch.Generator().manual_seed(0))
+    whole = validation_loss(vae, x, eps, chunk=1000)
+    assert validation_loss(vae, x, eps, chunk=7) == pytest.approx(whole, rel=1e-6)
+    with torch.no_grad():
+        assert whole == pytest.approx(-elbo(vae, x, eps)[0].mean().item(), rel=1e-6)
