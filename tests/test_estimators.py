@@ -100,15 +100,15 @@ def test_dataframe_keeps_feature_names(blobs, fast_params):
     det = VAEAnomalyDetector(**fast_params, random_state=0).fit(df)
     assert list(det.feature_names_in_) == ["a", "b", "c", "d"]
     bad = df.copy()
-    bad.iloc[4, 2] = np.nan
-    with pytest.raises(ValueError, match=r"NaN at row 4, column 'c'"):
+    bad.iloc[4, 2] = np.inf
+    with pytest.raises(ValueError, match=r"inf at row 4, column 'c'"):
         det.score_samples(bad)
 
 
 @pytest.mark.parametrize(
     ("make_bad", "match"),
     [
-        (lambda X: np.where(np.arange(X.size).reshape(X.shape) == 9, np.nan, X), r"NaN at row 2, column 1"),
+        (lambda X: np.where(np.arange(X.size).reshape(X.shape) < 8, np.nan, X), r"row 0 has no observed values"),
         (lambda X: np.where(np.arange(X.size).reshape(X.shape) == 6, np.inf, X), r"inf at row 1, column 2"),
         (lambda X: X[:, :3], r"3 features, but VAEAnomalyDetector is expecting 4"),
         (lambda X: X[:0], r"0 sample"),
@@ -123,8 +123,10 @@ def test_bad_input_at_score_time_is_a_clear_value_error(fitted, blobs, make_bad,
 
 def test_bad_input_at_fit_time(fast_params):
     det = VAEAnomalyDetector(**fast_params)
-    with pytest.raises(ValueError, match="NaN at row 0, column 0"):
-        det.fit(np.array([[np.nan, 1.0], [2.0, 3.0]]))
+    with pytest.raises(ValueError, match="inf at row 0, column 0"):
+        det.fit(np.array([[np.inf, 1.0], [2.0, 3.0]]))
+    with pytest.raises(ValueError, match="column 1 has no observed values"):
+        det.fit(np.array([[0.0, np.nan], [2.0, np.nan]]))
     with pytest.raises(ValueError, match=r"column\(s\) 'name' are not numeric"):
         det.fit(pd.DataFrame({"x": [1.0, 2.0, 3.0], "name": ["a", "b", "c"]}))
     with pytest.raises(ValueError, match="0 sample"):
@@ -253,3 +255,46 @@ def test_divergence_is_an_error_and_leaves_the_estimator_unfitted(blobs):
         det.fit(blobs)
     with pytest.raises(NotFittedError):
         det.score_samples(blobs)
+
+
+def test_missing_values_are_scored_by_the_marginal_of_the_observed_entries():
+    # PPCA with 20 % of entries missing in training and test: the held-out mean score is
+    # close to the true marginal log-density of each row's observed entries.
+    X, _ = ppca(4000, seed=1)
+    X_test, _ = ppca(1000, seed=2)
+    rng = np.random.default_rng(0)
+    X[rng.random(X.shape) < 0.2] = np.nan
+    hole = rng.random(X_test.shape) < 0.2
+    hole[:, 0] = False
+    X_test[hole] = np.nan
+    rng = np.random.default_rng(100)
+    W, mu = rng.normal(size=(10, 2)), rng.normal(size=10)
+    cov = W @ W.T + 0.09 * np.eye(10)
+    exact = []
+    for x in X_test:
+        o = ~np.isnan(x)
+        c, diff = cov[np.ix_(o, o)], x[o] - mu[o]
+        exact.append(
+            -0.5 * (diff @ np.linalg.solve(c, diff) + np.linalg.slogdet(c)[1] + o.sum() * math.log(2 * math.pi))
+        )
+    det = VAEAnomalyDetector(random_state=0).fit(X)
+    assert det.model_.mask_input
+    scores = det.score_samples(X_test)
+    assert np.all(np.isfinite(scores))
+    assert abs(scores.mean() - np.mean(exact)) < 0.5, (scores.mean(), np.mean(exact))
+    # units: rescaling column 3 shifts only the rows where it is observed
+    scaled = VAEAnomalyDetector(random_state=0).fit(X * [1, 1, 1, 1000, 1, 1, 1, 1, 1, 1])
+    shift = scaled.score_samples(X_test * [1, 1, 1, 1000, 1, 1, 1, 1, 1, 1]) - scores
+    seen = ~np.isnan(X_test[:, 3])
+    assert np.mean(shift[seen]) == pytest.approx(-math.log(1000), abs=0.05)
+    assert np.mean(shift[~seen]) == pytest.approx(0.0, abs=0.05)
+
+
+def test_missing_values_at_score_time_on_a_model_trained_on_complete_data(fitted, blobs):
+    X = blobs[:20].copy()
+    X[::2, 1] = np.nan
+    scores = fitted.score_samples(X)
+    assert np.all(np.isfinite(scores))
+    # dropping an entry removes its (negative or positive) contribution; complete rows are unchanged
+    np.testing.assert_allclose(scores[1::2], fitted.score_samples(blobs[:20])[1::2], atol=1e-9)
+    assert fitted.transform(X).shape == (20, 2) and np.all(np.isfinite(fitted.elbo(X)))

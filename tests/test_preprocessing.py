@@ -2,7 +2,7 @@ import math
 
 import numpy as np
 
-from vaeguard.preprocessing import Standardizer, first_nonfinite, lattice_steps
+from vaeguard.preprocessing import Standardizer, lattice_steps
 
 
 def test_log_jacobian_converts_densities_to_data_units():
@@ -22,11 +22,6 @@ def test_log_jacobian_converts_densities_to_data_units():
 def test_constant_columns_keep_unit_scale():
     st = Standardizer.fit(np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0]]))
     assert st.scale[1] == 1.0 and np.isfinite(st.log_jacobian)
-
-
-def test_first_nonfinite():
-    assert first_nonfinite(np.ones((2, 2))) is None
-    assert first_nonfinite(np.array([[1.0, np.inf], [np.nan, 1.0]])) == (0, 1, "inf")
 
 
 def test_lattice_steps_find_grids_and_leave_continuous_columns():

@@ -20,7 +20,7 @@ from vaeguard import storage
 from vaeguard.components.likelihoods import Likelihood
 from vaeguard.model import VAE
 from vaeguard.plugins import get_part
-from vaeguard.preprocessing import Standardizer, first_nonfinite
+from vaeguard.preprocessing import Standardizer
 from vaeguard.scoring import (
     common_random_numbers,
     evidence_lower_bound,
@@ -222,22 +222,30 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
                     "VAEAnomalyDetector needs numeric columns (encode categories as numbers first)"
                 )
         X = validate_data(self, X, reset=reset, dtype=np.float64, ensure_all_finite=False)
-        bad_entry = first_nonfinite(X)
-        if bad_entry is not None:
-            row, col, kind = bad_entry
-            n_bad = int((~np.isfinite(X)).sum())
-            more = f" ({n_bad - 1} more non-finite entries)" if n_bad > 1 else ""
+        infinite = np.isinf(X)
+        if infinite.any():
+            row, col = (int(i) for i in np.argwhere(infinite)[0])
+            more = f" ({int(infinite.sum()) - 1} more infinite entries)" if infinite.sum() > 1 else ""
             raise ValueError(
-                f"X contains {kind} at row {row}, column {self._column_name(col)}{more}; "
-                "remove or impute non-finite values first"
+                f"X contains inf at row {row}, column {self._column_name(col)}{more}; "
+                "remove infinite values first (NaN marks a missing value)"
             )
+        missing = np.isnan(X)
+        if missing.all(axis=1).any():
+            row = int(np.flatnonzero(missing.all(axis=1))[0])
+            raise ValueError(f"row {row} has no observed values (all NaN): there is nothing to score")
+        if reset and missing.all(axis=0).any():
+            col = int(np.flatnonzero(missing.all(axis=0))[0])
+            raise ValueError(f"column {self._column_name(col)} has no observed values (all NaN) to learn from")
         return X
 
     def _to_internal(
         self, X: np.ndarray, standardizer: Standardizer | None = None, likelihood: Likelihood | None = None
-    ) -> torch.Tensor:
-        """Standardise (continuous likelihoods) or check the support (discrete ones); float64 tensor.
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's view of ``X``: a float64 tensor with missing entries set to 0, and the mask.
 
+        Continuous likelihoods get standardised data; discrete ones are checked against
+        their support. The mask (bool, True = observed) is None when nothing is missing.
         Uses the fitted ``standardizer_`` and likelihood unless others are given (during fit).
         """
         if likelihood is None:
@@ -254,7 +262,16 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         else:
             likelihood.check_support(X)
             Z = X
-        return torch.tensor(Z, dtype=torch.float64)
+        missing = np.isnan(Z)
+        if not missing.any():
+            return torch.tensor(Z, dtype=torch.float64), None
+        return torch.tensor(np.where(missing, 0.0, Z), dtype=torch.float64), torch.from_numpy(~missing)
+
+    def _log_jacobian_rows(self, mask: torch.Tensor | None, n_rows: int) -> np.ndarray:
+        """Per-row nats that turn internal log-densities into the data's units (observed entries only)."""
+        if self.standardizer_ is None:
+            return np.zeros(n_rows)
+        return self.standardizer_.log_jacobian_rows(None if mask is None else mask.numpy(), n_rows)
 
     def _scoring_model(self) -> VAE:
         """The model as scoring uses it: a float64 copy on the CPU, float32 on an accelerator.
@@ -267,18 +284,19 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             return copy.deepcopy(self.model_).double()
         return self.model_
 
-    @property
-    def _log_jacobian(self) -> float:
-        return self.standardizer_.log_jacobian if self.standardizer_ is not None else 0.0
-
     # -- fitting -------------------------------------------------------------------------
-    def _build_model(self, likelihood: Likelihood, latent_dim: int, hidden_dims: list[int] | None) -> VAE:
+    def _build_model(
+        self, likelihood: Likelihood, latent_dim: int, hidden_dims: list[int] | None, mask_input: bool = False
+    ) -> VAE:
         family = get_part("encoders", self.encoder)
         options = {"output_shape": likelihood.event_shape}
         if hidden_dims is not None:
             options["hidden_dims"] = list(hidden_dims)
-        enc, dec = family(likelihood.encoder_input_shape, latent_dim, likelihood.param_count, **options)
-        return VAE(enc, dec, likelihood, latent_dim)
+        input_shape = likelihood.encoder_input_shape
+        if mask_input:  # the mask is appended to the flattened input
+            input_shape = (math.prod(input_shape) + math.prod(likelihood.event_shape),)
+        enc, dec = family(input_shape, latent_dim, likelihood.param_count, **options)
+        return VAE(enc, dec, likelihood, latent_dim, mask_input=mask_input)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any = None) -> VAEAnomalyDetector:
@@ -315,7 +333,8 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             if detect and standardizer.discrete.any():
                 options["bin_widths"] = standardizer.bin_widths.tolist()
             likelihood = lik_cls((d,), **options)
-        x = self._to_internal(X, standardizer, likelihood)
+        x, mask = self._to_internal(X, standardizer, likelihood)
+        mask_input = mask is not None
         rng = check_random_state(self.random_state)
         fit_seed, score_seed = (int(s) for s in rng.randint(0, 2**31 - 1, size=2))
         latent_dim = self.latent_dim if self.latent_dim != "auto" else _auto_latent(d)
@@ -334,8 +353,8 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         generator = torch.Generator(device="cpu").manual_seed(fit_seed)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(fit_seed)  # the CPU generator only: init runs there
-            model = self._build_model(likelihood, latent_dim, hidden)
-        history = train(model, x, config, generator=generator, device=device, verbose=bool(self.verbose))
+            model = self._build_model(likelihood, latent_dim, hidden, mask_input)
+        history = train(model, x, config, generator=generator, device=device, verbose=bool(self.verbose), mask=mask)
         # Fitted state is set only once training has succeeded.
         self.standardizer_ = standardizer
         self.model_ = model
@@ -346,6 +365,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             "latent_dim": int(latent_dim),
             "hidden_dims": hidden,
             "n_features": int(d),
+            "mask_input": mask_input,
         }
         self.latent_dim_ = int(latent_dim)
         self.score_seed_ = score_seed
@@ -357,8 +377,10 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             self.offset_ = float(self.offset)
             return self
         if n > OFFSET_ROWS:  # the percentile of a large random subsample is as good and far cheaper
-            x = x[torch.randperm(n, generator=generator)[:OFFSET_ROWS]]
-        train_scores = self._log_likelihood_internal(x, self.n_importance_samples).value + self._log_jacobian
+            keep = torch.randperm(n, generator=generator)[:OFFSET_ROWS]
+            x, mask = x[keep], (None if mask is None else mask[keep])
+        train_scores = self._log_likelihood_internal(x, mask, self.n_importance_samples).value
+        train_scores = train_scores + self._log_jacobian_rows(mask, x.shape[0])
         self.threshold_rule_ = {"rule": "contamination", "contamination": float(self.contamination)}
         self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
         return self
@@ -403,10 +425,12 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         return int(self.latent_dim_)
 
     # -- scoring -------------------------------------------------------------------------
-    def _log_likelihood_internal(self, x: torch.Tensor, n_samples: int, return_std: bool = False):
+    def _log_likelihood_internal(
+        self, x: torch.Tensor, mask: torch.Tensor | None, n_samples: int, return_std: bool = False
+    ):
         eps = common_random_numbers(n_samples, self.latent_dim_, self.score_seed_)
         result = importance_sampled_log_likelihood(
-            self._scoring_model(), x, eps, return_std=return_std, device=self.device_
+            self._scoring_model(), x, eps, mask=mask, return_std=return_std, device=self.device_
         )
         if not np.all(np.isfinite(result.value)):
             row = int(np.flatnonzero(~np.isfinite(result.value))[0])
@@ -439,9 +463,9 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         k = self.n_importance_samples if n_samples is None else int(n_samples)
         if k < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-        x = self._to_internal(self._validate_input(X, reset=False))
-        result = self._log_likelihood_internal(x, k, return_std)
-        value = result.value + self._log_jacobian
+        x, mask = self._to_internal(self._validate_input(X, reset=False))
+        result = self._log_likelihood_internal(x, mask, k, return_std)
+        value = result.value + self._log_jacobian_rows(mask, x.shape[0])
         return (value, result.std) if return_std else value
 
     def score_samples(self, X: Any) -> np.ndarray:
@@ -474,15 +498,16 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         """
         check_is_fitted(self)
         k = self.n_importance_samples if n_samples is None else int(n_samples)
-        x = self._to_internal(self._validate_input(X, reset=False))
+        x, mask = self._to_internal(self._validate_input(X, reset=False))
         eps = common_random_numbers(k, self.latent_dim_, self.score_seed_)
-        return evidence_lower_bound(self._scoring_model(), x, eps, device=self.device_) + self._log_jacobian
+        value = evidence_lower_bound(self._scoring_model(), x, eps, mask=mask, device=self.device_)
+        return value + self._log_jacobian_rows(mask, x.shape[0])
 
     def transform(self, X: Any) -> np.ndarray:
         """Posterior means E[z|x], shape (n_samples, latent_dim_)."""
         check_is_fitted(self)
-        x = self._to_internal(self._validate_input(X, reset=False))
-        return posterior_means(self._scoring_model(), x, device=self.device_)
+        x, mask = self._to_internal(self._validate_input(X, reset=False))
+        return posterior_means(self._scoring_model(), x, mask=mask, device=self.device_)
 
     @torch.no_grad()
     def sample(self, n_samples: int = 1, random_state: int | None = None) -> np.ndarray:
@@ -507,7 +532,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.allow_nan = False
+        tags.input_tags.allow_nan = True  # NaN = missing: scored by the marginal of the observed entries
         tags.transformer_tags.preserves_dtype = ["float64"]
         return tags
 
@@ -554,7 +579,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         fitted = config["fitted"]
         lik_cls = get_part("likelihoods", spec["likelihood"])
         likelihood = lik_cls((spec["n_features"],), **spec["likelihood_options"])
-        model = est._build_model(likelihood, spec["latent_dim"], spec["hidden_dims"])
+        model = est._build_model(likelihood, spec["latent_dim"], spec["hidden_dims"], spec.get("mask_input", False))
         state = {k[len("model.") :]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("model.")}
         try:
             model.load_state_dict(state)

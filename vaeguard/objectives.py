@@ -38,7 +38,8 @@ def elbo(
     eps : Tensor, shape (K, latent) or (K, batch, latent)
         Standard-normal draws; the reconstruction term averages over the K codes.
     mask : Tensor, optional
-        Observed entries of ``x``.
+        Observed entries of ``x`` (bool, same shape); the likelihood sums only those,
+        which for a factorised likelihood is the exact marginal of the observed part.
     kl_weight : float, default=1.0
         Multiplier on the KL (KL warm-up); 1 gives the true ELBO.
 
@@ -46,7 +47,7 @@ def elbo(
     -------
     elbo, reconstruction, kl : Tensor, each shape (batch,)
     """
-    mu, logvar = model.encode(x)
+    mu, logvar = model.encode(x, mask)
     z = reparameterize(mu, logvar, eps)
     recon = model.likelihood.log_prob(x, model.decode(z), mask).mean(0)
     kl = kl_standard_normal(mu, logvar)
@@ -58,7 +59,7 @@ def log_importance_weights(model: VAE, x: Tensor, eps: Tensor, mask: Tensor | No
 
     Returns shape ``(K, batch)``.
     """
-    mu, logvar = model.encode(x)
+    mu, logvar = model.encode(x, mask)
     z = reparameterize(mu, logvar, eps)
     e = eps if eps.dim() == 3 else eps[:, None, :]
     log_q = -0.5 * (e.square().sum(-1) + logvar.sum(-1) + mu.shape[-1] * math.log(2 * math.pi))

@@ -32,13 +32,13 @@ class Standardizer:
         (:func:`lattice_steps`) are marked discrete.
         """
         X = np.asarray(X, dtype=np.float64)
-        center = X.mean(axis=0)
-        scale = X.std(axis=0)
+        center = np.nanmean(X, axis=0)  # missing values (NaN) are left out
+        scale = np.nanstd(X, axis=0)
         tiny = scale <= 1e-12 * np.maximum(1.0, np.abs(center))
         scale[tiny] = 1.0
         if not detect_lattice:
             return cls(center, scale)
-        return cls(center, scale, X.min(axis=0), lattice_steps(X))
+        return cls(center, scale, np.nanmin(X, axis=0), lattice_steps(X))
 
     @property
     def discrete(self) -> np.ndarray:
@@ -54,6 +54,16 @@ class Standardizer:
     def log_jacobian(self) -> float:
         """−Σ log scale_j over continuous columns: nats added to a standardised-space log-density."""
         return float(-np.log(self.scale[~self.discrete]).sum())
+
+    def log_jacobian_rows(self, observed: np.ndarray | None, n_rows: int) -> np.ndarray:
+        """Per-row log-Jacobian, shape (n_rows,): only observed continuous entries count.
+
+        ``observed`` is the (n_rows, d) mask of observed entries, or None for complete data.
+        """
+        if observed is None:
+            return np.full(n_rows, self.log_jacobian)
+        weights = np.where(self.discrete, 0.0, -np.log(self.scale))
+        return observed.astype(np.float64) @ weights
 
     def snap(self, X: np.ndarray) -> np.ndarray:
         """Values of lattice columns moved to the nearest lattice point (the cell they fall in)."""
@@ -72,15 +82,6 @@ class Standardizer:
         return np.asarray(Z, dtype=np.float64) * self.scale + self.center
 
 
-def first_nonfinite(X: np.ndarray) -> tuple[int, int, str] | None:
-    """(row, column, "NaN" | "inf") of the first non-finite entry of a 2-D array, or None."""
-    bad = ~np.isfinite(X)
-    if not bad.any():
-        return None
-    row, col = (int(i) for i in np.argwhere(bad)[0])
-    return row, col, "NaN" if np.isnan(X[row, col]) else "inf"
-
-
 #: A column is on a lattice when its values are a + k·Δ and the range spans at most this many steps.
 MAX_LATTICE_STEPS = 1024
 
@@ -90,12 +91,14 @@ def lattice_steps(X: np.ndarray, max_steps: int = MAX_LATTICE_STEPS) -> np.ndarr
 
     A column is discrete when all its values are a + k·Δ for integers k, with
     Δ the smallest gap between distinct values and (max − min)/Δ ≤ ``max_steps``.
-    Constant columns count as continuous (one value says nothing about a lattice).
+    Constant columns count as continuous (one value says nothing about a lattice); missing
+    values (NaN) are left out.
     """
     X = np.asarray(X, dtype=np.float64)
     steps = np.zeros(X.shape[1])
     for j in range(X.shape[1]):
-        values = np.unique(X[:, j])
+        column = X[:, j]
+        values = np.unique(column[~np.isnan(column)])
         if values.size < 2:
             continue
         gaps = np.diff(values)

@@ -37,9 +37,12 @@ def chunk_rows(n_samples: int, elements_per_row: int, budget: int = CHUNK_ELEMEN
     return max(1, budget // max(1, n_samples * elements_per_row))
 
 
-def _chunks(x: Tensor, rows: int, device: torch.device, dtype: torch.dtype) -> Iterator[Tensor]:
+def _chunks(
+    x: Tensor, rows: int, device: torch.device, dtype: torch.dtype, mask: Tensor | None = None
+) -> Iterator[tuple[Tensor, Tensor | None]]:
     for start in range(0, x.shape[0], rows):
-        yield x[start : start + rows].to(device=device, dtype=dtype, non_blocking=True)
+        xb = x[start : start + rows].to(device=device, dtype=dtype, non_blocking=True)
+        yield xb, (None if mask is None else mask[start : start + rows].to(device, non_blocking=True))
 
 
 def _placement(model: VAE, device: torch.device | str | None) -> tuple[torch.device, torch.dtype]:
@@ -71,6 +74,7 @@ def importance_sampled_log_likelihood(
     x: Tensor,
     eps: Tensor,
     *,
+    mask: Tensor | None = None,
     return_std: bool = False,
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
@@ -84,6 +88,8 @@ def importance_sampled_log_likelihood(
         Data on any device; chunks are moved to ``device``.
     eps : Tensor, shape (K, latent_dim)
         The shared standard-normal draws (:func:`common_random_numbers`).
+    mask : Tensor of bool, shape (n, *event_shape), optional
+        Observed entries; the estimate is then of the marginal log p(x_observed).
     return_std : bool, default=False
         Also return the delta-method standard error of the estimate,
         ``sd(w) / (√K · mean(w))``, from the K importance weights.
@@ -103,8 +109,8 @@ def importance_sampled_log_likelihood(
     rows = chunk_size or chunk_rows(k, _per_row_elements(model))
     values, stds = [], []
     model.eval()
-    for xb in _chunks(x, rows, device, dtype):
-        logw = log_importance_weights(model, xb, eps).double()  # (K, rows): accumulate in float64
+    for xb, mb in _chunks(x, rows, device, dtype, mask):
+        logw = log_importance_weights(model, xb, eps, mb).double()  # (K, rows): accumulate in float64
         values.append(torch.logsumexp(logw, 0) - math.log(k))
         if return_std:
             w = (logw - logw.max(0, keepdim=True).values).exp()
@@ -118,23 +124,34 @@ def importance_sampled_log_likelihood(
 
 @torch.no_grad()
 def evidence_lower_bound(
-    model: VAE, x: Tensor, eps: Tensor, *, chunk_size: int | None = None, device: torch.device | str | None = None
+    model: VAE,
+    x: Tensor,
+    eps: Tensor,
+    *,
+    mask: Tensor | None = None,
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
 ) -> np.ndarray:
     """ELBO per row in nats (internal units), the reconstruction term averaged over ``eps``; float64 (n,)."""
     device, dtype = _placement(model, device)
     eps = eps.to(device=device, dtype=dtype)
     rows = chunk_size or chunk_rows(eps.shape[0], _per_row_elements(model))
     model.eval()
-    out = [elbo(model, xb, eps)[0].double() for xb in _chunks(x, rows, device, dtype)]
+    out = [elbo(model, xb, eps, mb)[0].double() for xb, mb in _chunks(x, rows, device, dtype, mask)]
     return torch.cat(out).cpu().numpy() if out else np.zeros(0)
 
 
 @torch.no_grad()
 def posterior_means(
-    model: VAE, x: Tensor, *, chunk_size: int = 65536, device: torch.device | str | None = None
+    model: VAE,
+    x: Tensor,
+    *,
+    mask: Tensor | None = None,
+    chunk_size: int = 65536,
+    device: torch.device | str | None = None,
 ) -> np.ndarray:
     """Posterior means μ(x), float64 of shape (n, latent_dim)."""
     device, dtype = _placement(model, device)
     model.eval()
-    out = [model.encode(xb)[0].double() for xb in _chunks(x, chunk_size, device, dtype)]
+    out = [model.encode(xb, mb)[0].double() for xb, mb in _chunks(x, chunk_size, device, dtype, mask)]
     return torch.cat(out).cpu().numpy() if out else np.zeros((0, model.latent_dim))

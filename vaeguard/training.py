@@ -64,12 +64,15 @@ VALIDATION_CHUNK = 8192
 
 
 @torch.no_grad()
-def validation_loss(model: VAE, x_val: Tensor, val_eps: Tensor, chunk: int = VALIDATION_CHUNK) -> float:
+def validation_loss(
+    model: VAE, x_val: Tensor, val_eps: Tensor, chunk: int = VALIDATION_CHUNK, mask: Tensor | None = None
+) -> float:
     """Mean −ELBO over the validation rows, each with its own fixed draw ``val_eps[:, i]``; nats."""
     total = 0.0
     for start in range(0, x_val.shape[0], chunk):
         xb, eb = x_val[start : start + chunk], val_eps[:, start : start + chunk]
-        total += -elbo(model, xb, eb)[0].sum().item()
+        mb = None if mask is None else mask[start : start + chunk]
+        total += -elbo(model, xb, eb, mb)[0].sum().item()
     return total / x_val.shape[0]
 
 
@@ -89,8 +92,12 @@ def train(
     generator: torch.Generator,
     device: torch.device,
     verbose: bool = False,
+    mask: Tensor | None = None,
 ) -> TrainingHistory:
     """Fit ``model`` to the rows of ``x`` by maximising the ELBO; returns the history.
+
+    ``mask`` (bool, like ``x``) marks the observed entries: the likelihood then sums
+    only those (missing entries of ``x`` must hold finite placeholders, e.g. 0).
 
     Randomness (split, shuffles, reparameterisation noise) comes from ``generator`` (a
     CPU generator), so the same seed gives the same model on the same device.
@@ -105,6 +112,8 @@ def train(
     train_idx, val_idx = split_validation(x.shape[0], config, generator)
     x_train = x[train_idx].to(device)
     x_val = x[val_idx].to(device)
+    m_train = None if mask is None else mask[train_idx].to(device)
+    m_val = None if mask is None else mask[val_idx].to(device)
     val_eps = torch.randn(1, x_val.shape[0], model.latent_dim, generator=generator).to(device)
     n = x_train.shape[0]
     batch_size = max(1, min(config.batch_size, n))
@@ -120,10 +129,12 @@ def train(
             perm = torch.randperm(n, generator=generator).to(device)
             total = 0.0
             for start in range(0, n, batch_size):
-                xb = x_train[perm[start : start + batch_size]]
+                rows = perm[start : start + batch_size]
+                xb = x_train[rows]
+                mb = None if m_train is None else m_train[rows]
                 eps = torch.randn(1, xb.shape[0], model.latent_dim, generator=generator).to(device)
                 kl_weight = min(1.0, (step + 1) / warmup_steps)
-                per_row = -elbo(model, xb, eps, kl_weight=kl_weight)[0]
+                per_row = -elbo(model, xb, eps, mb, kl_weight=kl_weight)[0]
                 n_keep = xb.shape[0] - int(config.trim_fraction * xb.shape[0])
                 if step >= warmup_steps and n_keep < xb.shape[0]:
                     per_row = torch.topk(per_row, n_keep, largest=False).values
@@ -148,7 +159,7 @@ def train(
             monitored = history.train_loss[-1]
             if x_val.shape[0]:
                 model.eval()
-                monitored = validation_loss(model, x_val, val_eps)
+                monitored = validation_loss(model, x_val, val_eps, mask=m_val)
                 history.validation_loss.append(monitored)
             if bar is not None:
                 bar.set_postfix(loss=f"{history.train_loss[-1]:.3f}", val=f"{monitored:.3f}")

@@ -236,7 +236,7 @@ class BernoulliLikelihood(Likelihood):
     discrete = True
 
     def check_support(self, X: np.ndarray) -> None:
-        bad = (X != 0) & (X != 1)
+        bad = (X != 0) & (X != 1) & ~np.isnan(X)  # NaN = missing, not out of support
         if bad.any():
             row, col = _first_bad_entry(bad)
             value = X.reshape(X.shape[0], -1)[row, col]
@@ -282,13 +282,14 @@ class CategoricalLikelihood(Likelihood):
 
     @classmethod
     def options_from_data(cls, X: np.ndarray) -> dict[str, Any]:
-        return {"n_categories": max(2, int(np.max(X)) + 1) if X.size else 2}
+        observed = X[~np.isnan(X)]
+        return {"n_categories": max(2, int(np.max(observed)) + 1) if observed.size else 2}
 
     def config(self) -> dict[str, Any]:
         return {"n_categories": self.n_categories}
 
     def check_support(self, X: np.ndarray) -> None:
-        bad = (X < 0) | (self.n_categories <= X) | (np.round(X) != X)
+        bad = ((X < 0) | (self.n_categories <= X) | (np.round(X) != X)) & ~np.isnan(X)  # NaN = missing
         if bad.any():
             row, col = _first_bad_entry(bad)
             value = X.reshape(X.shape[0], -1)[row, col]
