@@ -23,10 +23,10 @@ demo: $(STAMP)
 	$(VENV)/bin/vaeguard demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests plugins
+	$(PY) -m pytest -q -m "not slow" --doctest-modules vaeguard tests plugins
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q tests plugins
+	$(PY) -m pytest -q --doctest-modules vaeguard tests plugins
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

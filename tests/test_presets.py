@@ -1,29 +1,39 @@
-import json
-
 import pytest
 
 from vaeguard import VAEAnomalyDetector
-from vaeguard.presets import list_presets, load_preset, make_estimator
+from vaeguard.presets import list_presets, read_preset
 
 
 def test_tabular_preset_spells_out_the_defaults():
-    preset = load_preset("tabular")
+    preset = read_preset("tabular")
     defaults = VAEAnomalyDetector().get_params()
-    assert all(defaults[k] == v for k, v in preset["params"].items()), "configs/tabular.json drifted from the defaults"
+    assert all(defaults[k] == v for k, v in preset["params"].items()), "configs/tabular.toml drifted from the defaults"
+    assert VAEAnomalyDetector.from_config("tabular").get_params() == defaults
 
 
-def test_make_estimator_with_overrides():
-    det = make_estimator("tabular-fast", random_state=3)
+def test_from_config_with_overrides_and_a_file(tmp_path):
+    det = VAEAnomalyDetector.from_config("tabular-fast", random_state=3)
     assert det.epochs == 30 and det.n_importance_samples == 16 and det.random_state == 3
     assert set(list_presets()) >= {"tabular", "tabular-fast"}
+    path = tmp_path / "mine.toml"
+    path.write_text('estimator = "VAEAnomalyDetector"\n[params]\nlatent_dim = 3\n')
+    assert VAEAnomalyDetector.from_config(path).latent_dim == 3
 
 
-def test_bad_presets_are_refused(tmp_path, monkeypatch):
+def test_bad_presets_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown preset 'nope'; known presets: tabular"):
-        load_preset("nope")
-    (tmp_path / "broken.json").write_text(
-        json.dumps({"description": "x", "estimator": "VAEAnomalyDetector", "params": {"latnt_dim": 2}})
-    )
-    monkeypatch.setattr("vaeguard.presets._config_dir", lambda: tmp_path)
-    with pytest.raises(ValueError, match="unknown parameter.*latnt_dim"):
-        load_preset("broken")
+        VAEAnomalyDetector.from_config("nope")
+    bad_param = tmp_path / "p.toml"
+    bad_param.write_text("[params]\nlatnt_dim = 2\n")
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) latnt_dim .*allowed: .*latent_dim"):
+        VAEAnomalyDetector.from_config(bad_param)
+    bad_key = tmp_path / "k.toml"
+    bad_key.write_text('estimater = "x"\n')
+    with pytest.raises(ValueError, match=r"unknown key\(s\) estimater; allowed: description, estimator, params"):
+        VAEAnomalyDetector.from_config(bad_key)
+    not_toml = tmp_path / "n.toml"
+    not_toml.write_text("[params\n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        VAEAnomalyDetector.from_config(not_toml)
+    with pytest.raises(FileNotFoundError):
+        VAEAnomalyDetector.from_config(tmp_path / "missing.toml")

@@ -417,6 +417,34 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         self.threshold_rule_ = {"rule": "fpr", "fpr": float(fpr), "n_normal_rows": len(scores)}
         return self
 
+    @classmethod
+    def from_config(cls, name_or_path: str | os.PathLike[str], **overrides: Any) -> VAEAnomalyDetector:
+        """An unfitted estimator from a preset (``configs/NAME.toml``) or a ``.toml`` file.
+
+        Keyword arguments override the preset. Unknown parameters are a ``ValueError``
+        that names them and lists the allowed ones.
+
+        Examples
+        --------
+        >>> from vaeguard import VAEAnomalyDetector
+        >>> VAEAnomalyDetector.from_config("tabular-fast", random_state=0).epochs
+        30
+        """
+        from vaeguard.presets import read_preset
+
+        preset = read_preset(name_or_path)
+        if preset["estimator"] not in (None, cls.__name__):
+            raise ValueError(f"preset {str(name_or_path)!r} is for {preset['estimator']}, not {cls.__name__}")
+        params = {**preset["params"], **overrides}
+        allowed = cls().get_params()
+        unknown = sorted(set(params) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"unknown parameter(s) {', '.join(unknown)} in preset {str(name_or_path)!r}; "
+                f"allowed: {', '.join(sorted(allowed))}"
+            )
+        return cls(**params)
+
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "offset_")  # set last in fit, after training succeeded
 

@@ -1,13 +1,15 @@
-"""Named estimator presets from ``configs/*.json`` (shipped with the package)."""
+"""Named presets from ``configs/*.toml`` (shipped with the package), or any ``.toml`` file."""
 
 from __future__ import annotations
 
-import json
+import os
+import tomllib
 from pathlib import Path
 from typing import Any
 
-from vaeguard.estimators import ESTIMATORS
 from vaeguard.resources import shipped_folder
+
+ALLOWED_KEYS = {"description", "estimator", "params"}
 
 
 def _config_dir() -> Path:
@@ -16,29 +18,37 @@ def _config_dir() -> Path:
 
 def list_presets() -> dict[str, str]:
     """Preset names with their one-line descriptions."""
-    return {p.stem: json.loads(p.read_text())["description"] for p in sorted(_config_dir().glob("*.json"))}
+    return {p.stem: read_preset(p)["description"] for p in sorted(_config_dir().glob("*.toml"))}
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    """The preset ``name`` as a dict with ``description``, ``estimator`` and ``params``.
+def read_preset(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A preset as a dict with ``description``, ``estimator`` and ``params``.
 
-    Raises ``ValueError`` for an unknown preset (listing the known ones) or a preset
-    that names an unknown estimator or parameter.
+    ``name_or_path`` is a shipped preset's name (``"tabular"``) or a path to a ``.toml``
+    file. Raises ``ValueError`` for an unknown name (listing the known ones), a file that
+    is not valid TOML, or an unknown top-level key (naming the allowed ones).
     """
-    path = _config_dir() / f"{name}.json"
-    if not path.is_file():
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
-    preset = json.loads(path.read_text())
-    estimator = preset.get("estimator")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"preset {name!r} names an unknown estimator {estimator!r}")
-    unknown = set(preset.get("params", {})) - set(ESTIMATORS[estimator]().get_params())
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = _config_dir() / f"{name_or_path}.toml"
+        if not path.is_file():
+            known = ", ".join(p.stem for p in sorted(_config_dir().glob("*.toml")))
+            raise ValueError(f"unknown preset {str(name_or_path)!r}; known presets: {known}")
+    elif not path.is_file():
+        raise FileNotFoundError(f"no preset file at {str(path)!r}")
+    try:
+        preset = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not valid TOML: {exc}") from exc
+    unknown = set(preset) - ALLOWED_KEYS
     if unknown:
-        raise ValueError(f"preset {name!r} sets unknown parameter(s) of {estimator}: {', '.join(sorted(unknown))}")
-    return preset
-
-
-def make_estimator(name: str, **overrides: Any) -> Any:
-    """An unfitted estimator built from preset ``name``; keyword arguments override the preset."""
-    preset = load_preset(name)
-    return ESTIMATORS[preset["estimator"]](**{**preset.get("params", {}), **overrides})
+        raise ValueError(
+            f"{str(path)!r} has unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(ALLOWED_KEYS))}"
+        )
+    if not isinstance(preset.get("params", {}), dict):
+        raise ValueError(f"{str(path)!r}: 'params' must be a table of constructor arguments")
+    return {
+        "description": preset.get("description", ""),
+        "estimator": preset.get("estimator"),
+        "params": preset.get("params", {}),
+    }
