@@ -298,3 +298,23 @@ def test_missing_values_at_score_time_on_a_model_trained_on_complete_data(fitted
     # dropping an entry removes its (negative or positive) contribution; complete rows are unchanged
     np.testing.assert_allclose(scores[1::2], fitted.score_samples(blobs[:20])[1::2], atol=1e-9)
     assert fitted.transform(X).shape == (20, 2) and np.all(np.isfinite(fitted.elbo(X)))
+
+
+def test_feature_scores_point_at_the_planted_column():
+    # Normal rows from a correlated Gaussian; in each test row one column gets a 6σ shift.
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(6, 6))
+    X = rng.normal(size=(3000, 6)) @ A
+    det = VAEAnomalyDetector(random_state=0).fit(pd.DataFrame(X, columns=list("abcdef")))
+    X_test = rng.normal(size=(200, 6)) @ A
+    planted = rng.integers(0, 6, size=200)
+    X_test[np.arange(200), planted] += 6 * X.std(0)[planted]
+    frame = pd.DataFrame(X_test, columns=list("abcdef"), index=np.arange(1000, 1200))
+    scores = det.feature_scores(frame)
+    assert list(scores.columns) == list("abcdef") and list(scores.index) == list(frame.index)
+    worst = scores.to_numpy().argmin(axis=1)
+    assert (worst == planted).mean() >= 0.9, (worst == planted).mean()
+    # missing entries are NaN and the rest stays finite
+    frame.iloc[0, 2] = np.nan
+    with_gap = det.feature_scores(frame)
+    assert np.isnan(with_gap.iloc[0, 2]) and np.isfinite(with_gap.drop(columns="c").to_numpy()).all()

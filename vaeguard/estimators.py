@@ -10,6 +10,7 @@ from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, OutlierMixin, TransformerMixin, _fit_context
 from sklearn.utils import check_random_state
@@ -25,6 +26,7 @@ from vaeguard.scoring import (
     common_random_numbers,
     evidence_lower_bound,
     importance_sampled_log_likelihood,
+    per_feature_log_likelihood,
     posterior_means,
 )
 from vaeguard.training import TrainingConfig, TrainingHistory, train
@@ -530,6 +532,35 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         eps = common_random_numbers(k, self.latent_dim_, self.score_seed_)
         value = evidence_lower_bound(self._scoring_model(), x, eps, mask=mask, device=self.device_)
         return value + self._log_jacobian_rows(mask, x.shape[0])
+
+    def feature_scores(self, X: Any) -> pd.DataFrame:
+        """Which columns make each row unlikely: per-column log-likelihood contributions.
+
+        Entry (i, j) is E_{p(z|x_i)}[log p(x_ij | z)] in nats, in the data's units (the
+        column's log-Jacobian included), estimated with the importance weights of
+        :meth:`score_samples`. The most negative entries of a row are the columns that
+        make it anomalous; the row's sum is its expected reconstruction term (the rest of
+        log p(x) is the cost of its latent code). Missing entries are NaN.
+
+        Parameters
+        ----------
+        X : array-like or DataFrame of shape (n_samples, n_features)
+
+        Returns
+        -------
+        DataFrame of shape (n_samples, n_features)
+            Columns named like the training data's; the index of ``X`` when it is a DataFrame.
+        """
+        check_is_fitted(self)
+        index = X.index if isinstance(X, pd.DataFrame) else None
+        x, mask = self._to_internal(self._validate_input(X, reset=False))
+        eps = common_random_numbers(self.n_importance_samples, self.latent_dim_, self.score_seed_)
+        shares = per_feature_log_likelihood(self._scoring_model(), x, eps, mask=mask, device=self.device_)
+        if self.standardizer_ is not None:
+            shares = shares + np.where(self.standardizer_.discrete, 0.0, -np.log(self.standardizer_.scale))
+        names = getattr(self, "feature_names_in_", None)
+        columns = list(names) if names is not None else [f"x{j}" for j in range(self.n_features_in_)]
+        return pd.DataFrame(shares, columns=columns, index=index)
 
     def transform(self, X: Any) -> np.ndarray:
         """Posterior means E[z|x], shape (n_samples, latent_dim_)."""

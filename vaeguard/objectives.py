@@ -54,17 +54,31 @@ def elbo(
     return recon - kl_weight * kl, recon, kl
 
 
-def log_importance_weights(model: VAE, x: Tensor, eps: Tensor, mask: Tensor | None = None) -> Tensor:
-    """log w_k = log p(x|z_k) + log p(z_k) − log q(z_k|x) with z_k = μ + σ·ε_k.
+def importance_terms(model: VAE, x: Tensor, eps: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Log importance weights ``(K, batch)`` and the per-element log p(x_j|z_k) ``(K, batch, *event)``.
 
-    Returns shape ``(K, batch)``.
+    log w_k = log p(x|z_k) + log p(z_k) − log q(z_k|x) with z_k = μ + σ·ε_k; missing
+    entries (``mask`` False) contribute 0 to both.
     """
     mu, logvar = model.encode(x, mask)
     z = reparameterize(mu, logvar, eps)
     e = eps if eps.dim() == 3 else eps[:, None, :]
     log_q = -0.5 * (e.square().sum(-1) + logvar.sum(-1) + mu.shape[-1] * math.log(2 * math.pi))
-    log_px_z = model.likelihood.log_prob(x, model.decode(z), mask)
-    return log_px_z + standard_normal_log_prob(z) - log_q
+    per_element = model.likelihood.per_feature_log_prob(x, model.decode(z))
+    if mask is not None:
+        per_element = torch.where(
+            mask, per_element, torch.zeros((), dtype=per_element.dtype, device=per_element.device)
+        )
+    log_px_z = per_element.flatten(start_dim=2).sum(-1)
+    return log_px_z + standard_normal_log_prob(z) - log_q, per_element
+
+
+def log_importance_weights(model: VAE, x: Tensor, eps: Tensor, mask: Tensor | None = None) -> Tensor:
+    """log w_k = log p(x|z_k) + log p(z_k) − log q(z_k|x) with z_k = μ + σ·ε_k.
+
+    Returns shape ``(K, batch)``.
+    """
+    return importance_terms(model, x, eps, mask)[0]
 
 
 def iwae_bound(

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from vaeguard.model import VAE
-from vaeguard.objectives import elbo, log_importance_weights
+from vaeguard.objectives import elbo, importance_terms, log_importance_weights
 
 #: Elements (K × rows × per-row decoder outputs) one chunk may hold; about 64 MiB of float32.
 CHUNK_ELEMENTS = 1 << 24
@@ -155,3 +155,37 @@ def posterior_means(
     model.eval()
     out = [model.encode(xb, mb)[0].double() for xb, mb in _chunks(x, chunk_size, device, dtype, mask)]
     return torch.cat(out).cpu().numpy() if out else np.zeros((0, model.latent_dim))
+
+
+@torch.no_grad()
+def per_feature_log_likelihood(
+    model: VAE,
+    x: Tensor,
+    eps: Tensor,
+    *,
+    mask: Tensor | None = None,
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> np.ndarray:
+    """Each element's share of the score: E_{p(z|x)}[log p(x_j|z)] in nats, shape (n, *event_shape).
+
+    The posterior expectation uses the self-normalised importance weights of
+    :func:`importance_sampled_log_likelihood` (same draws ``eps``). Summed over the
+    elements it is the expected reconstruction term; the remainder of log p(x) belongs to
+    the latent code, not to any one element. Missing entries (``mask`` False) are NaN.
+    """
+    device, dtype = _placement(model, device)
+    k = eps.shape[0]
+    eps = eps.to(device=device, dtype=dtype)
+    rows = chunk_size or chunk_rows(k, _per_row_elements(model))
+    model.eval()
+    out = []
+    for xb, mb in _chunks(x, rows, device, dtype, mask):
+        logw, per = importance_terms(model, xb, eps, mb)
+        weights = torch.softmax(logw.double(), 0)  # (K, rows)
+        share = (weights.reshape(*weights.shape, *([1] * (per.dim() - 2))) * per.double()).sum(0)
+        if mb is not None:
+            share = torch.where(mb, share, torch.full_like(share, float("nan")))
+        out.append(share)
+    shape = (0, *model.likelihood.event_shape)
+    return torch.cat(out).cpu().numpy() if out else np.zeros(shape)
