@@ -5,11 +5,14 @@ from vaeguard.datasets import list_datasets, load_dataset
 
 
 def test_thyroid_ships_with_labels():
-    X, y = load_dataset("thyroid")
-    assert X.shape == (3772, 6) and y.shape == (3772,)
-    assert int(y.sum()) == 93 and set(np.unique(y)) == {0, 1}
-    df, _ = load_dataset("thyroid", as_frame=True)
-    assert list(df.columns) == ["age", "TSH", "T3", "TT4", "T4U", "FTI"]
+    bunch = load_dataset("thyroid")
+    assert bunch.data.shape == (3772, 6) and bunch.target.shape == (3772,)
+    assert int(bunch.target.sum()) == 93 and set(np.unique(bunch.target)) == {0, 1}
+    assert bunch.feature_names == ["age", "TSH", "T3", "TT4", "T4U", "FTI"] and "ADBench" in bunch.DESCR
+    X, y = load_dataset("thyroid", return_X_y=True, as_frame=True)
+    assert list(X.columns) == bunch.feature_names and y.name == "is_anomaly"
+    framed = load_dataset("thyroid", as_frame=True)
+    assert framed.frame.shape == (3772, 7)
     assert "thyroid" in list_datasets()
 
 

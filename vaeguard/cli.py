@@ -75,7 +75,8 @@ def demo_command(dataset: str, seed: int, top: int) -> None:
     from vaeguard.datasets import load_dataset
 
     try:
-        X, y = load_dataset(dataset, as_frame=True)
+        X, y = load_dataset(dataset, return_X_y=True, as_frame=True)
+        y = y.to_numpy()
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--dataset") from exc
     X_train, X_test, _, y_test = train_test_split(X, y, test_size=0.3, stratify=y, random_state=seed)

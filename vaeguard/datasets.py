@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.utils import Bunch
 
 from vaeguard.resources import shipped_folder
 
@@ -28,27 +30,35 @@ def list_datasets() -> dict[str, str]:
     return {name: desc for name, (_, _, desc) in DATASETS.items()}
 
 
-def load_dataset(name: str, *, as_frame: bool = False) -> tuple[np.ndarray | pd.DataFrame, np.ndarray]:
-    """Load a shipped data set.
+def load_dataset(name: str, *, return_X_y: bool = False, as_frame: bool = False) -> Any:
+    """Load a shipped data set, scikit-learn style.
 
     Parameters
     ----------
     name : str
         One of :func:`list_datasets`.
+    return_X_y : bool, default=False
+        Return ``(data, target)`` instead of a Bunch.
     as_frame : bool, default=False
-        Return ``X`` as a DataFrame with named columns.
+        ``data`` as a DataFrame with named columns (and ``target`` as a Series).
 
     Returns
     -------
-    X : ndarray of shape (n_samples, n_features) or DataFrame
-    y : ndarray of shape (n_samples,)
-        1 for anomalies, 0 otherwise.
+    Bunch
+        ``data`` (n_samples, n_features), ``target`` (n_samples,; 1 = anomaly),
+        ``frame`` (a DataFrame of both, when ``as_frame``), ``feature_names``, ``DESCR``.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; known data sets: {', '.join(sorted(DATASETS))}")
-    filename, columns, _ = DATASETS[name]
+    filename, columns, description = DATASETS[name]
     with np.load(_data_dir() / filename, allow_pickle=False) as data:
         X, y = np.asarray(data["X"], dtype=np.float64), np.asarray(data["y"]).astype(np.int64)
+    frame = None
     if as_frame:
-        return pd.DataFrame(X, columns=columns), y
-    return X, y
+        X = pd.DataFrame(X, columns=columns)
+        y = pd.Series(y, name="is_anomaly")
+        frame = pd.concat([X, y], axis=1)
+    if return_X_y:
+        return X, y
+    descr = f"{description}\n\nProvenance and licence: datasets/README.md ({filename})."
+    return Bunch(data=X, target=y, frame=frame, feature_names=list(columns), DESCR=descr)
