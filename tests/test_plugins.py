@@ -43,7 +43,7 @@ def fresh() -> PluginRegistry:
 def test_builtins_register_through_the_hooks():
     reg = fresh()
     assert reg.names("encoders") == ["mlp"]
-    assert reg.names("likelihoods") == ["bernoulli", "categorical", "diag_gaussian", "gaussian"]
+    assert reg.names("likelihoods") == ["bernoulli", "categorical", "diag_gaussian", "gaussian", "mixed"]
     assert reg.get("likelihoods", "gaussian") is GaussianLikelihood
     infos = {i.name: i for i in reg.plugins()}
     assert infos["vaeguard.likelihoods"].source == "builtin"
@@ -63,7 +63,7 @@ def test_duplicate_name_names_both_plugins():
 def test_unknown_name_lists_the_known_ones():
     with pytest.raises(
         ValueError,
-        match="unknown likelihood 'gausian'; known likelihoods: bernoulli, categorical, diag_gaussian, gaussian",
+        match="unknown likelihood 'gausian'; known likelihoods: bernoulli, categorical, diag_gaussian, gaussian, mixed",
     ):
         fresh().get("likelihoods", "gausian")
     with pytest.raises(ValueError, match="unknown kind of part"):

@@ -21,7 +21,7 @@ from vaeguard import storage
 from vaeguard.components.likelihoods import Likelihood
 from vaeguard.model import VAE
 from vaeguard.plugins import get_part
-from vaeguard.preprocessing import Standardizer
+from vaeguard.preprocessing import ColumnCoder, Standardizer
 from vaeguard.scoring import (
     common_random_numbers,
     evidence_lower_bound,
@@ -78,6 +78,9 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
     encoder : str, default="mlp"
         Network family, by registered name (``vaeguard plugins`` lists them).
     likelihood : str, default="diag_gaussian"
+        (A DataFrame with categorical, string or boolean columns is modelled by the
+        "mixed" likelihood: numeric columns as with "diag_gaussian", the others as
+        categoricals over the levels seen in training.)
         Observation model by registered name: "diag_gaussian" (mean and σ per feature
         per row from the decoder), "gaussian" (σ per feature, shared by all rows),
         "bernoulli" (0/1 data), "categorical" (integers 0..K−1), or a plugin's (e.g.
@@ -108,6 +111,10 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         "diag_gaussian"); values between grid points count in the nearest cell. Scores
         are then densities of the continuous columns × masses of the discrete ones.
         "none": every column continuous.
+    handle_unknown : {"error", "ignore"}, default="error"
+        A category not seen in training, at score time: "error" raises a ``ValueError``
+        naming the column, row and value; "ignore" treats it as missing (the row is
+        scored on its other columns).
     trim_fraction : float in [0, 0.5), default=0.1
         Robust training on contaminated data: after the KL warm-up, the rows of each
         minibatch with the lowest ELBO (this fraction of them) are left out of the loss,
@@ -165,6 +172,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         "contamination": [Interval(Real, 0, 0.5, closed="right")],
         "offset": [Real, None],
         "discrete_columns": [StrOptions({"auto", "none"})],
+        "handle_unknown": [StrOptions({"error", "ignore"})],
         "trim_fraction": [Interval(Real, 0, 0.5, closed="left")],
         "validation_fraction": [Interval(Real, 0, 1, closed="left")],
         "device": [str],
@@ -186,6 +194,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         contamination: float = 0.1,
         offset: float | None = None,
         discrete_columns: str = "auto",
+        handle_unknown: str = "error",
         trim_fraction: float = 0.1,
         validation_fraction: float = 0.1,
         device: str = "auto",
@@ -203,6 +212,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         self.contamination = contamination
         self.offset = offset
         self.discrete_columns = discrete_columns
+        self.handle_unknown = handle_unknown
         self.trim_fraction = trim_fraction
         self.validation_fraction = validation_fraction
         self.device = device
@@ -215,13 +225,23 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         return repr(str(names[col])) if names is not None else str(col)
 
     def _validate_input(self, X: Any, *, reset: bool) -> np.ndarray:
-        """Validated float64 array (n, d); ValueErrors name the row and column at fault."""
-        if hasattr(X, "dtypes") and hasattr(X, "columns"):
+        """Validated float64 array (n, d); ValueErrors name the row and column at fault.
+
+        With ``reset`` (in fit), a DataFrame with categorical columns sets ``column_coder_``;
+        later calls code their categories with it.
+        """
+        if reset:
+            self.column_coder_ = ColumnCoder.fit(X) if ColumnCoder.needed(X) else None
+        if getattr(self, "column_coder_", None) is not None:
+            if not isinstance(X, pd.DataFrame):
+                raise ValueError("this model was fitted on a DataFrame with categorical columns: pass a DataFrame")
+            X = self.column_coder_.encode(X, self.handle_unknown)
+        elif hasattr(X, "dtypes") and hasattr(X, "columns"):
             bad = [str(c) for c, t in zip(X.columns, X.dtypes, strict=True) if not _is_numeric_dtype(t)]
             if bad:
                 raise ValueError(
                     f"column(s) {', '.join(repr(b) for b in bad)} are not numeric; "
-                    "VAEAnomalyDetector needs numeric columns (encode categories as numbers first)"
+                    "but the model was fitted on numeric columns only"
                 )
         X = validate_data(self, X, reset=reset, dtype=np.float64, ensure_all_finite=False)
         infinite = np.isinf(X)
@@ -325,7 +345,22 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             raise ValueError(
                 f"hidden_dims must be 'auto' or a non-empty list of positive integers, got {self.hidden_dims!r}"
             )
-        if lik_cls.discrete:
+        coder = self.column_coder_
+        if coder is not None:
+            if self.likelihood not in ("diag_gaussian", "mixed"):
+                raise ValueError(
+                    f"categorical columns need likelihood 'diag_gaussian' (the default) or 'mixed', "
+                    f"not {self.likelihood!r}"
+                )
+            lik_cls = get_part("likelihoods", "mixed")
+            standardizer = Standardizer.fit(
+                X, detect_lattice=self.discrete_columns == "auto", categorical=coder.categorical
+            )
+            options = {"n_categories": coder.n_categories}
+            if standardizer.discrete.any():
+                options["bin_widths"] = standardizer.bin_widths.tolist()
+            likelihood = lik_cls((d,), **options)
+        elif lik_cls.discrete:
             standardizer = None
             likelihood = lik_cls((d,), **lik_cls.options_from_data(X))
         else:
@@ -362,7 +397,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         self.model_ = model
         self.model_spec_ = {
             "encoder": self.encoder,
-            "likelihood": self.likelihood,
+            "likelihood": "mixed" if coder is not None else self.likelihood,
             "likelihood_options": likelihood.config(),
             "latent_dim": int(latent_dim),
             "hidden_dims": hidden,
@@ -572,7 +607,8 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
     def sample(self, n_samples: int = 1, random_state: int | None = None) -> np.ndarray:
         """Draw ``n_samples`` rows from the model p(x), shape (n_samples, n_features), data units.
 
-        Lattice-valued (discrete) columns are returned on their lattice.
+        Lattice-valued (discrete) columns are returned on their lattice; a model fitted on
+        a DataFrame with categorical columns returns a DataFrame with their labels.
         """
         check_is_fitted(self)
         if not isinstance(n_samples, Integral) or n_samples < 1:
@@ -587,7 +623,8 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             x = self.model_.likelihood.sample(self.model_.decode(z)).double().cpu().numpy()
         if self.standardizer_ is None:
             return x
-        return self.standardizer_.snap(self.standardizer_.inverse_transform(x))
+        x = self.standardizer_.snap(self.standardizer_.inverse_transform(x))
+        return x if self.column_coder_ is None else self.column_coder_.decode(x)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -609,6 +646,9 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             "fitted": {
                 "offset_": self.offset_,
                 "threshold_rule_": self.threshold_rule_,
+                "column_coder_": None
+                if self.column_coder_ is None
+                else {"columns": self.column_coder_.columns, "vocabularies": self.column_coder_.vocabularies},
                 "score_seed_": self.score_seed_,
                 "latent_dim_": int(self.latent_dim_),
                 "n_features_in_": int(self.n_features_in_),
@@ -659,6 +699,8 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         )
         est.offset_ = float(fitted["offset_"])
         est.threshold_rule_ = dict(fitted["threshold_rule_"])
+        coder = fitted.get("column_coder_")
+        est.column_coder_ = None if coder is None else ColumnCoder(coder["columns"], coder["vocabularies"])
         est.score_seed_ = int(fitted["score_seed_"])
         est.latent_dim_ = int(fitted["latent_dim_"])
         est.n_features_in_ = int(fitted["n_features_in_"])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
 
 @dataclass
@@ -25,7 +27,7 @@ class Standardizer:
     step: np.ndarray | None = None
 
     @classmethod
-    def fit(cls, X: np.ndarray, *, detect_lattice: bool = False) -> Standardizer:
+    def fit(cls, X: np.ndarray, *, detect_lattice: bool = False, categorical: np.ndarray | None = None) -> Standardizer:
         """Center and scale from the column means and standard deviations of ``X`` (n, d).
 
         With ``detect_lattice``, columns whose values lie on a regular grid
@@ -36,6 +38,12 @@ class Standardizer:
         scale = np.nanstd(X, axis=0)
         tiny = scale <= 1e-12 * np.maximum(1.0, np.abs(center))
         scale[tiny] = 1.0
+        if categorical is not None and categorical.any():
+            # category codes: not rescaled, a lattice of step 1 (so no log-Jacobian)
+            center[categorical], scale[categorical] = 0.0, 1.0
+            origin, step = np.nanmin(X, axis=0), lattice_steps(X) if detect_lattice else np.zeros(X.shape[1])
+            origin[categorical], step[categorical] = 0.0, 1.0
+            return cls(center, scale, origin, step)
         if not detect_lattice:
             return cls(center, scale)
         return cls(center, scale, np.nanmin(X, axis=0), lattice_steps(X))
@@ -110,3 +118,95 @@ def lattice_steps(X: np.ndarray, max_steps: int = MAX_LATTICE_STEPS) -> np.ndarr
         if np.all(np.abs(k - np.round(k)) < 1e-6 * max(1.0, span)):
             steps[j] = step
     return steps
+
+
+def _is_numeric(dtype: Any) -> bool:
+    return bool(pd.api.types.is_numeric_dtype(dtype)) and not pd.api.types.is_bool_dtype(dtype)
+
+
+@dataclass
+class ColumnCoder:
+    """Codes a DataFrame's categorical and boolean columns as integers, and back.
+
+    ``vocabularies[j]`` is None for a numeric column, else the sorted labels (as
+    strings) of column ``j``: a value is coded by its position, a missing value as NaN.
+    Booleans are categories ``["False", "True"]``.
+    """
+
+    columns: list[str]
+    vocabularies: list[list[str] | None]
+
+    @staticmethod
+    def needed(X: Any) -> bool:
+        """Whether ``X`` is a DataFrame with a non-numeric column."""
+        return isinstance(X, pd.DataFrame) and any(not _is_numeric(t) for t in X.dtypes)
+
+    @classmethod
+    def fit(cls, X: pd.DataFrame) -> ColumnCoder:
+        """Read the columns' kinds and the categories' vocabularies off ``X``."""
+        vocabularies: list[list[str] | None] = []
+        for name in X.columns:
+            column = X[name]
+            if _is_numeric(column.dtype):
+                vocabularies.append(None)
+                continue
+            observed = column[column.notna()]
+            bad = observed[~observed.map(lambda v: isinstance(v, (str, bool, int, float, np.generic)))]
+            if len(bad):
+                raise ValueError(
+                    f"column {str(name)!r} holds a {type(bad.iloc[0]).__name__} at row {bad.index[0]!r}; "
+                    "categorical columns need strings, numbers or booleans"
+                )
+            labels = sorted({str(v) for v in observed})
+            if pd.api.types.is_bool_dtype(column.dtype):
+                labels = ["False", "True"]
+            if not labels:
+                raise ValueError(f"column {str(name)!r} has no observed values (all missing) to learn from")
+            vocabularies.append(labels if len(labels) >= 2 else [*labels, "<other>"])
+        return cls([str(c) for c in X.columns], vocabularies)
+
+    @property
+    def n_categories(self) -> list[int]:
+        """Levels per column; 0 for numeric columns."""
+        return [0 if v is None else len(v) for v in self.vocabularies]
+
+    @property
+    def categorical(self) -> np.ndarray:
+        return np.array([v is not None for v in self.vocabularies])
+
+    def encode(self, X: pd.DataFrame, handle_unknown: str = "error") -> pd.DataFrame:
+        """Numeric frame: categories as their codes, missing as NaN.
+
+        ``handle_unknown="error"`` refuses a category not seen in training (naming the
+        column, row and value); ``"ignore"`` treats it as missing.
+        """
+        if list(map(str, X.columns)) != self.columns:
+            raise ValueError(f"X has columns {list(map(str, X.columns))}; the model was fitted on {self.columns}")
+        out = {}
+        for name, vocab in zip(self.columns, self.vocabularies, strict=True):
+            column = X[name] if name in X.columns else X.iloc[:, self.columns.index(name)]
+            if vocab is None:
+                out[name] = pd.to_numeric(column, errors="raise").astype(np.float64)
+                continue
+            lookup = {label: float(i) for i, label in enumerate(vocab)}
+            missing = column.isna().to_numpy()
+            labels = column.map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+            codes = labels.map(lookup)
+            unknown = codes.isna().to_numpy() & ~missing
+            if unknown.any() and handle_unknown == "error":
+                i = int(np.flatnonzero(unknown)[0])
+                raise ValueError(
+                    f"column {name!r}, row {X.index[i]!r}: category {labels.iloc[i]!r} was not seen in training "
+                    "(handle_unknown='ignore' treats unseen categories as missing)"
+                )
+            out[name] = codes.astype(np.float64)
+        return pd.DataFrame(out, index=X.index)
+
+    def decode(self, codes: np.ndarray) -> pd.DataFrame:
+        """A frame with the categories' labels back in place of their codes."""
+        frame = pd.DataFrame(codes, columns=self.columns)
+        for name, vocab in zip(self.columns, self.vocabularies, strict=True):
+            if vocab is not None:
+                idx = np.clip(np.round(frame[name].to_numpy()), 0, len(vocab) - 1).astype(int)
+                frame[name] = pd.Categorical.from_codes(idx, categories=vocab)
+        return frame

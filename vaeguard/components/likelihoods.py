@@ -314,6 +314,78 @@ class CategoricalLikelihood(Likelihood):
         return self.distribution(params).sample().to(params.dtype)
 
 
+class MixedLikelihood(DiagGaussianLikelihood):
+    """Tabular columns of mixed kinds: numeric ones as ``diag_gaussian`` (cell masses on a lattice),
+    categorical ones (including booleans) as a categorical over their levels.
+
+    Parameters
+    ----------
+    event_shape : tuple of int
+        ``(n_columns,)``.
+    n_categories : list of int
+        Levels per column; 0 for a numeric column. Categorical columns hold codes
+        ``0 .. n_categories[j]-1``.
+    bin_widths : list of float, optional
+        Lattice steps of the numeric columns (see ``diag_gaussian``).
+
+    The decoder gives ``max(2, max levels)`` parameters per column: (mean, log σ) for
+    numeric columns, the level logits for categorical ones.
+    """
+
+    def __init__(
+        self, event_shape: tuple[int, ...], n_categories: list[int], bin_widths: list[float] | None = None
+    ) -> None:
+        super().__init__(event_shape, bin_widths)
+        levels = torch.tensor([int(k) for k in n_categories])
+        if levels.shape != self.event_shape or ((levels != 0) & (levels < 2)).any():
+            raise ValueError(f"n_categories must give 0 or >= 2 levels for each of {self.event_shape} columns")
+        self.n_categories = [int(k) for k in n_categories]
+        self.register_buffer("is_categorical", levels > 0)
+        width = max(2, int(levels.max()))
+        self.register_buffer("valid_level", torch.arange(width)[None, :] < levels[:, None].clamp(min=1))
+
+    @property
+    def param_count(self) -> int:
+        return self.valid_level.shape[1]
+
+    @property
+    def encoder_input_shape(self) -> tuple[int, ...]:
+        return (self.event_shape[0] * (1 + self.param_count),)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "n_categories": self.n_categories}
+
+    def _codes(self, x: Tensor) -> Tensor:
+        return torch.where(self.is_categorical, x, torch.zeros_like(x)).round().long().clamp(0, self.param_count - 1)
+
+    def encoder_input(self, x: Tensor) -> Tensor:
+        numeric = torch.where(self.is_categorical, torch.zeros_like(x), x)
+        onehot = nn.functional.one_hot(self._codes(x), self.param_count).to(x.dtype)
+        onehot = onehot * self.is_categorical[:, None].to(x.dtype)
+        return torch.cat([numeric, onehot.flatten(-2)], dim=-1)
+
+    def _log_levels(self, params: Tensor) -> Tensor:
+        logits = params.movedim(-2, -1)  # (..., columns, levels)
+        return torch.log_softmax(logits.masked_fill(~self.valid_level, float("-inf")), dim=-1)
+
+    def per_feature_log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        numeric = super().per_feature_log_prob(x, params)
+        log_levels = self._log_levels(params)
+        codes = self._codes(x).expand(log_levels.shape[:-1])
+        categorical = log_levels.gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+        return torch.where(self.is_categorical, categorical, numeric)
+
+    def mean(self, params: Tensor) -> Tensor:
+        """Numeric columns: the mean; categorical columns: the most probable level."""
+        return torch.where(
+            self.is_categorical, self._log_levels(params).argmax(-1).to(params.dtype), super().mean(params)
+        )
+
+    def sample(self, params: Tensor) -> Tensor:
+        levels = torch.distributions.Categorical(logits=self._log_levels(params)).sample().to(params.dtype)
+        return torch.where(self.is_categorical, levels, super().sample(params))
+
+
 def standard_normal_log_prob(z: Tensor) -> Tensor:
     """log N(z; 0, I) summed over the last dimension, nats."""
     return -0.5 * (z.square().sum(-1) + z.shape[-1] * math.log(2 * math.pi))
@@ -325,3 +397,4 @@ def vaeguard_register_likelihoods(register):
     register("diag_gaussian", DiagGaussianLikelihood)
     register("bernoulli", BernoulliLikelihood)
     register("categorical", CategoricalLikelihood)
+    register("mixed", MixedLikelihood)
