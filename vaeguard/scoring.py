@@ -51,6 +51,16 @@ def _placement(model: VAE, device: torch.device | str | None) -> tuple[torch.dev
     return (torch.device(device) if device is not None else p.device), p.dtype
 
 
+def _prepare(
+    model: VAE, eps: Tensor, device: torch.device | str | None, chunk_size: int | None
+) -> tuple[torch.device, torch.dtype, Tensor, int]:
+    """Device, dtype, the draws moved there, and the rows per chunk; puts the model in eval mode."""
+    device, dtype = _placement(model, device)
+    rows = chunk_size or chunk_rows(eps.shape[0], _per_row_elements(model))
+    model.eval()
+    return device, dtype, eps.to(device=device, dtype=dtype), rows
+
+
 @dataclass
 class LogLikelihood:
     """Per-row estimates in nats: ``value`` (n,) and, when asked, its standard error ``std`` (n,)."""
@@ -103,12 +113,9 @@ def importance_sampled_log_likelihood(
     LogLikelihood
         float64 arrays of shape (n,).
     """
-    device, dtype = _placement(model, device)
+    device, dtype, eps, rows = _prepare(model, eps, device, chunk_size)
     k = eps.shape[0]
-    eps = eps.to(device=device, dtype=dtype)
-    rows = chunk_size or chunk_rows(k, _per_row_elements(model))
     values, stds = [], []
-    model.eval()
     for xb, mb in _chunks(x, rows, device, dtype, mask):
         logw = log_importance_weights(model, xb, eps, mb).double()  # (K, rows): accumulate in float64
         values.append(torch.logsumexp(logw, 0) - math.log(k))
@@ -133,10 +140,7 @@ def evidence_lower_bound(
     device: torch.device | str | None = None,
 ) -> np.ndarray:
     """ELBO per row in nats (internal units), the reconstruction term averaged over ``eps``; float64 (n,)."""
-    device, dtype = _placement(model, device)
-    eps = eps.to(device=device, dtype=dtype)
-    rows = chunk_size or chunk_rows(eps.shape[0], _per_row_elements(model))
-    model.eval()
+    device, dtype, eps, rows = _prepare(model, eps, device, chunk_size)
     out = [elbo(model, xb, eps, mb)[0].double() for xb, mb in _chunks(x, rows, device, dtype, mask)]
     return torch.cat(out).cpu().numpy() if out else np.zeros(0)
 
@@ -174,11 +178,7 @@ def per_feature_log_likelihood(
     elements it is the expected reconstruction term; the remainder of log p(x) belongs to
     the latent code, not to any one element. Missing entries (``mask`` False) are NaN.
     """
-    device, dtype = _placement(model, device)
-    k = eps.shape[0]
-    eps = eps.to(device=device, dtype=dtype)
-    rows = chunk_size or chunk_rows(k, _per_row_elements(model))
-    model.eval()
+    device, dtype, eps, rows = _prepare(model, eps, device, chunk_size)
     out = []
     for xb, mb in _chunks(x, rows, device, dtype, mask):
         logw, per = importance_terms(model, xb, eps, mb)
