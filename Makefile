@@ -37,6 +37,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/adbench.py
+	$(PY) benchmarks/timeseries.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,199 @@
+"""Time series: sliding windows in, per-time-step scores out."""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from numpy.lib.stride_tricks import sliding_window_view
+from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from vaeguard.estimators import VAEAnomalyDetector
+
+#: Bounds on the automatic window length (steps).
+MIN_WINDOW, MAX_WINDOW = 64, 512
+
+
+def dominant_period(values: np.ndarray, max_lag: int = 4 * MAX_WINDOW) -> int | None:
+    """Lag of the highest autocorrelation peak after the first zero crossing (mean over channels), or None."""
+    x = values - np.nanmean(values, axis=0)
+    x = np.nan_to_num(x)
+    n = x.shape[0]
+    if n < 2 * MIN_WINDOW:
+        return None
+    size = 1 << int(np.ceil(np.log2(2 * n)))
+    spectrum = np.fft.rfft(x, size, axis=0)
+    acf = np.fft.irfft(spectrum * np.conj(spectrum), size, axis=0)[:n].mean(axis=1)
+    if acf[0] <= 0:
+        return None
+    acf = acf / acf[0]
+    below = np.flatnonzero(acf < 0)
+    if below.size == 0:
+        return None
+    start, stop = int(below[0]), min(n // 2, max_lag)
+    if stop <= start + 1:
+        return None
+    lag = start + int(np.argmax(acf[start:stop]))
+    return lag if acf[lag] > 0.2 else None
+
+
+def auto_window(values: np.ndarray) -> int:
+    """The dominant period of the series within [64, 512] steps, or 64 when it has none."""
+    period = dominant_period(values)
+    return 64 if period is None else int(min(MAX_WINDOW, max(MIN_WINDOW, period)))
+
+
+def _as_series_array(series: Any) -> tuple[np.ndarray, Any]:
+    """``(values (T, C) float64, index or None)`` from a 1-D/2-D array, Series or DataFrame."""
+    index = series.index if isinstance(series, (pd.Series, pd.DataFrame)) else None
+    if isinstance(series, pd.DataFrame):
+        bad = [
+            str(c) for c, t in zip(series.columns, series.dtypes, strict=True) if not pd.api.types.is_numeric_dtype(t)
+        ]
+        if bad:
+            raise ValueError(f"column(s) {', '.join(map(repr, bad))} of the series are not numeric")
+    try:
+        values = np.asarray(series, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the series must be numeric: {exc}") from exc
+    if values.ndim == 1:
+        values = values[:, None]
+    if values.ndim != 2:
+        raise ValueError(f"a series has shape (T,) or (T, C); got an array of shape {values.shape}")
+    if np.isinf(values).any():
+        step, channel = (int(i) for i in np.argwhere(np.isinf(values))[0])
+        raise ValueError(f"the series holds inf at step {step}, channel {channel} (NaN marks a missing value)")
+    return values, index
+
+
+class VAETimeSeriesDetector(OutlierMixin, BaseEstimator):
+    """Anomaly detection in uni- and multivariate series with a VAE on sliding windows.
+
+    Each window of ``window`` steps (all channels) is one sample of a
+    :class:`VAEAnomalyDetector`; its importance-sampled log-likelihood, divided by the
+    number of values in the window, is spread back onto the steps it covers: a step's
+    score is the lowest per-value log-likelihood (nats) among the windows that contain
+    it, so every step, the edges included, gets a score. Missing values (NaN) are
+    scored by the marginal likelihood of the observed values.
+
+    Parameters
+    ----------
+    window : int or "auto", default="auto"
+        Window length in steps; "auto" is the series' dominant period (the highest
+        autocorrelation peak after its first zero crossing) within [64, 512] steps,
+        or 64 when the series has no clear period.
+    stride : int, default=1
+        Step between training windows (scoring always uses every window).
+    contamination : float in (0, 0.5], default=0.01
+        Fraction of training steps flagged by :meth:`predict` (sets ``offset_``).
+    estimator_params : dict, optional
+        Further arguments of the window model (e.g. ``{"epochs": 50, "latent_dim": 4}``).
+    random_state : int or None, default=None
+    device : str, default="auto"
+    verbose : bool, default=False
+
+    Attributes
+    ----------
+    window_ : int
+        The window length used.
+    window_model_ : VAEAnomalyDetector
+        The model of the windows (features: ``window × n_channels`` values).
+    offset_ : float
+        Threshold on the per-step scores (nats per value).
+    n_channels_ : int
+    """
+
+    _parameter_constraints: dict = {  # noqa: RUF012 (scikit-learn convention)
+        "window": [StrOptions({"auto"}), Interval(Integral, 2, None, closed="left")],
+        "stride": [Interval(Integral, 1, None, closed="left")],
+        "contamination": [Interval(Real, 0, 0.5, closed="right")],
+        "estimator_params": [dict, None],
+        "random_state": ["random_state"],
+        "device": [StrOptions({"auto", "cpu", "cuda"}), str],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        *,
+        window: int | str = "auto",
+        stride: int = 1,
+        contamination: float = 0.01,
+        estimator_params: dict | None = None,
+        random_state: int | None = None,
+        device: str = "auto",
+        verbose: bool = False,
+    ) -> None:
+        self.window = window
+        self.stride = stride
+        self.contamination = contamination
+        self.estimator_params = estimator_params
+        self.random_state = random_state
+        self.device = device
+        self.verbose = verbose
+
+    def _windows(self, values: np.ndarray, stride: int, window: int) -> np.ndarray:
+        if values.shape[0] < window:
+            raise ValueError(f"the series has {values.shape[0]} steps, fewer than window={window}")
+        views = sliding_window_view(values, window, axis=0)[::stride]  # (n, C, window)
+        return np.ascontiguousarray(views.transpose(0, 2, 1).reshape(views.shape[0], -1))
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, series: Any, y: Any = None) -> VAETimeSeriesDetector:
+        """Train on a series of shape (T,) or (T, C) (or a Series/DataFrame with a time index)."""
+        values, _ = _as_series_array(series)
+        self.n_channels_ = values.shape[1]
+        self.window_ = auto_window(values) if self.window == "auto" else int(self.window)
+        windows = self._windows(values, self.stride, self.window_)
+        keep = ~np.isnan(windows).all(axis=1)
+        params = {"random_state": self.random_state, "device": self.device, "verbose": self.verbose}
+        params |= dict(self.estimator_params or {})
+        self.window_model_ = VAEAnomalyDetector(**params).fit(windows[keep])
+        steps = self._step_scores(values)
+        self.offset_ = float(np.percentile(steps, 100.0 * self.contamination))
+        return self
+
+    def _step_scores(self, values: np.ndarray) -> np.ndarray:
+        w = self.window_
+        windows = self._windows(values, 1, w)
+        scored = ~np.isnan(windows).all(axis=1)
+        per_value = np.full(windows.shape[0], np.nan)
+        observed = (~np.isnan(windows[scored])).sum(axis=1)
+        per_value[scored] = self.window_model_.score_samples(windows[scored]) / observed
+        # a step's score: the lowest per-value score among the windows covering it
+        padded = np.concatenate([np.full(w - 1, np.nan), per_value, np.full(w - 1, np.nan)])
+        covering = sliding_window_view(padded, w)  # row t: windows t-w+1 .. t
+        with np.errstate(invalid="ignore"):
+            empty = np.isnan(covering).all(axis=1)
+            if empty.any():
+                t = int(np.flatnonzero(empty)[0])
+                raise ValueError(
+                    f"step {t} lies only in windows with no observed values: too many missing values there"
+                )
+            return np.nanmin(covering, axis=1)
+
+    def score_samples(self, series: Any) -> np.ndarray | pd.Series:
+        """Per-step scores, shape (T,): nats per value; lower = more anomalous.
+
+        A Series with the input's index when the input is a Series or DataFrame.
+        """
+        check_is_fitted(self)
+        values, index = _as_series_array(series)
+        if values.shape[1] != self.n_channels_:
+            raise ValueError(f"the series has {values.shape[1]} channels; the model was fitted on {self.n_channels_}")
+        scores = self._step_scores(values)
+        return pd.Series(scores, index=index, name="score") if index is not None else scores
+
+    def decision_function(self, series: Any) -> np.ndarray | pd.Series:
+        """Per-step ``score_samples - offset_``; negative = anomalous."""
+        return self.score_samples(series) - self.offset_
+
+    def predict(self, series: Any) -> np.ndarray | pd.Series:
+        """Per-step +1 (normal) or −1 (anomalous)."""
+        decision = self.decision_function(series)
+        out = np.where(np.asarray(decision) < 0, -1, 1)
+        return pd.Series(out, index=decision.index, name="label") if isinstance(decision, pd.Series) else out
