@@ -70,3 +70,8 @@ def test_bad_series(fitted):
         fitted.score_samples(np.zeros((10, 2, 2)))
     with pytest.raises(ValueError, match="not numeric"):
         VAETimeSeriesDetector().fit(pd.DataFrame({"a": ["x"] * 100}))
+
+
+def test_contamination_of_training_steps_is_honoured_despite_ties(fitted):
+    flagged = (fitted.predict(sine(1500)[:, 0]) == -1).mean()
+    assert 0.01 <= flagged <= 0.1

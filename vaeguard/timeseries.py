@@ -89,7 +89,8 @@ class VAETimeSeriesDetector(OutlierMixin, BaseEstimator):
     stride : int, default=1
         Step between training windows (scoring always uses every window).
     contamination : float in (0, 0.5], default=0.01
-        Fraction of training steps flagged by :meth:`predict` (sets ``offset_``).
+        Fraction of training steps flagged by :meth:`predict`: ``offset_`` is that
+        quantile of the training steps' scores.
     estimator_params : dict, optional
         Further arguments of the window model (e.g. ``{"epochs": 50, "latent_dim": 4}``).
     random_state : int or None, default=None
@@ -193,7 +194,12 @@ class VAETimeSeriesDetector(OutlierMixin, BaseEstimator):
         return self.score_samples(series) - self.offset_
 
     def predict(self, series: Any) -> np.ndarray | pd.Series:
-        """Per-step +1 (normal) or −1 (anomalous)."""
+        """Per-step +1 (normal) or −1 (anomalous: a score at or below ``offset_``).
+
+        Steps share the score of their worst window, so many steps tie at the
+        threshold; "at or below" keeps about ``contamination`` of the training steps
+        flagged instead of none.
+        """
         decision = self.decision_function(series)
-        out = np.where(np.asarray(decision) < 0, -1, 1)
+        out = np.where(np.asarray(decision) <= 0, -1, 1)
         return pd.Series(out, index=decision.index, name="label") if isinstance(decision, pd.Series) else out
