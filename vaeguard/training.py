@@ -7,7 +7,6 @@ import math
 import sys
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -180,13 +179,3 @@ def train(
         model.load_state_dict(best_state)
     model.eval()
     return history
-
-
-def seed_everything_local(seed: int) -> torch.Generator:
-    """A CPU generator for one fit; torch's global generator is left alone by callers using fork_rng."""
-    return torch.Generator(device="cpu").manual_seed(int(seed) % (2**63))
-
-
-def numpy_seed(random_state: np.random.RandomState) -> int:
-    """Draw a 63-bit seed from a numpy RandomState."""
-    return int(random_state.randint(0, 2**31 - 1)) * (2**31) + int(random_state.randint(0, 2**31 - 1))
