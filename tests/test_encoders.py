@@ -24,3 +24,37 @@ def test_default_sizes_follow_the_data():
     assert default_hidden_dims(64) == [128, 128]
     assert default_hidden_dims(10_000) == [256, 256]
     assert default_latent_dim(3) == 2 and default_latent_dim(20) == 5 and default_latent_dim(1000) == 32
+
+
+def test_temporal_family_reads_time_major_windows_and_masks():
+    import pytest
+
+    from vaeguard.components.encoders import temporal
+
+    for window, channels, blocks in [(64, 1, 1), (66, 9, 2), (301, 1, 1)]:
+        enc, dec = temporal((blocks * window * channels,), 4, 2, output_shape=(window * channels,), channels=channels)
+        assert enc(torch.zeros(3, blocks * window * channels)).shape == (3, 8)
+        assert dec(torch.zeros(3, 4)).shape == (3, 2, window * channels)
+    # a change at one time step of channel 1 reaches the output only through that channel's values
+    enc, dec = temporal((20 * 2,), 3, 1, channels=2)
+    out = dec(torch.zeros(1, 3))[0, 0].reshape(20, 2)
+    assert out.shape == (20, 2)
+    with pytest.raises(ValueError, match="not a multiple of 3"):
+        temporal((20,), 2, 1, channels=3)
+
+
+def test_temporal_family_through_the_estimators():
+    import numpy as np
+
+    from vaeguard import VAEAnomalyDetector, VAETimeSeriesDetector
+
+    t = np.arange(800)
+    series = np.c_[np.sin(t / 7), np.cos(t / 11)]
+    det = VAETimeSeriesDetector(window=64, stride=8, encoder="temporal", estimator_params={"epochs": 2}, random_state=0)
+    scores = det.fit(series).score_samples(series)
+    assert scores.shape == (800,) and np.isfinite(scores).all()
+    assert det.window_model_.encoder == "temporal" and det.window_model_.encoder_params == {"channels": 2}
+    import pytest
+
+    with pytest.raises(ValueError, match="does not accept these options"):
+        VAEAnomalyDetector(encoder_params={"colour": 1}, epochs=1).fit(np.zeros((10, 2)))

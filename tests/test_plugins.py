@@ -42,12 +42,12 @@ def fresh() -> PluginRegistry:
 
 def test_builtins_register_through_the_hooks():
     reg = fresh()
-    assert reg.names("encoders") == ["mlp"]
+    assert reg.names("encoders") == ["mlp", "temporal"]
     assert reg.names("likelihoods") == ["bernoulli", "categorical", "diag_gaussian", "gaussian", "mixed"]
     assert reg.get("likelihoods", "gaussian") is GaussianLikelihood
     infos = {i.name: i for i in reg.plugins()}
     assert infos["vaeguard.likelihoods"].source == "builtin"
-    assert infos["vaeguard.encoders"].parts["encoders"] == ["mlp"]
+    assert infos["vaeguard.encoders"].parts["encoders"] == ["mlp", "temporal"]
 
 
 def test_duplicate_name_names_both_plugins():

@@ -12,5 +12,6 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 from vaeguard.estimators import VAEAnomalyDetector, load
 from vaeguard.hookspecs import hookimpl
+from vaeguard.timeseries import VAETimeSeriesDetector
 
-__all__ = ["VAEAnomalyDetector", "__version__", "hookimpl", "load"]
+__all__ = ["VAEAnomalyDetector", "VAETimeSeriesDetector", "__version__", "hookimpl", "load"]

@@ -77,6 +77,8 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         2·n_features within [32, 256].
     encoder : str, default="mlp"
         Network family, by registered name (``vaeguard plugins`` lists them).
+    encoder_params : dict, optional
+        Further options of the family (e.g. ``{"channels": 3}`` for "temporal").
     likelihood : str, default="diag_gaussian"
         (A DataFrame with categorical, string or boolean columns is modelled by the
         "mixed" likelihood: numeric columns as with "diag_gaussian", the others as
@@ -164,6 +166,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         "latent_dim": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "hidden_dims": [StrOptions({"auto"}), list, tuple],
         "encoder": [str],
+        "encoder_params": [dict, None],
         "likelihood": [str],
         "epochs": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "batch_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
@@ -186,6 +189,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         latent_dim: int | str = "auto",
         hidden_dims: list[int] | tuple[int, ...] | str = "auto",
         encoder: str = "mlp",
+        encoder_params: dict | None = None,
         likelihood: str = "diag_gaussian",
         epochs: int | str = "auto",
         batch_size: int | str = "auto",
@@ -204,6 +208,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         self.latent_dim = latent_dim
         self.hidden_dims = hidden_dims
         self.encoder = encoder
+        self.encoder_params = encoder_params
         self.likelihood = likelihood
         self.epochs = epochs
         self.batch_size = batch_size
@@ -311,13 +316,16 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         self, likelihood: Likelihood, latent_dim: int, hidden_dims: list[int] | None, mask_input: bool = False
     ) -> VAE:
         family = get_part("encoders", self.encoder)
-        options = {"output_shape": likelihood.event_shape}
+        options = {**(self.encoder_params or {}), "output_shape": likelihood.event_shape}
         if hidden_dims is not None:
             options["hidden_dims"] = list(hidden_dims)
         input_shape = likelihood.encoder_input_shape
         if mask_input:  # the mask is appended to the flattened input
             input_shape = (math.prod(input_shape) + math.prod(likelihood.event_shape),)
-        enc, dec = family(input_shape, latent_dim, likelihood.param_count, **options)
+        try:
+            enc, dec = family(input_shape, latent_dim, likelihood.param_count, **options)
+        except TypeError as exc:
+            raise ValueError(f"encoder {self.encoder!r} does not accept these options: {exc}") from exc
         return VAE(enc, dec, likelihood, latent_dim, mask_input=mask_input)
 
     @_fit_context(prefer_skip_nested_validation=True)

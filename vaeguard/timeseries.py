@@ -88,6 +88,9 @@ class VAETimeSeriesDetector(OutlierMixin, BaseEstimator):
         or 64 when the series has no clear period.
     stride : int, default=1
         Step between training windows (scoring always uses every window).
+    encoder : {"mlp", "temporal"}, default="mlp"
+        The window model's network: an MLP on the flattened window, or 1-D
+        convolutions over time ("temporal").
     contamination : float in (0, 0.5], default=0.01
         Fraction of training steps flagged by :meth:`predict`: ``offset_`` is that
         quantile of the training steps' scores.
@@ -111,6 +114,7 @@ class VAETimeSeriesDetector(OutlierMixin, BaseEstimator):
     _parameter_constraints: dict = {  # noqa: RUF012 (scikit-learn convention)
         "window": [StrOptions({"auto"}), Interval(Integral, 2, None, closed="left")],
         "stride": [Interval(Integral, 1, None, closed="left")],
+        "encoder": [StrOptions({"mlp", "temporal"})],
         "contamination": [Interval(Real, 0, 0.5, closed="right")],
         "estimator_params": [dict, None],
         "random_state": ["random_state"],
@@ -123,6 +127,7 @@ class VAETimeSeriesDetector(OutlierMixin, BaseEstimator):
         *,
         window: int | str = "auto",
         stride: int = 1,
+        encoder: str = "mlp",
         contamination: float = 0.01,
         estimator_params: dict | None = None,
         random_state: int | None = None,
@@ -131,6 +136,7 @@ class VAETimeSeriesDetector(OutlierMixin, BaseEstimator):
     ) -> None:
         self.window = window
         self.stride = stride
+        self.encoder = encoder
         self.contamination = contamination
         self.estimator_params = estimator_params
         self.random_state = random_state
@@ -152,6 +158,8 @@ class VAETimeSeriesDetector(OutlierMixin, BaseEstimator):
         windows = self._windows(values, self.stride, self.window_)
         keep = ~np.isnan(windows).all(axis=1)
         params = {"random_state": self.random_state, "device": self.device, "verbose": self.verbose}
+        if self.encoder == "temporal":
+            params |= {"encoder": "temporal", "encoder_params": {"channels": self.n_channels_}}
         params |= dict(self.estimator_params or {})
         self.window_model_ = VAEAnomalyDetector(**params).fit(windows[keep])
         steps = self._step_scores(values)

@@ -1,4 +1,5 @@
-"""Built-in network families: ``mlp`` (an MLP encoder and its mirrored decoder)."""
+"""Built-in network families: ``mlp`` (an MLP encoder and its mirrored decoder) and ``temporal``
+(1-D convolutions over windows of a series)."""
 
 from __future__ import annotations
 
@@ -91,3 +92,100 @@ def mlp(
 @hookimpl
 def vaeguard_register_encoders(register):
     register("mlp", mlp)
+    register("temporal", temporal)
+
+
+class TemporalEncoder(nn.Module):
+    """1-D convolutions over time: ``(batch, k·window·channels)`` → ``(batch, 2·latent_dim)``.
+
+    The flattened input is read as ``k`` blocks of a time-major ``(window, channels)``
+    window (k = 2 when the observation mask is appended), so the convolution sees
+    ``k·channels`` input channels.
+    """
+
+    def __init__(self, window: int, channels: int, blocks: int, width: int, latent_dim: int) -> None:
+        super().__init__()
+        self.window, self.channels, self.blocks = window, channels, blocks
+        self.net = nn.Sequential(
+            nn.Conv1d(blocks * channels, width, kernel_size=5, stride=2, padding=2),
+            nn.SiLU(),
+            nn.Conv1d(width, width, kernel_size=5, stride=2, padding=2),
+            nn.SiLU(),
+            nn.Flatten(),
+            nn.Linear(width * _conv_length(window, 2), 2 * latent_dim),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.reshape(x.shape[0], self.blocks, self.window, self.channels)
+        x = x.permute(0, 1, 3, 2).reshape(x.shape[0], self.blocks * self.channels, self.window)
+        return self.net(x)
+
+
+class TemporalDecoder(nn.Module):
+    """``(batch, latent_dim)`` → ``(batch, n_params, window·channels)`` (time-major), by transposed convolutions."""
+
+    def __init__(self, window: int, channels: int, n_params: int, width: int, latent_dim: int) -> None:
+        super().__init__()
+        self.window, self.channels, self.n_params, self.width = window, channels, n_params, width
+        self.start = _conv_length(window, 2)
+        self.project = nn.Linear(latent_dim, width * self.start)
+        self.net = nn.Sequential(
+            nn.SiLU(),
+            nn.ConvTranspose1d(width, width, kernel_size=4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.ConvTranspose1d(width, width, kernel_size=4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv1d(width, n_params * channels, kernel_size=5, padding=2),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.net(self.project(z).reshape(z.shape[0], self.width, self.start))
+        h = nn.functional.interpolate(h, size=self.window, mode="linear", align_corners=False)
+        h = h.reshape(z.shape[0], self.n_params, self.channels, self.window).permute(0, 1, 3, 2)
+        return h.reshape(z.shape[0], self.n_params, self.window * self.channels)
+
+
+def _conv_length(window: int, halvings: int) -> int:
+    for _ in range(halvings):
+        window = (window + 1) // 2
+    return window
+
+
+def temporal(
+    input_shape: tuple[int, ...],
+    latent_dim: int,
+    n_params: int,
+    *,
+    output_shape: tuple[int, ...] | None = None,
+    hidden_dims: Sequence[int] | None = None,
+    channels: int = 1,
+) -> tuple[nn.Module, nn.Module]:
+    """The ``temporal`` family: 1-D convolutions over flattened, time-major windows.
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        ``(k·window·channels,)``: a flattened window, possibly followed by its mask.
+    latent_dim, n_params : int
+    output_shape : tuple of int, optional
+        ``(window·channels,)``; defaults to ``input_shape``.
+    hidden_dims : sequence of int, optional
+        Only the first entry is used: the number of convolution channels (default 32).
+    channels : int, default=1
+        Channels of the series.
+    """
+    output_shape = tuple(output_shape or input_shape)
+    values = math.prod(output_shape)
+    if values % channels:
+        raise ValueError(
+            f"the 'temporal' family needs window × channels values; {values} is not a multiple of {channels}"
+        )
+    window = values // channels
+    blocks = math.prod(input_shape) // values
+    if blocks * values != math.prod(input_shape) or window < 4:
+        raise ValueError(f"the 'temporal' family cannot read input of shape {input_shape} as windows of {window} steps")
+    width = int(hidden_dims[0]) if hidden_dims else 32
+    return (
+        TemporalEncoder(window, channels, blocks, width, latent_dim),
+        TemporalDecoder(window, channels, n_params, width, latent_dim),
+    )
