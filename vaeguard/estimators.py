@@ -18,6 +18,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from vaeguard import storage
+from vaeguard.components.encoders import default_latent_dim
 from vaeguard.components.likelihoods import Likelihood
 from vaeguard.model import VAE
 from vaeguard.plugins import get_part
@@ -382,7 +383,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         mask_input = mask is not None
         rng = check_random_state(self.random_state)
         fit_seed, score_seed = (int(s) for s in rng.randint(0, 2**31 - 1, size=2))
-        latent_dim = self.latent_dim if self.latent_dim != "auto" else _auto_latent(d)
+        latent_dim = self.latent_dim if self.latent_dim != "auto" else default_latent_dim(d)
         hidden = None if self.hidden_dims == "auto" else list(self.hidden_dims)
         batch_size = self.batch_size if self.batch_size != "auto" else auto_batch_size(n)
         epochs = self.epochs if self.epochs != "auto" else auto_epochs(n, batch_size)
@@ -724,15 +725,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         return est
 
 
-def _auto_latent(d: int) -> int:
-    from vaeguard.components.encoders import default_latent_dim
-
-    return default_latent_dim(d)
-
-
 def _is_numeric_dtype(dtype: Any) -> bool:
-    import pandas as pd
-
     return bool(pd.api.types.is_numeric_dtype(dtype)) and not pd.api.types.is_complex_dtype(dtype)
 
 
