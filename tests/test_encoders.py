@@ -1,5 +1,8 @@
-"""The mlp network family."""
+"""The network families: mlp, conv, temporal."""
 
+import math
+
+import pytest
 import torch
 
 from vaeguard.components.encoders import default_hidden_dims, default_latent_dim, mlp
@@ -58,3 +61,30 @@ def test_temporal_family_through_the_estimators():
 
     with pytest.raises(ValueError, match="does not accept these options"):
         VAEAnomalyDetector(encoder_params={"colour": 1}, epochs=1).fit(np.zeros((10, 2)))
+
+
+@pytest.mark.parametrize(
+    ("shape", "stages"), [((1, 8, 8), 1), ((1, 28, 28), 3), ((3, 32, 32), 3), ((1, 64, 64), 4), ((2, 13, 9), 2)]
+)
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_conv_family_restores_the_exact_image_shape(shape, stages, blocks):
+    from vaeguard.components.encoders import conv, conv_stage_sizes
+
+    assert len(conv_stage_sizes(*shape[1:])) == stages
+    enc, dec = conv((blocks * math.prod(shape),), 5, 3, output_shape=shape)
+    x = torch.randn(4, blocks * math.prod(shape))
+    h = enc(x)
+    assert h.shape == (4, 10)
+    assert dec(h[:, :5]).shape == (4, 3, *shape)
+    assert enc(x.reshape(4, blocks * shape[0], *shape[1:])).shape == (4, 10)  # image-shaped input too
+
+
+def test_conv_family_refuses_what_it_cannot_read():
+    from vaeguard.components.encoders import conv
+
+    with pytest.raises(ValueError, match="2 positive integers"):
+        conv((1, 16, 16), 4, 2, hidden_dims=[8])
+    with pytest.raises(ValueError, match="one-hot"):
+        conv((1, 8, 8, 17), 4, 17, output_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        conv((64,), 4, 2)

@@ -159,3 +159,51 @@ def test_cell_mass_gradients_are_finite_for_narrow_and_wide_cells():
     lp = discretized_normal_log_prob(torch.tensor([0.1, 40.0, 0.0]), loc, scale, width)
     lp.sum().backward()
     assert torch.isfinite(lp).all() and torch.isfinite(loc.grad).all() and torch.isfinite(scale.grad).all()
+
+
+def _logistic_table(lik, params):
+    """log P(level k) for every level k, shape (n_levels, *params batch/event shape)."""
+    levels = range(lik.n_levels)
+    shape = params.shape[:1] + params.shape[2:]
+    return torch.stack(
+        [lik.per_feature_log_prob(torch.full(shape, float(k), dtype=params.dtype), params) for k in levels]
+    )
+
+
+@pytest.mark.parametrize("n_levels", [2, 17, 256])
+def test_discretized_logistic_masses_sum_to_one_even_in_the_tails(n_levels):
+    from vaeguard.components.likelihoods import DiscretizedLogisticLikelihood
+
+    lik = DiscretizedLogisticLikelihood((4,), n_levels=n_levels).double()
+    torch.manual_seed(0)
+    params = torch.randn(6, 2, 4, dtype=torch.float64) * 3
+    params[0, 1], params[1, 1] = -50.0, 50.0  # log s at (beyond) both bounds
+    params[2, 0], params[3, 0] = -40.0, 40.0  # μ far outside [−1, 1]
+    table = _logistic_table(lik, params)
+    assert torch.isfinite(table).all()
+    assert torch.allclose(table.exp().sum(0), torch.ones(6, 4, dtype=torch.float64), atol=1e-10)
+    levels = torch.arange(n_levels, dtype=torch.float64)[:, None, None]
+    assert torch.allclose(lik.mean(params), (table.exp() * levels).sum(0), atol=1e-8)
+
+
+def test_discretized_logistic_samples_follow_its_masses_and_gradients_stay_finite():
+    from vaeguard.components.likelihoods import DiscretizedLogisticLikelihood
+
+    lik = DiscretizedLogisticLikelihood((3,), n_levels=5).double()
+    params = torch.tensor([[[0.1, -0.9, 0.7], [-1.0, -3.0, 0.5]]], dtype=torch.float64)
+    torch.manual_seed(1)
+    draws = lik.sample(params.expand(40000, 2, 3))
+    frequencies = torch.stack([(draws == k).double().mean(0) for k in range(5)])
+    assert torch.allclose(frequencies, _logistic_table(lik, params)[:, 0].exp(), atol=0.01)
+    extreme = torch.tensor([[[-30.0, 30.0, 0.0], [-40.0, -40.0, 40.0]]], dtype=torch.float64, requires_grad=True)
+    lik.log_prob(torch.tensor([[4.0, 0.0, 2.0]], dtype=torch.float64), extreme).sum().backward()
+    assert torch.isfinite(extreme.grad).all()
+
+
+def test_discretized_logistic_names_values_outside_its_levels():
+    from vaeguard.components.likelihoods import DiscretizedLogisticLikelihood
+
+    lik = DiscretizedLogisticLikelihood((2,), n_levels=17)
+    lik.check_support(np.array([[0.0, 16.0], [np.nan, 3.0]]))
+    with pytest.raises(ValueError, match=r"levels in \[0, 17\); sample 1, element 0 holds 17"):
+        lik.check_support(np.array([[0.0, 1.0], [17.0, 3.0]]))

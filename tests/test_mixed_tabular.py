@@ -91,6 +91,6 @@ def test_bad_frames(fitted):
         VAEAnomalyDetector(epochs=1).fit(pd.DataFrame({"a": [1.0, 2.0, 3.0], "b": ["x", {"k": 1}, "y"]}))
     with pytest.raises(ValueError, match="pass a DataFrame"):
         fitted.score_samples(np.zeros((2, 5)))
-    with pytest.raises(ValueError, match="likelihood 'diag_gaussian' .* or 'mixed'"):
+    with pytest.raises(ValueError, match="likelihood 'auto' .* 'diag_gaussian' or 'mixed'"):
         VAEAnomalyDetector(likelihood="gaussian", epochs=1).fit(make_frame(50, 0))
     assert math.isfinite(fitted.offset_)

@@ -42,12 +42,19 @@ def fresh() -> PluginRegistry:
 
 def test_builtins_register_through_the_hooks():
     reg = fresh()
-    assert reg.names("encoders") == ["mlp", "temporal"]
-    assert reg.names("likelihoods") == ["bernoulli", "categorical", "diag_gaussian", "gaussian", "mixed"]
+    assert reg.names("encoders") == ["conv", "mlp", "temporal"]
+    assert reg.names("likelihoods") == [
+        "bernoulli",
+        "categorical",
+        "diag_gaussian",
+        "discretized_logistic",
+        "gaussian",
+        "mixed",
+    ]
     assert reg.get("likelihoods", "gaussian") is GaussianLikelihood
     infos = {i.name: i for i in reg.plugins()}
     assert infos["vaeguard.likelihoods"].source == "builtin"
-    assert infos["vaeguard.encoders"].parts["encoders"] == ["mlp", "temporal"]
+    assert infos["vaeguard.encoders"].parts["encoders"] == ["conv", "mlp", "temporal"]
 
 
 def test_duplicate_name_names_both_plugins():
@@ -63,7 +70,8 @@ def test_duplicate_name_names_both_plugins():
 def test_unknown_name_lists_the_known_ones():
     with pytest.raises(
         ValueError,
-        match="unknown likelihood 'gausian'; known likelihoods: bernoulli, categorical, diag_gaussian, gaussian, mixed",
+        match="unknown likelihood 'gausian'; known likelihoods: bernoulli, categorical, diag_gaussian, "
+        "discretized_logistic, gaussian, mixed",
     ):
         fresh().get("likelihoods", "gausian")
     with pytest.raises(ValueError, match="unknown kind of part"):

@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from vaeguard.preprocessing import Standardizer, lattice_steps
 
@@ -43,3 +44,31 @@ def test_lattice_columns_are_snapped_and_left_out_of_the_jacobian():
     np.testing.assert_allclose(st.snap(np.array([[2.9, 0.123]])), [[2.0, 0.123]])
     assert st.log_jacobian == -np.log(st.scale[1])
     assert st.bin_widths[0] == 2.0 / st.scale[0] and st.bin_widths[1] == 0
+
+
+def test_pixel_levels_of_integer_dtypes_span_the_dtype():
+    from vaeguard.preprocessing import PixelLevels
+
+    images = np.array([[[[3, 200, 7]]]], dtype=np.uint8)
+    levels = PixelLevels.fit(images.astype(float), images.dtype)
+    assert (levels.origin, levels.step, levels.n_levels) == (0.0, 1.0, 256)
+    back = levels.to_values(levels.to_levels(np.array([[[[0.0, 255.0]]]])))
+    assert back.dtype == np.uint8 and back.tolist() == [[[[0, 255]]]]
+    assert PixelLevels.fit(np.zeros((1, 1, 2, 2)), np.bool_).n_levels == 2
+    assert PixelLevels.fit(np.array([[[[0, 1, 2]]]]), np.int8).origin == -128
+    binary = PixelLevels.fit(np.array([[[[0.0, 255.0, 0.0]]]]), np.uint8)
+    assert (binary.origin, binary.step, binary.n_levels) == (0.0, 255.0, 2)
+
+
+def test_pixel_levels_of_floats_come_from_their_lattice():
+    from vaeguard.preprocessing import PixelLevels
+
+    images = np.array([0.0, 0.25, 1.0, 0.5]).reshape(1, 1, 2, 2)
+    levels = PixelLevels.fit(images, np.float64)
+    assert (levels.origin, levels.step, levels.n_levels) == (0.0, 0.25, 5)
+    assert levels.to_levels(images).ravel().tolist() == [0, 1, 4, 2]
+    assert PixelLevels.fit(np.random.default_rng(0).random((2, 1, 4, 4)), np.float64) is None
+    with pytest.raises(ValueError, match=r"image 0, pixel \(channel 0, row 1, column 0\) holds 1.25, .* 5 levels"):
+        levels.to_levels(np.array([0.0, 0.25, 1.25, np.nan]).reshape(1, 1, 2, 2))
+    with pytest.raises(ValueError, match="holds 0.3"):
+        levels.to_levels(np.array([0.3, 0.25, 0.0, 0.0]).reshape(1, 1, 2, 2))

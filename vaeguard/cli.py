@@ -87,10 +87,10 @@ def demo_command(dataset: str, seed: int, top: int) -> None:
     start = time.perf_counter()
     det = VAEAnomalyDetector(random_state=seed, verbose=True).fit(X_train)
     fit_s = time.perf_counter() - start
-    scores = det.score_samples(X_test)
+    scores = det.score_samples(X_test)  # a Series with X_test's index
     auroc = roc_auc_score(y_test, -scores)
     ap = average_precision_score(y_test, -scores)
-    flagged = det.predict(X_test) == -1
+    flagged = (det.predict(X_test) == -1).to_numpy()
     click.echo(
         f"\nfitted in {fit_s:.1f} s: latent_dim={det.latent_dim_}, epochs={len(det.history_.train_loss)} "
         f"(best {det.history_.best_epoch + 1})"
@@ -101,9 +101,9 @@ def demo_command(dataset: str, seed: int, top: int) -> None:
         f"flagged {int(flagged.sum())} rows at contamination={det.contamination} "
         f"(precision {y_test[flagged].mean() if flagged.any() else float('nan'):.2f})"
     )
-    order = np.argsort(scores)[:top]
+    order = np.argsort(scores.to_numpy())[:top]
     table = X_test.iloc[order].copy()
-    table.insert(0, "log_likelihood", scores[order].round(2))
+    table.insert(0, "log_likelihood", scores.iloc[order].round(2))
     table.insert(1, "is_anomaly", y_test[order])
     click.echo(f"\nthe {top} most anomalous test rows (log p(x) in nats; lower = more anomalous):")
     click.echo(table.round(4).to_string())

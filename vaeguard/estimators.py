@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import warnings
@@ -22,7 +23,7 @@ from vaeguard.components.encoders import default_latent_dim
 from vaeguard.components.likelihoods import Likelihood
 from vaeguard.model import VAE
 from vaeguard.plugins import get_part
-from vaeguard.preprocessing import ColumnCoder, Standardizer
+from vaeguard.preprocessing import ColumnCoder, PixelLevels, Standardizer
 from vaeguard.scoring import (
     common_random_numbers,
     evidence_lower_bound,
@@ -76,19 +77,22 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
     hidden_dims : list of int or "auto", default="auto"
         Encoder hidden widths (the decoder mirrors them); "auto" is two layers of
         2·n_features within [32, 256].
-    encoder : str, default="mlp"
-        Network family, by registered name (``vaeguard plugins`` lists them).
+    encoder : str, default="auto"
+        Network family, by registered name (``vaeguard plugins`` lists them); "auto" is
+        "conv" for images and "mlp" for tables.
     encoder_params : dict, optional
         Further options of the family (e.g. ``{"channels": 3}`` for "temporal").
-    likelihood : str, default="diag_gaussian"
-        (A DataFrame with categorical, string or boolean columns is modelled by the
-        "mixed" likelihood: numeric columns as with "diag_gaussian", the others as
-        categoricals over the levels seen in training.)
+    likelihood : str, default="auto"
         Observation model by registered name: "diag_gaussian" (mean and σ per feature
         per row from the decoder), "gaussian" (σ per feature, shared by all rows),
-        "bernoulli" (0/1 data), "categorical" (integers 0..K−1), or a plugin's (e.g.
-        "studentt"). σ is bounded below (e⁻⁶ of a column's standard deviation), so no
-        density is unbounded.
+        "bernoulli" (0/1 data, two-level images), "categorical" (integers 0..K−1),
+        "discretized_logistic" (pixel levels), or a plugin's (e.g. "studentt"). σ is
+        bounded below (e⁻⁶ of a column's standard deviation), so no density is unbounded.
+        "auto": for tables "diag_gaussian" (a DataFrame with categorical, string or
+        boolean columns gets "mixed": numeric columns as with "diag_gaussian", the others
+        as categoricals over the levels seen in training); for images "bernoulli" when
+        the pixels take two values, "discretized_logistic" when they lie on a lattice of
+        levels (uint8: all 256), else "diag_gaussian".
     epochs : int or "auto", default="auto"
         Maximum epochs; "auto" aims at about 3000 optimisation steps (10 to 300 epochs).
         Early stopping on a validation split usually ends sooner.
@@ -153,6 +157,20 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
     feature_names_in_ : ndarray of str
         Present when fitted on a DataFrame with string column names.
 
+    image_shape_ : tuple of int or None
+        For a model of images, the shape of one image as given, ``(H, W)`` or ``(C, H, W)``.
+    pixel_levels_ : PixelLevels or None
+        For images on a lattice of levels: the map between pixel values and levels.
+
+    Notes
+    -----
+    Input is a table (array-like or DataFrame of shape (n_samples, n_features)) or images
+    (an array of shape (n_samples, H, W) or (n_samples, C, H, W)). Per-row results of a
+    DataFrame come back as a ``pandas.Series`` with the DataFrame's index.
+
+    With a discrete likelihood (pixel levels, categories, bits) the scores are log
+    probabilities, so −score/ln 2 is the sample's code length in bits (:meth:`bits_per_dim`).
+
     Examples
     --------
     >>> import numpy as np
@@ -189,9 +207,9 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         *,
         latent_dim: int | str = "auto",
         hidden_dims: list[int] | tuple[int, ...] | str = "auto",
-        encoder: str = "mlp",
+        encoder: str = "auto",
         encoder_params: dict | None = None,
-        likelihood: str = "diag_gaussian",
+        likelihood: str = "auto",
         epochs: int | str = "auto",
         batch_size: int | str = "auto",
         learning_rate: float = 1e-3,
@@ -231,11 +249,19 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         return repr(str(names[col])) if names is not None else str(col)
 
     def _validate_input(self, X: Any, *, reset: bool) -> np.ndarray:
-        """Validated float64 array (n, d); ValueErrors name the row and column at fault.
+        """Validated float64 array (n, d), or (n, C, H, W) for images; ValueErrors name the row and column at fault.
 
         With ``reset`` (in fit), a DataFrame with categorical columns sets ``column_coder_``;
-        later calls code their categories with it.
+        later calls code their categories with it. Image input sets ``image_shape_``.
         """
+        if reset:
+            self.image_shape_ = image_input_shape(X)
+        if getattr(self, "image_shape_", None) is not None:
+            return self._validate_images(X, reset=reset)
+        if not reset and image_input_shape(X) is not None:
+            raise ValueError(
+                f"the model was fitted on a table of {self.n_features_in_} columns; got images of shape {np.shape(X)}"
+            )
         if reset:
             self.column_coder_ = ColumnCoder.fit(X) if ColumnCoder.needed(X) else None
         if getattr(self, "column_coder_", None) is not None:
@@ -267,29 +293,65 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             raise ValueError(f"column {self._column_name(col)} has no observed values (all NaN) to learn from")
         return X
 
+    def _validate_images(self, X: Any, *, reset: bool) -> np.ndarray:
+        """Images as float64 (n, C, H, W); the dtype is remembered in fit so outputs come back in it."""
+        shape = image_input_shape(X)
+        images = np.asarray(X)
+        if not reset and shape != self.image_shape_:
+            got = "a table" if shape is None else f"images of shape {shape}"
+            raise ValueError(f"the model was fitted on images of shape {self.image_shape_}; got {got}")
+        if images.dtype != np.bool_ and not _is_numeric_dtype(images.dtype):
+            raise ValueError(f"images must hold numbers or booleans, not {images.dtype}")
+        if images.shape[0] < (2 if reset else 1):
+            need = "fit needs at least 2" if reset else "nothing to score"
+            raise ValueError(f"got {images.shape[0]} image(s); {need}")
+        values = images.astype(np.float64).reshape(images.shape[0], *_chw(self.image_shape_))
+        infinite = np.isinf(values)
+        if infinite.any():
+            i, c, y, x = (int(v) for v in np.argwhere(infinite)[0])
+            raise ValueError(
+                f"image {i}, pixel (channel {c}, row {y}, column {x}) is infinite; NaN marks a missing pixel"
+            )
+        empty = np.isnan(values).reshape(len(values), -1).all(axis=1)
+        if empty.any():
+            raise ValueError(f"image {int(np.flatnonzero(empty)[0])} has no observed pixels (all NaN)")
+        if reset:
+            self.image_dtype_ = images.dtype.str
+            self.n_features_in_ = math.prod(self.image_shape_)
+            if hasattr(self, "feature_names_in_"):
+                del self.feature_names_in_
+            self.column_coder_ = None
+        return values
+
     def _to_internal(
-        self, X: np.ndarray, standardizer: Standardizer | None = None, likelihood: Likelihood | None = None
+        self,
+        X: np.ndarray,
+        standardizer: Standardizer | None = None,
+        likelihood: Likelihood | None = None,
+        pixels: PixelLevels | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The model's view of ``X``: a float64 tensor with missing entries set to 0, and the mask.
 
         Continuous likelihoods get standardised data; discrete ones are checked against
-        their support. The mask (bool, True = observed) is None when nothing is missing.
-        Uses the fitted ``standardizer_`` and likelihood unless others are given (during fit).
+        their support (images as their pixel levels). The mask (bool, True = observed) is
+        None when nothing is missing. Uses the fitted ``standardizer_``, ``pixel_levels_``
+        and likelihood unless others are given (during fit).
         """
         if likelihood is None:
             standardizer, likelihood = self.standardizer_, self.model_.likelihood
+            pixels = getattr(self, "pixel_levels_", None)
         if standardizer is not None:
-            Z = standardizer.transform(X)
-            too_big = np.abs(Z) > 1e30
+            Z = standardizer.transform(X.reshape(X.shape[0], -1)).reshape(X.shape)
+            too_big = np.abs(Z.reshape(Z.shape[0], -1)) > 1e30
             if too_big.any():
                 row, col = (int(i) for i in np.argwhere(too_big)[0])
                 raise ValueError(
-                    f"row {row}, column {self._column_name(col)} holds {X[row, col]!r}, "
+                    f"row {row}, column {self._column_name(col)} holds {X.reshape(X.shape[0], -1)[row, col]!r}, "
                     "too far from the training data to be scored in float32"
                 )
         else:
-            likelihood.check_support(X)
-            Z = X
+            Z = X if pixels is None else pixels.to_levels(X)
+            likelihood.check_support(Z)
         missing = np.isnan(Z)
         if not missing.any():
             return torch.tensor(Z, dtype=torch.float64), None
@@ -299,7 +361,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         """Per-row nats that turn internal log-densities into the data's units (observed entries only)."""
         if self.standardizer_ is None:
             return np.zeros(n_rows)
-        return self.standardizer_.log_jacobian_rows(None if mask is None else mask.numpy(), n_rows)
+        return self.standardizer_.log_jacobian_rows(None if mask is None else mask.numpy().reshape(n_rows, -1), n_rows)
 
     def _scoring_model(self) -> VAE:
         """The model as scoring uses it: a float64 copy on the CPU, float32 on an accelerator.
@@ -313,10 +375,82 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         return self.model_
 
     # -- fitting -------------------------------------------------------------------------
+    def _table_likelihood(self, X: np.ndarray) -> tuple[str, Likelihood, Standardizer | None]:
+        """The likelihood for a table (its registered name and the object) and the standardizer, if any."""
+        d = X.shape[1]
+        name = "diag_gaussian" if self.likelihood == "auto" else self.likelihood
+        lik_cls = get_part("likelihoods", name)
+        coder = self.column_coder_
+        if coder is not None:
+            if name not in ("diag_gaussian", "mixed"):
+                raise ValueError(
+                    f"categorical columns need likelihood 'auto' (the default), 'diag_gaussian' or 'mixed', "
+                    f"not {self.likelihood!r}"
+                )
+            standardizer = Standardizer.fit(
+                X, detect_lattice=self.discrete_columns == "auto", categorical=coder.categorical
+            )
+            options: dict[str, Any] = {"n_categories": coder.n_categories}
+            if standardizer.discrete.any():
+                options["bin_widths"] = standardizer.bin_widths.tolist()
+            return "mixed", get_part("likelihoods", "mixed")((d,), **options), standardizer
+        if lik_cls.discrete:
+            return name, lik_cls((d,), **lik_cls.options_from_data(X)), None
+        detect = self.discrete_columns == "auto" and lik_cls.supports_bin_widths
+        standardizer = Standardizer.fit(X, detect_lattice=detect)
+        options = lik_cls.options_from_data(X)
+        if detect and standardizer.discrete.any():
+            options["bin_widths"] = standardizer.bin_widths.tolist()
+        return name, lik_cls((d,), **options), standardizer
+
+    def _image_likelihood(self, X: np.ndarray) -> tuple[str, Likelihood, Standardizer | None, PixelLevels | None]:
+        """The likelihood for images ``X`` (n, C, H, W), with the standardizer or the pixel levels it reads."""
+        event_shape = X.shape[1:]
+        pixels = PixelLevels.fit(X, self.image_dtype_)
+        name = self.likelihood
+        if name == "auto":
+            name = "diag_gaussian" if pixels is None else "discretized_logistic"
+            if pixels is not None and pixels.n_levels == 2:
+                name = "bernoulli"
+        lik_cls = get_part("likelihoods", name)
+        if lik_cls.discrete:
+            if pixels is None:
+                raise ValueError(
+                    f"likelihood {name!r} needs pixel values on a lattice of levels (e.g. uint8 images); "
+                    "these are continuous: use likelihood='diag_gaussian'"
+                )
+            if name == "bernoulli" and pixels.n_levels != 2:
+                raise ValueError(
+                    f"likelihood 'bernoulli' is for two-level images; these have {pixels.n_levels} levels: "
+                    "use 'discretized_logistic'"
+                )
+            options = lik_cls.options_from_data(pixels.to_levels(X))
+            for key in ("n_levels", "n_categories"):  # the whole range of levels, not only those seen
+                if key in options:
+                    options[key] = pixels.n_levels
+            return name, lik_cls(event_shape, **options), None, pixels
+        # continuous models: one scale for all pixels, so the network sees the image as it is
+        d = math.prod(event_shape)
+        observed = X[~np.isnan(X)]
+        spread = float(observed.std()) if observed.size else 1.0
+        center, scale = np.full(d, float(observed.mean())), np.full(d, spread if spread > 0 else 1.0)
+        options = lik_cls.options_from_data(X.reshape(len(X), -1))
+        if pixels is not None and lik_cls.supports_bin_widths and self.discrete_columns == "auto":
+            standardizer = Standardizer(center, scale, np.full(d, pixels.origin), np.full(d, pixels.step))
+            options["bin_widths"] = standardizer.bin_widths.tolist()
+        else:
+            standardizer = Standardizer(center, scale)
+        return name, lik_cls(event_shape, **options), standardizer, None
+
     def _build_model(
-        self, likelihood: Likelihood, latent_dim: int, hidden_dims: list[int] | None, mask_input: bool = False
+        self,
+        encoder: str,
+        likelihood: Likelihood,
+        latent_dim: int,
+        hidden_dims: list[int] | None,
+        mask_input: bool = False,
     ) -> VAE:
-        family = get_part("encoders", self.encoder)
+        family = get_part("encoders", encoder)
         options = {**(self.encoder_params or {}), "output_shape": likelihood.event_shape}
         if hidden_dims is not None:
             options["hidden_dims"] = list(hidden_dims)
@@ -326,7 +460,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         try:
             enc, dec = family(input_shape, latent_dim, likelihood.param_count, **options)
         except TypeError as exc:
-            raise ValueError(f"encoder {self.encoder!r} does not accept these options: {exc}") from exc
+            raise ValueError(f"encoder {encoder!r} does not accept these options: {exc}") from exc
         return VAE(enc, dec, likelihood, latent_dim, mask_input=mask_input)
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -346,40 +480,21 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         if self.offset is not None and not np.isfinite(self.offset):
             raise ValueError(f"offset must be a finite number of nats, got {self.offset!r}")
         X = self._validate_input(X, reset=True)
-        n, d = X.shape
-        lik_cls = get_part("likelihoods", self.likelihood)
+        n, d = X.shape[0], self.n_features_in_
         if self.hidden_dims != "auto" and (
             not self.hidden_dims or not all(isinstance(h, Integral) and h > 0 for h in self.hidden_dims)
         ):
             raise ValueError(
                 f"hidden_dims must be 'auto' or a non-empty list of positive integers, got {self.hidden_dims!r}"
             )
-        coder = self.column_coder_
-        if coder is not None:
-            if self.likelihood not in ("diag_gaussian", "mixed"):
-                raise ValueError(
-                    f"categorical columns need likelihood 'diag_gaussian' (the default) or 'mixed', "
-                    f"not {self.likelihood!r}"
-                )
-            lik_cls = get_part("likelihoods", "mixed")
-            standardizer = Standardizer.fit(
-                X, detect_lattice=self.discrete_columns == "auto", categorical=coder.categorical
-            )
-            options = {"n_categories": coder.n_categories}
-            if standardizer.discrete.any():
-                options["bin_widths"] = standardizer.bin_widths.tolist()
-            likelihood = lik_cls((d,), **options)
-        elif lik_cls.discrete:
-            standardizer = None
-            likelihood = lik_cls((d,), **lik_cls.options_from_data(X))
+        images = self.image_shape_ is not None
+        if images:
+            likelihood_name, likelihood, standardizer, pixels = self._image_likelihood(X)
         else:
-            detect = self.discrete_columns == "auto" and lik_cls.supports_bin_widths
-            standardizer = Standardizer.fit(X, detect_lattice=detect)
-            options = lik_cls.options_from_data(X)
-            if detect and standardizer.discrete.any():
-                options["bin_widths"] = standardizer.bin_widths.tolist()
-            likelihood = lik_cls((d,), **options)
-        x, mask = self._to_internal(X, standardizer, likelihood)
+            likelihood_name, likelihood, standardizer = self._table_likelihood(X)
+            pixels = None
+        encoder = self.encoder if self.encoder != "auto" else ("conv" if images else "mlp")
+        x, mask = self._to_internal(X, standardizer, likelihood, pixels)
         mask_input = mask is not None
         rng = check_random_state(self.random_state)
         fit_seed, score_seed = (int(s) for s in rng.randint(0, 2**31 - 1, size=2))
@@ -399,18 +514,20 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         generator = torch.Generator(device="cpu").manual_seed(fit_seed)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(fit_seed)  # the CPU generator only: init runs there
-            model = self._build_model(likelihood, latent_dim, hidden, mask_input)
+            model = self._build_model(encoder, likelihood, latent_dim, hidden, mask_input)
         history = train(model, x, config, generator=generator, device=device, verbose=bool(self.verbose), mask=mask)
         # Fitted state is set only once training has succeeded.
         self.standardizer_ = standardizer
+        self.pixel_levels_ = pixels
         self.model_ = model
         self.model_spec_ = {
-            "encoder": self.encoder,
-            "likelihood": "mixed" if coder is not None else self.likelihood,
+            "encoder": encoder,
+            "likelihood": likelihood_name,
             "likelihood_options": likelihood.config(),
             "latent_dim": int(latent_dim),
             "hidden_dims": hidden,
             "n_features": int(d),
+            "event_shape": list(likelihood.event_shape),
             "mask_input": mask_input,
         }
         self.latent_dim_ = int(latent_dim)
@@ -531,6 +648,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         Returns
         -------
         log_px : ndarray of shape (n_samples,)
+            (a Series with the index of ``X`` when ``X`` is a DataFrame, as for every per-row result)
         std : ndarray of shape (n_samples,), only when ``return_std``
         """
         check_is_fitted(self)
@@ -540,7 +658,9 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         x, mask = self._to_internal(self._validate_input(X, reset=False))
         result = self._log_likelihood_internal(x, mask, k, return_std)
         value = result.value + self._log_jacobian_rows(mask, x.shape[0])
-        return (value, result.std) if return_std else value
+        if return_std:
+            return _per_row(value, X, "log_likelihood"), _per_row(result.std, X, "log_likelihood_std")
+        return _per_row(value, X, "log_likelihood")
 
     def score_samples(self, X: Any) -> np.ndarray:
         """Estimated log p(x) per row (nats, data units, K = ``n_importance_samples``); higher = more normal.
@@ -558,11 +678,24 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
     def decision_function(self, X: Any) -> np.ndarray:
         """``score_samples(X) - offset_``: negative for outliers, shape (n_samples,)."""
         check_is_fitted(self)
-        return self.score_samples(X) - self.offset_
+        return _per_row(np.asarray(self.score_samples(X)) - self.offset_, X, "decision")
 
     def predict(self, X: Any) -> np.ndarray:
         """+1 for inliers, −1 for outliers, shape (n_samples,)."""
-        return np.where(self.decision_function(X) < 0, -1, 1)
+        return _per_row(np.where(np.asarray(self.decision_function(X)) < 0, -1, 1), X, "label")
+
+    def bits_per_dim(self, X: Any, n_samples: int | None = None) -> np.ndarray:
+        """−log₂ p(x) per observed element (bits/dim), shape (n_samples,).
+
+        For a discrete model (pixel levels, bits, categories) this is the code length an
+        entropy coder driven by the model would approach; for densities it is the
+        differential analogue (it depends on the data's units).
+        """
+        check_is_fitted(self)
+        log_px = np.asarray(self.log_likelihood(X, n_samples=n_samples))
+        values = self._validate_input(X, reset=False)
+        observed = (~np.isnan(values)).reshape(len(values), -1).sum(axis=1)
+        return _per_row(-log_px / (observed * math.log(2)), X, "bits_per_dim")
 
     def elbo(self, X: Any, n_samples: int | None = None) -> np.ndarray:
         """The evidence lower bound per row (nats, data units): E_q[log p(x|z)] − KL(q ‖ p).
@@ -575,7 +708,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         x, mask = self._to_internal(self._validate_input(X, reset=False))
         eps = common_random_numbers(k, self.latent_dim_, self.score_seed_)
         value = evidence_lower_bound(self._scoring_model(), x, eps, mask=mask, device=self.device_)
-        return value + self._log_jacobian_rows(mask, x.shape[0])
+        return _per_row(value + self._log_jacobian_rows(mask, x.shape[0]), X, "elbo")
 
     def feature_scores(self, X: Any) -> pd.DataFrame:
         """Which columns make each row unlikely: per-column log-likelihood contributions.
@@ -594,14 +727,19 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         -------
         DataFrame of shape (n_samples, n_features)
             Columns named like the training data's; the index of ``X`` when it is a DataFrame.
+            For images: an array shaped like the images (n_samples, H, W) or
+            (n_samples, C, H, W), a map of each pixel's contribution.
         """
         check_is_fitted(self)
         index = X.index if isinstance(X, pd.DataFrame) else None
         x, mask = self._to_internal(self._validate_input(X, reset=False))
         eps = common_random_numbers(self.n_importance_samples, self.latent_dim_, self.score_seed_)
         shares = per_feature_log_likelihood(self._scoring_model(), x, eps, mask=mask, device=self.device_)
+        shares = shares.reshape(len(shares), -1)
         if self.standardizer_ is not None:
             shares = shares + np.where(self.standardizer_.discrete, 0.0, -np.log(self.standardizer_.scale))
+        if self.image_shape_ is not None:
+            return shares.reshape(len(shares), *self.image_shape_)
         names = getattr(self, "feature_names_in_", None)
         columns = list(names) if names is not None else [f"x{j}" for j in range(self.n_features_in_)]
         return pd.DataFrame(shares, columns=columns, index=index)
@@ -613,11 +751,13 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         return posterior_means(self._scoring_model(), x, mask=mask, device=self.device_)
 
     @torch.no_grad()
-    def sample(self, n_samples: int = 1, random_state: int | None = None) -> np.ndarray:
-        """Draw ``n_samples`` rows from the model p(x), shape (n_samples, n_features), data units.
+    def sample(self, n_samples: int = 1, random_state: int | None = None) -> np.ndarray | pd.DataFrame:
+        """Draw ``n_samples`` samples from the model p(x), in the data's units and form.
 
-        Lattice-valued (discrete) columns are returned on their lattice; a model fitted on
-        a DataFrame with categorical columns returns a DataFrame with their labels.
+        Rows of shape (n_samples, n_features) for a table: lattice-valued (discrete)
+        columns on their lattice, and a DataFrame with the categories' labels for a model
+        fitted on a DataFrame with categorical columns. Images of the training images'
+        shape, dtype and range, e.g. uint8 in [0, 255].
         """
         check_is_fitted(self)
         if not isinstance(n_samples, Integral) or n_samples < 1:
@@ -630,6 +770,37 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             z = torch.randn(int(n_samples), self.latent_dim_).to(device)
             self.model_.eval()
             x = self.model_.likelihood.sample(self.model_.decode(z)).double().cpu().numpy()
+        return self._from_internal(x)
+
+    @torch.no_grad()
+    def reconstruct(self, X: Any) -> np.ndarray | pd.DataFrame:
+        """The decoder's mean at each sample's posterior mean, in the form of :meth:`sample`.
+
+        Discrete values (pixel levels, lattice columns, categories) are rounded to the
+        nearest level; images come back in their dtype and range. Missing entries of
+        ``X`` are filled in by the model (an imputation). Shape as ``X``.
+        """
+        check_is_fitted(self)
+        x, mask = self._to_internal(self._validate_input(X, reset=False))
+        model = self._scoring_model()
+        z = torch.from_numpy(posterior_means(model, x, mask=mask, device=self.device_))
+        mean = model.likelihood.mean(model.decode(z.to(self.device_, next(model.parameters()).dtype)))
+        out = self._from_internal(mean.double().cpu().numpy())
+        if isinstance(out, pd.DataFrame) and isinstance(X, pd.DataFrame):
+            out.index = X.index
+        elif isinstance(X, pd.DataFrame):
+            out = pd.DataFrame(out, index=X.index, columns=X.columns)
+        return out
+
+    def _from_internal(self, x: np.ndarray) -> np.ndarray | pd.DataFrame:
+        """Model-space values (n, *event_shape) back in the user's units, dtype and form."""
+        if self.image_shape_ is not None:
+            if self.pixel_levels_ is not None:
+                images = self.pixel_levels_.to_values(x)
+            else:
+                images = self.standardizer_.inverse_transform(x.reshape(len(x), -1))
+                images = self.standardizer_.snap(images).astype(np.dtype(self.image_dtype_))
+            return images.reshape(len(x), *self.image_shape_)
         if self.standardizer_ is None:
             return x
         x = self.standardizer_.snap(self.standardizer_.inverse_transform(x))
@@ -662,6 +833,9 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
                 "latent_dim_": int(self.latent_dim_),
                 "n_features_in_": int(self.n_features_in_),
                 "feature_names_in_": [str(c) for c in getattr(self, "feature_names_in_", [])] or None,
+                "image_shape_": None if self.image_shape_ is None else list(self.image_shape_),
+                "image_dtype_": getattr(self, "image_dtype_", None),
+                "pixel_levels_": None if self.pixel_levels_ is None else dataclasses.asdict(self.pixel_levels_),
                 "best_epoch": self.history_.best_epoch,
                 "stopped_early": self.history_.stopped_early,
             },
@@ -686,8 +860,11 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         spec = config["model"]
         fitted = config["fitted"]
         lik_cls = get_part("likelihoods", spec["likelihood"])
-        likelihood = lik_cls((spec["n_features"],), **spec["likelihood_options"])
-        model = est._build_model(likelihood, spec["latent_dim"], spec["hidden_dims"], spec.get("mask_input", False))
+        event_shape = tuple(spec.get("event_shape") or (spec["n_features"],))
+        likelihood = lik_cls(event_shape, **spec["likelihood_options"])
+        model = est._build_model(
+            spec["encoder"], likelihood, spec["latent_dim"], spec["hidden_dims"], spec.get("mask_input", False)
+        )
         state = {k[len("model.") :]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("model.")}
         try:
             model.load_state_dict(state)
@@ -706,6 +883,11 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             if "standardizer.center" in arrays
             else None
         )
+        est.image_shape_ = None if fitted.get("image_shape_") is None else tuple(fitted["image_shape_"])
+        if fitted.get("image_dtype_") is not None:
+            est.image_dtype_ = str(fitted["image_dtype_"])
+        levels = fitted.get("pixel_levels_")
+        est.pixel_levels_ = None if levels is None else PixelLevels(**levels)
         est.offset_ = float(fitted["offset_"])
         est.threshold_rule_ = dict(fitted["threshold_rule_"])
         coder = fitted.get("column_coder_")
@@ -723,6 +905,57 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         )
         est.fingerprint_ = digest
         return est
+
+
+def _per_row(values: np.ndarray, X: Any, name: str) -> np.ndarray | pd.Series:
+    """``values`` as a Series with the index of ``X`` when ``X`` is a DataFrame; else as they are."""
+    return pd.Series(values, index=X.index, name=name) if isinstance(X, pd.DataFrame) else values
+
+
+def image_input_shape(X: Any) -> tuple[int, ...] | None:
+    """The shape of one image, ``(H, W)`` or ``(C, H, W)``, when ``X`` is a batch of images; None for a table.
+
+    Images are arrays of shape (n, H, W) or (n, C, H, W), or a list of equally shaped 2-D
+    or 3-D arrays. Raises ``ValueError`` for images of mixed sizes, more than four
+    dimensions, or sides shorter than 2 pixels.
+    """
+    if isinstance(X, (pd.DataFrame, pd.Series)) or hasattr(X, "tocsr"):
+        return None
+    if isinstance(X, (list, tuple)) and X and all(hasattr(im, "shape") for im in X):
+        shapes = [tuple(np.shape(im)) for im in X]
+        if len({len(sh) for sh in shapes}) == 1 and len(shapes[0]) >= 2:
+            differs = [i for i, sh in enumerate(shapes) if sh != shapes[0]]
+            if differs:
+                i = differs[0]
+                raise ValueError(
+                    f"images of mixed sizes: image 0 has shape {shapes[0]}, image {i} has shape {shapes[i]}; "
+                    "resize or pad them to one size first"
+                )
+            return shapes[0]
+        return None
+    shape = np.shape(X) if hasattr(X, "shape") else None
+    if shape is None:
+        try:
+            shape = np.shape(np.asarray(X, dtype=object))
+        except ValueError:
+            return None
+    if len(shape) <= 2:
+        return None
+    if len(shape) > 4:
+        raise ValueError(f"images must have shape (n, H, W) or (n, C, H, W); got {len(shape)} dimensions {shape}")
+    if len(shape) == 4 and shape[1] > 4 and shape[3] in (1, 3, 4):
+        raise ValueError(
+            f"images of shape {shape} look channels-last (n, H, W, C); vaeguard reads (n, C, H, W): "
+            "pass np.moveaxis(X, -1, 1)"
+        )
+    if min(shape[-2:]) < 2:
+        raise ValueError(f"images must be at least 2×2 pixels; got shape {shape}")
+    return tuple(int(v) for v in shape[1:])
+
+
+def _chw(image_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """``(C, H, W)`` of an image shape ``(H, W)`` or ``(C, H, W)``."""
+    return (1, *image_shape) if len(image_shape) == 2 else tuple(image_shape)  # type: ignore[return-value]
 
 
 def _is_numeric_dtype(dtype: Any) -> bool:

@@ -210,3 +210,69 @@ class ColumnCoder:
                 idx = np.clip(np.round(frame[name].to_numpy()), 0, len(vocab) - 1).astype(int)
                 frame[name] = pd.Categorical.from_codes(idx, categories=vocab)
         return frame
+
+
+#: Integer image dtypes with at most this many values are modelled over their whole range (uint8: 256 levels).
+MAX_DTYPE_LEVELS = 1024
+
+
+@dataclass
+class PixelLevels:
+    """Image values ↔ integer levels 0 .. n_levels−1, with value = origin + level·step.
+
+    Binary images (two distinct values, or bool) have two levels. Images of a small integer
+    dtype (uint8, int8) are otherwise modelled over the dtype's whole range, so any value
+    the dtype can hold can be scored. Other images are on a lattice
+    when their values are origin + k·step (:func:`lattice_steps` over all pixels); the
+    levels then run from the smallest to the largest value seen in training.
+    """
+
+    origin: float
+    step: float
+    n_levels: int
+    dtype: str
+
+    @classmethod
+    def fit(cls, images: np.ndarray, dtype: Any) -> PixelLevels | None:
+        """The levels of ``images`` (float64 values, any shape), or None for continuous pixel values."""
+        dtype = np.dtype(dtype)
+        values = np.unique(images[~np.isnan(images)])
+        if dtype == np.bool_ or values.size == 2:  # binary images, whatever their dtype: two levels
+            low, high = (0.0, 1.0) if values.size < 2 else (float(values[0]), float(values[1]))
+            return cls(low, high - low, 2, dtype.str)
+        if np.issubdtype(dtype, np.integer) and int(np.iinfo(dtype).max) - int(np.iinfo(dtype).min) < MAX_DTYPE_LEVELS:
+            info = np.iinfo(dtype)
+            return cls(float(info.min), 1.0, int(info.max) - int(info.min) + 1, dtype.str)
+        step = float(lattice_steps(values[:, None])[0]) if values.size >= 2 else 0.0
+        if step <= 0:
+            return None
+        return cls(float(values[0]), step, int(np.round((values[-1] - values[0]) / step)) + 1, dtype.str)
+
+    def to_levels(self, images: np.ndarray) -> np.ndarray:
+        """Levels (float64, NaN kept) of ``images`` of shape (n, C, H, W).
+
+        Raises ``ValueError`` naming the image and pixel of the first value that is not one
+        of the levels.
+        """
+        levels = (images - self.origin) / self.step
+        rounded = np.round(levels)
+        bad = (np.abs(levels - rounded) > 1e-6 * max(1.0, self.n_levels)) | (rounded < 0) | (rounded >= self.n_levels)
+        bad &= ~np.isnan(images)
+        if bad.any():
+            i, c, y, x = (int(v) for v in np.argwhere(bad)[0])
+            top = self.origin + (self.n_levels - 1) * self.step
+            raise ValueError(
+                f"image {i}, pixel (channel {c}, row {y}, column {x}) holds {images[i, c, y, x]:g}, which is not "
+                f"one of the {self.n_levels} levels the model knows ({self.origin:g}, {self.origin + self.step:g}, "
+                f"..., {top:g}); pass images of an integer dtype such as uint8 to model the dtype's whole range"
+            )
+        return rounded
+
+    def to_values(self, levels: np.ndarray) -> np.ndarray:
+        """Images in the user's units and dtype from (possibly fractional) levels, rounded to the nearest level."""
+        levels = np.clip(np.round(levels), 0, self.n_levels - 1)
+        values = self.origin + levels * self.step
+        dtype = np.dtype(self.dtype)
+        if dtype == np.bool_:
+            return values > 0.5
+        return values.astype(dtype) if np.issubdtype(dtype, np.number) else values

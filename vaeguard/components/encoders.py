@@ -1,5 +1,5 @@
-"""Built-in network families: ``mlp`` (an MLP encoder and its mirrored decoder) and ``temporal``
-(1-D convolutions over windows of a series)."""
+"""Built-in network families: ``mlp`` (an MLP encoder and its mirrored decoder), ``conv``
+(2-D convolutions over images) and ``temporal`` (1-D convolutions over windows of a series)."""
 
 from __future__ import annotations
 
@@ -93,6 +93,7 @@ def mlp(
 def vaeguard_register_encoders(register):
     register("mlp", mlp)
     register("temporal", temporal)
+    register("conv", conv)
 
 
 class TemporalEncoder(nn.Module):
@@ -188,4 +189,140 @@ def temporal(
     return (
         TemporalEncoder(window, channels, blocks, width, latent_dim),
         TemporalDecoder(window, channels, n_params, width, latent_dim),
+    )
+
+
+#: The conv family halves the image until both sides are at most this size.
+CONV_FINAL_SIZE = 4
+#: Channels per downsampling stage of the conv family (the last entry repeats for larger images).
+CONV_CHANNELS = (32, 64, 128)
+#: Width of the fully connected layer between the convolutions and the latent code.
+CONV_DENSE = 256
+
+
+def conv_stage_sizes(height: int, width: int) -> list[tuple[int, int]]:
+    """Spatial sizes after each stride-2 convolution: at least one, halving (rounding up) until both sides are ≤ 4."""
+    sizes = []
+    while not sizes or max(height, width) > CONV_FINAL_SIZE:
+        height, width = (height + 1) // 2, (width + 1) // 2
+        sizes.append((height, width))
+    return sizes
+
+
+class ConvEncoder(nn.Module):
+    """``(batch, k·C·H·W)`` or ``(batch, k·C, H, W)`` → ``(batch, 2·latent_dim)`` by stride-2 convolutions.
+
+    The input is read as ``k`` channel blocks of the image (k = 2 when the observation
+    mask is appended).
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], blocks: int, channels: list[int], latent_dim: int) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        self.in_shape = (blocks * c, h, w)
+        sizes = conv_stage_sizes(h, w)
+        layers: list[nn.Module] = [nn.Conv2d(blocks * c, channels[0], 3, padding=1), nn.SiLU()]
+        previous = channels[0]
+        for width in channels:
+            layers += [nn.Conv2d(previous, width, 3, stride=2, padding=1), nn.SiLU()]
+            previous = width
+        fh, fw = sizes[-1]
+        layers += [
+            nn.Flatten(),
+            nn.Linear(previous * fh * fw, CONV_DENSE),
+            nn.SiLU(),
+            nn.Linear(CONV_DENSE, 2 * latent_dim),
+        ]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.reshape(x.shape[0], *self.in_shape))
+
+
+class ConvDecoder(nn.Module):
+    """``(batch, latent_dim)`` → ``(batch, n_params, C, H, W)`` by transposed convolutions that mirror the encoder.
+
+    Each transposed convolution restores the exact size its encoder stage halved, so any
+    H × W ≥ 1 comes back without cropping.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], channels: list[int], n_params: int, latent_dim: int) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        self.n_params, self.image_shape = n_params, (c, h, w)
+        sizes = [(h, w), *conv_stage_sizes(h, w)]
+        self.start = (channels[-1], *sizes[-1])
+        layers: list[nn.Module] = [
+            nn.Linear(latent_dim, CONV_DENSE),
+            nn.SiLU(),
+            nn.Linear(CONV_DENSE, math.prod(self.start)),
+            nn.SiLU(),
+            nn.Unflatten(-1, self.start),
+        ]
+        widths = [*channels[::-1], channels[0]]
+        for i, (target, source) in enumerate(zip(sizes[-2::-1], sizes[:0:-1], strict=True)):
+            padding = tuple(t - (2 * s - 1) for t, s in zip(target, source, strict=True))
+            layers += [
+                nn.ConvTranspose2d(widths[i], widths[i + 1], 3, stride=2, padding=1, output_padding=padding),
+                nn.SiLU(),
+            ]
+        layers.append(nn.Conv2d(widths[len(sizes) - 1], n_params * c, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z).reshape(z.shape[0], self.n_params, *self.image_shape)
+
+
+def conv(
+    input_shape: tuple[int, ...],
+    latent_dim: int,
+    n_params: int,
+    *,
+    output_shape: tuple[int, ...] | None = None,
+    hidden_dims: Sequence[int] | None = None,
+) -> tuple[nn.Module, nn.Module]:
+    """The ``conv`` family for images ``(C, H, W)``: stride-2 convolutions down to at most 4 × 4, then a dense layer.
+
+    An 8 × 8 image takes one downsampling stage, 28 × 28 and 32 × 32 three, 64 × 64 four;
+    the decoder mirrors the encoder with transposed convolutions.
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        The encoder's input per sample: the image ``(C, H, W)``, or any shape holding
+        ``k·C·H·W`` values (k image-shaped blocks, e.g. the image and its mask).
+    latent_dim, n_params : int
+    output_shape : tuple of int, optional
+        The image shape ``(C, H, W)`` (or ``(H, W)``); defaults to ``input_shape``.
+    hidden_dims : sequence of int, optional
+        Channels per downsampling stage, one entry per stage (default 32, 64, 128, 128, ...).
+    """
+    output_shape = tuple(int(s) for s in (output_shape or input_shape))
+    if len(output_shape) == 2:
+        output_shape = (1, *output_shape)
+    if len(output_shape) != 3:
+        raise ValueError(f"the 'conv' family needs images of shape (C, H, W); got {output_shape}")
+    values = math.prod(output_shape)
+    blocks = math.prod(input_shape) // values
+    if blocks < 1 or blocks * values != math.prod(input_shape):
+        raise ValueError(
+            f"the 'conv' family reads its input as image-shaped blocks of {output_shape}; "
+            f"an input of shape {tuple(input_shape)} does not divide into them (one-hot inputs such as the "
+            "'categorical' likelihood's need the 'mlp' family)"
+        )
+    if len(input_shape) > 3 and tuple(input_shape[:3]) == output_shape:
+        raise ValueError("the 'conv' family cannot read one-hot inputs (the 'categorical' likelihood); use 'mlp'")
+    stages = len(conv_stage_sizes(*output_shape[1:]))
+    if hidden_dims is not None:
+        channels = [int(c) for c in hidden_dims]
+        if len(channels) != stages or min(channels) < 1:
+            raise ValueError(
+                f"hidden_dims for the 'conv' family gives channels per downsampling stage: "
+                f"{stages} positive integers for {output_shape[1]}×{output_shape[2]} images, got {list(hidden_dims)}"
+            )
+    else:
+        channels = [CONV_CHANNELS[min(i, len(CONV_CHANNELS) - 1)] for i in range(stages)]
+    return (
+        ConvEncoder(output_shape, blocks, channels, latent_dim),
+        ConvDecoder(output_shape, channels, n_params, latent_dim),
     )

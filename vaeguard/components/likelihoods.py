@@ -1,4 +1,5 @@
-"""Built-in observation models p(x|z): gaussian, diag_gaussian, bernoulli, categorical.
+"""Built-in observation models p(x|z): gaussian, diag_gaussian, bernoulli, categorical,
+mixed (tabular columns of several kinds) and discretized_logistic (8-bit and other pixel levels).
 
 A likelihood turns the decoder's output ``params`` of shape
 ``(..., n_params, *event_shape)`` into a normalised distribution over ``x`` of shape
@@ -386,6 +387,100 @@ class MixedLikelihood(DiagGaussianLikelihood):
         return torch.where(self.is_categorical, levels, super().sample(params))
 
 
+#: Bounds on the logistic's log-scale, in units where the levels span [−1, 1].
+LOGISTIC_LOG_SCALE_MIN = -7.0
+LOGISTIC_LOG_SCALE_MAX = 2.0
+
+
+class DiscretizedLogisticLikelihood(Likelihood):
+    """Pixel levels ``0 .. n_levels-1`` (e.g. 256 for 8-bit images) under a discretised logistic; a mass function.
+
+    Each element's level k is scored by the logistic mass of its cell: with the levels
+    mapped to x = 2k/(L−1) − 1 in [−1, 1] and half-width h = 1/(L−1),
+    P(k) = F((x + h − μ)/s) − F((x − h − μ)/s), where the lowest level takes all mass
+    below its cell and the highest all mass above (as in PixelCNN++). The masses of the
+    L levels sum to one, so −log₂ P is an exact code length in bits. The decoder gives
+    μ and log s per element (log s bounded to [−7, 2]).
+
+    Parameters
+    ----------
+    event_shape : tuple of int
+        Shape of one sample, e.g. ``(channels, height, width)``.
+    n_levels : int
+        Number of levels L ≥ 2; the data must hold integers in ``[0, L)``.
+    """
+
+    n_params = 2
+    discrete = True
+
+    def __init__(self, event_shape: tuple[int, ...], n_levels: int = 256) -> None:
+        super().__init__(event_shape)
+        if int(n_levels) < 2:
+            raise ValueError(f"likelihood 'discretized_logistic' needs n_levels >= 2, got {n_levels}")
+        self.n_levels = int(n_levels)
+
+    @classmethod
+    def options_from_data(cls, X: np.ndarray) -> dict[str, Any]:
+        observed = X[~np.isnan(X)]
+        return {"n_levels": max(2, int(np.max(observed)) + 1) if observed.size else 2}
+
+    def config(self) -> dict[str, Any]:
+        return {"n_levels": self.n_levels}
+
+    def check_support(self, X: np.ndarray) -> None:
+        bad = ((X < 0) | (self.n_levels <= X) | (np.round(X) != X)) & ~np.isnan(X)  # NaN = missing
+        if bad.any():
+            row, col = _first_bad_entry(bad)
+            value = X.reshape(X.shape[0], -1)[row, col]
+            raise ValueError(
+                f"likelihood 'discretized_logistic' needs integer levels in [0, {self.n_levels}); "
+                f"sample {row}, element {col} holds {float(value):g}"
+            )
+
+    def encoder_input(self, x: Tensor) -> Tensor:
+        return self._scaled(x)
+
+    def _scaled(self, levels: Tensor) -> Tensor:
+        return levels * (2.0 / (self.n_levels - 1)) - 1.0
+
+    def loc_log_scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        """μ and log s in the [−1, 1] units of the levels, each ``(..., *event_shape)``."""
+        log_scale = soft_clamp(self.param(params, 1), LOGISTIC_LOG_SCALE_MIN, LOGISTIC_LOG_SCALE_MAX)
+        return self.param(params, 0), log_scale
+
+    def per_feature_log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        loc, log_scale = self.loc_log_scale(params)
+        inv_scale = torch.exp(-log_scale)
+        half = 1.0 / (self.n_levels - 1)
+        centered = self._scaled(x) - loc
+        upper = (centered + half) * inv_scale  # F(upper) − F(lower) is the cell's mass
+        lower = (centered - half) * inv_scale
+        log_below = nn.functional.logsigmoid(upper)  # lowest level: all mass below its upper edge
+        log_above = nn.functional.logsigmoid(-lower)  # highest level: all mass above its lower edge
+        # σ(a) − σ(b) = σ(a)·σ(−b)·(1 − e^(b−a)): stable for cells far in either tail
+        log_cell = log_below + log_above + log1mexp(-2.0 * half * inv_scale)
+        lowest, highest = x <= 0, x >= self.n_levels - 1
+        return torch.where(lowest, log_below, torch.where(highest, log_above, log_cell))
+
+    def mean(self, params: Tensor) -> Tensor:
+        """E[level] = Σ_{k < L−1} P(level > k), exact for the discretised distribution."""
+        loc, log_scale = self.loc_log_scale(params)
+        inv_scale = torch.exp(-log_scale)
+        half = 1.0 / (self.n_levels - 1)
+        total = torch.zeros_like(loc)
+        for k in range(self.n_levels - 1):
+            edge = (k * 2.0 / (self.n_levels - 1) - 1.0) + half
+            total = total + torch.sigmoid(-(edge - loc) * inv_scale)
+        return total
+
+    def sample(self, params: Tensor) -> Tensor:
+        """Inverse-CDF draws: a logistic variate, rounded to its level and clamped to [0, L−1]."""
+        loc, log_scale = self.loc_log_scale(params)
+        u = torch.rand_like(loc).clamp(1e-7, 1 - 1e-7)
+        value = loc + log_scale.exp() * (torch.log(u) - torch.log1p(-u))
+        return torch.round((value + 1.0) * (self.n_levels - 1) / 2.0).clamp(0, self.n_levels - 1)
+
+
 def standard_normal_log_prob(z: Tensor) -> Tensor:
     """log N(z; 0, I) summed over the last dimension, nats."""
     return -0.5 * (z.square().sum(-1) + z.shape[-1] * math.log(2 * math.pi))
@@ -398,3 +493,4 @@ def vaeguard_register_likelihoods(register):
     register("bernoulli", BernoulliLikelihood)
     register("categorical", CategoricalLikelihood)
     register("mixed", MixedLikelihood)
+    register("discretized_logistic", DiscretizedLogisticLikelihood)
