@@ -1,6 +1,6 @@
 import pytest
 
-from vaeguard import VAEAnomalyDetector
+from vaeguard import VAEAnomalyDetector, VAETimeSeriesDetector
 from vaeguard.presets import list_presets, read_preset
 
 
@@ -9,6 +9,16 @@ def test_tabular_preset_spells_out_the_defaults():
     defaults = VAEAnomalyDetector().get_params()
     assert all(defaults[k] == v for k, v in preset["params"].items()), "configs/tabular.toml drifted from the defaults"
     assert VAEAnomalyDetector.from_config("tabular").get_params() == defaults
+
+
+def test_timeseries_preset_spells_out_its_defaults_and_belongs_to_its_estimator():
+    defaults = VAETimeSeriesDetector().get_params()
+    assert VAETimeSeriesDetector.from_config("timeseries").get_params() == defaults
+    assert VAETimeSeriesDetector.from_config("timeseries", window=100).window == 100
+    with pytest.raises(ValueError, match="preset 'timeseries' is for VAETimeSeriesDetector, not VAEAnomalyDetector"):
+        VAEAnomalyDetector.from_config("timeseries")
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) latent_dim .*allowed: contamination"):
+        VAETimeSeriesDetector.from_config("timeseries", latent_dim=3)
 
 
 def test_from_config_with_overrides_and_a_file(tmp_path):

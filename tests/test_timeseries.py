@@ -75,3 +75,19 @@ def test_bad_series(fitted):
 def test_contamination_of_training_steps_is_honoured_despite_ties(fitted):
     flagged = (fitted.predict(sine(1500)[:, 0]) == -1).mean()
     assert 0.01 <= flagged <= 0.1
+
+
+def test_the_detector_round_trips_through_a_model_file(fitted, tmp_path):
+    from vaeguard import load
+
+    path = tmp_path / "series.h5"
+    digest = fitted.save(path)
+    again = load(path, device="cpu")
+    assert isinstance(again, VAETimeSeriesDetector) and again.fingerprint_ == digest
+    assert (again.window_, again.n_channels_, again.offset_) == (fitted.window_, fitted.n_channels_, fitted.offset_)
+    series = sine(300, seed=5)[:, 0]
+    assert np.array_equal(again.score_samples(series), fitted.score_samples(series))
+    assert again.get_params() == fitted.get_params()
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError):
+        load(path)

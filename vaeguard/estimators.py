@@ -24,6 +24,7 @@ from vaeguard.components.likelihoods import Likelihood
 from vaeguard.model import VAE
 from vaeguard.plugins import get_part
 from vaeguard.preprocessing import ColumnCoder, PixelLevels, Standardizer
+from vaeguard.presets import PresetMixin
 from vaeguard.scoring import (
     common_random_numbers,
     evidence_lower_bound,
@@ -63,7 +64,7 @@ def auto_epochs(n: int, batch_size: int) -> int:
     return int(min(300, max(10, math.ceil(AUTO_STEPS / steps_per_epoch))))
 
 
-class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, OutlierMixin, BaseEstimator):
+class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, OutlierMixin, BaseEstimator):
     """Anomaly detection by the importance-sampled log-likelihood of a variational autoencoder.
 
     The model p(x) = ∫ p(x|z) p(z) dz is trained by maximising the ELBO; each sample is
@@ -580,34 +581,6 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
         self.threshold_rule_ = {"rule": "fpr", "fpr": float(fpr), "n_normal_rows": len(scores)}
         return self
 
-    @classmethod
-    def from_config(cls, name_or_path: str | os.PathLike[str], **overrides: Any) -> VAEAnomalyDetector:
-        """An unfitted estimator from a preset (``configs/NAME.toml``) or a ``.toml`` file.
-
-        Keyword arguments override the preset. Unknown parameters are a ``ValueError``
-        that names them and lists the allowed ones.
-
-        Examples
-        --------
-        >>> from vaeguard import VAEAnomalyDetector
-        >>> VAEAnomalyDetector.from_config("tabular-fast", random_state=0).epochs
-        30
-        """
-        from vaeguard.presets import read_preset
-
-        preset = read_preset(name_or_path)
-        if preset["estimator"] not in (None, cls.__name__):
-            raise ValueError(f"preset {str(name_or_path)!r} is for {preset['estimator']}, not {cls.__name__}")
-        params = {**preset["params"], **overrides}
-        allowed = cls().get_params()
-        unknown = sorted(set(params) - set(allowed))
-        if unknown:
-            raise ValueError(
-                f"unknown parameter(s) {', '.join(unknown)} in preset {str(name_or_path)!r}; "
-                f"allowed: {', '.join(sorted(allowed))}"
-            )
-        return cls(**params)
-
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "offset_")  # set last in fit, after training succeeded
 
@@ -816,6 +789,12 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write the fitted model to an HDF5 model file atomically; returns its SHA-256 fingerprint."""
         check_is_fitted(self)
+        config, arrays = self._model_file_contents()
+        self.fingerprint_ = storage.write_model_file(path, config, arrays)
+        return self.fingerprint_
+
+    def _model_file_contents(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The JSON configuration and the named arrays that :meth:`save` writes."""
         params = self.get_params()
         if not (params["random_state"] is None or isinstance(params["random_state"], Integral)):
             params["random_state"] = None
@@ -849,8 +828,7 @@ class VAEAnomalyDetector(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Outl
             if self.standardizer_.step is not None:
                 arrays["standardizer.origin"] = self.standardizer_.origin
                 arrays["standardizer.step"] = self.standardizer_.step
-        self.fingerprint_ = storage.write_model_file(path, config, arrays)
-        return self.fingerprint_
+        return config, arrays
 
     @classmethod
     def _from_file(
@@ -962,11 +940,8 @@ def _is_numeric_dtype(dtype: Any) -> bool:
     return bool(pd.api.types.is_numeric_dtype(dtype)) and not pd.api.types.is_complex_dtype(dtype)
 
 
-ESTIMATORS = {"VAEAnomalyDetector": VAEAnomalyDetector}
-
-
-def load(path: str | os.PathLike[str], *, device: str = "auto") -> VAEAnomalyDetector:
-    """Load a fitted estimator from a model file written by ``save``.
+def load(path: str | os.PathLike[str], *, device: str = "auto") -> Any:
+    """Load a fitted estimator (either kind) from a model file written by ``save``.
 
     The file is verified against its SHA-256 first; nothing in it is unpickled or
     executed, and parts are looked up among the installed plugins by name (a missing
@@ -983,11 +958,14 @@ def load(path: str | os.PathLike[str], *, device: str = "auto") -> VAEAnomalyDet
     ValueError
         For a truncated, altered or foreign file, or a part no installed plugin provides.
     """
+    from vaeguard.timeseries import VAETimeSeriesDetector
+
+    estimators = {"VAEAnomalyDetector": VAEAnomalyDetector, "VAETimeSeriesDetector": VAETimeSeriesDetector}
     config, arrays, digest = storage.read_model_file(path)
     name = config.get("estimator")
-    if name not in ESTIMATORS:
-        raise ValueError(f"{str(path)!r} holds an unknown estimator {name!r}; known: {', '.join(ESTIMATORS)}")
-    spec = config.get("model", {})
+    if name not in estimators:
+        raise ValueError(f"{str(path)!r} holds an unknown estimator {name!r}; known: {', '.join(estimators)}")
+    spec = config.get("window_model", config).get("model", {})
     for kind, key in (("encoders", "encoder"), ("likelihoods", "likelihood")):
         try:
             get_part(kind, spec.get(key))
@@ -997,6 +975,6 @@ def load(path: str | os.PathLike[str], *, device: str = "auto") -> VAEAnomalyDet
                 f"(install the plugin that registers it): {exc}"
             ) from exc
     try:
-        return ESTIMATORS[name]._from_file(config, arrays, digest, device)
+        return estimators[name]._from_file(config, arrays, digest, device)
     except KeyError as exc:
         raise ValueError(f"{str(path)!r} lacks the entry {exc} that a model file must have") from exc

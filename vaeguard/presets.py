@@ -52,3 +52,33 @@ def read_preset(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
         "estimator": preset.get("estimator"),
         "params": preset.get("params", {}),
     }
+
+
+class PresetMixin:
+    """Adds :meth:`from_config` to an estimator: build it from a preset."""
+
+    @classmethod
+    def from_config(cls, name_or_path: str | os.PathLike[str], **overrides: Any) -> Any:
+        """An unfitted estimator from a preset (``configs/NAME.toml``) or a ``.toml`` file.
+
+        Keyword arguments override the preset. A preset for another estimator, or an
+        unknown parameter, is a ``ValueError`` that names it (and lists the allowed ones).
+
+        Examples
+        --------
+        >>> from vaeguard import VAEAnomalyDetector
+        >>> VAEAnomalyDetector.from_config("tabular-fast", random_state=0).epochs
+        30
+        """
+        preset = read_preset(name_or_path)
+        if preset["estimator"] not in (None, cls.__name__):
+            raise ValueError(f"preset {str(name_or_path)!r} is for {preset['estimator']}, not {cls.__name__}")
+        params = {**preset["params"], **overrides}
+        allowed = cls().get_params()  # type: ignore[attr-defined]
+        unknown = sorted(set(params) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"unknown parameter(s) {', '.join(unknown)} in preset {str(name_or_path)!r}; "
+                f"allowed: {', '.join(sorted(allowed))}"
+            )
+        return cls(**params)

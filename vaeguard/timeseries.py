@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from numbers import Integral, Real
 from typing import Any
 
@@ -12,7 +13,9 @@ from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from vaeguard import storage
 from vaeguard.estimators import VAEAnomalyDetector
+from vaeguard.presets import PresetMixin
 
 #: Bounds on the automatic window length (steps).
 MIN_WINDOW, MAX_WINDOW = 64, 512
@@ -70,7 +73,7 @@ def _as_series_array(series: Any) -> tuple[np.ndarray, Any]:
     return values, index
 
 
-class VAETimeSeriesDetector(OutlierMixin, BaseEstimator):
+class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
     """Anomaly detection in uni- and multivariate series with a VAE on sliding windows.
 
     Each window of ``window`` steps (all channels) is one sample of a
@@ -109,6 +112,8 @@ class VAETimeSeriesDetector(OutlierMixin, BaseEstimator):
     offset_ : float
         Threshold on the per-step scores (nats per value).
     n_channels_ : int
+    fingerprint_ : str or None
+        SHA-256 of the model file this detector was saved to or loaded from.
     """
 
     _parameter_constraints: dict = {  # noqa: RUF012 (scikit-learn convention)
@@ -163,6 +168,7 @@ class VAETimeSeriesDetector(OutlierMixin, BaseEstimator):
         params |= dict(self.estimator_params or {})
         self.window_model_ = VAEAnomalyDetector(**params).fit(windows[keep])
         steps = self._step_scores(values)
+        self.fingerprint_ = None
         self.offset_ = float(np.percentile(steps, 100.0 * self.contamination))
         return self
 
@@ -211,3 +217,35 @@ class VAETimeSeriesDetector(OutlierMixin, BaseEstimator):
         decision = self.decision_function(series)
         out = np.where(np.asarray(decision) <= 0, -1, 1)
         return pd.Series(out, index=decision.index, name="label") if isinstance(decision, pd.Series) else out
+
+    def save(self, path: str | os.PathLike[str]) -> str:
+        """Write the fitted detector to an HDF5 model file atomically; returns its SHA-256 fingerprint.
+
+        :func:`vaeguard.load` reads it back.
+        """
+        check_is_fitted(self)
+        window_config, arrays = self.window_model_._model_file_contents()
+        params = self.get_params()
+        if not (params["random_state"] is None or isinstance(params["random_state"], Integral)):
+            params["random_state"] = None
+        config = {
+            "estimator": type(self).__name__,
+            "params": params,
+            "fitted": {"window_": self.window_, "n_channels_": self.n_channels_, "offset_": self.offset_},
+            "window_model": window_config,
+        }
+        self.fingerprint_ = storage.write_model_file(path, config, arrays)
+        return self.fingerprint_
+
+    @classmethod
+    def _from_file(
+        cls, config: dict[str, Any], arrays: dict[str, np.ndarray], digest: str, device: str
+    ) -> VAETimeSeriesDetector:
+        det = cls(**config["params"])
+        fitted = config["fitted"]
+        det.window_model_ = VAEAnomalyDetector._from_file(config["window_model"], arrays, digest, device)
+        det.window_ = int(fitted["window_"])
+        det.n_channels_ = int(fitted["n_channels_"])
+        det.offset_ = float(fitted["offset_"])
+        det.fingerprint_ = digest
+        return det

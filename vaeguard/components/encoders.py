@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from vaeguard.hookspecs import hookimpl
@@ -268,9 +269,11 @@ class ConvDecoder(nn.Module):
             ]
         layers.append(nn.Conv2d(widths[len(sizes) - 1], n_params * c, 3, padding=1))
         self.net = nn.Sequential(*layers)
+        # a bias per pixel: what convolutions cannot tell apart (e.g. a border that is always blank)
+        self.pixel_bias = nn.Parameter(torch.zeros(n_params, c, h, w))
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.net(z).reshape(z.shape[0], self.n_params, *self.image_shape)
+        return self.net(z).reshape(z.shape[0], self.n_params, *self.image_shape) + self.pixel_bias
 
 
 def conv(
