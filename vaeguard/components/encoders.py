@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from vaeguard.hookspecs import hookimpl
@@ -197,8 +196,17 @@ def temporal(
 CONV_FINAL_SIZE = 4
 #: Channels per downsampling stage of the conv family (the last entry repeats for larger images).
 CONV_CHANNELS = (32, 64, 128)
-#: Width of the fully connected layer between the convolutions and the latent code.
-CONV_DENSE = 256
+#: Bounds on the width of the fully connected layer between the convolutions and the latent code.
+CONV_DENSE_MIN, CONV_DENSE_MAX = 64, 256
+
+
+def conv_dense_width(image_shape: tuple[int, int, int]) -> int:
+    """Width of the conv family's dense layer: the number of values in an image, within [64, 256].
+
+    Small images need a narrow layer: on 8 × 8 digits a width of 256 overfits the ~120
+    training images of a class (one-class AUROC 0.987 against 0.992 at 64).
+    """
+    return int(min(CONV_DENSE_MAX, max(CONV_DENSE_MIN, math.prod(image_shape))))
 
 
 def conv_stage_sizes(height: int, width: int) -> list[tuple[int, int]]:
@@ -217,7 +225,9 @@ class ConvEncoder(nn.Module):
     mask is appended).
     """
 
-    def __init__(self, image_shape: tuple[int, int, int], blocks: int, channels: list[int], latent_dim: int) -> None:
+    def __init__(
+        self, image_shape: tuple[int, int, int], blocks: int, channels: list[int], latent_dim: int, dense: int
+    ) -> None:
         super().__init__()
         c, h, w = image_shape
         self.in_shape = (blocks * c, h, w)
@@ -230,9 +240,9 @@ class ConvEncoder(nn.Module):
         fh, fw = sizes[-1]
         layers += [
             nn.Flatten(),
-            nn.Linear(previous * fh * fw, CONV_DENSE),
+            nn.Linear(previous * fh * fw, dense),
             nn.SiLU(),
-            nn.Linear(CONV_DENSE, 2 * latent_dim),
+            nn.Linear(dense, 2 * latent_dim),
         ]
         self.net = nn.Sequential(*layers)
 
@@ -247,16 +257,18 @@ class ConvDecoder(nn.Module):
     H × W ≥ 1 comes back without cropping.
     """
 
-    def __init__(self, image_shape: tuple[int, int, int], channels: list[int], n_params: int, latent_dim: int) -> None:
+    def __init__(
+        self, image_shape: tuple[int, int, int], channels: list[int], n_params: int, latent_dim: int, dense: int
+    ) -> None:
         super().__init__()
         c, h, w = image_shape
         self.n_params, self.image_shape = n_params, (c, h, w)
         sizes = [(h, w), *conv_stage_sizes(h, w)]
         self.start = (channels[-1], *sizes[-1])
         layers: list[nn.Module] = [
-            nn.Linear(latent_dim, CONV_DENSE),
+            nn.Linear(latent_dim, dense),
             nn.SiLU(),
-            nn.Linear(CONV_DENSE, math.prod(self.start)),
+            nn.Linear(dense, math.prod(self.start)),
             nn.SiLU(),
             nn.Unflatten(-1, self.start),
         ]
@@ -269,11 +281,9 @@ class ConvDecoder(nn.Module):
             ]
         layers.append(nn.Conv2d(widths[len(sizes) - 1], n_params * c, 3, padding=1))
         self.net = nn.Sequential(*layers)
-        # a bias per pixel: what convolutions cannot tell apart (e.g. a border that is always blank)
-        self.pixel_bias = nn.Parameter(torch.zeros(n_params, c, h, w))
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.net(z).reshape(z.shape[0], self.n_params, *self.image_shape) + self.pixel_bias
+        return self.net(z).reshape(z.shape[0], self.n_params, *self.image_shape)
 
 
 def conv(
@@ -287,7 +297,8 @@ def conv(
     """The ``conv`` family for images ``(C, H, W)``: stride-2 convolutions down to at most 4 × 4, then a dense layer.
 
     An 8 × 8 image takes one downsampling stage, 28 × 28 and 32 × 32 three, 64 × 64 four;
-    the decoder mirrors the encoder with transposed convolutions.
+    the dense layer is :func:`conv_dense_width` wide; the decoder mirrors the encoder with
+    transposed convolutions.
 
     Parameters
     ----------
@@ -325,7 +336,8 @@ def conv(
             )
     else:
         channels = [CONV_CHANNELS[min(i, len(CONV_CHANNELS) - 1)] for i in range(stages)]
+    dense = conv_dense_width(output_shape)
     return (
-        ConvEncoder(output_shape, blocks, channels, latent_dim),
-        ConvDecoder(output_shape, channels, n_params, latent_dim),
+        ConvEncoder(output_shape, blocks, channels, latent_dim, dense),
+        ConvDecoder(output_shape, channels, n_params, latent_dim, dense),
     )
