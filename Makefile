@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/adbench.py
 	$(PY) benchmarks/timeseries.py
+	$(PY) benchmarks/images.py
 
 clean-venv:
 	rm -rf $(VENV)

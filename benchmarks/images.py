@@ -35,9 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN_SHARE = 0.7
 
 
-def one_class_split(
-    images: np.ndarray, labels: np.ndarray, digit: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def one_class_split(images: np.ndarray, labels: np.ndarray, digit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(training images of ``digit`` from the pool, all test images, test anomaly labels 1 = other digit)."""
     order = np.random.default_rng(digit).permutation(len(images))
     cut = int(TRAIN_SHARE * len(images))
@@ -108,27 +106,43 @@ def main() -> None:
     df = pd.DataFrame(rows)
     stem = "images" if args.size == 8 else f"images-{args.size}"
     df.to_csv(args.out / f"{stem}.csv", index=False)
-    per_digit = df.groupby(["digit", "method"])["auroc"].mean().unstack()[args.methods]
-    per_seed = df.groupby(["seed", "method"])["auroc"].mean().unstack()[args.methods]
-    seconds = df.groupby("method")["seconds"].sum()[args.methods] / len(args.seeds)
-    kind = "8×8, levels 0..16 (float64)" if args.size == 8 else f"{args.size}×{args.size} uint8 (upsampled)"
+    text = report(df, args.size, " ".join(sys.argv[1:]))
+    (args.out / f"{stem}.md").write_text(text)
+    print(text)
+
+
+def report(df: pd.DataFrame, size: int, arguments: str) -> str:
+    """The markdown table of a run: mean AUROC per seed and method, seconds, and AUROC per digit."""
+    methods = list(dict.fromkeys(df["method"]))
+    seeds = sorted(df["seed"].unique())
+    per_digit = df.groupby(["digit", "method"])["auroc"].mean().unstack()[methods]
+    per_seed = df.groupby(["seed", "method"])["auroc"].mean().unstack()[methods]
+    seconds = df.groupby("method")["seconds"].sum()[methods] / len(seeds)
+    means = per_seed.mean()
+    command = f"python benchmarks/images.py {arguments}".strip()
+    kind = "8×8, float64 levels 0..16" if size == 8 else f"{size}×{size} uint8, upsampled"
+
+    def row(label: str, values: pd.Series, fmt: str = "{:.4f}", best: bool = True) -> str:
+        top = values.max()
+        cells = [f"**{fmt.format(v)}**" if best and v == top else fmt.format(v) for v in values]
+        return f"| {label} | " + " | ".join(cells) + " |"
+
     lines = [
         f"# One-class digits ({kind}): AUROC, mean over the ten digits",
         "",
-        f"Command: `python benchmarks/images.py {' '.join(sys.argv[1:])}` (CPU, 2 cores). "
-        f"Seeds {', '.join(map(str, args.seeds))}; split by `default_rng(digit)`, first 70 % the training pool.",
+        f"Command: `{command}` (CPU, 2 cores). Seeds {', '.join(map(str, seeds))}; "
+        "split by `default_rng(digit)`, first 70 % the training pool; vaeguard with its defaults.",
         "",
-        "| | " + " | ".join(args.methods) + " |",
-        "|---|" + "---|" * len(args.methods),
+        "| | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
     ]
-    lines += [f"| seed {s} | " + " | ".join(f"{per_seed.loc[s, m]:.4f}" for m in args.methods) + " |" for s in args.seeds]
-    lines.append("| **mean** | " + " | ".join(f"**{per_seed[m].mean():.4f}**" for m in args.methods) + " |")
-    lines.append("| seconds per seed (fit + score, ten digits) | " + " | ".join(f"{seconds[m]:.0f}" for m in args.methods) + " |")
-    lines += ["", "Per digit (mean over seeds):", "", "| digit | " + " | ".join(args.methods) + " |"]
-    lines.append("|---|" + "---|" * len(args.methods))
-    lines += [f"| {d} | " + " | ".join(f"{per_digit.loc[d, m]:.4f}" for m in args.methods) + " |" for d in range(10)]
-    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += [row(f"seed {s}", per_seed.loc[s]) for s in seeds]
+    lines.append(row("**mean**", means))
+    lines.append(row("seconds per seed (fit + score, ten digits)", seconds, "{:.0f}", best=False))
+    lines += ["", "Per digit (mean over seeds):", "", "| digit | " + " | ".join(methods) + " |"]
+    lines.append("|---|" + "---|" * len(methods))
+    lines += [row(str(d), per_digit.loc[d]) for d in range(10)]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -34,3 +34,17 @@ def test_same_seed_same_scores_on_cuda(data):
     a = VAEAnomalyDetector(device="cuda", random_state=1, epochs=5).fit(data).score_samples(data)
     b = VAEAnomalyDetector(device="cuda", random_state=1, epochs=5).fit(data).score_samples(data)
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_images_on_cuda_agree_with_the_cpu(tmp_path):
+    from sklearn.datasets import load_digits
+
+    images = (load_digits().images[:400] * 15).astype(np.uint8)  # 8-bit levels
+    det = VAEAnomalyDetector(device="cuda", random_state=0, epochs=10).fit(images)
+    assert det.model_spec_["encoder"] == "conv" and det.model_spec_["likelihood"] == "discretized_logistic"
+    scores = det.score_samples(images[:50])
+    samples = det.sample(4, random_state=0)
+    assert samples.dtype == np.uint8 and samples.shape == (4, 8, 8)
+    assert det.reconstruct(images[:3]).dtype == np.uint8
+    det.save(tmp_path / "img.h5")
+    np.testing.assert_allclose(scores, load(tmp_path / "img.h5", device="cpu").score_samples(images[:50]), atol=1e-2)

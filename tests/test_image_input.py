@@ -143,3 +143,5 @@ def test_per_row_results_of_a_dataframe_keep_its_index():
     assert isinstance(det.score_samples(frame.to_numpy()[:3]), np.ndarray)
     rebuilt = det.reconstruct(frame.iloc[:4])
     assert rebuilt.index.tolist() == [1000, 1001, 1002, 1003] and list(rebuilt.columns) == ["a", "b", "c"]
+    drawn = det.sample(3, random_state=0)
+    assert isinstance(drawn, pd.DataFrame) and list(drawn.columns) == ["a", "b", "c"]

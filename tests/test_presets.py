@@ -21,17 +21,30 @@ def test_timeseries_preset_spells_out_its_defaults_and_belongs_to_its_estimator(
         VAETimeSeriesDetector.from_config("timeseries", latent_dim=3)
 
 
+def test_image_preset_is_what_the_defaults_pick_for_images():
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images[:60]
+    quick = {"epochs": 1, "n_importance_samples": 2, "random_state": 0}
+    from_preset = VAEAnomalyDetector.from_config("image", **quick).fit(images)
+    default = VAEAnomalyDetector(**quick).fit(images)
+    assert from_preset.model_spec_ == default.model_spec_
+    assert from_preset.model_spec_["encoder"] == "conv"
+
+
 def test_from_config_with_overrides_and_a_file(tmp_path):
     det = VAEAnomalyDetector.from_config("tabular-fast", random_state=3)
     assert det.epochs == 30 and det.n_importance_samples == 16 and det.random_state == 3
-    assert set(list_presets()) >= {"tabular", "tabular-fast"}
+    assert set(list_presets()) == {"image", "tabular", "tabular-fast", "timeseries"}
     path = tmp_path / "mine.toml"
     path.write_text('estimator = "VAEAnomalyDetector"\n[params]\nlatent_dim = 3\n')
     assert VAEAnomalyDetector.from_config(path).latent_dim == 3
 
 
 def test_bad_presets_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="unknown preset 'nope'; known presets: tabular"):
+    with pytest.raises(
+        ValueError, match="unknown preset .nope.; known presets: image, tabular, tabular-fast, timeseries"
+    ):
         VAEAnomalyDetector.from_config("nope")
     bad_param = tmp_path / "p.toml"
     bad_param.write_text("[params]\nlatnt_dim = 2\n")

@@ -728,9 +728,9 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
         """Draw ``n_samples`` samples from the model p(x), in the data's units and form.
 
         Rows of shape (n_samples, n_features) for a table: lattice-valued (discrete)
-        columns on their lattice, and a DataFrame with the categories' labels for a model
-        fitted on a DataFrame with categorical columns. Images of the training images'
-        shape, dtype and range, e.g. uint8 in [0, 255].
+        columns on their lattice; a DataFrame with the training columns for a model
+        fitted on a DataFrame (categorical columns with their labels). Images of the
+        training images' shape, dtype and range, e.g. uint8 in [0, 255].
         """
         check_is_fitted(self)
         if not isinstance(n_samples, Integral) or n_samples < 1:
@@ -761,8 +761,6 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
         out = self._from_internal(mean.double().cpu().numpy())
         if isinstance(out, pd.DataFrame) and isinstance(X, pd.DataFrame):
             out.index = X.index
-        elif isinstance(X, pd.DataFrame):
-            out = pd.DataFrame(out, index=X.index, columns=X.columns)
         return out
 
     def _from_internal(self, x: np.ndarray) -> np.ndarray | pd.DataFrame:
@@ -774,10 +772,12 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
                 images = self.standardizer_.inverse_transform(x.reshape(len(x), -1))
                 images = self.standardizer_.snap(images).astype(np.dtype(self.image_dtype_))
             return images.reshape(len(x), *self.image_shape_)
-        if self.standardizer_ is None:
-            return x
-        x = self.standardizer_.snap(self.standardizer_.inverse_transform(x))
-        return x if self.column_coder_ is None else self.column_coder_.decode(x)
+        if self.standardizer_ is not None:
+            x = self.standardizer_.snap(self.standardizer_.inverse_transform(x))
+        if self.column_coder_ is not None:
+            return self.column_coder_.decode(x)
+        names = getattr(self, "feature_names_in_", None)
+        return x if names is None else pd.DataFrame(x, columns=list(names))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -18,7 +18,7 @@ def _config_dir() -> Path:
 
 def list_presets() -> dict[str, str]:
     """Preset names with their one-line descriptions."""
-    return {p.stem: read_preset(p)["description"] for p in sorted(_config_dir().glob("*.toml"))}
+    return {p.stem: read_preset(p)["description"] for p in sorted(_config_dir().glob("*.toml"), key=lambda p: p.stem)}
 
 
 def read_preset(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def read_preset(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.suffix:
         path = _config_dir() / f"{name_or_path}.toml"
         if not path.is_file():
-            known = ", ".join(p.stem for p in sorted(_config_dir().glob("*.toml")))
+            known = ", ".join(sorted(p.stem for p in _config_dir().glob("*.toml")))
             raise ValueError(f"unknown preset {str(name_or_path)!r}; known presets: {known}")
     elif not path.is_file():
         raise FileNotFoundError(f"no preset file at {str(path)!r}")

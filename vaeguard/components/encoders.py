@@ -195,7 +195,7 @@ def temporal(
 #: The conv family halves the image until both sides are at most this size.
 CONV_FINAL_SIZE = 4
 #: Channels per downsampling stage of the conv family (the last entry repeats for larger images).
-CONV_CHANNELS = (32, 64, 128)
+CONV_CHANNELS = (16, 32, 64)
 #: Bounds on the width of the fully connected layer between the convolutions and the latent code.
 CONV_DENSE_MIN, CONV_DENSE_MAX = 64, 256
 
@@ -309,7 +309,7 @@ def conv(
     output_shape : tuple of int, optional
         The image shape ``(C, H, W)`` (or ``(H, W)``); defaults to ``input_shape``.
     hidden_dims : sequence of int, optional
-        Channels per downsampling stage, one entry per stage (default 32, 64, 128, 128, ...).
+        Channels per downsampling stage, one entry per stage (default 16, 32, 64, 64, ...).
     """
     output_shape = tuple(int(s) for s in (output_shape or input_shape))
     if len(output_shape) == 2:
