@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -19,14 +24,394 @@ class UserError(click.ClickException):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vaeguard")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """vaeguard: variational autoencoders that score data by log-likelihood.
 
     \b
     Examples:
-      vaeguard demo              train on the shipped thyroid data and show the anomalies
-      vaeguard plugins --json    list plugins and the parts they register
+      vaeguard demo                                 train on the shipped thyroid data, show the anomalies
+      vaeguard fit train.csv -o model.h5 --id-column id
+      vaeguard score model.h5 big.parquet -o scores.parquet --explain
+      vaeguard evaluate model.h5 test.csv --label-column label
+      vaeguard plugins --json                       list plugins and the parts they register
     """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the errors a user can cause (bad files, bad values, bad settings) into one line and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except BrokenPipeError:
+            raise
+        except (ValueError, OSError, PluginError) as exc:
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None and (ctx.find_root().obj or {}).get("debug"):
+                traceback.print_exc()
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(message) from exc
+
+    return wrapper
+
+
+def _progress(total: int | None, enabled: bool | None, unit: str = "rows") -> Any:
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if enabled is None else enabled
+    return tqdm(total=total, unit=unit, unit_scale=True, disable=not show, file=sys.stderr, dynamic_ncols=True)
+
+
+def _load_model(path: str, device: str = "auto") -> Any:
+    from vaeguard.estimators import load
+
+    return load(path, device=device)
+
+
+def _parse_param(values: tuple[str, ...]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--param")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+@cli.command(name="fit")
+@click.argument("data")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.h5).")
+@click.option("--config", "preset", help="A preset name (see configs/) or a .toml file.")
+@click.option("--columns", help="Comma-separated columns to train on (default: all but --id-column).")
+@click.option("--id-column", help="A column that identifies rows; not a feature.")
+@click.option(
+    "--max-rows",
+    type=click.IntRange(1),
+    default=1_000_000,
+    show_default=True,
+    help="Train on a uniform random sample of this many rows when the file holds more.",
+)
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A constructor argument, e.g. --param epochs=50 --param likelihood=gaussian (repeatable).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="random_state of the model and the sampling.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--progress/--no-progress", default=None, help="Training progress on stderr (default: on a terminal).")
+@user_errors
+def fit_command(
+    data: str,
+    output: str,
+    preset: str | None,
+    columns: str | None,
+    id_column: str | None,
+    max_rows: int,
+    params: tuple[str, ...],
+    seed: int,
+    device: str,
+    progress: bool | None,
+) -> None:
+    """Train a model on DATA (CSV, Parquet, FILE.h5:/DATASET or FILE.npz:ARRAY) and write it to a model file.
+
+    \b
+    Examples:
+      vaeguard fit train.csv -o model.h5
+      vaeguard fit train.parquet -o model.h5 --id-column id --config tabular-fast
+      vaeguard fit digits.npz:images -o digits.h5 --param epochs=100
+    """
+    import pandas as pd
+
+    from vaeguard.data import Source, read_all
+    from vaeguard.estimators import VAEAnomalyDetector
+
+    source = Source.parse(data)
+    frame, total = read_all(source, max_rows=max_rows, seed=seed)
+    if len(frame) < total:
+        click.echo(f"{source}: {total} rows; training on a random sample of {len(frame)} (--max-rows)", err=True)
+    if isinstance(frame, pd.DataFrame):
+        _check_named(frame, [id_column] if id_column else [], source)
+        features = [c.strip() for c in columns.split(",")] if columns else [c for c in frame.columns if c != id_column]
+        _check_named(frame, features, source)
+        frame = frame[features]
+    elif columns or id_column:
+        raise click.UsageError("--columns and --id-column are for tables; this file holds images")
+    settings = {"random_state": seed, "device": device, "verbose": _show(progress), **_parse_param(params)}
+    det = VAEAnomalyDetector.from_config(preset, **settings) if preset else VAEAnomalyDetector(**settings)
+    det.fit(frame)
+    digest = det.save(output)
+    click.echo(
+        f"wrote {output} (sha256 {digest[:12]}): {len(frame)} rows, {det.n_features_in_} features, "
+        f"latent_dim={det.latent_dim_}, threshold {det.offset_:.3f} nats ({det.threshold_rule_['rule']})",
+        err=True,
+    )
+
+
+def _show(progress: bool | None) -> bool:
+    return sys.stderr.isatty() if progress is None else progress
+
+
+def _check_named(frame: Any, names: list[str], source: Any) -> None:
+    missing = [n for n in names if n not in frame.columns]
+    if missing:
+        shown = ", ".join(map(repr, list(frame.columns)[:10]))
+        raise click.UsageError(f"{source} has no column(s) {', '.join(map(repr, missing))}; its columns: {shown}")
+
+
+@cli.command(name="score")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("data")
+@click.option("-o", "--output", required=True, help="Results file (.csv or .parquet), or - for CSV on stdout.")
+@click.option("--id-column", help="Copy this column to the output's id column (default: the row number).")
+@click.option("--explain", is_flag=True, help="Add top_features: the 3 columns that make each row least likely.")
+@click.option("--n-samples", type=click.IntRange(1), help="K, importance samples per row (default: the model's).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--chunk-rows", type=click.IntRange(1), default=50_000, show_default=True, help="Rows per chunk.")
+@click.option("--resume", is_flag=True, help="Continue a run that was stopped, after its last complete chunk.")
+@click.option(
+    "--on-bad-row",
+    type=click.Choice(["error", "skip", "nan"]),
+    default="error",
+    show_default=True,
+    help="A row that cannot be scored: stop (exit 2), leave it out, or give it NaN scores.",
+)
+@click.option("--engine", type=click.Choice(["local", "dask"]), default="local", show_default=True)
+@click.option(
+    "--scheduler",
+    default="local",
+    show_default=True,
+    help="With --engine dask: a scheduler address, or 'local' for a LocalCluster.",
+)
+@click.option("--progress/--no-progress", default=None, help="Rows/s and ETA on stderr (default: on a terminal).")
+@user_errors
+def score_command(
+    model: str,
+    data: str,
+    output: str,
+    id_column: str | None,
+    explain: bool,
+    n_samples: int | None,
+    device: str,
+    chunk_rows: int,
+    resume: bool,
+    on_bad_row: str,
+    engine: str,
+    scheduler: str,
+    progress: bool | None,
+) -> None:
+    """Score DATA with MODEL in chunks: id, log_likelihood (nats), decision, is_outlier per row.
+
+    Memory stays flat whatever the file's size. The output appears under its name only
+    when complete; a stopped run can be continued with --resume.
+
+    \b
+    Examples:
+      vaeguard score model.h5 big.csv -o scores.parquet --id-column id
+      vaeguard score model.h5 big.csv -o - --explain | head
+      vaeguard score model.h5 big.csv -o scores.csv --resume --on-bad-row skip
+      vaeguard score model.h5 'parts/*.parquet' -o scores.parquet --engine dask --scheduler local
+    """
+    if engine == "dask":
+        from vaeguard.distributed import score_files
+
+        rows = score_files(model, data, output, scheduler=scheduler, id_column=id_column, n_samples=n_samples)
+        click.echo(f"scored {rows} rows with dask into {output}", err=True)
+        return
+    from vaeguard.batch import check_columns, score_chunk
+    from vaeguard.data import ResumableWriter, Source, count_rows, iter_chunks
+
+    det = _load_model(model, device)
+    source = Source.parse(data)
+    total = count_rows(source)
+    settings = {
+        "model": det.fingerprint_,
+        "data": [str(source), source.path.stat().st_size, source.path.stat().st_mtime_ns],
+        "chunk_rows": chunk_rows,
+        "id_column": id_column,
+        "explain": explain,
+        "n_samples": n_samples,
+        "on_bad_row": on_bad_row,
+    }
+    writer = None if output == "-" else ResumableWriter(output, settings)
+    start = 0
+    skipped = 0
+    if writer is not None:
+        if resume and writer.resume():
+            start, skipped = writer.rows_done, int(writer.extra.get("skipped", 0))
+            click.echo(f"resuming after row {start} of {total}", err=True)
+        else:
+            writer.start()
+    first = True
+    with _progress(total, progress) as bar:
+        bar.update(start)
+        for chunk in iter_chunks(source, chunk_rows, start_row=start):
+            if first and hasattr(chunk, "columns"):
+                check_columns(det, [str(c) for c in chunk.columns], str(source))
+                if id_column is not None and id_column not in chunk.columns:
+                    raise click.UsageError(f"{source} has no column {id_column!r} for --id-column")
+            results, bad = score_chunk(
+                det,
+                chunk,
+                row_offset=start,
+                id_column=id_column,
+                n_samples=n_samples,
+                explain=explain,
+                on_bad_row=on_bad_row,
+            )
+            skipped += bad
+            start += len(chunk)
+            if writer is None:
+                results.to_csv(sys.stdout, index=False, header=first)
+            else:
+                writer.write(results, len(chunk), skipped=skipped)
+            first = False
+            bar.update(len(chunk))
+    if writer is not None:
+        writer.finish()
+    if skipped:
+        verb = "left out" if on_bad_row == "skip" else "given NaN scores"
+        click.echo(f"{skipped} row(s) could not be scored and were {verb} (--on-bad-row {on_bad_row})", err=True)
+    if writer is not None:
+        click.echo(f"scored {start} rows into {output}", err=True)
+
+
+@cli.command(name="evaluate")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("data")
+@click.option("--label-column", required=True, help="The ground truth: non-zero / true = anomaly.")
+@click.option("--n-samples", type=click.IntRange(1), help="K, importance samples per row (default: the model's).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@user_errors
+def evaluate_command(
+    model: str, data: str, label_column: str, n_samples: int | None, device: str, as_json: bool
+) -> None:
+    """Measure how well MODEL's scores find the anomalies labelled in DATA.
+
+    Prints AUROC and average precision of the log-likelihood (lower = more anomalous),
+    and precision and recall of is_outlier at the model's threshold.
+
+    \b
+    Example:
+      vaeguard evaluate model.h5 test.csv --label-column is_anomaly --json
+    """
+    import numpy as np
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from vaeguard.batch import check_columns, score_chunk
+    from vaeguard.data import Source, iter_chunks
+
+    det = _load_model(model, device)
+    source = Source.parse(data)
+    scores, labels = [], []
+    offset = 0
+    for chunk in iter_chunks(source, 50_000):
+        if offset == 0:
+            if label_column not in chunk.columns:
+                raise click.UsageError(f"{source} has no column {label_column!r} for --label-column")
+            check_columns(det, [str(c) for c in chunk.columns], str(source))
+        label = chunk[label_column]
+        if label.isna().any():
+            raise click.UsageError(f"{source}: row {offset + int(np.flatnonzero(label.isna())[0])} has no label")
+        results, _ = score_chunk(det, chunk, row_offset=offset, n_samples=n_samples)
+        scores.append(results["log_likelihood"].to_numpy())
+        labels.append(label.astype(bool).to_numpy() if label.dtype == bool else label.to_numpy() != 0)
+        offset += len(chunk)
+    log_px, y = np.concatenate(scores), np.concatenate(labels)
+    if y.all() or not y.any():
+        raise click.UsageError(f"{label_column!r} holds only one class; AUROC needs both normal and anomalous rows")
+    flagged = log_px < det.offset_
+    metrics = {
+        "rows": len(y),
+        "anomalies": int(y.sum()),
+        "auroc": float(roc_auc_score(y, -log_px)),
+        "average_precision": float(average_precision_score(y, -log_px)),
+        "threshold": float(det.offset_),
+        "flagged": int(flagged.sum()),
+        "precision_at_threshold": float(y[flagged].mean()) if flagged.any() else None,
+        "recall_at_threshold": float(flagged[y].mean()),
+    }
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2))
+        return
+    precision = metrics["precision_at_threshold"]
+    click.echo(f"rows {metrics['rows']}, anomalies {metrics['anomalies']}")
+    click.echo(f"AUROC {metrics['auroc']:.4f}   average precision {metrics['average_precision']:.4f}")
+    click.echo(
+        f"at the threshold {det.offset_:.3f} nats: {metrics['flagged']} flagged, "
+        f"precision {'n/a' if precision is None else f'{precision:.3f}'}, recall {metrics['recall_at_threshold']:.3f}"
+    )
+
+
+@cli.command(name="sample")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("-n", "--n-samples", type=click.IntRange(1), default=100, show_default=True)
+@click.option("-o", "--output", required=True, help=".csv or .parquet for tables, .npz for images; - for stdout.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def sample_command(model: str, n_samples: int, output: str, seed: int) -> None:
+    """Draw new samples from MODEL, in the training data's units (images as .npz).
+
+    \b
+    Example:
+      vaeguard sample model.h5 -n 100 -o samples.csv
+    """
+    import numpy as np
+    import pandas as pd
+
+    from vaeguard.data import write_table
+
+    det = _load_model(model, "cpu")
+    drawn = det.sample(n_samples, random_state=seed)
+    if isinstance(drawn, np.ndarray) and drawn.ndim > 2:
+        if not output.endswith(".npz"):
+            raise click.UsageError("an image model's samples go to a .npz file")
+        tmp = f"{output}.tmp.npz"
+        np.savez_compressed(tmp, images=drawn)
+        os.replace(tmp, output)
+    else:
+        frame = drawn if isinstance(drawn, pd.DataFrame) else pd.DataFrame(drawn, columns=_columns_of(det))
+        if output == "-":
+            frame.to_csv(sys.stdout, index=False)
+            return
+        write_table(frame, output)
+    click.echo(f"wrote {n_samples} samples to {output}", err=True)
+
+
+def _columns_of(det: Any) -> list[str]:
+    from vaeguard.batch import feature_columns
+
+    return feature_columns(det) or []
+
+
+@cli.command(name="datasets")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object name → description.")
+def datasets_command(as_json: bool) -> None:
+    """List the data sets that ship with vaeguard (load them with vaeguard.datasets.load_dataset).
+
+    \b
+    Example:
+      vaeguard datasets --json
+    """
+    from vaeguard.datasets import list_datasets
+
+    found = list_datasets()
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    width = max(map(len, found))
+    for name, description in found.items():
+        click.echo(f"{name.ljust(width)}  {description}")
 
 
 @cli.command(name="plugins")
@@ -116,6 +501,9 @@ def main() -> None:
     except PluginError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
+    except BrokenPipeError:  # e.g. `vaeguard score ... -o - | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 try:

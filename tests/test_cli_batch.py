@@ -1,0 +1,186 @@
+"""The batch commands: fit, score (chunked, atomic, resumable), evaluate, sample, datasets; bad files and rows."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from vaeguard import load
+from vaeguard.cli import cli
+
+FAST = ["--param", "epochs=5", "--param", "hidden_dims=[16]", "--param", "latent_dim=2", "--param",
+        "n_importance_samples=8"]  # fmt: skip
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A training CSV, a test CSV with planted anomalies in column 'c', and a model trained from the command line."""
+    d = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(1500, 2))
+    values = np.column_stack([z[:, 0], z[:, 1], z[:, 0] + z[:, 1], z[:, 0] - z[:, 1]]) + 0.1 * rng.normal(
+        size=(1500, 4)
+    )
+    frame = pd.DataFrame(values, columns=["a", "b", "c", "d"])
+    frame.insert(0, "key", [f"r{i}" for i in range(len(frame))])
+    frame.iloc[:1000].to_csv(d / "train.csv", index=False)
+    test = frame.iloc[1000:].reset_index(drop=True)
+    test["label"] = 0
+    test.loc[::25, "c"] += 8.0
+    test.loc[::25, "label"] = 1
+    test.to_csv(d / "test.csv", index=False)
+    test.to_parquet(d / "test.parquet", index=False)
+    result = run("fit", str(d / "train.csv"), "-o", str(d / "m.h5"), "--id-column", "key", *FAST)
+    assert result.exit_code == 0, result.output
+    return d
+
+
+def test_fit_writes_a_model_of_the_named_columns(workdir):
+    det = load(workdir / "m.h5")
+    assert list(det.feature_names_in_) == ["a", "b", "c", "d"] and det.epochs == 5
+    result = run("fit", str(workdir / "train.csv"), "-o", str(workdir / "m2.h5"), "--columns", "a,b", "--max-rows",
+                 "300", "--config", "tabular-fast", "--param", "epochs=2")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "1000 rows; training on a random sample of 300" in result.stderr
+    small = load(workdir / "m2.h5")
+    assert list(small.feature_names_in_) == ["a", "b"] and small.n_importance_samples == 16 and small.epochs == 2
+
+
+def test_score_writes_the_model_scores_with_ids_and_explanations(workdir):
+    out = workdir / "scores.parquet"
+    result = run("score", str(workdir / "m.h5"), str(workdir / "test.csv"), "-o", str(out), "--id-column", "key",
+                 "--explain", "--chunk-rows", "128")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    scores = pd.read_parquet(out)
+    assert list(scores.columns) == ["id", "log_likelihood", "decision", "is_outlier", "top_features"]
+    test = pd.read_csv(workdir / "test.csv")
+    assert scores["id"].tolist() == test["key"].tolist()
+    det = load(workdir / "m.h5")
+    expected = det.score_samples(test[["a", "b", "c", "d"]])
+    np.testing.assert_allclose(scores["log_likelihood"], expected, rtol=0, atol=1e-9)  # chunking changes nothing
+    np.testing.assert_allclose(scores["decision"], expected - det.offset_)
+    assert scores["is_outlier"].tolist() == (expected < det.offset_).tolist()
+    planted = scores["top_features"][test["label"] == 1].str.split(";").str[0]
+    assert (planted == "c").mean() >= 0.9
+
+
+def test_score_to_stdout_prints_only_the_csv(workdir):
+    result = run("score", str(workdir / "m.h5"), str(workdir / "test.parquet"), "-o", "-", "--n-samples", "4")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "id,log_likelihood,decision,is_outlier" and len(lines) == 501
+    assert lines[1].startswith("0,")
+
+
+def test_evaluate_reports_auroc_and_the_threshold(workdir):
+    result = run("evaluate", str(workdir / "m.h5"), str(workdir / "test.csv"), "--label-column", "label", "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["rows"] == 500 and metrics["anomalies"] == 20
+    assert metrics["auroc"] > 0.9 and 0 <= metrics["recall_at_threshold"] <= 1
+    text = run("evaluate", str(workdir / "m.h5"), str(workdir / "test.csv"), "--label-column", "label")
+    assert "AUROC" in text.stdout and "precision" in text.stdout
+
+
+def test_sample_and_datasets(workdir):
+    out = workdir / "samples.csv"
+    result = run("sample", str(workdir / "m.h5"), "-n", "7", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(out).shape == (7, 4) and list(pd.read_csv(out).columns) == ["a", "b", "c", "d"]
+    listing = run("datasets", "--json")
+    assert "thyroid" in json.loads(listing.stdout)
+
+
+def test_bad_files_exit_2_with_one_line(workdir, tmp_path):
+    model = str(workdir / "m.h5")
+    (tmp_path / "empty.csv").write_bytes(b"")
+    (tmp_path / "latin.csv").write_bytes("a,b,c,d\n1,2,3,é\n".encode("latin-1"))
+    pd.DataFrame({"a": [1.0], "x": [2.0]}).to_csv(tmp_path / "cols.csv", index=False)
+    data = (workdir / "test.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    cases = {
+        "empty.csv": "is empty",
+        "latin.csv": "not UTF-8",
+        "cols.csv": "lacks column(s) 'b', 'c', 'd' that the model was trained on",
+        "cut.parquet": "not a valid Parquet file",
+    }
+    for name, message in cases.items():
+        result = run("score", model, str(tmp_path / name), "-o", str(tmp_path / "out.csv"))
+        assert result.exit_code == 2, (name, result.output)
+        assert message in result.stderr and "Traceback" not in result.output
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "out.csv").exists()
+    debug = CliRunner().invoke(cli, ["--debug", "score", model, str(tmp_path / "cols.csv"), "-o", "-"])
+    assert debug.exit_code == 2 and "Traceback" in debug.stderr
+
+
+def test_bad_rows_stop_the_run_or_are_skipped_or_get_nan(workdir, tmp_path):
+    test = pd.read_csv(workdir / "test.csv")
+    test["b"] = test["b"].astype(object)
+    test.loc[7, "b"] = "n/a?"
+    test.loc[9, "d"] = np.inf
+    test.to_csv(tmp_path / "bad.csv", index=False)
+    model, bad, out = str(workdir / "m.h5"), str(tmp_path / "bad.csv"), str(tmp_path / "out.csv")
+    result = run("score", model, bad, "-o", out, "--id-column", "key")
+    assert result.exit_code == 2
+    assert "row 7 (id 'r1007'): column 'b' holds 'n/a?', not a number" in result.stderr
+    skipped = run("score", model, bad, "-o", out, "--on-bad-row", "skip")
+    assert skipped.exit_code == 0 and "2 row(s) could not be scored and were left out" in skipped.stderr
+    assert len(pd.read_csv(out)) == 498 and 7 not in pd.read_csv(out)["id"].tolist()
+    filled = run("score", model, bad, "-o", out, "--on-bad-row", "nan")
+    scores = pd.read_csv(out)
+    assert filled.exit_code == 0 and len(scores) == 500
+    assert scores["log_likelihood"].isna().tolist() == [i in (7, 9) for i in range(500)]
+
+
+def test_a_killed_run_leaves_no_output_and_resumes_to_the_same_result(workdir, tmp_path):
+    big = pd.concat([pd.read_csv(workdir / "test.csv")] * 40, ignore_index=True)  # 20,000 rows
+    big.to_csv(tmp_path / "big.csv", index=False)
+    model, data = str(workdir / "m.h5"), str(tmp_path / "big.csv")
+    args = ["score", model, data, "--chunk-rows", "500", "--n-samples", "64", "--id-column", "key"]
+    whole = run(*args, "-o", str(tmp_path / "whole.csv"))
+    assert whole.exit_code == 0, whole.output
+    out = tmp_path / "resumed.csv"
+    state = tmp_path / "resumed.csv.partial.json"
+    code = "import sys; from vaeguard.cli import main; sys.argv[0] = 'vaeguard'; main()"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args, "-o", str(out)], env={**os.environ,
+                            "OMP_NUM_THREADS": "1"}, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["rows_done"] >= 2000:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(state.read_text())["rows_done"]
+    assert 2000 <= done < 20000 and not out.exists()
+    resumed = run(*args, "-o", str(out), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming after row {done}" in resumed.stderr
+    assert out.read_bytes() == (tmp_path / "whole.csv").read_bytes()
+    assert not state.exists()
+
+
+def test_image_models_from_npz(tmp_path):
+    from sklearn.datasets import load_digits
+
+    np.savez(tmp_path / "digits.npz", images=load_digits().images[:300])
+    result = run("fit", str(tmp_path / "digits.npz"), "-o", str(tmp_path / "d.h5"), *FAST)
+    assert result.exit_code == 0, result.output
+    assert load(tmp_path / "d.h5").model_spec_["encoder"] == "conv"
+    scored = run("score", str(tmp_path / "d.h5"), str(tmp_path / "digits.npz"), "-o", str(tmp_path / "s.csv"))
+    assert scored.exit_code == 0 and len(pd.read_csv(tmp_path / "s.csv")) == 300
+    drawn = run("sample", str(tmp_path / "d.h5"), "-n", "4", "-o", str(tmp_path / "s.npz"))
+    assert drawn.exit_code == 0 and np.load(tmp_path / "s.npz")["images"].shape == (4, 8, 8)

@@ -1,0 +1,143 @@
+"""Scoring data in chunks, as the command line and Dask do: row checks and the result columns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vaeguard.data import DataError
+
+#: How many of the most unlikely columns ``explain`` names per row.
+TOP_FEATURES = 3
+ON_BAD_ROW = ("error", "skip", "nan")
+
+
+def feature_columns(det: Any) -> list[str] | None:
+    """The columns a fitted table model reads (its training column names), or None for an image model."""
+    if getattr(det, "image_shape_", None) is not None:
+        return None
+    names = getattr(det, "feature_names_in_", None)
+    return [str(c) for c in names] if names is not None else [f"x{j}" for j in range(det.n_features_in_)]
+
+
+def check_columns(det: Any, columns: list[str], source: str) -> None:
+    """Raise ``DataError`` when ``columns`` lack any of the model's feature columns."""
+    needed = feature_columns(det)
+    if needed is None:
+        return
+    missing = [c for c in needed if c not in set(columns)]
+    if missing:
+        raise DataError(
+            f"{source} lacks column(s) {', '.join(map(repr, missing[:5]))}"
+            f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''} that the model was trained on; "
+            f"its columns are {', '.join(map(repr, columns[:10]))}{' ...' if len(columns) > 10 else ''}"
+        )
+
+
+Problem = tuple[int, str, Any, str]  # (row in the chunk, column, value, why)
+
+
+def _bad_entries(det: Any, features: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, list[Problem]]:
+    """(features with numeric columns as numbers, bad-row mask, the first problem of each kind, by row)."""
+    coder = getattr(det, "column_coder_", None)
+    vocabularies = dict(zip(coder.columns, coder.vocabularies, strict=True)) if coder is not None else {}
+    bad = np.zeros(len(features), bool)
+    problems: list[Problem] = []
+    clean = {}
+    for name in features.columns:
+        column = features[name]
+        vocab = vocabularies.get(str(name))
+        if vocab is not None:
+            clean[name] = column
+            if det.handle_unknown == "error":
+                unknown = column.notna().to_numpy() & ~column.astype(str).isin(vocab).to_numpy()
+                if unknown.any():
+                    i = int(np.flatnonzero(unknown)[0])
+                    problems.append((i, name, column.iloc[i], "a category never seen in training"))
+                    bad |= unknown
+            continue
+        numbers = pd.to_numeric(column, errors="coerce").astype(np.float64)
+        not_number = numbers.isna().to_numpy() & column.notna().to_numpy()
+        infinite = np.isinf(numbers.to_numpy())
+        for mask, why in ((not_number, "not a number"), (infinite, "infinite")):
+            if mask.any():
+                i = int(np.flatnonzero(mask)[0])
+                problems.append((i, name, column.iloc[i], why))
+                bad |= mask
+        clean[name] = numbers.where(~infinite)
+    clean_frame = pd.DataFrame(clean, index=features.index)
+    empty = clean_frame.isna().all(axis=1).to_numpy() & ~bad
+    if empty.any():
+        problems.append((int(np.flatnonzero(empty)[0]), "", None, "has no observed values (all missing)"))
+        bad |= empty
+    problems.sort()
+    return clean_frame, bad, problems
+
+
+def score_chunk(
+    det: Any,
+    chunk: pd.DataFrame | np.ndarray,
+    *,
+    row_offset: int = 0,
+    id_column: str | None = None,
+    n_samples: int | None = None,
+    explain: bool = False,
+    on_bad_row: str = "error",
+) -> tuple[pd.DataFrame, int]:
+    """Score one chunk; returns (results, rows skipped).
+
+    Results have the columns ``id`` (the ``id_column`` or the row number in the file),
+    ``log_likelihood`` (nats), ``decision`` (log-likelihood − ``offset_``) and
+    ``is_outlier``, plus ``top_features`` (the columns with the lowest log-likelihood
+    shares, ``;``-separated) with ``explain``. A row that cannot be scored (a value that
+    is not a number, infinite, an unseen category, nothing observed) raises ``DataError``
+    naming its row and column, unless ``on_bad_row`` is "skip" (drop it) or "nan" (NaN
+    scores for it).
+    """
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"on_bad_row must be one of {', '.join(ON_BAD_ROW)}, got {on_bad_row!r}")
+    rows = np.arange(row_offset, row_offset + len(chunk))
+    columns = feature_columns(det)
+    if columns is None:  # images: the chunk is an array of them
+        if explain:
+            raise DataError("--explain names columns of tables; this is an image model")
+        ids = rows
+        features: Any = chunk
+        bad = np.zeros(len(chunk), bool)
+    else:
+        ids = chunk[id_column].to_numpy() if id_column is not None else rows
+        features, bad, problems = _bad_entries(det, chunk[columns])
+        if problems and on_bad_row == "error":
+            i, column, value, why = problems[0]
+            where = f"row {rows[i]}" + (f" (id {ids[i]!r})" if id_column is not None else "")
+            what = f"column {column!r} holds {value!r}, {why}" if column else why
+            raise DataError(f"{where}: {what}; fix the data or pass --on-bad-row skip|nan")
+    good = ~bad
+    log_px = np.full(len(chunk), np.nan)
+    top: list[str] = [""] * len(chunk)
+    if good.any():
+        subset = features[good] if columns is None else features.loc[good]
+        log_px[good] = np.asarray(det.log_likelihood(subset, n_samples=n_samples))
+        if explain:
+            shares = det.feature_scores(subset).to_numpy()
+            order = np.argsort(np.nan_to_num(shares, nan=np.inf), axis=1)[:, :TOP_FEATURES]
+            names = np.asarray(columns, dtype=object)
+            for i, picks in zip(np.flatnonzero(good), order, strict=True):
+                top[i] = ";".join(names[picks])
+    decision = log_px - det.offset_
+    results = pd.DataFrame(
+        {
+            "id": ids,
+            "log_likelihood": log_px,
+            "decision": decision,
+            "is_outlier": pd.array(np.where(good, decision < 0, False), dtype="boolean"),
+        }
+    )
+    results.loc[bad, "is_outlier"] = pd.NA
+    if explain:
+        results["top_features"] = top
+    if on_bad_row == "skip":
+        return results[good].reset_index(drop=True), int(bad.sum())
+    return results, int(bad.sum())
