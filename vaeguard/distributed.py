@@ -145,7 +145,11 @@ def score_files(
         ddf = dd.read_parquet(files)
     else:
         raise DataError(f"--engine dask reads .csv or .parquet files; {pattern!r} matches {', '.join(sorted(kinds))}")
-    cluster = LocalCluster(n_workers=n_workers or 2, threads_per_worker=1) if scheduler == "local" else None
+    cluster = (
+        LocalCluster(n_workers=n_workers or 2, threads_per_worker=1, dashboard_address=None)
+        if scheduler == "local"
+        else None
+    )
     try:
         with Client(cluster or scheduler):
             scores = score_dask(model_path, ddf, id_column=id_column, n_samples=n_samples)
