@@ -26,9 +26,11 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        with distributed.Client(cluster) as c:
-            yield c
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        distributed.Client(cluster) as c,
+    ):
+        yield c
 
 
 def test_score_dask_equals_local_scoring(setup, client):
@@ -53,8 +55,10 @@ def test_score_command_with_the_dask_engine(setup, tmp_path):
     frame.iloc[450:].to_parquet(tmp_path / "part-1.parquet", index=False)
     frame.to_parquet(tmp_path / "all.parquet", index=False)
     runner = CliRunner()
-    distributed_run = runner.invoke(cli, ["score", str(d / "m.h5"), str(tmp_path / "part-*.parquet"), "-o",
-                                          str(tmp_path / "dask.csv"), "--engine", "dask", "--scheduler", "local"])  # fmt: skip
+    parts = str(tmp_path / "part-*.parquet")
+    distributed_run = runner.invoke(
+        cli, ["score", str(d / "m.h5"), parts, "-o", str(tmp_path / "dask.csv"), "--engine", "dask"]
+    )
     assert distributed_run.exit_code == 0, distributed_run.output
     local_run = runner.invoke(cli, ["score", str(d / "m.h5"), str(tmp_path / "all.parquet"), "-o",
                                     str(tmp_path / "local.csv")])  # fmt: skip
