@@ -184,3 +184,23 @@ def test_image_models_from_npz(tmp_path):
     assert scored.exit_code == 0 and len(pd.read_csv(tmp_path / "s.csv")) == 300
     drawn = run("sample", str(tmp_path / "d.h5"), "-n", "4", "-o", str(tmp_path / "s.npz"))
     assert drawn.exit_code == 0 and np.load(tmp_path / "s.npz")["images"].shape == (4, 8, 8)
+
+
+def test_report_is_one_self_contained_page_with_its_sections(workdir, tmp_path):
+    out = tmp_path / "report.html"
+    result = run("report", str(workdir / "m.h5"), str(workdir / "test.csv"), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    for section in ("summary", "score-histogram", "most-anomalous", "latent-map", "training-curves"):
+        assert f'<section id="{section}">' in page
+    assert page.count("data:image/png;base64,") == 3 and "src=\"http" not in page
+    most = page.split('id="most-anomalous"')[1].split("</section>")[0]
+    assert most.count("<tr>") == 21 and "c, " in most  # 20 rows; planted anomalies blame column c
+    images = tmp_path / "digits.npz"
+    from sklearn.datasets import load_digits
+
+    np.savez(images, images=load_digits().images[:200])
+    assert run("fit", str(images), "-o", str(tmp_path / "d.h5"), *FAST).exit_code == 0
+    result = run("report", str(tmp_path / "d.h5"), str(images), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert '<section id="samples">' in out.read_text() and out.read_text().count("data:image/png") == 5

@@ -35,6 +35,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
       vaeguard fit train.csv -o model.h5 --id-column id
       vaeguard score model.h5 big.parquet -o scores.parquet --explain
       vaeguard evaluate model.h5 test.csv --label-column label
+      vaeguard report model.h5 test.csv -o report.html
       vaeguard plugins --json                       list plugins and the parts they register
     """
     ctx.ensure_object(dict)
@@ -351,6 +352,50 @@ def evaluate_command(
         f"at the threshold {det.offset_:.3f} nats: {metrics['flagged']} flagged, "
         f"precision {'n/a' if precision is None else f'{precision:.3f}'}, recall {metrics['recall_at_threshold']:.3f}"
     )
+
+
+@cli.command(name="report")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("data")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")
+@click.option(
+    "--max-rows",
+    type=click.IntRange(1),
+    default=50_000,
+    show_default=True,
+    help="Report on a uniform random sample of this many rows when the file holds more.",
+)
+@click.option("--device", default="auto", show_default=True)
+@user_errors
+def report_command(model: str, data: str, output: str, max_rows: int, device: str) -> None:
+    """Write a self-contained HTML report of MODEL on DATA (needs the [plot] extra).
+
+    The page holds the histogram of log-likelihoods with the threshold, the most
+    anomalous rows with their top contributing columns, a 2-D map of the latent means,
+    the training curves, and samples for image models; images are embedded.
+
+    \b
+    Example:
+      vaeguard report model.h5 test.csv -o report.html
+    """
+    from pathlib import Path
+
+    from vaeguard.batch import check_columns
+    from vaeguard.data import Source, read_all
+    from vaeguard.report import build_report
+
+    det = _load_model(model, device)
+    source = Source.parse(data)
+    frame, total = read_all(source, max_rows=max_rows)
+    if hasattr(frame, "columns"):
+        check_columns(det, [str(c) for c in frame.columns], str(source))
+    page = build_report(det, frame, title=f"vaeguard report: {Path(model).name} on {source.path.name}",
+                        rows_in_file=total)  # fmt: skip
+    target = Path(output)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, target)
+    click.echo(f"wrote {output} ({len(page) / 1e6:.1f} MB)", err=True)
 
 
 @cli.command(name="sample")

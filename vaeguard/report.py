@@ -1,0 +1,183 @@
+"""A self-contained HTML report of a model on a data set: scores, the most anomalous rows, the latent map, training."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vaeguard.batch import feature_columns, score_chunk
+from vaeguard.data import DataError
+
+#: Rows listed in the "most anomalous" table.
+TOP_ROWS = 20
+#: Points drawn in the latent map at most.
+MAP_POINTS = 5000
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 960px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.85em; } td, th { padding: 2px 8px; border-bottom: 1px solid #eee; }
+th { text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+img { max-width: 100%; } .note { color: #666; font-size: 0.9em; }
+"""
+
+
+def _figure(width: float = 7.0, height: float = 3.2) -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise DataError('the report draws with matplotlib: pip install "vaeguard[plot]"') from exc
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _embed(fig: Any, alt: str) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _histogram(log_px: np.ndarray, offset: float) -> str:
+    fig = _figure()
+    ax = fig.add_subplot()
+    finite = log_px[np.isfinite(log_px)]
+    low = np.percentile(finite, 0.5) if len(finite) > 200 else finite.min()
+    ax.hist(np.clip(finite, low, None), bins=60, color="#4c72b0")
+    ax.axvline(offset, color="#c44e52", linestyle="--", label=f"threshold {offset:.2f} nats")
+    ax.set_xlabel("log p(x), nats (lowest 0.5 % drawn at the left edge)")
+    ax.set_ylabel("rows")
+    ax.legend()
+    return _embed(fig, "histogram of the log-likelihoods with the threshold")
+
+
+def _latent_map(codes: np.ndarray, log_px: np.ndarray) -> str:
+    if codes.shape[1] > 2:  # the two directions of largest spread
+        centered = codes - codes.mean(axis=0)
+        _, _, vt = np.linalg.svd(centered, full_matrices=False)
+        codes, axes = centered @ vt[:2].T, ("principal direction 1", "principal direction 2")
+    elif codes.shape[1] == 2:
+        axes = ("z1", "z2")
+    else:
+        codes, axes = np.column_stack([codes[:, 0], np.zeros(len(codes))]), ("z1", "")
+    fig = _figure(6.0, 4.6)
+    ax = fig.add_subplot()
+    points = ax.scatter(codes[:, 0], codes[:, 1], c=log_px, s=6, cmap="viridis")
+    fig.colorbar(points, ax=ax, label="log p(x), nats")
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
+    return _embed(fig, "posterior means of the rows, coloured by log-likelihood")
+
+
+def _training_curves(history: Any) -> str:
+    fig = _figure()
+    ax = fig.add_subplot()
+    epochs = np.arange(1, len(history.train_loss) + 1)
+    ax.plot(epochs, history.train_loss, label="training −ELBO")
+    if history.validation_loss and np.isfinite(history.validation_loss).any():
+        ax.plot(epochs[: len(history.validation_loss)], history.validation_loss, label="validation −ELBO")
+    ax.axvline(history.best_epoch + 1, color="#888", linestyle=":", label="weights kept")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per row (standardised units)")
+    ax.legend()
+    return _embed(fig, "training and validation loss per epoch")
+
+
+def _image_grid(images: np.ndarray, title: str) -> str:
+    images = np.asarray(images, dtype=np.float64)
+    if images.ndim == 4:  # (n, C, H, W): show channel-last colour, or the first channel
+        images = np.moveaxis(images, 1, -1) if images.shape[1] == 3 else images[:, 0]
+    n = len(images)
+    cols = min(8, n)
+    rows = int(np.ceil(n / cols))
+    fig = _figure(cols * 0.9, rows * 0.9)
+    low, high = np.nanmin(images), np.nanmax(images)
+    for i, image in enumerate(images):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        shown = (image - low) / (high - low) if high > low else image
+        ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
+        ax.set_axis_off()
+    return _embed(fig, title)
+
+
+def build_report(det: Any, data: pd.DataFrame | np.ndarray, *, title: str, rows_in_file: int) -> str:
+    """The report's HTML, one page with every image embedded.
+
+    Sections: a summary of the model and data, the histogram of log-likelihoods with the
+    threshold, the most anomalous rows with their top contributing columns (tables), a 2-D
+    map of the posterior means, the training curves, and samples (image models).
+    """
+    columns = feature_columns(det)
+    results, _ = score_chunk(det, data, explain=columns is not None, on_bad_row="nan")
+    log_px = results["log_likelihood"].to_numpy()
+    features = data if columns is None else data[columns]
+    scored = np.isfinite(log_px)
+    keep = np.flatnonzero(scored)[:MAP_POINTS]
+    subset = features[keep] if columns is None else features.iloc[keep]
+    codes = det.transform(subset)
+    flagged = int((results["is_outlier"] == True).sum())  # noqa: E712 (nullable booleans)
+    spec = det.model_spec_
+    summary = [
+        ("rows in the file", f"{rows_in_file:,}"),
+        ("rows in this report", f"{len(data):,}" + (" (a random sample)" if len(data) < rows_in_file else "")),
+        ("rows that could not be scored", f"{int((~scored).sum()):,}"),
+        ("flagged as outliers", f"{flagged:,} ({flagged / max(1, scored.sum()):.1%})"),
+        ("threshold", f"{det.offset_:.3f} nats ({det.threshold_rule_.get('rule')})"),
+        ("model", f"{spec['encoder']} networks, {spec['likelihood']} likelihood, latent_dim {det.latent_dim_}"),
+        ("model file SHA-256", det.fingerprint_ or "(not saved)"),
+    ]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        '<section id="summary"><table>',
+        *(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary),
+        "</table></section>",
+        '<section id="score-histogram"><h2>Log-likelihoods and the threshold</h2>',
+        _histogram(log_px[scored], det.offset_),
+        "</section>",
+        '<section id="most-anomalous"><h2>The most anomalous rows</h2>',
+        _top_rows(results, data, columns),
+        "</section>",
+        '<section id="latent-map"><h2>Latent map</h2>',
+        f'<p class="note">Posterior means of {len(keep):,} rows.</p>',
+        _latent_map(codes, log_px[keep]),
+        "</section>",
+        '<section id="training-curves"><h2>Training</h2>',
+        _training_curves(det.history_),
+        "</section>",
+    ]
+    if columns is None:
+        worst = np.argsort(np.where(scored, log_px, np.inf))[: min(16, int(scored.sum()))]
+        parts += [
+            '<section id="samples"><h2>Samples from the model</h2>',
+            _image_grid(det.sample(16, random_state=0), "16 samples from the model"),
+            "<h2>The most anomalous images</h2>",
+            _image_grid(np.asarray(data)[worst], "the most anomalous images"),
+            "</section>",
+        ]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _top_rows(results: pd.DataFrame, data: Any, columns: list[str] | None) -> str:
+    order = results["log_likelihood"].fillna(np.inf).to_numpy().argsort(kind="stable")[:TOP_ROWS]
+    header = ["row", "log p(x) (nats)", "decision"] + (["top features"] if columns is not None else [])
+    lines = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    for i in order:
+        row = results.iloc[i]
+        cells = [
+            f"<td>{html.escape(str(row['id']))}</td>",
+            f'<td class="num">{row["log_likelihood"]:.3f}</td>',
+            f'<td class="num">{row["decision"]:.3f}</td>',
+        ]
+        if columns is not None:
+            cells.append(f"<td>{html.escape(str(row['top_features']).replace(';', ', '))}</td>")
+        lines.append("<tr>" + "".join(cells) + "</tr>")
+    lines.append("</table>")
+    return "\n".join(lines)
