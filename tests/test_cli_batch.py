@@ -193,7 +193,7 @@ def test_report_is_one_self_contained_page_with_its_sections(workdir, tmp_path):
     page = out.read_text()
     for section in ("summary", "score-histogram", "most-anomalous", "latent-map", "training-curves"):
         assert f'<section id="{section}">' in page
-    assert page.count("data:image/png;base64,") == 3 and "src=\"http" not in page
+    assert page.count("data:image/png;base64,") == 3 and 'src="http' not in page
     most = page.split('id="most-anomalous"')[1].split("</section>")[0]
     assert most.count("<tr>") == 21 and "c, " in most  # 20 rows; planted anomalies blame column c
     images = tmp_path / "digits.npz"

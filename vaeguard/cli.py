@@ -98,7 +98,7 @@ def _parse_param(values: tuple[str, ...]) -> dict[str, Any]:
     type=click.IntRange(1),
     default=1_000_000,
     show_default=True,
-    help="Train on a uniform random sample of this many rows when the file holds more.",
+    help="Train on a uniform random sample of this many rows when the file holds more (said on stderr).",
 )
 @click.option(
     "--param",

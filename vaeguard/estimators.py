@@ -795,12 +795,9 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
 
     def _model_file_contents(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """The JSON configuration and the named arrays that :meth:`save` writes."""
-        params = self.get_params()
-        if not (params["random_state"] is None or isinstance(params["random_state"], Integral)):
-            params["random_state"] = None
         config = {
             "estimator": type(self).__name__,
-            "params": params,
+            "params": storable_params(self),
             "model": self.model_spec_,
             "fitted": {
                 "offset_": self.offset_,
@@ -883,6 +880,14 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
         )
         est.fingerprint_ = digest
         return est
+
+
+def storable_params(estimator: BaseEstimator) -> dict[str, Any]:
+    """``get_params()`` for a model file: a RandomState instance (not storable as JSON) becomes None."""
+    params = estimator.get_params()
+    if not (params.get("random_state") is None or isinstance(params["random_state"], Integral)):
+        params["random_state"] = None
+    return params
 
 
 def _per_row(values: np.ndarray, X: Any, name: str) -> np.ndarray | pd.Series:

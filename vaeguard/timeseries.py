@@ -14,7 +14,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from vaeguard import storage
-from vaeguard.estimators import VAEAnomalyDetector
+from vaeguard.estimators import VAEAnomalyDetector, storable_params
 from vaeguard.presets import PresetMixin
 
 #: Bounds on the automatic window length (steps).
@@ -225,12 +225,9 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
         """
         check_is_fitted(self)
         window_config, arrays = self.window_model_._model_file_contents()
-        params = self.get_params()
-        if not (params["random_state"] is None or isinstance(params["random_state"], Integral)):
-            params["random_state"] = None
         config = {
             "estimator": type(self).__name__,
-            "params": params,
+            "params": storable_params(self),
             "fitted": {"window_": self.window_, "n_channels_": self.n_channels_, "offset_": self.offset_},
             "window_model": window_config,
         }

@@ -45,6 +45,24 @@ def _first_bad_entry(mask: np.ndarray) -> tuple[int, int]:
     return int(row), int(col)
 
 
+def _levels_seen(X: np.ndarray) -> int:
+    """1 + the largest observed integer level (at least 2): the number of levels data ``X`` needs."""
+    observed = X[~np.isnan(X)]
+    return max(2, int(np.max(observed)) + 1) if observed.size else 2
+
+
+def _check_levels(X: np.ndarray, n_levels: int, name: str, where: tuple[str, str] = ("row", "column")) -> None:
+    """Raise ``ValueError`` naming the first entry of ``X`` that is not an integer in [0, n_levels) (NaN = missing)."""
+    bad = ((X < 0) | (n_levels <= X) | (np.round(X) != X)) & ~np.isnan(X)
+    if bad.any():
+        row, col = _first_bad_entry(bad)
+        value = X.reshape(X.shape[0], -1)[row, col]
+        raise ValueError(
+            f"likelihood {name!r} needs integers in [0, {n_levels}); {where[0]} {row}, {where[1]} {col} "
+            f"holds {float(value):g}"
+        )
+
+
 class Likelihood(nn.Module):
     """Base class of observation models.
 
@@ -283,21 +301,13 @@ class CategoricalLikelihood(Likelihood):
 
     @classmethod
     def options_from_data(cls, X: np.ndarray) -> dict[str, Any]:
-        observed = X[~np.isnan(X)]
-        return {"n_categories": max(2, int(np.max(observed)) + 1) if observed.size else 2}
+        return {"n_categories": _levels_seen(X)}
 
     def config(self) -> dict[str, Any]:
         return {"n_categories": self.n_categories}
 
     def check_support(self, X: np.ndarray) -> None:
-        bad = ((X < 0) | (self.n_categories <= X) | (np.round(X) != X)) & ~np.isnan(X)  # NaN = missing
-        if bad.any():
-            row, col = _first_bad_entry(bad)
-            value = X.reshape(X.shape[0], -1)[row, col]
-            raise ValueError(
-                f"likelihood 'categorical' needs integers in [0, {self.n_categories}); "
-                f"row {row}, column {col} holds {float(value):g}"
-            )
+        _check_levels(X, self.n_categories, "categorical")
 
     def distribution(self, params: Tensor) -> Distribution:
         logits = params.movedim(-1 - len(self.event_shape), -1)
@@ -421,21 +431,13 @@ class DiscretizedLogisticLikelihood(Likelihood):
 
     @classmethod
     def options_from_data(cls, X: np.ndarray) -> dict[str, Any]:
-        observed = X[~np.isnan(X)]
-        return {"n_levels": max(2, int(np.max(observed)) + 1) if observed.size else 2}
+        return {"n_levels": _levels_seen(X)}
 
     def config(self) -> dict[str, Any]:
         return {"n_levels": self.n_levels}
 
     def check_support(self, X: np.ndarray) -> None:
-        bad = ((X < 0) | (self.n_levels <= X) | (np.round(X) != X)) & ~np.isnan(X)  # NaN = missing
-        if bad.any():
-            row, col = _first_bad_entry(bad)
-            value = X.reshape(X.shape[0], -1)[row, col]
-            raise ValueError(
-                f"likelihood 'discretized_logistic' needs integer levels in [0, {self.n_levels}); "
-                f"sample {row}, element {col} holds {float(value):g}"
-            )
+        _check_levels(X, self.n_levels, "discretized_logistic", ("sample", "element"))
 
     def encoder_input(self, x: Tensor) -> Tensor:
         return self._scaled(x)
