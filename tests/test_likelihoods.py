@@ -205,5 +205,5 @@ def test_discretized_logistic_names_values_outside_its_levels():
 
     lik = DiscretizedLogisticLikelihood((2,), n_levels=17)
     lik.check_support(np.array([[0.0, 16.0], [np.nan, 3.0]]))
-    with pytest.raises(ValueError, match=r"levels in \[0, 17\); sample 1, element 0 holds 17"):
+    with pytest.raises(ValueError, match=r"integers in \[0, 17\); sample 1, element 0 holds 17"):
         lik.check_support(np.array([[0.0, 1.0], [17.0, 3.0]]))
