@@ -145,3 +145,13 @@ def test_per_row_results_of_a_dataframe_keep_its_index():
     assert rebuilt.index.tolist() == [1000, 1001, 1002, 1003] and list(rebuilt.columns) == ["a", "b", "c"]
     drawn = det.sample(3, random_state=0)
     assert isinstance(drawn, pd.DataFrame) and list(drawn.columns) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (3, 32, 32), (64, 64)])
+def test_larger_images_fit_score_and_sample_end_to_end(shape):
+    rng = np.random.default_rng(4)
+    images = (rng.random((24, *shape)) * 256).astype(np.uint8)
+    det = VAEAnomalyDetector(epochs=1, n_importance_samples=2, random_state=0).fit(images)
+    assert det.model_spec_["encoder"] == "conv"
+    assert np.all(np.isfinite(det.score_samples(images[:3])))
+    assert det.sample(2).shape == (2, *shape) and det.reconstruct(images[:2]).dtype == np.uint8
