@@ -204,3 +204,11 @@ def test_report_is_one_self_contained_page_with_its_sections(workdir, tmp_path):
     result = run("report", str(tmp_path / "d.h5"), str(images), "-o", str(out))
     assert result.exit_code == 0, result.output
     assert '<section id="samples">' in out.read_text() and out.read_text().count("data:image/png") == 5
+
+
+def test_progress_goes_to_stderr_only_when_asked(workdir, tmp_path):
+    args = ["score", str(workdir / "m.h5"), str(workdir / "test.csv"), "--chunk-rows", "100", "--n-samples", "2"]
+    shown = run(*args, "-o", str(tmp_path / "a.csv"), "--progress")
+    assert shown.exit_code == 0 and "500/500" in shown.stderr and "rows/s" in shown.stderr
+    quiet = run(*args, "-o", "-")  # not a terminal: no progress; stdout holds only the table
+    assert "rows/s" not in quiet.stderr and quiet.stdout.startswith("id,log_likelihood")

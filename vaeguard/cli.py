@@ -177,7 +177,13 @@ def _check_named(frame: Any, names: list[str], source: Any) -> None:
 @click.option("--explain", is_flag=True, help="Add top_features: the 3 columns that make each row least likely.")
 @click.option("--n-samples", type=click.IntRange(1), help="K, importance samples per row (default: the model's).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--chunk-rows", type=click.IntRange(1), default=50_000, show_default=True, help="Rows per chunk.")
+@click.option(
+    "--chunk-rows",
+    type=click.IntRange(1),
+    default=10_000,
+    show_default=True,
+    help="Rows per chunk: memory grows with it, not with the file; --resume restarts after the last whole chunk.",
+)
 @click.option("--resume", is_flag=True, help="Continue a run that was stopped, after its last complete chunk.")
 @click.option(
     "--on-bad-row",

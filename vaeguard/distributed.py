@@ -146,7 +146,7 @@ def score_files(
     else:
         raise DataError(f"--engine dask reads .csv or .parquet files; {pattern!r} matches {', '.join(sorted(kinds))}")
     cluster = (
-        LocalCluster(n_workers=n_workers or 2, threads_per_worker=1, dashboard_address=None)
+        LocalCluster(n_workers=n_workers or 2, threads_per_worker=1, dashboard_address=":0")
         if scheduler == "local"
         else None
     )
