@@ -207,3 +207,23 @@ def test_discretized_logistic_names_values_outside_its_levels():
     lik.check_support(np.array([[0.0, 16.0], [np.nan, 3.0]]))
     with pytest.raises(ValueError, match=r"integers in \[0, 17\); sample 1, element 0 holds 17"):
         lik.check_support(np.array([[0.0, 1.0], [17.0, 3.0]]))
+
+
+@pytest.mark.parametrize("n_levels", [2, 17, 256])
+def test_symbol_tables_are_the_masses_the_likelihood_scores(n_levels):
+    from vaeguard.components.likelihoods import DiscretizedLogisticLikelihood, Likelihood
+
+    lik = DiscretizedLogisticLikelihood((1, 3, 3), n_levels=n_levels).double()
+    params = torch.randn(4, 2, 1, 3, 3, dtype=torch.float64) * 3
+    table = lik.symbol_probabilities(params)
+    assert table.shape == (4, 1, 3, 3, n_levels)
+    assert torch.allclose(table, Likelihood.symbol_probabilities(lik, params), atol=1e-12)  # the generic loop
+    assert torch.allclose(table.sum(-1), torch.ones(4, 1, 3, 3, dtype=torch.float64), atol=1e-12)
+    categorical = CategoricalLikelihood((5,), n_categories=4).double()
+    logits = torch.randn(3, 4, 5, dtype=torch.float64)
+    assert torch.allclose(
+        categorical.symbol_probabilities(logits), Likelihood.symbol_probabilities(categorical, logits), atol=1e-12
+    )
+    assert DiagGaussianLikelihood((2,)).n_symbols is None
+    with pytest.raises(ValueError, match="density"):
+        DiagGaussianLikelihood((2,)).symbol_probabilities(torch.zeros(1, 2, 2))

@@ -1,6 +1,7 @@
 """vaeguard: variational autoencoders for anomaly detection, compression and representation.
 
-The public face: detectors, :func:`load`, and :data:`hookimpl` for plugin authors.
+The public face: detectors, :func:`load`, :func:`compress` / :func:`decompress`, and
+:data:`hookimpl` for plugin authors.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -10,8 +11,17 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
+from vaeguard.compression import compress, decompress
 from vaeguard.estimators import VAEAnomalyDetector, load
 from vaeguard.hookspecs import hookimpl
 from vaeguard.timeseries import VAETimeSeriesDetector
 
-__all__ = ["VAEAnomalyDetector", "VAETimeSeriesDetector", "__version__", "hookimpl", "load"]
+__all__ = [
+    "VAEAnomalyDetector",
+    "VAETimeSeriesDetector",
+    "__version__",
+    "compress",
+    "decompress",
+    "hookimpl",
+    "load",
+]

@@ -29,6 +29,7 @@ PART_KINDS: dict[str, tuple[str, str]] = {
 DEFAULT_PLUGINS: dict[str, str] = {
     "vaeguard.encoders": "vaeguard.components.encoders",
     "vaeguard.likelihoods": "vaeguard.components.likelihoods",
+    "vaeguard.codecs": "vaeguard.components.codecs",
 }
 
 BUILTIN_SOURCE = "builtin"

@@ -143,6 +143,27 @@ class Likelihood(nn.Module):
         """One draw of x per parameter set (uses torch's global generator)."""
         return self.distribution(params).sample()
 
+    # -- coding ------------------------------------------------------------------------
+    @property
+    def n_symbols(self) -> int | None:
+        """For a mass function over symbols 0 .. K−1 per element: K (lossless codecs use it); None for densities."""
+        return None
+
+    def symbol_probabilities(self, params: Tensor) -> Tensor:
+        """P(x_j = k | params) for every element and symbol k, shape ``(..., *event_shape, n_symbols)``.
+
+        The default evaluates :meth:`per_feature_log_prob` at each symbol; subclasses may
+        compute the table directly.
+        """
+        if self.n_symbols is None:
+            raise ValueError(f"{type(self).__name__} is a density, not a mass function over symbols")
+        shape = params.shape[: params.dim() - len(self.event_shape) - 1] + self.event_shape
+        columns = [
+            self.per_feature_log_prob(torch.full(shape, float(k), dtype=params.dtype, device=params.device), params)
+            for k in range(self.n_symbols)
+        ]
+        return torch.stack(columns, -1).exp()
+
 
 def log1mexp(x: Tensor) -> Tensor:
     """log(1 − eˣ) for x ≤ 0, accurate near 0 and far below it."""
@@ -266,6 +287,10 @@ class BernoulliLikelihood(Likelihood):
     def distribution(self, params: Tensor) -> Distribution:
         return Bernoulli(logits=self.param(params, 0).clamp(-30.0, 30.0), validate_args=False)
 
+    @property
+    def n_symbols(self) -> int:
+        return 2
+
 
 class CategoricalLikelihood(Likelihood):
     """Independent categorical per element over ``0 .. n_categories-1``; a mass function.
@@ -308,6 +333,13 @@ class CategoricalLikelihood(Likelihood):
 
     def check_support(self, X: np.ndarray) -> None:
         _check_levels(X, self.n_categories, "categorical")
+
+    @property
+    def n_symbols(self) -> int:
+        return self.n_categories
+
+    def symbol_probabilities(self, params: Tensor) -> Tensor:
+        return self.distribution(params).probs
 
     def distribution(self, params: Tensor) -> Distribution:
         logits = params.movedim(-1 - len(self.event_shape), -1)
@@ -386,6 +418,16 @@ class MixedLikelihood(DiagGaussianLikelihood):
         categorical = log_levels.gather(-1, codes.unsqueeze(-1)).squeeze(-1)
         return torch.where(self.is_categorical, categorical, numeric)
 
+    @property
+    def n_symbols(self) -> int | None:
+        """Codable as symbols only when every column is categorical."""
+        return self.param_count if bool(self.is_categorical.all()) else None
+
+    def symbol_probabilities(self, params: Tensor) -> Tensor:
+        if self.n_symbols is None:
+            raise ValueError("a table with numeric columns is a density, not a mass function over symbols")
+        return self._log_levels(params).exp()
+
     def mean(self, params: Tensor) -> Tensor:
         """Numeric columns: the mean; categorical columns: the most probable level."""
         return torch.where(
@@ -438,6 +480,20 @@ class DiscretizedLogisticLikelihood(Likelihood):
 
     def check_support(self, X: np.ndarray) -> None:
         _check_levels(X, self.n_levels, "discretized_logistic", ("sample", "element"))
+
+    @property
+    def n_symbols(self) -> int:
+        return self.n_levels
+
+    def symbol_probabilities(self, params: Tensor) -> Tensor:
+        """The L cell masses at once: differences of the logistic CDF at the L − 1 inner cell edges."""
+        loc, log_scale = self.loc_log_scale(params)
+        edges = torch.arange(1, self.n_levels, dtype=loc.dtype, device=loc.device) * (2.0 / (self.n_levels - 1)) - 1.0
+        edges = edges - 1.0 / (self.n_levels - 1)  # between level k−1 and k
+        cdf = torch.sigmoid((edges - loc[..., None]) * torch.exp(-log_scale)[..., None])
+        zero, one = torch.zeros_like(cdf[..., :1]), torch.ones_like(cdf[..., :1])
+        full = torch.cat([zero, cdf, one], -1)
+        return full[..., 1:] - full[..., :-1]
 
     def encoder_input(self, x: Tensor) -> Tensor:
         return self._scaled(x)

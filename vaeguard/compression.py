@@ -1,0 +1,157 @@
+"""``compress`` / ``decompress``: data through a fitted model's codec into a small self-describing container.
+
+The container is a documented binary layout::
+
+    b"VGZ1" | uint32 little-endian header length | header (UTF-8 JSON) | payload
+
+The header records the codec and its parameters, the model's SHA-256 fingerprint, the
+number of samples, the data's kind (array or DataFrame), shape, dtype and columns, a
+SHA-256 of the original data and one of the payload, and what the codec reports
+(e.g. the initial bits of ``bitsback``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vaeguard import storage
+from vaeguard.plugins import get_part
+
+MAGIC = b"VGZ1"
+FORMAT_NAME = "vaeguard-compressed"
+
+
+def _estimator(model: Any) -> Any:
+    if isinstance(model, (str, os.PathLike)):
+        from vaeguard.estimators import load
+
+        return load(model, device="cpu")
+    if not hasattr(model, "model_"):
+        raise ValueError("model must be a fitted vaeguard estimator or the path of a model file")
+    return model
+
+
+def model_fingerprint(det: Any) -> str:
+    """The SHA-256 of the estimator's model file (computed the same way for a model not saved yet)."""
+    return det.fingerprint_ or storage.fingerprint(*det._model_file_contents())
+
+
+def data_digest(X: Any) -> str:
+    """SHA-256 of data in a canonical form: an array's dtype, shape and bytes, or a DataFrame's CSV text."""
+    h = hashlib.sha256()
+    if isinstance(X, pd.DataFrame):
+        h.update(b"frame\0" + X.to_csv(index=False).encode())
+    else:
+        a = np.ascontiguousarray(X)
+        h.update(f"array\0{a.dtype.str}\0{a.shape}\0".encode() + a.tobytes())
+    return h.hexdigest()
+
+
+def _codec(name: str, params: dict[str, Any] | None) -> Any:
+    factory = get_part("codecs", name)
+    try:
+        return factory(**(params or {}))
+    except TypeError as exc:
+        raise ValueError(f"codec {name!r} does not take these parameters ({exc})") from exc
+
+
+def compress(model: Any, X: Any, codec: str = "bitsback", codec_params: dict[str, Any] | None = None) -> bytes:
+    """Compress ``X`` with a fitted model; returns the container's bytes.
+
+    Parameters
+    ----------
+    model : estimator or str or PathLike
+        A fitted :class:`~vaeguard.VAEAnomalyDetector` or the path of its model file.
+    X : array-like, DataFrame or images
+        Data like the model's training data, without missing values.
+    codec : str, default="bitsback"
+        A registered codec (``vaeguard plugins`` lists them).
+    codec_params : dict, optional
+        The codec's settings, e.g. ``{"latent_bits": 12}``.
+
+    Returns
+    -------
+    bytes
+        Decompress with :func:`decompress` and the same model.
+    """
+    det = _estimator(model)
+    coder = _codec(codec, codec_params)
+    values = det._validate_input(X, reset=False)
+    x, mask = det._to_internal(values)
+    if mask is not None:
+        row = int(np.flatnonzero(~mask.reshape(len(mask), -1).numpy().all(axis=1))[0])
+        raise ValueError(f"row {row} has missing values; only complete data can be compressed")
+    payload, info = coder.encode(det, x)
+    frame = isinstance(X, pd.DataFrame)
+    original = X if frame else np.asarray(X)
+    header = {
+        "format": FORMAT_NAME,
+        "version": 1,
+        "codec": codec,
+        "codec_params": coder.params(),
+        "model_sha256": model_fingerprint(det),
+        "n_samples": int(x.shape[0]),
+        "kind": "frame" if frame else "array",
+        "shape": list(original.shape),
+        "dtype": None if frame else original.dtype.str,
+        "columns": [str(c) for c in X.columns] if frame else None,
+        "data_sha256": data_digest(original),
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "info": info,
+    }
+    encoded = json.dumps(header, sort_keys=True).encode()
+    return MAGIC + struct.pack("<I", len(encoded)) + encoded + payload
+
+
+def read_header(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """``(header, payload)`` of a container; ``ValueError`` for anything that is not a whole one."""
+    if len(data) < 8 or data[:4] != MAGIC:
+        raise ValueError("not a vaeguard compressed file (it does not start with VGZ1)")
+    (length,) = struct.unpack("<I", data[4:8])
+    try:
+        header = json.loads(data[8 : 8 + length].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError("the compressed file's header is damaged or truncated") from exc
+    payload = data[8 + length :]
+    if header.get("format") != FORMAT_NAME:
+        raise ValueError("not a vaeguard compressed file")
+    if hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
+        raise ValueError("the compressed data is truncated or altered (its SHA-256 does not match)")
+    return header, payload
+
+
+def decompress(model: Any, data: bytes) -> Any:
+    """The data that :func:`compress` compressed, given the same model: an array or DataFrame as it was.
+
+    Raises ``ValueError`` when the data was compressed with another model (naming both
+    fingerprints), or is truncated, altered or not a vaeguard container.
+    """
+    det = _estimator(model)
+    header, payload = read_header(data)
+    mine = model_fingerprint(det)
+    if header["model_sha256"] != mine:
+        raise ValueError(
+            f"this data was compressed with the model {header['model_sha256'][:12]}…, not with this one "
+            f"({mine[:12]}…); decompress it with the model file that compressed it"
+        )
+    coder = _codec(header["codec"], header["codec_params"])
+    try:
+        x = coder.decode(det, payload, int(header["n_samples"]))
+    except (ValueError, RuntimeError, OverflowError) as exc:
+        raise ValueError(f"the compressed data could not be decoded: {exc}") from exc
+    out = det._from_internal(x.numpy())
+    if header["kind"] == "frame":
+        out = out if isinstance(out, pd.DataFrame) else pd.DataFrame(out)
+        out.columns = header["columns"]
+    else:
+        out = np.asarray(out).reshape(header["shape"]).astype(np.dtype(header["dtype"]), copy=False)
+    if coder.lossless and data_digest(out) != header["data_sha256"]:
+        raise ValueError("decompressed data does not match the original's SHA-256")
+    return out
