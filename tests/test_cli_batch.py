@@ -212,3 +212,21 @@ def test_progress_goes_to_stderr_only_when_asked(workdir, tmp_path):
     assert shown.exit_code == 0 and "500/500" in shown.stderr and "rows/s" in shown.stderr
     quiet = run(*args, "-o", "-")  # not a terminal: no progress; stdout holds only the table
     assert "rows/s" not in quiet.stderr and quiet.stdout.startswith("id,log_likelihood")
+
+
+def test_compress_and_decompress_files(tmp_path):
+    from sklearn.datasets import load_digits
+
+    images = (load_digits().images[:400] >= 8).astype(np.uint8)
+    np.savez(tmp_path / "bits.npz", images=images)
+    assert run("fit", str(tmp_path / "bits.npz"), "-o", str(tmp_path / "b.h5"), *FAST).exit_code == 0
+    packed = run("compress", str(tmp_path / "b.h5"), str(tmp_path / "bits.npz"), "-o", str(tmp_path / "b.vgz"))
+    assert packed.exit_code == 0, packed.output
+    assert "bits/dim" in packed.stderr
+    restored = run("decompress", str(tmp_path / "b.h5"), str(tmp_path / "b.vgz"), "-o", str(tmp_path / "back.npz"))
+    assert restored.exit_code == 0, restored.output
+    assert np.array_equal(np.load(tmp_path / "back.npz")["data"], images)
+    assert run("fit", str(tmp_path / "bits.npz"), "-o", str(tmp_path / "other.h5"), *FAST, "--seed", "1").exit_code == 0
+    wrong = run("decompress", str(tmp_path / "other.h5"), str(tmp_path / "b.vgz"), "-o", str(tmp_path / "x.npz"))
+    assert wrong.exit_code == 2 and "compressed with the model" in wrong.stderr
+    assert not (tmp_path / "x.npz").exists()
