@@ -104,6 +104,12 @@ def test_refusals_name_the_problem(binary_model, digits):
         decompress(other, blob)
     with pytest.raises(ValueError, match="truncated or altered"):
         decompress(binary_model, blob[:-4])
+    altered = bytearray(blob)
+    altered[-20] ^= 0x5A
+    with pytest.raises(ValueError, match="truncated or altered"):
+        decompress(binary_model, bytes(altered))
+    with pytest.raises(ValueError, match="truncated or altered"):
+        decompress(binary_model, blob[:12])
     with pytest.raises(ValueError, match="not a vaeguard compressed file"):
         decompress(binary_model, b"PK\x03\x04 hello")
     dense = VAEAnomalyDetector(**{**QUICK, "epochs": 2}).fit(np.random.default_rng(0).normal(size=(50, 3)))

@@ -1,13 +1,18 @@
 """``compress`` / ``decompress``: data through a fitted model's codec into a small self-describing container.
 
-The container is a documented binary layout::
+The container is a documented binary layout, kept small because it is paid for by every file::
 
-    b"VGZ1" | uint32 little-endian header length | header (UTF-8 JSON) | payload
+    b"VGZ1"                       magic and format version 1
+    uint16, little-endian          length of the header
+    header                         compact UTF-8 JSON: codec, codec_params, n_samples, kind
+                                   ("array" or "frame"), shape, dtype, columns (frames), info
+                                   (what the codec reports, e.g. its initial bits)
+    32 bytes                       SHA-256 fingerprint of the model (its model file's digest)
+    32 bytes                       SHA-256 of the original data (:func:`data_digest`)
+    payload                        the codec's bytes
 
-The header records the codec and its parameters, the model's SHA-256 fingerprint, the
-number of samples, the data's kind (array or DataFrame), shape, dtype and columns, a
-SHA-256 of the original data and one of the payload, and what the codec reports
-(e.g. the initial bits of ``bitsback``).
+A damaged or truncated payload is caught when it does not decode to data with the
+recorded SHA-256 (the bitsback decoder also checks that its stack ends where it began).
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from vaeguard import storage
 from vaeguard.plugins import get_part
 
 MAGIC = b"VGZ1"
-FORMAT_NAME = "vaeguard-compressed"
 
 
 def _estimator(model: Any) -> Any:
@@ -92,39 +96,40 @@ def compress(model: Any, X: Any, codec: str = "bitsback", codec_params: dict[str
     frame = isinstance(X, pd.DataFrame)
     original = X if frame else np.asarray(X)
     header = {
-        "format": FORMAT_NAME,
-        "version": 1,
         "codec": codec,
         "codec_params": coder.params(),
-        "model_sha256": model_fingerprint(det),
         "n_samples": int(x.shape[0]),
         "kind": "frame" if frame else "array",
         "shape": list(original.shape),
-        "dtype": None if frame else original.dtype.str,
-        "columns": [str(c) for c in X.columns] if frame else None,
-        "data_sha256": data_digest(original),
-        "payload_sha256": hashlib.sha256(payload).hexdigest(),
         "info": info,
     }
-    encoded = json.dumps(header, sort_keys=True).encode()
-    return MAGIC + struct.pack("<I", len(encoded)) + encoded + payload
+    if frame:
+        header["columns"] = [str(c) for c in X.columns]
+    else:
+        header["dtype"] = original.dtype.str
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    digests = bytes.fromhex(model_fingerprint(det)) + bytes.fromhex(data_digest(original))
+    return MAGIC + struct.pack("<H", len(encoded)) + encoded + digests + payload
 
 
 def read_header(data: bytes) -> tuple[dict[str, Any], bytes]:
-    """``(header, payload)`` of a container; ``ValueError`` for anything that is not a whole one."""
-    if len(data) < 8 or data[:4] != MAGIC:
+    """``(header, payload)`` of a container; the header gains ``model_sha256`` and ``data_sha256`` (hex).
+
+    Raises ``ValueError`` for data that is not a vaeguard container or whose header is cut.
+    """
+    if len(data) < 6 or data[:4] != MAGIC:
         raise ValueError("not a vaeguard compressed file (it does not start with VGZ1)")
-    (length,) = struct.unpack("<I", data[4:8])
+    (length,) = struct.unpack("<H", data[4:6])
+    end = 6 + length
     try:
-        header = json.loads(data[8 : 8 + length].decode())
+        header = json.loads(data[6:end].decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError("the compressed file's header is damaged or truncated") from exc
-    payload = data[8 + length :]
-    if header.get("format") != FORMAT_NAME:
-        raise ValueError("not a vaeguard compressed file")
-    if hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
-        raise ValueError("the compressed data is truncated or altered (its SHA-256 does not match)")
-    return header, payload
+        raise ValueError("the compressed file's header is truncated or altered") from exc
+    if len(data) < end + 64 or not isinstance(header, dict) or "codec" not in header:
+        raise ValueError("the compressed file is truncated or altered")
+    header["model_sha256"] = data[end : end + 32].hex()
+    header["data_sha256"] = data[end + 32 : end + 64].hex()
+    return header, data[end + 64 :]
 
 
 def decompress(model: Any, data: bytes) -> Any:
@@ -144,8 +149,8 @@ def decompress(model: Any, data: bytes) -> Any:
     coder = _codec(header["codec"], header["codec_params"])
     try:
         x = coder.decode(det, payload, int(header["n_samples"]))
-    except (ValueError, RuntimeError, OverflowError) as exc:
-        raise ValueError(f"the compressed data could not be decoded: {exc}") from exc
+    except (ValueError, RuntimeError, OverflowError, IndexError) as exc:
+        raise ValueError(f"the compressed data is truncated or altered: it could not be decoded ({exc})") from exc
     out = det._from_internal(x.numpy())
     if header["kind"] == "frame":
         out = out if isinstance(out, pd.DataFrame) else pd.DataFrame(out)
@@ -153,5 +158,5 @@ def decompress(model: Any, data: bytes) -> Any:
     else:
         out = np.asarray(out).reshape(header["shape"]).astype(np.dtype(header["dtype"]), copy=False)
     if coder.lossless and data_digest(out) != header["data_sha256"]:
-        raise ValueError("decompressed data does not match the original's SHA-256")
+        raise ValueError("the compressed data is truncated or altered: it decodes to data with another SHA-256")
     return out
