@@ -1,6 +1,7 @@
 """Lossless compression: vaeguard's bitsback codec against general-purpose compressors, in bits per dimension.
 
-    python benchmarks/compression.py
+    python benchmarks/compression.py            # lossless
+    python benchmarks/compression.py --lossy    # and the rate-distortion curves
 
 Data (held-out parts only are compressed):
 - binarised digits (pixel ≥ 8 of 16) and 17-level digits (0..16): scikit-learn's digits
@@ -16,6 +17,12 @@ Reported: its net size, its size with the initial bits, the model's −ELBO (K =
 lzma/xz -9, zstd -19 on the raw bytes (binarised images: ``np.packbits``; others one byte
 per value), plus PNG (a mosaic of all images, Pillow, optimize=True) for images.
 Throughput: MB/s of raw (one byte per value) data through compress and decompress.
+
+Lossy (``--lossy`` adds it): rate (bits per sample, whole file) against distortion (MSE in
+the data's units) of the ``latent`` codec over quantisation steps, against PCA with as many
+components as the latent has dimensions, its coefficients standardised, quantised with
+the same steps and coded the same way (a quantised Gaussian per dimension, its mean and
+spread sent as 2 float64 per dimension); on the 17-level digits and ADBench's satellite.
 Writes ``benchmarks/results/compression.md``; needs the ``[bench]`` extra (zstandard, Pillow).
 """
 
@@ -98,6 +105,86 @@ def png_mosaic(images: np.ndarray, binary: bool) -> bytes:
     return buffer.getvalue()
 
 
+STEPS = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
+
+LOSSLESS_READING = [
+    "## Reading the lossless tables",
+    "",
+    "- The codec's output (net, and with its initial bits) is smaller than every general-purpose compressor on all",
+    "  three data sets, and the net size is within 0.6 % of the model's −ELBO (the target was 2 %); the latent's",
+    "  discretisation (2¹² equal-mass buckets per dimension) costs that little.",
+    "- The whole file adds the container: a fixed ~250 bytes (header JSON, the model's and the data's SHA-256). On",
+    "  the 397 digit images that is 0.08 bits/dim and the file still beats the best peer; on the 205-row table it",
+    "  is 1.1 bits/dim and the file is larger than zstd's. Small inputs should be compressed together.",
+    "- Speed is the weak side: one sample at a time, in float64 on one CPU thread (which is what makes the bits",
+    "  independent of batch size, threads and device), about 0.04 MB/s. Several independent stacks over blocks of",
+    "  samples would parallelise it at the price of their initial bits; not built.",
+    "",
+]
+LOSSY_READING = [
+    "## Reading the lossy tables",
+    "",
+    "- The target, the latent codec at least as good as PCA at every rate, is **not met**. On satellite the latent",
+    "  codec wins at low rates (about 18 bits/sample: MSE 14.9 against PCA's 22.5 at 20 bits) and loses above",
+    "  about 28 bits/sample; on the digits PCA is as good or better throughout.",
+    "- The reason is the distortion floor: at fine steps the latent codec's MSE stops at the decoder's mean at the",
+    "  posterior mean (digits 3.15, satellite 11.7), PCA's at its 16 / 9 components (2.76, 5.84). The model is",
+    "  trained for likelihood (per-pixel scales, 10 % trimmed minibatches), not for squared error.",
+    "",
+]
+
+
+def pca_rate_distortion(train: np.ndarray, test: np.ndarray, k: int, step: float, levels: bool) -> tuple[float, float]:
+    """(bits per sample, MSE) of PCA with k components, standardised coefficients quantised with ``step``."""
+    import constriction
+    from sklearn.decomposition import PCA
+
+    flat_train, flat_test = train.reshape(len(train), -1), test.reshape(len(test), -1)
+    pca = PCA(k).fit(flat_train)
+    scale = np.sqrt(pca.explained_variance_)
+    codes = np.round(pca.transform(flat_test) / scale / step).astype(np.int32)
+    center, spread = codes.mean(axis=0), np.maximum(codes.std(axis=0), 0.5)
+    coder = constriction.stream.stack.AnsCoder()
+    model = constriction.stream.model.QuantizedGaussian(int(codes.min()), int(codes.max()))
+    coder.encode_reverse(codes.reshape(-1), model, np.tile(center, len(codes)), np.tile(spread, len(codes)))
+    bits = coder.num_bits() + 2 * 64 * k + 64  # the codes, the per-dimension mean and spread, the range
+    rebuilt = pca.inverse_transform(codes * step * scale)
+    if levels:
+        rebuilt = np.clip(np.round(rebuilt), flat_train.min(), flat_train.max())
+    return bits / len(test), float(((rebuilt - flat_test) ** 2).mean())
+
+
+def lossy_section() -> list[str]:
+    images = load_digits().images
+    order = np.random.default_rng(0).permutation(len(images))
+    satellite = np.load(SHARED / "30_satellite.npz")
+    normal = satellite["X"][satellite["y"] == 0]
+    rows = np.random.default_rng(0).permutation(len(normal))
+    cut = int(0.7 * len(normal))
+    sets = {
+        "17-level digits": (images[order[:1400]], images[order[1400:]], True),
+        "satellite (36 columns, normal rows)": (normal[rows[:cut]], normal[rows[cut:]], False),
+    }
+    lines = ["## Lossy: the latent codec against PCA (rate in bits per sample, distortion as MSE)", ""]
+    for name, (train, test, levels) in sets.items():
+        det = VAEAnomalyDetector(random_state=0, device="cpu").fit(train)
+        k = det.latent_dim_
+        lines += [
+            f"### {name}: {len(test)} held-out samples; latent_dim = PCA components = {k}",
+            "",
+            "| step | latent bits/sample | latent MSE | PCA bits/sample | PCA MSE |",
+            "|---|---|---|---|---|",
+        ]
+        for step in STEPS:
+            blob = compress(det, test, codec="latent", codec_params={"step": step})
+            back = np.asarray(decompress(det, blob), dtype=np.float64)
+            mse = float(((back - test) ** 2).mean())
+            pca_bits, pca_mse = pca_rate_distortion(train, test, k, step, levels)
+            lines.append(f"| {step} | {8 * len(blob) / len(test):.1f} | {mse:.4g} | {pca_bits:.1f} | {pca_mse:.4g} |")
+        lines.append("")
+    return lines
+
+
 def main() -> None:
     lines = [
         "# Lossless compression of held-out data: bits per dimension (lower is better)",
@@ -155,6 +242,9 @@ def main() -> None:
         print(
             f"{name}: net {info['net_bits'] / dims:.4f} bpd, best peer {peers[best_name] / dims:.4f}", file=sys.stderr
         )
+    lines += LOSSLESS_READING
+    if "--lossy" in sys.argv:
+        lines += lossy_section() + LOSSY_READING
     out = REPO / "benchmarks" / "results" / "compression.md"
     out.write_text("\n".join(lines))
     print("\n".join(lines))
