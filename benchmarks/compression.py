@@ -105,7 +105,7 @@ def png_mosaic(images: np.ndarray, binary: bool) -> bytes:
     return buffer.getvalue()
 
 
-STEPS = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
+STEPS = (2.0, 1.0, 0.5, 0.2, 0.1)
 
 LOSSLESS_READING = [
     "## Reading the lossless tables",
