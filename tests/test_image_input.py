@@ -140,7 +140,8 @@ def test_per_row_results_of_a_dataframe_keep_its_index():
         out = getattr(det, method)(frame.iloc[5:9])
         assert isinstance(out, pd.Series) and out.name == name
         assert out.index.tolist() == [1005, 1006, 1007, 1008]
-    assert isinstance(det.score_samples(frame.to_numpy()[:3]), np.ndarray)
+    with pytest.warns(UserWarning, match="does not have valid feature names"):  # sklearn's own warning
+        assert isinstance(det.score_samples(frame.to_numpy()[:3]), np.ndarray)
     rebuilt = det.reconstruct(frame.iloc[:4])
     assert rebuilt.index.tolist() == [1000, 1001, 1002, 1003] and list(rebuilt.columns) == ["a", "b", "c"]
     drawn = det.sample(3, random_state=0)

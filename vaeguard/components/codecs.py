@@ -192,21 +192,24 @@ class LatentCodec:
         Quantisation step in latent units (the prior is N(0, 1)).
     refine_steps : int, default=200
         Adam steps that fit each code to its sample (0: the posterior mean as it is).
-    rate_weight : float, default=4.0
+    rate_weight : float or "auto", default="auto"
         Weight of ½‖z‖² against the summed squared error (model units) in the refinement:
-        larger values keep codes nearer the prior's centre, so they cost fewer bits.
+        larger values keep codes nearer the prior's centre, so they cost fewer bits. The
+        refinement is a MAP fit under Gaussian noise of variance rate_weight / 2; "auto"
+        sets that variance to a tenth of the data's per-element variance (model units), so
+        the weight follows the data's scale.
     """
 
     lossless = False
 
-    def __init__(self, step: float = 0.5, refine_steps: int = 200, rate_weight: float = 4.0) -> None:
+    def __init__(self, step: float = 0.5, refine_steps: int = 200, rate_weight: float | str = "auto") -> None:
         if not (isinstance(step, (int, float)) and 0 < step < 10):
             raise ValueError(f"step must be a number in (0, 10), got {step!r}")
-        if int(refine_steps) < 0 or float(rate_weight) < 0:
-            raise ValueError("refine_steps and rate_weight must not be negative")
+        if int(refine_steps) < 0 or (rate_weight != "auto" and not float(rate_weight) >= 0):
+            raise ValueError("refine_steps and rate_weight must not be negative (rate_weight may be 'auto')")
         self.step = float(step)
         self.refine_steps = int(refine_steps)
-        self.rate_weight = float(rate_weight)
+        self.rate_weight = rate_weight if rate_weight == "auto" else float(rate_weight)
 
     def params(self) -> dict[str, Any]:
         return {"step": self.step, "refine_steps": self.refine_steps, "rate_weight": self.rate_weight}
@@ -220,11 +223,12 @@ class LatentCodec:
         z = mu.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([z], lr=0.05)
         target = x.reshape(len(x), -1)
+        weight = 2 * 0.1 * float(target.var()) if self.rate_weight == "auto" else self.rate_weight
         with torch.enable_grad():
             for _ in range(self.refine_steps):
                 optimizer.zero_grad()
                 error = (model.likelihood.mean(model.decode(z)).reshape(len(x), -1) - target).square().sum(-1)
-                loss = (error + self.rate_weight * 0.5 * z.square().sum(-1)).mean()
+                loss = (error + weight * 0.5 * z.square().sum(-1)).mean()
                 loss.backward()
                 optimizer.step()
         return z.detach()
