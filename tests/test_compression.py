@@ -48,6 +48,11 @@ def test_binary_images_round_trip_at_about_the_negative_elbo(binary_model, digit
     assert len(payload) * 8 < 0.8 * packed
 
 
+def test_the_whole_digits_set_round_trips_in_one_container(binary_model):
+    everything = (load_digits().images >= 8).astype(np.uint8)  # 1797 images, the largest batch at hand
+    assert np.array_equal(decompress(binary_model, compress(binary_model, everything)), everything)
+
+
 def test_levels_and_8_bit_images_and_edge_cases_round_trip(digits):
     train, held_out = digits
     det = VAEAnomalyDetector(**{**QUICK, "epochs": 10}).fit(train)  # float levels 0..16
