@@ -115,17 +115,21 @@ def importance_sampled_log_likelihood(
     """
     device, dtype, eps, rows = _prepare(model, eps, device, chunk_size)
     k = eps.shape[0]
-    values, stds = [], []
+    # results go into arrays allocated once: small tensors kept alive between the chunks' large
+    # temporaries would pin glibc's heap and let the process grow with the number of rows
+    value = np.zeros(x.shape[0])
+    std = np.zeros(x.shape[0]) if return_std else None
+    start = 0
     for xb, mb in _chunks(x, rows, device, dtype, mask):
         logw = log_importance_weights(model, xb, eps, mb).double()  # (K, rows): accumulate in float64
-        values.append(torch.logsumexp(logw, 0) - math.log(k))
-        if return_std:
+        stop = start + xb.shape[0]
+        value[start:stop] = (torch.logsumexp(logw, 0) - math.log(k)).cpu().numpy()
+        if std is not None:
             w = (logw - logw.max(0, keepdim=True).values).exp()
             mean = w.mean(0)
             sd = w.std(0, unbiased=False) if k > 1 else torch.zeros_like(mean)
-            stds.append(sd / (math.sqrt(k) * mean))
-    value = torch.cat(values).cpu().numpy() if values else np.zeros(0)
-    std = (torch.cat(stds).cpu().numpy() if stds else np.zeros(0)) if return_std else None
+            std[start:stop] = (sd / (math.sqrt(k) * mean)).cpu().numpy()
+        start = stop
     return LogLikelihood(value, std)
 
 
@@ -141,8 +145,10 @@ def evidence_lower_bound(
 ) -> np.ndarray:
     """ELBO per row in nats (internal units), the reconstruction term averaged over ``eps``; float64 (n,)."""
     device, dtype, eps, rows = _prepare(model, eps, device, chunk_size)
-    out = [elbo(model, xb, eps, mb)[0].double() for xb, mb in _chunks(x, rows, device, dtype, mask)]
-    return torch.cat(out).cpu().numpy() if out else np.zeros(0)
+    out = np.zeros(x.shape[0])
+    for start, (xb, mb) in zip(range(0, x.shape[0], rows), _chunks(x, rows, device, dtype, mask), strict=True):
+        out[start : start + xb.shape[0]] = elbo(model, xb, eps, mb)[0].double().cpu().numpy()
+    return out
 
 
 @torch.no_grad()
@@ -157,8 +163,12 @@ def posterior_means(
     """Posterior means μ(x), float64 of shape (n, latent_dim)."""
     device, dtype = _placement(model, device)
     model.eval()
-    out = [model.encode(xb, mb)[0].double() for xb, mb in _chunks(x, chunk_size, device, dtype, mask)]
-    return torch.cat(out).cpu().numpy() if out else np.zeros((0, model.latent_dim))
+    out = np.zeros((x.shape[0], model.latent_dim))
+    for start, (xb, mb) in zip(
+        range(0, x.shape[0], chunk_size), _chunks(x, chunk_size, device, dtype, mask), strict=True
+    ):
+        out[start : start + xb.shape[0]] = model.encode(xb, mb)[0].double().cpu().numpy()
+    return out
 
 
 @torch.no_grad()
@@ -179,13 +189,12 @@ def per_feature_log_likelihood(
     the latent code, not to any one element. Missing entries (``mask`` False) are NaN.
     """
     device, dtype, eps, rows = _prepare(model, eps, device, chunk_size)
-    out = []
-    for xb, mb in _chunks(x, rows, device, dtype, mask):
+    out = np.zeros((x.shape[0], *model.likelihood.event_shape))
+    for start, (xb, mb) in zip(range(0, x.shape[0], rows), _chunks(x, rows, device, dtype, mask), strict=True):
         logw, per = importance_terms(model, xb, eps, mb)
         weights = torch.softmax(logw.double(), 0)  # (K, rows)
         share = (weights.reshape(*weights.shape, *([1] * (per.dim() - 2))) * per.double()).sum(0)
         if mb is not None:
             share = torch.where(mb, share, torch.full_like(share, float("nan")))
-        out.append(share)
-    shape = (0, *model.likelihood.event_shape)
-    return torch.cat(out).cpu().numpy() if out else np.zeros(shape)
+        out[start : start + xb.shape[0]] = share.cpu().numpy()
+    return out
