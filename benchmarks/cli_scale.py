@@ -122,9 +122,9 @@ def main() -> None:
     ]
     lines += [
         "",
-        "Peak memory follows the chunk size, not the file: within a chunk, glibc's heap fragments under the "
-        "scoring's many short-lived tensors of a few MiB (a fixed `M_MMAP_THRESHOLD` keeps it at ~550 MiB but "
-        "makes scoring 2.5× slower), which is why the default chunk is 10,000 rows.",
+        "Peak memory does not grow with the file, and hardly with the chunk. (Before scoring wrote its results "
+        "into arrays allocated once, the small result tensors kept between each chunk's multi-MiB temporaries "
+        "pinned glibc's heap: 50,000-row chunks peaked at 1007 MiB, and a 2,000,000-row run took 104 s.)",
     ]
     lines += [
         "",
