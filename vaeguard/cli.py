@@ -61,10 +61,9 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _progress(total: int | None, enabled: bool | None, unit: str = "rows") -> Any:
+def _progress(total: int | None, show: bool, unit: str = "rows") -> Any:
     from tqdm.auto import tqdm
 
-    show = sys.stderr.isatty() if enabled is None else enabled
     return tqdm(total=total, unit=unit, unit_scale=True, disable=not show, file=sys.stderr, dynamic_ncols=True)
 
 
@@ -239,7 +238,8 @@ def score_command(
 
     det = _load_model(model, device)
     source = Source.parse(data)
-    total = count_rows(source)
+    show = _show(progress)
+    total = count_rows(source) if show else None  # a pass over the file, only for the ETA
     settings = {
         "model": det.fingerprint_,
         "data": [str(source), source.path.stat().st_size, source.path.stat().st_mtime_ns],
@@ -255,11 +255,11 @@ def score_command(
     if writer is not None:
         if resume and writer.resume():
             start, skipped = writer.rows_done, int(writer.extra.get("skipped", 0))
-            click.echo(f"resuming after row {start} of {total}", err=True)
+            click.echo(f"resuming after row {start}", err=True)
         else:
             writer.start()
     first = True
-    with _progress(total, progress) as bar:
+    with _progress(total, show) as bar:
         bar.update(start)
         for chunk in iter_chunks(source, chunk_rows, start_row=start):
             if first and hasattr(chunk, "columns"):
@@ -468,7 +468,8 @@ def decompress_command(model: str, compressed: str, output: str) -> None:
     from vaeguard.compression import decompress
     from vaeguard.data import write_table
 
-    restored = decompress(model, Path(compressed).read_bytes())
+    det = _load_model(model, "cpu")
+    restored = decompress(det, Path(compressed).read_bytes())
     if isinstance(restored, pd.DataFrame):
         write_table(restored, output)
     elif output.endswith(".npz"):
@@ -476,7 +477,7 @@ def decompress_command(model: str, compressed: str, output: str) -> None:
         np.savez_compressed(tmp, data=restored)
         os.replace(tmp, output)
     elif restored.ndim == 2:
-        write_table(pd.DataFrame(restored, columns=_columns_of(_load_model(model, "cpu"))), output)
+        write_table(pd.DataFrame(restored, columns=_columns_of(det)), output)
     else:
         raise click.UsageError("images are written to a .npz file")
     click.echo(f"wrote {output}: {len(restored)} samples", err=True)

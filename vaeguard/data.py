@@ -204,14 +204,17 @@ def read_all(source: Source, max_rows: int | None = None, seed: int = 0) -> tupl
     about ``max_rows`` rows.
     """
     rng = np.random.default_rng(seed)
+    if max_rows is None:
+        blocks = list(iter_chunks(source, 100_000))
+        if not blocks:
+            raise DataError(f"{str(source)!r} holds no rows")
+        whole = pd.concat(blocks, ignore_index=True) if isinstance(blocks[0], pd.DataFrame) else np.concatenate(blocks)
+        return whole, len(whole)
     kept: pd.DataFrame | np.ndarray | None = None
     keys = np.empty(0)
     total = 0
     for block in iter_chunks(source, 100_000):
         total += len(block)
-        if max_rows is None:
-            kept = block if kept is None else _concat(kept, block)
-            continue
         block_keys = rng.random(len(block))
         kept = block if kept is None else _concat(kept, block)
         keys = np.concatenate([keys, block_keys])

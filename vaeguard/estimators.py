@@ -255,11 +255,12 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
         With ``reset`` (in fit), a DataFrame with categorical columns sets ``column_coder_``;
         later calls code their categories with it. Image input sets ``image_shape_``.
         """
+        shape = image_input_shape(X)
         if reset:
-            self.image_shape_ = image_input_shape(X)
+            self.image_shape_ = shape
         if getattr(self, "image_shape_", None) is not None:
-            return self._validate_images(X, reset=reset)
-        if not reset and image_input_shape(X) is not None:
+            return self._validate_images(X, shape, reset=reset)
+        if not reset and shape is not None:
             raise ValueError(
                 f"the model was fitted on a table of {self.n_features_in_} columns; got images of shape {np.shape(X)}"
             )
@@ -294,9 +295,8 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
             raise ValueError(f"column {self._column_name(col)} has no observed values (all NaN) to learn from")
         return X
 
-    def _validate_images(self, X: Any, *, reset: bool) -> np.ndarray:
-        """Images as float64 (n, C, H, W); the dtype is remembered in fit so outputs come back in it."""
-        shape = image_input_shape(X)
+    def _validate_images(self, X: Any, shape: tuple[int, ...] | None, *, reset: bool) -> np.ndarray:
+        """Images of shape ``shape`` (per image) as float64 (n, C, H, W); fit remembers their dtype for outputs."""
         images = np.asarray(X)
         if not reset and shape != self.image_shape_:
             got = "a table" if shape is None else f"images of shape {shape}"
@@ -425,10 +425,8 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
                     f"likelihood 'bernoulli' is for two-level images; these have {pixels.n_levels} levels: "
                     "use 'discretized_logistic'"
                 )
-            options = lik_cls.options_from_data(pixels.to_levels(X))
-            for key in ("n_levels", "n_categories"):  # the whole range of levels, not only those seen
-                if key in options:
-                    options[key] = pixels.n_levels
+            # options for the whole range of levels (uint8: all 256), not only the levels seen
+            options = lik_cls.options_from_data(np.array([[0.0, pixels.n_levels - 1.0]]))
             return name, lik_cls(event_shape, **options), None, pixels
         # continuous models: one scale for all pixels, so the network sees the image as it is
         d = math.prod(event_shape)
@@ -624,16 +622,25 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
             (a Series with the index of ``X`` when ``X`` is a DataFrame, as for every per-row result)
         std : ndarray of shape (n_samples,), only when ``return_std``
         """
+        value, std, _ = self._log_likelihood_of(X, n_samples, return_std)
+        if return_std:
+            return _per_row(value, X, "log_likelihood"), _per_row(std, X, "log_likelihood_std")
+        return _per_row(value, X, "log_likelihood")
+
+    def _log_likelihood_of(
+        self, X: Any, n_samples: int | None, return_std: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """(log p(x) in data units, its standard errors or None, observed elements per row) for user input ``X``."""
         check_is_fitted(self)
         k = self.n_importance_samples if n_samples is None else int(n_samples)
         if k < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
         x, mask = self._to_internal(self._validate_input(X, reset=False))
         result = self._log_likelihood_internal(x, mask, k, return_std)
-        value = result.value + self._log_jacobian_rows(mask, x.shape[0])
-        if return_std:
-            return _per_row(value, X, "log_likelihood"), _per_row(result.std, X, "log_likelihood_std")
-        return _per_row(value, X, "log_likelihood")
+        observed = (
+            np.full(x.shape[0], self.n_features_in_) if mask is None else mask.reshape(x.shape[0], -1).sum(1).numpy()
+        )
+        return result.value + self._log_jacobian_rows(mask, x.shape[0]), result.std, observed
 
     def score_samples(self, X: Any) -> np.ndarray:
         """Estimated log p(x) per row (nats, data units, K = ``n_importance_samples``); higher = more normal.
@@ -664,10 +671,7 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
         entropy coder driven by the model would approach; for densities it is the
         differential analogue (it depends on the data's units).
         """
-        check_is_fitted(self)
-        log_px = np.asarray(self.log_likelihood(X, n_samples=n_samples))
-        values = self._validate_input(X, reset=False)
-        observed = (~np.isnan(values)).reshape(len(values), -1).sum(axis=1)
+        log_px, _, observed = self._log_likelihood_of(X, n_samples)
         return _per_row(-log_px / (observed * math.log(2)), X, "bits_per_dim")
 
     def elbo(self, X: Any, n_samples: int | None = None) -> np.ndarray:

@@ -39,10 +39,12 @@ def chunk_rows(n_samples: int, elements_per_row: int, budget: int = CHUNK_ELEMEN
 
 def _chunks(
     x: Tensor, rows: int, device: torch.device, dtype: torch.dtype, mask: Tensor | None = None
-) -> Iterator[tuple[Tensor, Tensor | None]]:
+) -> Iterator[tuple[slice, Tensor, Tensor | None]]:
+    """``(rows of x it covers, chunk, its mask)`` for consecutive chunks of ``rows`` rows, moved to ``device``."""
     for start in range(0, x.shape[0], rows):
-        xb = x[start : start + rows].to(device=device, dtype=dtype, non_blocking=True)
-        yield xb, (None if mask is None else mask[start : start + rows].to(device, non_blocking=True))
+        where = slice(start, min(start + rows, x.shape[0]))
+        xb = x[where].to(device=device, dtype=dtype, non_blocking=True)
+        yield where, xb, (None if mask is None else mask[where].to(device, non_blocking=True))
 
 
 def _placement(model: VAE, device: torch.device | str | None) -> tuple[torch.device, torch.dtype]:
@@ -119,17 +121,14 @@ def importance_sampled_log_likelihood(
     # temporaries would pin glibc's heap and let the process grow with the number of rows
     value = np.zeros(x.shape[0])
     std = np.zeros(x.shape[0]) if return_std else None
-    start = 0
-    for xb, mb in _chunks(x, rows, device, dtype, mask):
+    for where, xb, mb in _chunks(x, rows, device, dtype, mask):
         logw = log_importance_weights(model, xb, eps, mb).double()  # (K, rows): accumulate in float64
-        stop = start + xb.shape[0]
-        value[start:stop] = (torch.logsumexp(logw, 0) - math.log(k)).cpu().numpy()
+        value[where] = (torch.logsumexp(logw, 0) - math.log(k)).cpu().numpy()
         if std is not None:
             w = (logw - logw.max(0, keepdim=True).values).exp()
             mean = w.mean(0)
             sd = w.std(0, unbiased=False) if k > 1 else torch.zeros_like(mean)
-            std[start:stop] = (sd / (math.sqrt(k) * mean)).cpu().numpy()
-        start = stop
+            std[where] = (sd / (math.sqrt(k) * mean)).cpu().numpy()
     return LogLikelihood(value, std)
 
 
@@ -146,8 +145,8 @@ def evidence_lower_bound(
     """ELBO per row in nats (internal units), the reconstruction term averaged over ``eps``; float64 (n,)."""
     device, dtype, eps, rows = _prepare(model, eps, device, chunk_size)
     out = np.zeros(x.shape[0])
-    for start, (xb, mb) in zip(range(0, x.shape[0], rows), _chunks(x, rows, device, dtype, mask), strict=True):
-        out[start : start + xb.shape[0]] = elbo(model, xb, eps, mb)[0].double().cpu().numpy()
+    for where, xb, mb in _chunks(x, rows, device, dtype, mask):
+        out[where] = elbo(model, xb, eps, mb)[0].double().cpu().numpy()
     return out
 
 
@@ -164,10 +163,8 @@ def posterior_means(
     device, dtype = _placement(model, device)
     model.eval()
     out = np.zeros((x.shape[0], model.latent_dim))
-    for start, (xb, mb) in zip(
-        range(0, x.shape[0], chunk_size), _chunks(x, chunk_size, device, dtype, mask), strict=True
-    ):
-        out[start : start + xb.shape[0]] = model.encode(xb, mb)[0].double().cpu().numpy()
+    for where, xb, mb in _chunks(x, chunk_size, device, dtype, mask):
+        out[where] = model.encode(xb, mb)[0].double().cpu().numpy()
     return out
 
 
@@ -190,11 +187,11 @@ def per_feature_log_likelihood(
     """
     device, dtype, eps, rows = _prepare(model, eps, device, chunk_size)
     out = np.zeros((x.shape[0], *model.likelihood.event_shape))
-    for start, (xb, mb) in zip(range(0, x.shape[0], rows), _chunks(x, rows, device, dtype, mask), strict=True):
+    for where, xb, mb in _chunks(x, rows, device, dtype, mask):
         logw, per = importance_terms(model, xb, eps, mb)
         weights = torch.softmax(logw.double(), 0)  # (K, rows)
         share = (weights.reshape(*weights.shape, *([1] * (per.dim() - 2))) * per.double()).sum(0)
         if mb is not None:
             share = torch.where(mb, share, torch.full_like(share, float("nan")))
-        out[start : start + xb.shape[0]] = share.cpu().numpy()
+        out[where] = share.cpu().numpy()
     return out

@@ -52,6 +52,12 @@ def _constriction() -> Any:
     return constriction
 
 
+def _symbol_table(model: Any, codes: torch.Tensor) -> np.ndarray:
+    """P(x_j = k | z) for one sample's latent ``codes``: one row per element, one column per symbol."""
+    likelihood = model.likelihood
+    return _rounded(likelihood.symbol_probabilities(model.decode(codes[None]))[0].reshape(-1, likelihood.n_symbols))
+
+
 class LatentBuckets:
     """The latent discretisation: ``2**bits`` buckets per dimension of equal mass under the N(0, 1) prior.
 
@@ -131,13 +137,11 @@ class BitsBackCodec:
         coder = constriction.stream.stack.AnsCoder(seed)
         initial = coder.num_bits()
         with coding_model(det) as model:
-            likelihood = model.likelihood
             for i in range(x.shape[0]):
                 xi = x[i : i + 1].double()
                 mu, logvar = model.encode(xi)
                 z = coder.decode(categorical, self.buckets.posterior(mu[0], logvar[0]))
-                params = model.decode(self.buckets.codes(z)[None])
-                table = _rounded(likelihood.symbol_probabilities(params)[0].reshape(-1, likelihood.n_symbols))
+                table = _symbol_table(model, self.buckets.codes(z))
                 coder.encode_reverse(xi.reshape(-1).numpy().astype(np.int32), categorical, table)
                 coder.encode_reverse(np.asarray(z, dtype=np.int32), prior)
         words = coder.get_compressed()
@@ -154,12 +158,9 @@ class BitsBackCodec:
         out = torch.zeros((n, *event_shape), dtype=torch.float64)
         size = math.prod(event_shape)
         with coding_model(det) as model:
-            likelihood = model.likelihood
             for i in reversed(range(n)):
                 z = coder.decode(prior, det.latent_dim_)
-                params = model.decode(self.buckets.codes(z)[None])
-                table = _rounded(likelihood.symbol_probabilities(params)[0].reshape(-1, likelihood.n_symbols))
-                symbols = coder.decode(categorical, table)
+                symbols = coder.decode(categorical, _symbol_table(model, self.buckets.codes(z)))
                 if len(symbols) != size:  # pragma: no cover - constriction decodes one symbol per table row
                     raise ValueError("the compressed data does not fit this model")
                 xi = torch.from_numpy(symbols.astype(np.float64)).reshape(1, *event_shape)
