@@ -1,5 +1,6 @@
 """compress / decompress with the bitsback codec: exact round trips, rates near −ELBO, determinism, refusals."""
 
+import copy
 import math
 import os
 import subprocess
@@ -12,6 +13,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from vaeguard import VAEAnomalyDetector, compress, decompress
+from vaeguard.components.codecs import decode_integer_codes, encode_integer_codes
 from vaeguard.compression import read_header
 
 QUICK = {"epochs": 40, "random_state": 0, "device": "cpu", "n_importance_samples": 16}
@@ -130,25 +132,91 @@ def test_refusals_name_the_problem(binary_model, digits):
         compress(binary_model, held_out, codec_params={"level": 9})
 
 
-def test_latent_codec_trades_bits_for_distortion_and_decodes_the_same_anywhere(digits):
-    train, held_out = digits
-    det = VAEAnomalyDetector(**{**QUICK, "epochs": 20}).fit(train)
+@pytest.fixture(scope="module")
+def level_model(digits):
+    return VAEAnomalyDetector(**{**QUICK, "epochs": 20}).fit(digits[0])
+
+
+def test_latent_codec_trades_bits_for_distortion(level_model, digits):
+    held_out = digits[1]
     sizes, errors = [], []
-    for step in (0.5, 0.1, 0.02):
-        blob = compress(det, held_out, codec="latent", codec_params={"step": step, "refine_steps": 0})
-        back = decompress(det, blob)
+    for step in (2.0, 0.5, 0.1):
+        blob = compress(level_model, held_out, codec="latent", codec_params={"step": step})
+        back = decompress(level_model, blob)
         assert back.shape == held_out.shape and set(np.unique(back)) <= set(range(17))  # on the pixel levels
         sizes.append(len(blob))
         errors.append(float(((back - held_out) ** 2).mean()))
-        # the decoder sees only the codes: the same reconstruction as the decoder mean at the quantised means
-        z = np.round(det.transform(held_out) / step) * step
-        model = det._scoring_model()
-        mean = model.likelihood.mean(model.decode(torch.from_numpy(z))).detach().numpy()
-        assert np.array_equal(back, det._from_internal(mean))
     assert sizes[0] < sizes[1] < sizes[2]
-    assert errors[0] > errors[2]
-    assert errors[2] < ((held_out - held_out.mean()) ** 2).mean() / 2  # far better than the mean image
-    refined = decompress(det, compress(det, held_out, codec="latent", codec_params={"step": 0.1, "rate_weight": 0}))
-    assert ((refined - held_out) ** 2).mean() < 0.8 * errors[1]  # codes fitted to the samples beat posterior means
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < ((held_out - held_out.mean()) ** 2).mean() / 4  # far better than the mean image
     with pytest.raises(ValueError, match="step must be a number"):
-        compress(det, held_out, codec="latent", codec_params={"step": -1})
+        compress(level_model, held_out, codec="latent", codec_params={"step": -1})
+    with pytest.raises(ValueError, match="does not take these parameters"):
+        compress(level_model, held_out, codec="latent", codec_params={"rate_weight": 1})
+
+
+def test_latent_payload_is_the_documented_codes_and_steps(level_model, digits):
+    """Decoding by hand — float32 steps, then the integer codes — gives decompress's output."""
+    held_out = digits[1][:50]
+    blob = compress(level_model, held_out, codec="latent", codec_params={"step": 0.5})
+    _, payload = read_header(blob)
+    k = level_model.latent_dim_
+    steps = np.frombuffer(payload[: 4 * k], dtype="<f4").astype(np.float64)
+    codes = decode_integer_codes(payload[4 * k :], len(held_out), k)
+    model = level_model._scoring_model().double()
+    with torch.no_grad():
+        mean = model.likelihood.mean(model.decode(torch.from_numpy(codes * steps))).numpy()
+    assert np.array_equal(decompress(level_model, blob), level_model._from_internal(mean))
+
+
+def test_latent_dimensions_the_decoder_ignores_cost_nothing(level_model, digits):
+    det = copy.deepcopy(level_model)
+    first = next(m for m in det.model_.decoder.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        first.weight[:, 2] = 0  # the decoder no longer reads latent dimension 2
+    blob = compress(det, digits[1], codec="latent", codec_params={"step": 0.5})
+    _, payload = read_header(blob)
+    k = det.latent_dim_
+    steps = np.frombuffer(payload[: 4 * k], dtype="<f4")
+    codes = decode_integer_codes(payload[4 * k :], len(digits[1]), k)
+    assert steps[2] > 1000 * np.median(steps) and (codes[:, 2] == 0).all()
+    others = np.delete(codes, 2, axis=1)
+    assert (others.std(axis=0) > 0).all()
+
+
+def test_latent_codes_are_fitted_below_the_posterior_means_floor(level_model, digits):
+    """The decoder's mean at the posterior mean is not the best reconstruction: refined codes go below it."""
+    held_out = digits[1]
+
+    def error(step: float, refine_steps: int) -> float:
+        params = {"step": step, "refine_steps": refine_steps}
+        back = decompress(level_model, compress(level_model, held_out, codec="latent", codec_params=params))
+        return float(((back - held_out) ** 2).mean())
+
+    plain = min(error(step, 0) for step in (0.4, 0.1))
+    assert error(0.4, 200) < 0.85 * plain and error(0.1, 200) < 0.85 * plain
+
+
+def test_latent_codec_edge_cases(level_model, digits):
+    one = digits[1][:1]
+    assert decompress(level_model, compress(level_model, one, codec="latent")).shape == one.shape
+    zeros = np.zeros((3, 8, 8))
+    coarse = compress(level_model, zeros, codec="latent", codec_params={"step": 9.9})
+    assert decompress(level_model, coarse).shape == zeros.shape
+
+
+@pytest.mark.parametrize(
+    "codes",
+    [
+        np.random.default_rng(0).normal(3, 10, size=(2000, 5)).round().astype(np.int64),
+        np.zeros((7, 3), dtype=np.int64),  # one symbol only
+        np.array([[3, -2, 0]]),  # one row
+        np.c_[np.random.default_rng(1).normal(0, 0.3, 500).round(), np.full(500, 2)],  # a constant column
+    ],
+)
+def test_integer_codes_round_trip(codes):
+    payload = encode_integer_codes(codes)
+    assert np.array_equal(decode_integer_codes(payload, *codes.shape), codes)
+    if len(codes) == 2000:  # N(3, 10²) rounded: log2(10·√(2πe)) bits per value, plus 8 bytes and 4 per column
+        bound = codes.size * math.log2(10 * math.sqrt(2 * math.pi * math.e))
+        assert 8 * len(payload) < 1.01 * bound + 8 * (8 + 4 * 5) + 32
