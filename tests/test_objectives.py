@@ -43,3 +43,14 @@ def test_iwae_bound_is_tight_for_the_exact_posterior_and_between_elbo_and_log_px
     el = elbo(poor, x, torch.randn(200, 2, generator=gen))[0].mean().item()
     assert el < iw < lg.log_px(X).mean()
     assert math.isfinite(iw)
+
+
+def test_free_bits_charge_the_floor_and_stop_the_gradient_below_it():
+    from vaeguard.objectives import free_bits_kl
+
+    kl = torch.tensor([[0.05, 2.0], [0.15, 1.0]], requires_grad=True)  # batch means 0.1 and 1.5
+    charged = free_bits_kl(kl, 0.5)
+    assert torch.allclose(charged, torch.tensor([0.5 + 2.0, 0.5 + 1.0]))
+    charged.sum().backward()
+    assert torch.equal(kl.grad, torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+    assert torch.equal(free_bits_kl(kl.detach(), 0.0), kl.detach().sum(-1))

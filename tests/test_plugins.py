@@ -55,6 +55,8 @@ def test_builtins_register_through_the_hooks():
     infos = {i.name: i for i in reg.plugins()}
     assert infos["vaeguard.likelihoods"].source == "builtin"
     assert infos["vaeguard.encoders"].parts["encoders"] == ["conv", "mlp", "temporal"]
+    assert reg.names("regularizers") == ["beta", "factor", "tc"]
+    assert infos["vaeguard.regularizers"].source == "builtin"
 
 
 def test_duplicate_name_names_both_plugins():

@@ -95,3 +95,18 @@ def test_validation_loss_does_not_depend_on_the_chunk_size():
     assert validation_loss(vae, x, eps, chunk=7) == pytest.approx(whole, rel=1e-6)
     with torch.no_grad():
         assert whole == pytest.approx(-elbo(vae, x, eps)[0].mean().item(), rel=1e-6)
+
+
+def test_kl_schedules():
+    from vaeguard.training import kl_weight_at
+
+    total = 1000
+    linear = [kl_weight_at(s, total, TrainingConfig(kl_warmup_fraction=0.1)) for s in range(total)]
+    assert linear[0] == pytest.approx(0.01) and linear[49] == pytest.approx(0.5) and min(linear[99:]) == 1.0
+    cyclical = [kl_weight_at(s, total, TrainingConfig(kl_schedule="cyclical")) for s in range(total)]
+    starts = [0, 250, 500, 750]  # four cycles: ramp over the first half of each, then 1
+    assert all(cyclical[s] == pytest.approx(1 / 125) for s in starts)
+    assert all(cyclical[s + 124] == 1.0 and cyclical[s + 249] == 1.0 for s in starts)
+    assert all(kl_weight_at(s, total, TrainingConfig(kl_schedule="constant")) == 1.0 for s in (0, 999))
+    with pytest.raises(ValueError, match="kl_schedule must be one of linear, cyclical, constant"):
+        train(small_vae(), data(), TrainingConfig(kl_schedule="warm"), generator=torch.Generator(), device="cpu")

@@ -21,7 +21,9 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from vaeguard import storage
 from vaeguard.components.encoders import default_latent_dim
 from vaeguard.components.likelihoods import Likelihood
+from vaeguard.metrics import ACTIVE_UNIT_VARIANCE
 from vaeguard.model import VAE
+from vaeguard.objectives import kl_per_dimension
 from vaeguard.plugins import get_part
 from vaeguard.preprocessing import ColumnCoder, PixelLevels, Standardizer
 from vaeguard.presets import PresetMixin
@@ -32,7 +34,7 @@ from vaeguard.scoring import (
     per_feature_log_likelihood,
     posterior_means,
 )
-from vaeguard.training import TrainingConfig, TrainingHistory, train
+from vaeguard.training import KL_SCHEDULES, TrainingConfig, TrainingHistory, train
 
 #: Optimisation steps the automatic epoch count aims at (early stopping usually ends sooner).
 AUTO_STEPS = 3000
@@ -131,6 +133,27 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
     validation_fraction : float in [0, 1), default=0.1
         Share of the training rows held out for early stopping (none when fewer than
         20 rows would be held out).
+    regularizer : str or None, default=None
+        A registered regularizer added to the training loss (``vaeguard plugins`` lists
+        them): "beta" (β-VAE, β·KL), "tc" (β-TCVAE: mutual information, total
+        correlation and dimension-wise KL weighted α, β, γ) or "factor" (FactorVAE:
+        γ·total correlation from a discriminator). None trains on the plain ELBO.
+        Regularised models trade likelihood (and so detection scores) for a more
+        factorised code; scores are still importance-sampled log p(x). With β < 1 (more
+        information in the code, e.g. for lossy compression) set ``trim_fraction=0``: the
+        decoder otherwise fits the kept rows so tightly that early stopping, which sees
+        every validation row, stops within a few epochs.
+    regularizer_params : dict, optional
+        The regularizer's settings, e.g. ``{"beta": 4}``, ``{"beta": 6, "estimator":
+        "mss"}``, ``{"gamma": 10}``.
+    kl_schedule : {"linear", "cyclical", "constant"}, default="linear"
+        Weight of the KL term over training: "linear" ramps it from 0 to 1 over the
+        first 10 % of steps; "cyclical" repeats such a ramp (over half of each cycle) in
+        4 cycles, which counters posterior collapse (Fu et al. 2019); "constant" keeps 1.
+    free_bits : float ≥ 0, default=0.0
+        A floor, in nats per latent dimension, on the minibatch-mean KL: a dimension below
+        it is not pushed further towards the prior (Kingma et al. 2016), which keeps
+        dimensions from collapsing. 0 disables it.
     device : str, default="auto"
         "auto" (CUDA when present), "cpu", "cuda", "cuda:N".
     random_state : int, RandomState instance or None, default=None
@@ -152,6 +175,14 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
         The latent size used.
     history_ : TrainingHistory
         Per-epoch training and validation loss (−ELBO, nats, standardised units).
+    latent_variance_ : ndarray of shape (latent_dim_,)
+        Variance over the training rows of each dimension's posterior mean (None for model
+        files written before it existed).
+    active_units_ : int
+        Latent dimensions in use: those with ``latent_variance_ > 0.01`` (Burda et al.
+        2016); the others have collapsed to the prior.
+    kl_per_dimension_ : ndarray of shape (latent_dim_,)
+        Mean KL(q(z_d|x) ‖ N(0, 1)) over the training rows, nats per dimension.
     fingerprint_ : str or None
         SHA-256 of the model file this estimator was saved to or loaded from.
     n_features_in_ : int
@@ -198,6 +229,10 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
         "handle_unknown": [StrOptions({"error", "ignore"})],
         "trim_fraction": [Interval(Real, 0, 0.5, closed="left")],
         "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+        "regularizer": [str, None],
+        "regularizer_params": [dict, None],
+        "kl_schedule": [StrOptions(set(KL_SCHEDULES))],
+        "free_bits": [Interval(Real, 0, None, closed="left")],
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -221,6 +256,10 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
         handle_unknown: str = "error",
         trim_fraction: float = 0.1,
         validation_fraction: float = 0.1,
+        regularizer: str | None = None,
+        regularizer_params: dict | None = None,
+        kl_schedule: str = "linear",
+        free_bits: float = 0.0,
         device: str = "auto",
         random_state: int | np.random.RandomState | None = None,
         verbose: bool | int = False,
@@ -240,6 +279,10 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
         self.handle_unknown = handle_unknown
         self.trim_fraction = trim_fraction
         self.validation_fraction = validation_fraction
+        self.regularizer = regularizer
+        self.regularizer_params = regularizer_params
+        self.kl_schedule = kl_schedule
+        self.free_bits = free_bits
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -508,6 +551,9 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
             validation_fraction=self.validation_fraction,
             patience=max(10, epochs // 10),
             trim_fraction=self.trim_fraction,
+            kl_schedule=self.kl_schedule,
+            free_bits=float(self.free_bits),
+            regularizer=build_regularizer(self.regularizer, self.regularizer_params),
         )
         device = resolve_device(self.device)
         generator = torch.Generator(device="cpu").manual_seed(fit_seed)
@@ -533,6 +579,7 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
         self.score_seed_ = score_seed
         self.device_ = str(device)
         self.history_ = history
+        self.latent_variance_, self.active_units_, self.kl_per_dimension_ = latent_usage(model, x, mask)
         self.fingerprint_ = None
         if self.offset is not None:
             self.threshold_rule_ = {"rule": "offset", "offset": float(self.offset)}
@@ -816,6 +863,7 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
                 "image_shape_": None if self.image_shape_ is None else list(self.image_shape_),
                 "image_dtype_": getattr(self, "image_dtype_", None),
                 "pixel_levels_": None if self.pixel_levels_ is None else dataclasses.asdict(self.pixel_levels_),
+                "active_units_": None if self.latent_variance_ is None else int(self.active_units_),
                 "best_epoch": self.history_.best_epoch,
                 "stopped_early": self.history_.stopped_early,
             },
@@ -823,6 +871,9 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
         arrays = {f"model.{k}": v.detach().cpu().numpy() for k, v in self.model_.state_dict().items()}
         arrays["history.train_loss"] = np.asarray(self.history_.train_loss, dtype=np.float64)
         arrays["history.validation_loss"] = np.asarray(self.history_.validation_loss, dtype=np.float64)
+        if self.latent_variance_ is not None:
+            arrays["latent.variance"] = np.asarray(self.latent_variance_, dtype=np.float64)
+            arrays["latent.kl_per_dimension"] = np.asarray(self.kl_per_dimension_, dtype=np.float64)
         if self.standardizer_ is not None:
             arrays["standardizer.center"] = self.standardizer_.center
             arrays["standardizer.scale"] = self.standardizer_.scale
@@ -882,8 +933,44 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
             int(fitted["best_epoch"]),
             bool(fitted["stopped_early"]),
         )
+        est.latent_variance_ = arrays.get("latent.variance")
+        est.kl_per_dimension_ = arrays.get("latent.kl_per_dimension")
+        est.active_units_ = fitted.get("active_units_")
         est.fingerprint_ = digest
         return est
+
+
+#: Rows encoded at once when measuring the latent dimensions' use after fitting.
+LATENT_USAGE_CHUNK = 4096
+
+
+def build_regularizer(name: str | None, params: dict | None) -> Any:
+    """The registered regularizer ``name`` built with ``params`` (None: no regularizer)."""
+    if name is None:
+        if params:
+            raise ValueError("regularizer_params were given without a regularizer")
+        return None
+    factory = get_part("regularizers", name)
+    try:
+        return factory(**(params or {}))
+    except TypeError as exc:
+        raise ValueError(f"regularizer {name!r} does not take these regularizer_params ({exc})") from exc
+
+
+@torch.no_grad()
+def latent_usage(model: Any, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[np.ndarray, int, np.ndarray]:
+    """(variance of the posterior means per dimension, active units, mean KL per dimension) over ``x``."""
+    device = next(model.parameters()).device
+    means, kls = [], []
+    for start in range(0, x.shape[0], LATENT_USAGE_CHUNK):
+        xb = x[start : start + LATENT_USAGE_CHUNK].to(device=device, dtype=torch.get_default_dtype())
+        mb = None if mask is None else mask[start : start + LATENT_USAGE_CHUNK].to(device)
+        mu, logvar = model.encode(xb, mb)
+        means.append(mu.double().cpu())
+        kls.append(kl_per_dimension(mu, logvar).double().sum(0).cpu())
+    mu = torch.cat(means).numpy()
+    variance = mu.var(axis=0) if len(mu) > 1 else np.zeros(mu.shape[1])
+    return variance, int((variance > ACTIVE_UNIT_VARIANCE).sum()), (torch.stack(kls).sum(0) / x.shape[0]).numpy()
 
 
 def storable_params(estimator: BaseEstimator) -> dict[str, Any]:

@@ -47,7 +47,13 @@ def vaeguard_register_regularizers(register: Register) -> None:
     """Register disentanglement regularizers.
 
     :param register: call ``register(name, factory)``; ``factory(**params)`` returns an
-        object with ``penalty(out, step) -> torch.Tensor`` (a scalar added to -ELBO).
+        object with ``penalty(terms, step) -> torch.Tensor``: a scalar in nats per sample
+        added to the minibatch's mean −ELBO. ``terms`` is a
+        :class:`vaeguard.objectives.TrainingTerms` (the batch, μ, log σ², one code z per
+        row, the reconstruction term, the KL per dimension, the schedule's KL weight, the
+        data set size, the run's random generator). The validation loss calls it under
+        ``torch.no_grad()`` with ``step = -1``; a penalty that trains a network of its own
+        must update it only when gradients are enabled.
     """
 
 

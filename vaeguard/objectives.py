@@ -6,6 +6,7 @@ All values are nats per sample in the model's internal units (no log-Jacobian).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -16,7 +17,12 @@ from vaeguard.model import VAE
 
 def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(μ, diag σ²) ‖ N(0, I)) = ½ Σ (σ² + μ² − 1 − log σ²), shape ``(batch,)``."""
-    return 0.5 * (logvar.exp() + mu.square() - 1.0 - logvar).sum(-1)
+    return kl_per_dimension(mu, logvar).sum(-1)
+
+
+def kl_per_dimension(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(μ_d, σ_d²) ‖ N(0, 1)) for each latent dimension, shape ``(batch, latent)``, nats."""
+    return 0.5 * (logvar.exp() + mu.square() - 1.0 - logvar)
 
 
 def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
@@ -88,3 +94,57 @@ def iwae_bound(
     eps = torch.randn(k, x.shape[0], model.latent_dim, generator=generator, device="cpu").to(x.device)
     logw = log_importance_weights(model, x, eps, mask)
     return torch.logsumexp(logw, 0) - math.log(k)
+
+
+@dataclass
+class TrainingTerms:
+    """One minibatch's terms of the training objective: what a regularizer's penalty sees.
+
+    Shapes: ``x`` (batch, *event), ``mu`` / ``logvar`` / ``z`` (batch, latent) with ``z`` one
+    reparameterised draw per row, ``recon`` (batch,) the Monte-Carlo log p(x|z) and ``kl``
+    (batch, latent) the closed-form KL per dimension, all in nats. ``kl_weight`` is the KL
+    schedule's weight at this step, ``dataset_size`` the number of training rows, and
+    ``generator`` the training run's CPU random generator (for a penalty's own draws).
+    """
+
+    x: Tensor
+    mask: Tensor | None
+    mu: Tensor
+    logvar: Tensor
+    z: Tensor
+    recon: Tensor
+    kl: Tensor
+    kl_weight: float
+    dataset_size: int
+    generator: torch.Generator
+
+
+def training_terms(
+    model: VAE,
+    x: Tensor,
+    eps: Tensor,
+    mask: Tensor | None,
+    *,
+    kl_weight: float,
+    dataset_size: int,
+    generator: torch.Generator,
+) -> TrainingTerms:
+    """The terms of the ELBO for one minibatch, with ``eps`` of shape ``(1, batch, latent)``."""
+    mu, logvar = model.encode(x, mask)
+    z = reparameterize(mu, logvar, eps)
+    recon = model.likelihood.log_prob(x, model.decode(z), mask).mean(0)
+    kl = kl_per_dimension(mu, logvar)
+    return TrainingTerms(x, mask, mu, logvar, z[0], recon, kl, kl_weight, dataset_size, generator)
+
+
+def free_bits_kl(kl: Tensor, free_bits: float) -> Tensor:
+    """Per-row KL with a floor of ``free_bits`` nats per dimension on the minibatch average (Kingma et al. 2016).
+
+    A dimension whose batch-mean KL is below the floor is charged the floor, a constant, so
+    the optimiser stops pushing it towards the prior; ``kl`` is ``(batch, latent)``, the
+    result ``(batch,)``.
+    """
+    if free_bits <= 0:
+        return kl.sum(-1)
+    below = kl.mean(0) < free_bits
+    return torch.where(below, torch.full_like(kl, free_bits), kl).sum(-1)

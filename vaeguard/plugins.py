@@ -30,6 +30,7 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "vaeguard.encoders": "vaeguard.components.encoders",
     "vaeguard.likelihoods": "vaeguard.components.likelihoods",
     "vaeguard.codecs": "vaeguard.components.codecs",
+    "vaeguard.regularizers": "vaeguard.components.regularizers",
 }
 
 BUILTIN_SOURCE = "builtin"

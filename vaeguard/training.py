@@ -6,12 +6,20 @@ import copy
 import math
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from vaeguard.model import VAE
-from vaeguard.objectives import elbo
+from vaeguard.objectives import free_bits_kl, training_terms
+
+#: KL schedules: "linear" ramps the KL weight from 0 to 1 over ``kl_warmup_fraction`` of the
+#: steps; "cyclical" repeats that ramp (over the first half of each) in 4 equal cycles (Fu et
+#: al. 2019); "constant" keeps it at 1.
+KL_SCHEDULES = ("linear", "cyclical", "constant")
+#: Cycles of the "cyclical" schedule, and the share of each cycle spent ramping up.
+KL_CYCLES, KL_CYCLE_RAMP = 4, 0.5
 
 
 class TrainingDivergedError(ValueError, RuntimeError):
@@ -24,7 +32,10 @@ class TrainingConfig:
 
     ``epochs`` is the maximum; early stopping (on the validation ELBO, checked every
     epoch) ends sooner after ``patience`` epochs without improvement and restores the
-    best weights. ``kl_warmup_fraction`` of all steps ramps the KL weight from 0 to 1.
+    best weights. ``kl_schedule`` sets the KL weight per step (see :data:`KL_SCHEDULES`;
+    ``kl_warmup_fraction`` of all steps is the linear ramp); ``free_bits`` is a floor in
+    nats per latent dimension on the minibatch-mean KL; ``regularizer`` an object with
+    ``penalty(terms, step)`` added to the loss.
     """
 
     epochs: int = 100
@@ -37,6 +48,9 @@ class TrainingConfig:
     max_grad_norm: float = 10.0
     weight_decay: float = 0.0
     trim_fraction: float = 0.0
+    kl_schedule: str = "linear"
+    free_bits: float = 0.0
+    regularizer: Any = None
 
 
 @dataclass
@@ -64,15 +78,44 @@ VALIDATION_CHUNK = 8192
 
 @torch.no_grad()
 def validation_loss(
-    model: VAE, x_val: Tensor, val_eps: Tensor, chunk: int = VALIDATION_CHUNK, mask: Tensor | None = None
+    model: VAE,
+    x_val: Tensor,
+    val_eps: Tensor,
+    chunk: int = VALIDATION_CHUNK,
+    mask: Tensor | None = None,
+    config: TrainingConfig | None = None,
+    generator: torch.Generator | None = None,
 ) -> float:
-    """Mean −ELBO over the validation rows, each with its own fixed draw ``val_eps[:, i]``; nats."""
+    """Mean training objective over the validation rows at full KL weight, each row with its own draw; nats.
+
+    Without a regularizer or free bits that is the −ELBO. With them it is the objective
+    being trained (free-bits KL, plus the regularizer's penalty per chunk of
+    ``config.batch_size`` rows, evaluated without updating anything), so early stopping
+    keeps the model best at what it was asked to do.
+    """
+    config = config or TrainingConfig()
+    if config.regularizer is not None:
+        chunk = max(2, config.batch_size)
+    generator = generator or torch.Generator().manual_seed(0)
     total = 0.0
     for start in range(0, x_val.shape[0], chunk):
         xb, eb = x_val[start : start + chunk], val_eps[:, start : start + chunk]
         mb = None if mask is None else mask[start : start + chunk]
-        total += -elbo(model, xb, eb, mb)[0].sum().item()
+        terms = training_terms(model, xb, eb, mb, kl_weight=1.0, dataset_size=x_val.shape[0], generator=generator)
+        total += (free_bits_kl(terms.kl, config.free_bits) - terms.recon).sum().item()
+        if config.regularizer is not None and xb.shape[0] > 1:
+            total += config.regularizer.penalty(terms, -1).item() * xb.shape[0]
     return total / x_val.shape[0]
+
+
+def kl_weight_at(step: int, total_steps: int, config: TrainingConfig) -> float:
+    """The KL weight of ``config.kl_schedule`` at optimisation step ``step`` (0-based) of ``total_steps``."""
+    if config.kl_schedule == "constant":
+        return 1.0
+    if config.kl_schedule == "cyclical":
+        period = max(1, math.ceil(total_steps / KL_CYCLES))
+        return min(1.0, (step % period + 1) / max(1, int(KL_CYCLE_RAMP * period)))
+    return min(1.0, (step + 1) / max(1, int(config.kl_warmup_fraction * total_steps)))
 
 
 def _progress(total: int, verbose: bool):
@@ -117,7 +160,10 @@ def train(
     n = x_train.shape[0]
     batch_size = max(1, min(config.batch_size, n))
     steps_per_epoch = math.ceil(n / batch_size)
-    warmup_steps = max(1, int(config.kl_warmup_fraction * config.epochs * steps_per_epoch))
+    total_steps = config.epochs * steps_per_epoch
+    if config.kl_schedule not in KL_SCHEDULES:
+        raise ValueError(f"kl_schedule must be one of {', '.join(KL_SCHEDULES)}; got {config.kl_schedule!r}")
+    warmup_steps = next((s for s in range(total_steps) if kl_weight_at(s, total_steps, config) >= 1.0), 0) + 1
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     history = TrainingHistory()
     best_loss, best_state, bad_epochs, step = math.inf, None, 0, 0
@@ -132,12 +178,22 @@ def train(
                 xb = x_train[rows]
                 mb = None if m_train is None else m_train[rows]
                 eps = torch.randn(1, xb.shape[0], model.latent_dim, generator=generator).to(device)
-                kl_weight = min(1.0, (step + 1) / warmup_steps)
-                per_row = -elbo(model, xb, eps, mb, kl_weight=kl_weight)[0]
+                terms = training_terms(
+                    model,
+                    xb,
+                    eps,
+                    mb,
+                    kl_weight=kl_weight_at(step, total_steps, config),
+                    dataset_size=n,
+                    generator=generator,
+                )
+                per_row = terms.kl_weight * free_bits_kl(terms.kl, config.free_bits) - terms.recon
                 n_keep = xb.shape[0] - int(config.trim_fraction * xb.shape[0])
                 if step >= warmup_steps and n_keep < xb.shape[0]:
                     per_row = torch.topk(per_row, n_keep, largest=False).values
                 loss = per_row.mean()
+                if config.regularizer is not None:
+                    loss = loss + config.regularizer.penalty(terms, step)
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(
                         f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
@@ -158,7 +214,7 @@ def train(
             monitored = history.train_loss[-1]
             if x_val.shape[0]:
                 model.eval()
-                monitored = validation_loss(model, x_val, val_eps, mask=m_val)
+                monitored = validation_loss(model, x_val, val_eps, mask=m_val, config=config, generator=generator)
                 history.validation_loss.append(monitored)
             if bar is not None:
                 bar.set_postfix(loss=f"{history.train_loss[-1]:.3f}", val=f"{monitored:.3f}")
