@@ -105,3 +105,85 @@ def load_dataset(name: str, *, return_X_y: bool = False, as_frame: bool = False)
     if ds.train_end is not None:
         bunch.train_end = ds.train_end
     return bunch
+
+
+#: Factors of :func:`make_shapes`, in column order, and how many values each takes.
+SHAPES_FACTORS: dict[str, int] = {"shape": 3, "scale": 6, "rotation": 10, "x": 8, "y": 8}
+#: The shapes, by their factor value.
+SHAPES_NAMES = ("square", "ellipse", "heart")
+
+
+def render_shapes(factors: np.ndarray, image_size: int = 32) -> np.ndarray:
+    """Binary images (n, image_size, image_size) uint8 of the shapes given by integer ``factors`` (n, 5).
+
+    Columns as in :data:`SHAPES_FACTORS`: shape (square, ellipse, heart), scale (6 sizes
+    from 0.5 to 1 of the largest), rotation (10 angles over one turn; the square repeats
+    after a quarter), x and y (8 positions each, keeping the largest shape on the canvas).
+    A pixel is on when its centre lies inside the shape. Deterministic.
+    """
+    f = np.asarray(factors)
+    sizes = np.array(list(SHAPES_FACTORS.values()))
+    if f.ndim != 2 or f.shape[1] != len(sizes) or not np.issubdtype(f.dtype, np.integer):
+        raise ValueError(f"factors must be integers of shape (n, {len(sizes)}), got {f.dtype} {f.shape}")
+    bad = (f < 0) | (f >= sizes)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        name = list(SHAPES_FACTORS)[col]
+        raise ValueError(f"row {row}: factor {name} = {f[row, col]} is outside 0..{sizes[col] - 1}")
+    if not (isinstance(image_size, int) and image_size >= 16):
+        raise ValueError(f"image_size must be an integer ≥ 16, got {image_size!r}")
+    radius = 0.2 * image_size  # half-width of the largest shape, in pixels
+    scale = (0.5 + 0.5 * f[:, 1] / (sizes[1] - 1)) * radius
+    angle = 2 * np.pi * f[:, 2] / sizes[2]
+    margin = radius * 1.45  # the largest shape's reach at any angle
+    span = image_size - 2 * margin
+    cx = margin + span * f[:, 3] / (sizes[3] - 1)
+    cy = margin + span * f[:, 4] / (sizes[4] - 1)
+    grid = np.arange(image_size) + 0.5
+    px = grid[None, None, :] - cx[:, None, None]
+    py = grid[None, :, None] - cy[:, None, None]
+    cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
+    u = (cos * px + sin * py) / scale[:, None, None]
+    v = (-sin * px + cos * py) / scale[:, None, None]
+    inside = np.zeros(u.shape, dtype=bool)
+    kind = f[:, 0][:, None, None]
+    square = (np.abs(u) <= 0.9) & (np.abs(v) <= 0.9)
+    ellipse = u**2 + (v / 0.55) ** 2 <= 1.0
+    hu, hv = 1.05 * u, -1.05 * v + 0.18  # heart: (x² + y² − 1)³ − x² y³ ≤ 0, point down, about centred
+    heart = (hu**2 + hv**2 - 1) ** 3 - hu**2 * hv**3 <= 0
+    inside = np.where(kind == 0, square, np.where(kind == 1, ellipse, heart))
+    return inside.astype(np.uint8)
+
+
+def make_shapes(
+    n_samples: int = 10_000, image_size: int = 32, random_state: int | np.random.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A procedural dSprites-like data set: ``(images, factors)`` with the factors known.
+
+    Each image shows one white shape on black, drawn from five independent uniform
+    factors (:data:`SHAPES_FACTORS`): shape, scale, rotation, x, y. Made on the fly, so the
+    disentanglement metrics (:mod:`vaeguard.metrics`) run without downloads.
+
+    Parameters
+    ----------
+    n_samples : int, default=10000
+    image_size : int, default=32
+        Side of the square canvas in pixels (≥ 16).
+    random_state : int, Generator or None
+
+    Returns
+    -------
+    images : ndarray of shape (n_samples, image_size, image_size), uint8 in {0, 1}
+    factors : ndarray of shape (n_samples, 5), int64
+
+    Examples
+    --------
+    >>> images, factors = make_shapes(4, random_state=0)
+    >>> images.shape, factors.shape, images.dtype
+    ((4, 32, 32), (4, 5), dtype('uint8'))
+    """
+    if not (isinstance(n_samples, (int, np.integer)) and n_samples >= 1):
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    rng = random_state if isinstance(random_state, np.random.Generator) else np.random.default_rng(random_state)
+    factors = np.stack([rng.integers(0, size, int(n_samples)) for size in SHAPES_FACTORS.values()], axis=1)
+    return render_shapes(factors, image_size), factors

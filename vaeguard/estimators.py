@@ -21,6 +21,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from vaeguard import storage
 from vaeguard.components.encoders import default_latent_dim
 from vaeguard.components.likelihoods import Likelihood
+from vaeguard.generation import AggregatePosterior, LatentSpaceMixin
 from vaeguard.metrics import ACTIVE_UNIT_VARIANCE
 from vaeguard.model import VAE
 from vaeguard.objectives import kl_per_dimension
@@ -66,7 +67,9 @@ def auto_epochs(n: int, batch_size: int) -> int:
     return int(min(300, max(10, math.ceil(AUTO_STEPS / steps_per_epoch))))
 
 
-class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, OutlierMixin, BaseEstimator):
+class VAEAnomalyDetector(
+    LatentSpaceMixin, PresetMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, OutlierMixin, BaseEstimator
+):
     """Anomaly detection by the importance-sampled log-likelihood of a variational autoencoder.
 
     The model p(x) = ∫ p(x|z) p(z) dz is trained by maximising the ELBO; each sample is
@@ -183,6 +186,9 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
         2016); the others have collapsed to the prior.
     kl_per_dimension_ : ndarray of shape (latent_dim_,)
         Mean KL(q(z_d|x) ‖ N(0, 1)) over the training rows, nats per dimension.
+    aggregate_posterior_ : AggregatePosterior or None
+        A Gaussian mixture fitted to the training rows' posterior means, for
+        ``sample(source="aggregate")``.
     fingerprint_ : str or None
         SHA-256 of the model file this estimator was saved to or loaded from.
     n_features_in_ : int
@@ -579,7 +585,10 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
         self.score_seed_ = score_seed
         self.device_ = str(device)
         self.history_ = history
-        self.latent_variance_, self.active_units_, self.kl_per_dimension_ = latent_usage(model, x, mask)
+        means, self.kl_per_dimension_ = latent_usage(model, x, mask)
+        self.latent_variance_ = means.var(axis=0) if len(means) > 1 else np.zeros(means.shape[1])
+        self.active_units_ = int((self.latent_variance_ > ACTIVE_UNIT_VARIANCE).sum())
+        self.aggregate_posterior_ = AggregatePosterior.fit(means, score_seed) if len(means) > 1 else None
         self.fingerprint_ = None
         if self.offset is not None:
             self.threshold_rule_ = {"rule": "offset", "offset": float(self.offset)}
@@ -775,25 +784,41 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
         return posterior_means(self._scoring_model(), x, mask=mask, device=self.device_)
 
     @torch.no_grad()
-    def sample(self, n_samples: int = 1, random_state: int | None = None) -> np.ndarray | pd.DataFrame:
-        """Draw ``n_samples`` samples from the model p(x), in the data's units and form.
+    def sample(
+        self, n_samples: int = 1, random_state: int | None = None, source: str = "prior"
+    ) -> np.ndarray | pd.DataFrame:
+        """Draw ``n_samples`` samples from the model, in the data's units and form.
 
         Rows of shape (n_samples, n_features) for a table: lattice-valued (discrete)
         columns on their lattice; a DataFrame with the training columns for a model
         fitted on a DataFrame (categorical columns with their labels). Images of the
         training images' shape, dtype and range, e.g. uint8 in [0, 255].
+
+        ``source="prior"`` draws the codes from N(0, I), which makes the samples those of
+        the model p(x); ``"aggregate"`` draws them from :attr:`aggregate_posterior_` (a
+        Gaussian mixture fitted to the training rows' codes), which avoids regions of the
+        prior the encoder never uses and usually gives samples closer to the data.
         """
         check_is_fitted(self)
         if not isinstance(n_samples, Integral) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        if source not in ("prior", "aggregate"):
+            raise ValueError(f"source must be 'prior' or 'aggregate', got {source!r}")
+        aggregate = getattr(self, "aggregate_posterior_", None)
+        if source == "aggregate" and aggregate is None:
+            raise ValueError("this model has no aggregate posterior (fitted on one row, or saved by an older version)")
         seed = int(check_random_state(random_state).randint(0, 2**31 - 1))
         device = torch.device(self.device_)
         forked = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=forked):  # seeded draws that leave torch's global state alone
             torch.manual_seed(seed)
-            z = torch.randn(int(n_samples), self.latent_dim_).to(device)
+            if source == "prior":
+                z = torch.randn(int(n_samples), self.latent_dim_)
+            else:
+                z = torch.from_numpy(aggregate.sample(int(n_samples), np.random.default_rng(seed)))
             self.model_.eval()
-            x = self.model_.likelihood.sample(self.model_.decode(z)).double().cpu().numpy()
+            params = self.model_.decode(z.to(device, next(self.model_.parameters()).dtype))
+            x = self.model_.likelihood.sample(params).double().cpu().numpy()
         return self._from_internal(x)
 
     @torch.no_grad()
@@ -874,6 +899,8 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
         if self.latent_variance_ is not None:
             arrays["latent.variance"] = np.asarray(self.latent_variance_, dtype=np.float64)
             arrays["latent.kl_per_dimension"] = np.asarray(self.kl_per_dimension_, dtype=np.float64)
+        if getattr(self, "aggregate_posterior_", None) is not None:
+            arrays.update(self.aggregate_posterior_.arrays())
         if self.standardizer_ is not None:
             arrays["standardizer.center"] = self.standardizer_.center
             arrays["standardizer.scale"] = self.standardizer_.scale
@@ -936,6 +963,7 @@ class VAEAnomalyDetector(PresetMixin, ClassNamePrefixFeaturesOutMixin, Transform
         est.latent_variance_ = arrays.get("latent.variance")
         est.kl_per_dimension_ = arrays.get("latent.kl_per_dimension")
         est.active_units_ = fitted.get("active_units_")
+        est.aggregate_posterior_ = AggregatePosterior.from_arrays(arrays)
         est.fingerprint_ = digest
         return est
 
@@ -958,8 +986,8 @@ def build_regularizer(name: str | None, params: dict | None) -> Any:
 
 
 @torch.no_grad()
-def latent_usage(model: Any, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[np.ndarray, int, np.ndarray]:
-    """(variance of the posterior means per dimension, active units, mean KL per dimension) over ``x``."""
+def latent_usage(model: Any, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    """(posterior means (n, k), mean KL per dimension (k,) in nats) of the rows of ``x``."""
     device = next(model.parameters()).device
     means, kls = [], []
     for start in range(0, x.shape[0], LATENT_USAGE_CHUNK):
@@ -968,9 +996,7 @@ def latent_usage(model: Any, x: torch.Tensor, mask: torch.Tensor | None) -> tupl
         mu, logvar = model.encode(xb, mb)
         means.append(mu.double().cpu())
         kls.append(kl_per_dimension(mu, logvar).double().sum(0).cpu())
-    mu = torch.cat(means).numpy()
-    variance = mu.var(axis=0) if len(mu) > 1 else np.zeros(mu.shape[1])
-    return variance, int((variance > ACTIVE_UNIT_VARIANCE).sum()), (torch.stack(kls).sum(0) / x.shape[0]).numpy()
+    return torch.cat(means).numpy(), (torch.stack(kls).sum(0) / x.shape[0]).numpy()
 
 
 def storable_params(estimator: BaseEstimator) -> dict[str, Any]:

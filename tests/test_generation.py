@@ -1,0 +1,115 @@
+"""Generation and resynthesis: inverse_transform, slerp paths, traversals, attribute vectors, aggregate sampling."""
+
+import numpy as np
+import pytest
+
+from vaeguard import VAEAnomalyDetector, load
+from vaeguard.datasets import make_shapes
+from vaeguard.generation import AggregatePosterior, slerp
+
+
+@pytest.fixture(scope="module")
+def table():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(500, 2)) @ rng.normal(size=(2, 6)) + 0.1 * rng.normal(size=(500, 6))
+    return X, VAEAnomalyDetector(epochs=30, latent_dim=3, random_state=0).fit(X)
+
+
+def test_inverse_transform_of_the_codes_is_the_reconstruction(table):
+    X, det = table
+    np.testing.assert_allclose(det.inverse_transform(det.transform(X[:20])), det.reconstruct(X[:20]), atol=1e-10)
+    with pytest.raises(ValueError, match=r"codes must have shape \(n, 3\)"):
+        det.inverse_transform(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="code 1, dimension 0 is nan"):
+        det.inverse_transform(np.array([[0, 0, 0], [np.nan, 0, 0]]))
+
+
+def test_slerp_follows_the_great_circle_and_interpolates_norms():
+    a, b = np.array([2.0, 0.0, 0.0]), np.array([0.0, 4.0, 0.0])
+    path = slerp(a, b, np.linspace(0, 1, 5))
+    np.testing.assert_allclose(path[0], a) and np.testing.assert_allclose(path[-1], b)
+    np.testing.assert_allclose(np.linalg.norm(path, axis=1), [2.0, 2.5, 3.0, 3.5, 4.0])
+    np.testing.assert_allclose(path[2] / 3.0, [np.sqrt(0.5), np.sqrt(0.5), 0.0])  # halfway along the arc
+    np.testing.assert_allclose(slerp(a, 2 * a, np.array([0.5])), [1.5 * a])  # parallel: the straight line
+
+
+def test_interpolate_runs_from_one_sample_to_the_other(table):
+    X, det = table
+    for method in ("slerp", "linear"):
+        path = det.interpolate(X[0], X[1], steps=6, method=method)
+        assert path.shape == (6, 6)
+        np.testing.assert_allclose(path[0], det.reconstruct(X[:1])[0], atol=1e-10)
+        np.testing.assert_allclose(path[-1], det.reconstruct(X[1:2])[0], atol=1e-10)
+    z = det.transform(X[:2])
+    middle = det.interpolate(X[:1], X[1:2], steps=3, method="linear")[1]
+    np.testing.assert_allclose(middle, det.inverse_transform(z.mean(axis=0, keepdims=True))[0], atol=1e-10)
+    with pytest.raises(ValueError, match="x_a must be one sample, got 2"):
+        det.interpolate(X[:2], X[2])
+    with pytest.raises(ValueError, match="steps must be an integer ≥ 2"):
+        det.interpolate(X[0], X[1], steps=1)
+
+
+def test_traverse_moves_one_dimension(table):
+    X, det = table
+    values = [-2.0, 0.0, 2.0]
+    out = det.traverse(X[3], dim=1, values=values)
+    codes = np.repeat(det.transform(X[3:4]), 3, axis=0)
+    codes[:, 1] = values
+    np.testing.assert_allclose(out, det.inverse_transform(codes))
+    with pytest.raises(ValueError, match=r"dim must be an integer in \[0, 2\]"):
+        det.traverse(X[3], dim=3)
+
+
+def test_attribute_vectors_and_resynthesis(table):
+    X, det = table
+    labels = X[:, 0] > np.median(X[:, 0])
+    vector = det.attribute_vector(X, labels)
+    z = det.transform(X)
+    np.testing.assert_allclose(vector, z[labels].mean(0) - z[~labels].mean(0))
+    np.testing.assert_allclose(det.resynthesize(X[:5], vector, alpha=0.0), det.reconstruct(X[:5]), atol=1e-10)
+    # moving the codes of the "without" group by the vector moves their column 0 towards the "with" group
+    moved = det.resynthesize(X[~labels], vector, alpha=1.0)
+    assert moved[:, 0].mean() > det.reconstruct(X[~labels])[:, 0].mean() + 0.5 * (
+        X[labels, 0].mean() - X[~labels, 0].mean()
+    )
+    with pytest.raises(ValueError, match="some samples True and some False"):
+        det.attribute_vector(X, np.ones(len(X), bool))
+    with pytest.raises(ValueError, match="labels must be 500 booleans"):
+        det.attribute_vector(X, labels[:10])
+
+
+def test_aggregate_posterior_recovers_a_known_mixture():
+    rng = np.random.default_rng(0)
+    codes = np.concatenate([rng.normal(-3, 0.5, size=(3000, 2)), rng.normal(3, 0.5, size=(1000, 2))])
+    mix = AggregatePosterior.fit(codes, random_state=0)
+    draws = mix.sample(20_000, np.random.default_rng(1))
+    assert abs((draws[:, 0] > 0).mean() - 0.25) < 0.02  # the weights
+    np.testing.assert_allclose(draws[draws[:, 0] > 0].mean(0), [3, 3], atol=0.05)
+    assert abs(draws[draws[:, 0] < 0].std(0) - 0.5).max() < 0.05
+
+
+def test_aggregate_samples_avoid_the_gap_between_clusters():
+    """Two tight clusters: the prior also decodes codes between them (rows on no cluster); the aggregate fewer."""
+    rng = np.random.default_rng(0)
+    sign = rng.choice([-1.0, 1.0], size=(800, 1))
+    X = 3.0 * sign + 0.1 * rng.normal(size=(800, 4))
+    det = VAEAnomalyDetector(epochs=60, latent_dim=2, random_state=0).fit(X)
+
+    def off_cluster(samples):
+        return (np.abs(np.abs(samples).mean(axis=1) - 3.0) > 0.5).mean()
+
+    prior = off_cluster(det.sample(2000, random_state=0, source="prior"))
+    aggregate = off_cluster(det.sample(2000, random_state=0, source="aggregate"))
+    assert aggregate < 0.5 * prior
+
+
+def test_aggregate_sampling_of_images_survives_save(tmp_path):
+    images, _ = make_shapes(300, image_size=16, random_state=0)
+    det = VAEAnomalyDetector(epochs=3, latent_dim=4, random_state=0).fit(images)
+    out = det.sample(6, random_state=0, source="aggregate")
+    assert out.shape == (6, 16, 16) and out.dtype == np.uint8
+    det.save(tmp_path / "m.h5")
+    back = load(tmp_path / "m.h5")
+    np.testing.assert_array_equal(back.sample(6, random_state=0, source="aggregate"), out)
+    with pytest.raises(ValueError, match="source must be 'prior' or 'aggregate'"):
+        det.sample(2, source="posterior")
