@@ -110,3 +110,11 @@ def test_kl_schedules():
     assert all(kl_weight_at(s, total, TrainingConfig(kl_schedule="constant")) == 1.0 for s in (0, 999))
     with pytest.raises(ValueError, match="kl_schedule must be one of linear, cyclical, constant"):
         train(small_vae(), data(), TrainingConfig(kl_schedule="warm"), generator=torch.Generator(), device="cpu")
+
+
+def test_iwae_takes_no_regularizer_or_free_bits():
+    config = TrainingConfig(objective="iwae", free_bits=0.1)
+    with pytest.raises(ValueError, match="drop the regularizer and free_bits"):
+        train(small_vae(), data(), config, generator=torch.Generator(), device="cpu")
+    with pytest.raises(ValueError, match="objective must be 'elbo' or 'iwae'"):
+        train(small_vae(), data(), TrainingConfig(objective="vi"), generator=torch.Generator(), device="cpu")

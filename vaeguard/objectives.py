@@ -96,6 +96,22 @@ def iwae_bound(
     return torch.logsumexp(logw, 0) - math.log(k)
 
 
+def iwae_objective(model: VAE, x: Tensor, eps: Tensor, mask: Tensor | None = None, kl_weight: float = 1.0) -> Tensor:
+    """The IWAE bound with the draws ``eps`` (K, batch, latent) for training, ``(batch,)`` nats (Burda et al. 2016).
+
+    logsumexp_k [log p(x|z_k) + w·(log p(z_k) − log q(z_k|x))] − log K, with ``kl_weight``
+    w annealing the prior-to-posterior ratio as the KL schedule does for the ELBO; w = 1
+    gives the bound. K = 1 is a single-sample (Monte-Carlo KL) ELBO; larger K is tighter.
+    """
+    mu, logvar = model.encode(x, mask)
+    z = reparameterize(mu, logvar, eps)
+    e = eps if eps.dim() == 3 else eps[:, None, :]
+    log_q = -0.5 * (e.square().sum(-1) + logvar.sum(-1) + mu.shape[-1] * math.log(2 * math.pi))
+    log_px_z = model.likelihood.log_prob(x, model.decode(z), mask)
+    log_w = log_px_z + kl_weight * (standard_normal_log_prob(z) - log_q)
+    return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
+
+
 @dataclass
 class TrainingTerms:
     """One minibatch's terms of the training objective: what a regularizer's penalty sees.

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from vaeguard.model import VAE
-from vaeguard.objectives import free_bits_kl, training_terms
+from vaeguard.objectives import free_bits_kl, iwae_objective, training_terms
 
 #: KL schedules: "linear" ramps the KL weight from 0 to 1 over ``kl_warmup_fraction`` of the
 #: steps; "cyclical" repeats that ramp (over the first half of each) in 4 equal cycles (Fu et
@@ -35,7 +35,9 @@ class TrainingConfig:
     best weights. ``kl_schedule`` sets the KL weight per step (see :data:`KL_SCHEDULES`;
     ``kl_warmup_fraction`` of all steps is the linear ramp); ``free_bits`` is a floor in
     nats per latent dimension on the minibatch-mean KL; ``regularizer`` an object with
-    ``penalty(terms, step)`` added to the loss.
+    ``penalty(terms, step)`` added to the loss; ``objective="iwae"`` trains on the
+    importance-weighted bound with ``iwae_samples`` draws per row instead of the ELBO
+    (without regularizer or free bits).
     """
 
     epochs: int = 100
@@ -51,6 +53,8 @@ class TrainingConfig:
     kl_schedule: str = "linear"
     free_bits: float = 0.0
     regularizer: Any = None
+    objective: str = "elbo"
+    iwae_samples: int = 5
 
 
 @dataclass
@@ -88,7 +92,8 @@ def validation_loss(
 ) -> float:
     """Mean training objective over the validation rows at full KL weight, each row with its own draw; nats.
 
-    Without a regularizer or free bits that is the −ELBO. With them it is the objective
+    Without a regularizer or free bits that is the −ELBO (the −IWAE bound with
+    ``val_eps`` of K draws when ``config.objective == "iwae"``). With them it is the objective
     being trained (free-bits KL, plus the regularizer's penalty per chunk of
     ``config.batch_size`` rows, evaluated without updating anything), so early stopping
     keeps the model best at what it was asked to do.
@@ -101,6 +106,9 @@ def validation_loss(
     for start in range(0, x_val.shape[0], chunk):
         xb, eb = x_val[start : start + chunk], val_eps[:, start : start + chunk]
         mb = None if mask is None else mask[start : start + chunk]
+        if config.objective == "iwae":
+            total -= iwae_objective(model, xb, eb, mb).sum().item()
+            continue
         terms = training_terms(model, xb, eb, mb, kl_weight=1.0, dataset_size=x_val.shape[0], generator=generator)
         total += (free_bits_kl(terms.kl, config.free_bits) - terms.recon).sum().item()
         if config.regularizer is not None and xb.shape[0] > 1:
@@ -156,13 +164,20 @@ def train(
     x_val = x[val_idx].to(device)
     m_train = None if mask is None else mask[train_idx].to(device)
     m_val = None if mask is None else mask[val_idx].to(device)
-    val_eps = torch.randn(1, x_val.shape[0], model.latent_dim, generator=generator).to(device)
+    draws = config.iwae_samples if config.objective == "iwae" else 1
+    val_eps = torch.randn(draws, x_val.shape[0], model.latent_dim, generator=generator).to(device)
     n = x_train.shape[0]
     batch_size = max(1, min(config.batch_size, n))
     steps_per_epoch = math.ceil(n / batch_size)
     total_steps = config.epochs * steps_per_epoch
     if config.kl_schedule not in KL_SCHEDULES:
         raise ValueError(f"kl_schedule must be one of {', '.join(KL_SCHEDULES)}; got {config.kl_schedule!r}")
+    if config.objective not in ("elbo", "iwae"):
+        raise ValueError(f"objective must be 'elbo' or 'iwae', got {config.objective!r}")
+    if config.objective == "iwae" and (config.regularizer is not None or config.free_bits > 0):
+        raise ValueError(
+            "objective='iwae' trains on the importance-weighted bound alone: drop the regularizer and free_bits"
+        )
     warmup_steps = next((s for s in range(total_steps) if kl_weight_at(s, total_steps, config) >= 1.0), 0) + 1
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     history = TrainingHistory()
@@ -177,22 +192,18 @@ def train(
                 rows = perm[start : start + batch_size]
                 xb = x_train[rows]
                 mb = None if m_train is None else m_train[rows]
-                eps = torch.randn(1, xb.shape[0], model.latent_dim, generator=generator).to(device)
-                terms = training_terms(
-                    model,
-                    xb,
-                    eps,
-                    mb,
-                    kl_weight=kl_weight_at(step, total_steps, config),
-                    dataset_size=n,
-                    generator=generator,
-                )
-                per_row = terms.kl_weight * free_bits_kl(terms.kl, config.free_bits) - terms.recon
+                eps = torch.randn(draws, xb.shape[0], model.latent_dim, generator=generator).to(device)
+                weight = kl_weight_at(step, total_steps, config)
+                if config.objective == "iwae":
+                    per_row, terms = -iwae_objective(model, xb, eps, mb, kl_weight=weight), None
+                else:
+                    terms = training_terms(model, xb, eps, mb, kl_weight=weight, dataset_size=n, generator=generator)
+                    per_row = terms.kl_weight * free_bits_kl(terms.kl, config.free_bits) - terms.recon
                 n_keep = xb.shape[0] - int(config.trim_fraction * xb.shape[0])
                 if step >= warmup_steps and n_keep < xb.shape[0]:
                     per_row = torch.topk(per_row, n_keep, largest=False).values
                 loss = per_row.mean()
-                if config.regularizer is not None:
+                if terms is not None and config.regularizer is not None:
                     loss = loss + config.regularizer.penalty(terms, step)
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(
