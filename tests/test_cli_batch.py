@@ -203,7 +203,27 @@ def test_report_is_one_self_contained_page_with_its_sections(workdir, tmp_path):
     assert run("fit", str(images), "-o", str(tmp_path / "d.h5"), *FAST).exit_code == 0
     result = run("report", str(tmp_path / "d.h5"), str(images), "-o", str(out))
     assert result.exit_code == 0, result.output
-    assert '<section id="samples">' in out.read_text() and out.read_text().count("data:image/png") == 5
+    page = out.read_text()
+    assert '<section id="samples">' in page and 'id="traversals"' in page and 'id="interpolation"' in page
+    assert page.count("data:image/png") == 7  # histogram, map, curves; samples, traversals, path, worst
+    drawn = run(
+        "sample",
+        str(tmp_path / "d.h5"),
+        "-n",
+        "8",
+        "-o",
+        str(tmp_path / "s.npz"),
+        "--source",
+        "aggregate",
+        "--png",
+        str(tmp_path / "pics"),
+    )
+    assert drawn.exit_code == 0, drawn.output
+    assert np.load(tmp_path / "s.npz")["images"].shape == (8, 8, 8)
+    for name in ("samples", "traversals", "interpolation"):
+        assert (tmp_path / f"pics-{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = run("sample", str(workdir / "m.h5"), "-o", str(tmp_path / "t.csv"), "--png", str(tmp_path / "t"))
+    assert table.exit_code == 2 and "image model" in table.stderr
 
 
 def test_progress_goes_to_stderr_only_when_asked(workdir, tmp_path):

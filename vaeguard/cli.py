@@ -488,13 +488,28 @@ def decompress_command(model: str, compressed: str, output: str) -> None:
 @click.option("-n", "--n-samples", type=click.IntRange(1), default=100, show_default=True)
 @click.option("-o", "--output", required=True, help=".csv or .parquet for tables, .npz for images; - for stdout.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--source",
+    type=click.Choice(["prior", "aggregate"]),
+    default="prior",
+    show_default=True,
+    help="Codes from the prior N(0, I), or from the aggregate posterior (a mixture fitted to the training codes).",
+)
+@click.option(
+    "--png",
+    "png_prefix",
+    default=None,
+    metavar="PREFIX",
+    help="Image models: also write PREFIX-samples.png, PREFIX-traversals.png and PREFIX-interpolation.png.",
+)
 @user_errors
-def sample_command(model: str, n_samples: int, output: str, seed: int) -> None:
+def sample_command(model: str, n_samples: int, output: str, seed: int, source: str, png_prefix: str | None) -> None:
     """Draw new samples from MODEL, in the training data's units (images as .npz).
 
     \b
-    Example:
+    Examples:
       vaeguard sample model.h5 -n 100 -o samples.csv
+      vaeguard sample digits.h5 -n 64 -o samples.npz --source aggregate --png digits
     """
     import numpy as np
     import pandas as pd
@@ -502,8 +517,11 @@ def sample_command(model: str, n_samples: int, output: str, seed: int) -> None:
     from vaeguard.data import write_table
 
     det = _load_model(model, "cpu")
-    drawn = det.sample(n_samples, random_state=seed)
-    if isinstance(drawn, np.ndarray) and drawn.ndim > 2:
+    drawn = det.sample(n_samples, random_state=seed, source=source)
+    images = isinstance(drawn, np.ndarray) and drawn.ndim > 2
+    if png_prefix is not None and not images:
+        raise click.UsageError("--png draws pictures of an image model's samples; this model is of a table")
+    if images:
         if not output.endswith(".npz"):
             raise click.UsageError("an image model's samples go to a .npz file")
         tmp = f"{output}.tmp.npz"
@@ -516,6 +534,15 @@ def sample_command(model: str, n_samples: int, output: str, seed: int) -> None:
             return
         write_table(frame, output)
     click.echo(f"wrote {n_samples} samples to {output}", err=True)
+    if png_prefix is not None:
+        from vaeguard.report import latent_pictures
+
+        base = det.sample(2, random_state=seed + 1, source="aggregate" if source == "aggregate" else "prior")
+        for name, (fig, _) in latent_pictures(det, base[0], base[1], seed=seed).items():
+            path = f"{png_prefix}-{name}.png"
+            fig.savefig(f"{path}.tmp.png", format="png")
+            os.replace(f"{path}.tmp.png", path)
+            click.echo(f"wrote {path}", err=True)
 
 
 def _columns_of(det: Any) -> list[str]:

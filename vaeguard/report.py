@@ -87,21 +87,64 @@ def _training_curves(history: Any) -> str:
     return _embed(fig, "training and validation loss per epoch")
 
 
-def _image_grid(images: np.ndarray, title: str) -> str:
+def image_grid_figure(images: np.ndarray, columns: int = 8, row_labels: list[str] | None = None) -> Any:
+    """A matplotlib figure of ``images`` (n, H, W) or (n, C, H, W) in rows of ``columns``, one grey scale for all."""
     images = np.asarray(images, dtype=np.float64)
     if images.ndim == 4:  # (n, C, H, W): show channel-last colour, or the first channel
         images = np.moveaxis(images, 1, -1) if images.shape[1] == 3 else images[:, 0]
     n = len(images)
-    cols = min(8, n)
+    cols = min(columns, n)
     rows = int(np.ceil(n / cols))
-    fig = _figure(cols * 0.9, rows * 0.9)
+    fig = _figure(cols * 0.9 + (0.6 if row_labels else 0), rows * 0.9)
     low, high = np.nanmin(images), np.nanmax(images)
     for i, image in enumerate(images):
         ax = fig.add_subplot(rows, cols, i + 1)
         shown = (image - low) / (high - low) if high > low else image
         ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
-        ax.set_axis_off()
-    return _embed(fig, title)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+        if row_labels and i % cols == 0:
+            ax.set_ylabel(row_labels[i // cols], fontsize=7)
+    return fig
+
+
+def _image_grid(images: np.ndarray, title: str, columns: int = 8, row_labels: list[str] | None = None) -> str:
+    return _embed(image_grid_figure(images, columns, row_labels), title)
+
+
+#: Values of a latent dimension in the traversal pictures, and how many dimensions they show.
+TRAVERSAL_VALUES = (-2.5, -1.5, -0.5, 0.5, 1.5, 2.5)
+TRAVERSAL_DIMS = 8
+
+
+def latent_pictures(det: Any, base: np.ndarray, other: np.ndarray, seed: int = 0) -> dict[str, tuple[Any, str]]:
+    """Figures of an image model's latent space: ``{name: (figure, alt text)}``.
+
+    ``samples``: 8 samples from the prior and 8 from the aggregate posterior (two rows);
+    ``traversals``: image ``base`` decoded with each of the most used latent dimensions
+    (largest KL first, at most :data:`TRAVERSAL_DIMS`) set to :data:`TRAVERSAL_VALUES`;
+    ``interpolation``: 8 steps along the slerp path from ``base`` to ``other``.
+    """
+    rows = [det.sample(8, random_state=seed)]
+    labels = ["prior"]
+    if getattr(det, "aggregate_posterior_", None) is not None:
+        rows.append(det.sample(8, random_state=seed, source="aggregate"))
+        labels.append("aggregate")
+    kl = getattr(det, "kl_per_dimension_", None)
+    order = np.argsort(-np.asarray(kl)) if kl is not None else np.arange(det.latent_dim_)
+    dims = [int(d) for d in order[:TRAVERSAL_DIMS]]
+    traversal = np.concatenate([np.asarray(det.traverse(base, d, TRAVERSAL_VALUES)) for d in dims])
+    dim_labels = [f"z{d}" + (f" ({kl[d]:.1f} nats)" if kl is not None else "") for d in dims]
+    return {
+        "samples": (image_grid_figure(np.concatenate(rows), 8, labels), "samples from the prior and the aggregate"),
+        "traversals": (
+            image_grid_figure(traversal, len(TRAVERSAL_VALUES), dim_labels),
+            f"latent traversals, values {', '.join(map(str, TRAVERSAL_VALUES))}",
+        ),
+        "interpolation": (image_grid_figure(np.asarray(det.interpolate(base, other, steps=8)), 8), "slerp path"),
+    }
 
 
 def build_report(det: Any, data: pd.DataFrame | np.ndarray, *, title: str, rows_in_file: int) -> str:
@@ -109,7 +152,8 @@ def build_report(det: Any, data: pd.DataFrame | np.ndarray, *, title: str, rows_
 
     Sections: a summary of the model and data, the histogram of log-likelihoods with the
     threshold, the most anomalous rows with their top contributing columns (tables), a 2-D
-    map of the posterior means, the training curves, and samples (image models).
+    map of the posterior means, the training curves, and for image models samples (prior and
+    aggregate posterior), latent traversals and an interpolation (:func:`latent_pictures`).
     """
     columns = feature_columns(det)
     results, _ = score_chunk(det, data, explain=columns is not None, on_bad_row="nan")
@@ -154,11 +198,26 @@ def build_report(det: Any, data: pd.DataFrame | np.ndarray, *, title: str, rows_
     ]
     if columns is None:
         worst = np.argsort(np.where(scored, log_px, np.inf))[: min(16, int(scored.sum()))]
+        typical = np.argsort(np.where(scored, -log_px, np.inf))[:2]  # the two most likely images
+        images = np.asarray(data)
+        pictures = {
+            name: _embed(fig, alt)
+            for name, (fig, alt) in latent_pictures(det, images[typical[0]], images[typical[-1]]).items()
+        }
         parts += [
             '<section id="samples"><h2>Samples from the model</h2>',
-            _image_grid(det.sample(16, random_state=0), "16 samples from the model"),
+            '<p class="note">Top row: codes from the prior N(0, I); bottom row: from the aggregate posterior '
+            "(a Gaussian mixture fitted to the training codes).</p>",
+            pictures["samples"],
+            '<h2 id="traversals">Latent traversals</h2>',
+            '<p class="note">The most likely image of this file, with one latent dimension at a time (rows, most '
+            f"used first) set to {', '.join(map(str, TRAVERSAL_VALUES))}.</p>",
+            pictures["traversals"],
+            '<h2 id="interpolation">Interpolation</h2>',
+            '<p class="note">Decoded points on the spherical path between the codes of the two most likely images.</p>',
+            pictures["interpolation"],
             "<h2>The most anomalous images</h2>",
-            _image_grid(np.asarray(data)[worst], "the most anomalous images"),
+            _image_grid(images[worst], "the most anomalous images"),
             "</section>",
         ]
     parts.append("</body></html>")
