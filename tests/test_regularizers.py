@@ -165,3 +165,11 @@ def test_beta_below_one_keeps_more_information_in_the_code():
         for beta in (0.2, 1.0, 5.0)
     }
     assert kl[0.2] > kl[1.0] > kl[5.0]
+
+
+def test_latent_usage_streams_the_same_numbers_as_numpy():
+    X = np.random.default_rng(0).normal(size=(700, 5))
+    det = VAEAnomalyDetector(epochs=3, latent_dim=3, random_state=0).fit(X)
+    codes = det.transform(X)
+    np.testing.assert_allclose(det.latent_variance_, codes.var(axis=0), rtol=1e-6, atol=1e-9)
+    assert det.active_units_ == int((codes.var(axis=0) > 0.01).sum())

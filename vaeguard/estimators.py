@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from vaeguard import storage
 from vaeguard.components.encoders import default_latent_dim
 from vaeguard.components.likelihoods import Likelihood
-from vaeguard.generation import AggregatePosterior, LatentSpaceMixin
+from vaeguard.generation import AGGREGATE_ROWS, AggregatePosterior, LatentSpaceMixin
 from vaeguard.metrics import ACTIVE_UNIT_VARIANCE
 from vaeguard.model import VAE
 from vaeguard.objectives import kl_per_dimension
@@ -184,7 +184,8 @@ class VAEAnomalyDetector(
     latent_dim_ : int
         The latent size used.
     history_ : TrainingHistory
-        Per-epoch training and validation loss (−ELBO, nats, standardised units).
+        Per-epoch training and validation loss: the objective trained (−ELBO unless a
+        regularizer, free bits or ``objective="iwae"`` is set), nats, standardised units.
     latent_variance_ : ndarray of shape (latent_dim_,)
         Variance over the training rows of each dimension's posterior mean (None for model
         files written before it existed).
@@ -600,8 +601,7 @@ class VAEAnomalyDetector(
         self.score_seed_ = score_seed
         self.device_ = str(device)
         self.history_ = history
-        means, self.kl_per_dimension_ = latent_usage(model, x, mask)
-        self.latent_variance_ = means.var(axis=0) if len(means) > 1 else np.zeros(means.shape[1])
+        self.latent_variance_, self.kl_per_dimension_, means = latent_usage(model, x, mask, score_seed)
         self.active_units_ = int((self.latent_variance_ > ACTIVE_UNIT_VARIANCE).sum())
         self.aggregate_posterior_ = AggregatePosterior.fit(means, score_seed) if len(means) > 1 else None
         self.fingerprint_ = None
@@ -1001,17 +1001,32 @@ def build_regularizer(name: str | None, params: dict | None) -> Any:
 
 
 @torch.no_grad()
-def latent_usage(model: Any, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
-    """(posterior means (n, k), mean KL per dimension (k,) in nats) of the rows of ``x``."""
+def latent_usage(
+    model: Any, x: torch.Tensor, mask: torch.Tensor | None, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Over the rows of ``x``: the variance of each dimension's posterior mean (k,), the mean KL per dimension
+    (k,) in nats, and the posterior means of a random subset of at most :data:`AGGREGATE_ROWS` rows (m, k).
+
+    Streams over the rows, so memory does not grow with them.
+    """
     device = next(model.parameters()).device
-    means, kls = [], []
-    for start in range(0, x.shape[0], LATENT_USAGE_CHUNK):
+    n = x.shape[0]
+    keep = np.sort(np.random.default_rng(seed).permutation(n)[:AGGREGATE_ROWS])
+    total = total_sq = kl = 0.0
+    kept = []
+    for start in range(0, n, LATENT_USAGE_CHUNK):
         xb = x[start : start + LATENT_USAGE_CHUNK].to(device=device, dtype=torch.get_default_dtype())
         mb = None if mask is None else mask[start : start + LATENT_USAGE_CHUNK].to(device)
         mu, logvar = model.encode(xb, mb)
-        means.append(mu.double().cpu())
-        kls.append(kl_per_dimension(mu, logvar).double().sum(0).cpu())
-    return torch.cat(means).numpy(), (torch.stack(kls).sum(0) / x.shape[0]).numpy()
+        mu64 = mu.double().cpu()
+        total = total + mu64.sum(0)
+        total_sq = total_sq + mu64.square().sum(0)
+        kl = kl + kl_per_dimension(mu, logvar).double().sum(0).cpu()
+        rows = keep[(keep >= start) & (keep < start + len(xb))] - start
+        kept.append(mu64[torch.from_numpy(rows)])
+    mean = total / n
+    variance = (total_sq / n - mean.square()).clamp_min(0.0)  # as np.var: divided by n
+    return variance.numpy(), (kl / n).numpy(), torch.cat(kept).numpy()
 
 
 def storable_params(estimator: BaseEstimator) -> dict[str, Any]:

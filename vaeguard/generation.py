@@ -39,9 +39,8 @@ class AggregatePosterior:
         """Fit to posterior means ``codes`` (n, k): up to :data:`AGGREGATE_COMPONENTS` full-covariance components."""
         from sklearn.mixture import GaussianMixture
 
-        rng = np.random.default_rng(random_state)
         if len(codes) > AGGREGATE_ROWS:
-            codes = codes[rng.choice(len(codes), AGGREGATE_ROWS, replace=False)]
+            codes = codes[np.random.default_rng(random_state).choice(len(codes), AGGREGATE_ROWS, replace=False)]
         components = int(np.clip(len(codes) // 200, 1, AGGREGATE_COMPONENTS))
         gmm = GaussianMixture(components, covariance_type="full", reg_covar=1e-4, random_state=random_state)
         gmm.fit(codes.astype(np.float64))
