@@ -173,3 +173,10 @@ def test_latent_usage_streams_the_same_numbers_as_numpy():
     codes = det.transform(X)
     np.testing.assert_allclose(det.latent_variance_, codes.var(axis=0), rtol=1e-6, atol=1e-9)
     assert det.active_units_ == int((codes.var(axis=0) > 0.01).sum())
+
+
+def test_factor_vae_training_is_reproducible():
+    """The discriminator is initialised from the run's seed: the same seed gives the same model."""
+    X = np.random.default_rng(0).normal(size=(300, 4))
+    fits = [VAEAnomalyDetector(epochs=3, random_state=5, regularizer="factor").fit(X) for _ in range(2)]
+    np.testing.assert_array_equal(fits[0].transform(X), fits[1].transform(X))

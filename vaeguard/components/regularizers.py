@@ -152,12 +152,17 @@ class FactorVAE:
         self.discriminator: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
-    def _build(self, latent_dim: int, z: Tensor) -> None:
+    def _build(self, latent_dim: int, z: Tensor, generator: torch.Generator) -> None:
+        """The discriminator, initialised from a seed drawn from the training run's generator (reproducible)."""
         width = self.hidden
-        layers: list[nn.Module] = []
-        for size in (latent_dim, width, width):
-            layers += [nn.Linear(size, width), nn.LeakyReLU(0.2)]
-        self.discriminator = nn.Sequential(*layers, nn.Linear(width, 2)).to(device=z.device, dtype=z.dtype)
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            layers: list[nn.Module] = []
+            for size in (latent_dim, width, width):
+                layers += [nn.Linear(size, width), nn.LeakyReLU(0.2)]
+            network = nn.Sequential(*layers, nn.Linear(width, 2))
+        self.discriminator = network.to(device=z.device, dtype=z.dtype)
         self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.learning_rate, betas=(0.5, 0.9))
 
     def total_correlation(self, z: Tensor) -> Tensor:
@@ -174,7 +179,7 @@ class FactorVAE:
     def penalty(self, terms: TrainingTerms, step: int) -> Tensor:
         z = terms.z
         if self.discriminator is None:
-            self._build(z.shape[1], z)
+            self._build(z.shape[1], z, terms.generator)
         assert self.discriminator is not None and self.optimizer is not None
         tc = self.total_correlation(z).mean()
         if not torch.is_grad_enabled():  # evaluation (validation): no update
