@@ -91,3 +91,12 @@ def test_the_detector_round_trips_through_a_model_file(fitted, tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError):
         load(path)
+
+
+def test_latent_options_reach_the_window_model():
+    params = {**FAST, "epochs": 5, "regularizer": "tc", "regularizer_params": {"beta": 6}, "free_bits": 0.1}
+    det = VAETimeSeriesDetector(window=40, stride=4, estimator_params=params, random_state=0).fit(sine(800)[:, 0])
+    inner = det.window_model_
+    assert inner.regularizer == "tc" and inner.free_bits == 0.1
+    assert inner.active_units_ == int((inner.latent_variance_ > 0.01).sum())
+    assert np.isfinite(det.score_samples(sine(300, seed=1)[:, 0])).all()
