@@ -34,6 +34,7 @@ from vaeguard import VAEAnomalyDetector
 from vaeguard.datasets import SHAPES_FACTORS, make_shapes, render_shapes
 from vaeguard.metrics import active_units, dci, factor_vae_score, mutual_information_gap
 from vaeguard.objectives import elbo
+from vaeguard.report import image_grid_figure
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -66,26 +67,11 @@ def reconstruction_term(det: VAEAnomalyDetector, images: np.ndarray, seed: int) 
 
 def traversal_picture(det: VAEAnomalyDetector, image: np.ndarray, path: Path) -> None:
     """Rows: latent dimensions by KL (largest first); columns: values −2.5..2.5 of that dimension."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     values = np.linspace(-2.5, 2.5, 9)
-    order = np.argsort(-np.asarray(det.kl_per_dimension_))
-    fig, axes = plt.subplots(len(order), len(values), figsize=(len(values) * 0.8, len(order) * 0.8))
-    for r, dim in enumerate(order):
-        row = det.traverse(image, int(dim), values)
-        for c in range(len(values)):
-            ax = axes[r, c]
-            ax.imshow(row[c], cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(f"z{dim}\n{det.kl_per_dimension_[dim]:.1f}", fontsize=6)
-    fig.tight_layout(pad=0.1)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    order = [int(d) for d in np.argsort(-np.asarray(det.kl_per_dimension_))]
+    rows = np.concatenate([det.traverse(image, d, values) for d in order])
+    labels = [f"z{d} {det.kl_per_dimension_[d]:.1f}" for d in order]
+    image_grid_figure(rows, len(values), labels).savefig(path, format="png")
 
 
 def run(seed: int, n: int, epochs: int | str, size: int) -> list[dict]:

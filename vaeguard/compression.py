@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from vaeguard import storage
-from vaeguard.plugins import get_part
+from vaeguard.plugins import build_part
 
 MAGIC = b"VGZ1"
 
@@ -58,14 +58,6 @@ def data_digest(X: Any) -> str:
     return h.hexdigest()
 
 
-def _codec(name: str, params: dict[str, Any] | None) -> Any:
-    factory = get_part("codecs", name)
-    try:
-        return factory(**(params or {}))
-    except TypeError as exc:
-        raise ValueError(f"codec {name!r} does not take these parameters ({exc})") from exc
-
-
 def compress(model: Any, X: Any, codec: str = "bitsback", codec_params: dict[str, Any] | None = None) -> bytes:
     """Compress ``X`` with a fitted model; returns the container's bytes.
 
@@ -86,7 +78,7 @@ def compress(model: Any, X: Any, codec: str = "bitsback", codec_params: dict[str
         Decompress with :func:`decompress` and the same model.
     """
     det = _estimator(model)
-    coder = _codec(codec, codec_params)
+    coder = build_part("codecs", codec, codec_params, "parameters")
     values = det._validate_input(X, reset=False)
     x, mask = det._to_internal(values)
     if mask is not None:
@@ -146,7 +138,7 @@ def decompress(model: Any, data: bytes) -> Any:
             f"this data was compressed with the model {header['model_sha256'][:12]}…, not with this one "
             f"({mine[:12]}…); decompress it with the model file that compressed it"
         )
-    coder = _codec(header["codec"], header["codec_params"])
+    coder = build_part("codecs", header["codec"], header["codec_params"], "parameters")
     try:
         x = coder.decode(det, payload, int(header["n_samples"]))
     except (ValueError, RuntimeError, OverflowError, IndexError) as exc:

@@ -25,7 +25,7 @@ from vaeguard.generation import AGGREGATE_ROWS, AggregatePosterior, LatentSpaceM
 from vaeguard.metrics import ACTIVE_UNIT_VARIANCE
 from vaeguard.model import VAE
 from vaeguard.objectives import kl_per_dimension
-from vaeguard.plugins import get_part
+from vaeguard.plugins import build_part, get_part
 from vaeguard.preprocessing import ColumnCoder, PixelLevels, Standardizer
 from vaeguard.presets import PresetMixin
 from vaeguard.scoring import (
@@ -844,12 +844,7 @@ class VAEAnomalyDetector(
         nearest level; images come back in their dtype and range. Missing entries of
         ``X`` are filled in by the model (an imputation). Shape as ``X``.
         """
-        check_is_fitted(self)
-        x, mask = self._to_internal(self._validate_input(X, reset=False))
-        model = self._scoring_model()
-        z = torch.from_numpy(posterior_means(model, x, mask=mask, device=self.device_))
-        mean = model.likelihood.mean(model.decode(z.to(self.device_, next(model.parameters()).dtype)))
-        out = self._from_internal(mean.double().cpu().numpy())
+        out = self.inverse_transform(self.transform(X))
         if isinstance(out, pd.DataFrame) and isinstance(X, pd.DataFrame):
             out.index = X.index
         return out
@@ -993,11 +988,7 @@ def build_regularizer(name: str | None, params: dict | None) -> Any:
         if params:
             raise ValueError("regularizer_params were given without a regularizer")
         return None
-    factory = get_part("regularizers", name)
-    try:
-        return factory(**(params or {}))
-    except TypeError as exc:
-        raise ValueError(f"regularizer {name!r} does not take these regularizer_params ({exc})") from exc
+    return build_part("regularizers", name, params, "regularizer_params")
 
 
 @torch.no_grad()

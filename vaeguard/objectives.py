@@ -60,6 +60,12 @@ def elbo(
     return recon - kl_weight * kl, recon, kl
 
 
+def log_posterior_of_draws(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
+    """log q(z_k|x) of the draws z_k = μ + σ·ε_k, ``(K, batch)``: −½ (‖ε_k‖² + Σ log σ² + L log 2π)."""
+    e = eps if eps.dim() == 3 else eps[:, None, :]
+    return -0.5 * (e.square().sum(-1) + logvar.sum(-1) + mu.shape[-1] * math.log(2 * math.pi))
+
+
 def importance_terms(model: VAE, x: Tensor, eps: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Log importance weights ``(K, batch)`` and the per-element log p(x_j|z_k) ``(K, batch, *event)``.
 
@@ -68,8 +74,7 @@ def importance_terms(model: VAE, x: Tensor, eps: Tensor, mask: Tensor | None = N
     """
     mu, logvar = model.encode(x, mask)
     z = reparameterize(mu, logvar, eps)
-    e = eps if eps.dim() == 3 else eps[:, None, :]
-    log_q = -0.5 * (e.square().sum(-1) + logvar.sum(-1) + mu.shape[-1] * math.log(2 * math.pi))
+    log_q = log_posterior_of_draws(mu, logvar, eps)
     per_element = model.likelihood.per_feature_log_prob(x, model.decode(z))
     if mask is not None:
         per_element = torch.where(
@@ -105,10 +110,8 @@ def iwae_objective(model: VAE, x: Tensor, eps: Tensor, mask: Tensor | None = Non
     """
     mu, logvar = model.encode(x, mask)
     z = reparameterize(mu, logvar, eps)
-    e = eps if eps.dim() == 3 else eps[:, None, :]
-    log_q = -0.5 * (e.square().sum(-1) + logvar.sum(-1) + mu.shape[-1] * math.log(2 * math.pi))
     log_px_z = model.likelihood.log_prob(x, model.decode(z), mask)
-    log_w = log_px_z + kl_weight * (standard_normal_log_prob(z) - log_q)
+    log_w = log_px_z + kl_weight * (standard_normal_log_prob(z) - log_posterior_of_draws(mu, logvar, eps))
     return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
 
 

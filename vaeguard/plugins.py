@@ -212,6 +212,18 @@ def get_part(kind: str, name: str) -> Any:
     return get_registry().get(kind, name)
 
 
+def build_part(kind: str, name: str, params: dict[str, Any] | None, what: str) -> Any:
+    """The part ``name`` of ``kind`` built with ``params``; parameters it does not take are a ``ValueError``.
+
+    ``what`` names the parameters in the message, e.g. "codec_params".
+    """
+    factory = get_part(kind, name)
+    try:
+        return factory(**(params or {}))
+    except TypeError as exc:
+        raise ValueError(f"{PART_KINDS[kind][1]} {name!r} does not take these {what} ({exc})") from exc
+
+
 def register_commands(cli: Any, pm: pluggy.PluginManager | None = None) -> None:
     """Let every plugin add its commands to ``cli``."""
     (pm or get_plugin_manager()).hook.vaeguard_register_commands(cli=cli)

@@ -126,6 +126,15 @@ def kl_weight_at(step: int, total_steps: int, config: TrainingConfig) -> float:
     return min(1.0, (step + 1) / max(1, int(config.kl_warmup_fraction * total_steps)))
 
 
+def kl_ramp_steps(total_steps: int, config: TrainingConfig) -> int:
+    """Steps until the KL weight first reaches 1 (the warm-up: no trimming, no early stopping before it)."""
+    if config.kl_schedule == "constant":
+        return 1
+    if config.kl_schedule == "cyclical":
+        return max(1, int(KL_CYCLE_RAMP * max(1, math.ceil(total_steps / KL_CYCLES))))
+    return max(1, int(config.kl_warmup_fraction * total_steps))
+
+
 def _progress(total: int, verbose: bool):
     if not verbose:
         return None
@@ -178,7 +187,7 @@ def train(
         raise ValueError(
             "objective='iwae' trains on the importance-weighted bound alone: drop the regularizer and free_bits"
         )
-    warmup_steps = next((s for s in range(total_steps) if kl_weight_at(s, total_steps, config) >= 1.0), 0) + 1
+    warmup_steps = kl_ramp_steps(total_steps, config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     history = TrainingHistory()
     best_loss, best_state, bad_epochs, step = math.inf, None, 0, 0

@@ -245,12 +245,9 @@ class LatentCodec:
 
         return cost
 
-    def _codes(self, model: Any, x: torch.Tensor, w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """(integer codes (n, k), steps Δ (k,)) for the samples ``x`` (model units, float64)."""
-        mu = torch.cat([model.encode(x[i : i + self.block])[0] for i in range(0, len(x), self.block)])
-        flat = x.reshape(len(x), -1)
-        mean = model.likelihood.mean
-        k, eps = mu.shape[1], 1e-4
+    def _sensitivity(self, model: Any, mu: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """g_d: mean over the samples of ‖∂f/∂z_d‖² (weighted squared error per latent unit²) at ``mu``, (k,)."""
+        mean, k, eps = model.likelihood.mean, mu.shape[1], 1e-4
         sensitivity = torch.zeros(k, dtype=torch.float64)
         for i in range(0, len(mu), self.block):
             m = mu[i : i + self.block]
@@ -260,41 +257,55 @@ class LatentCodec:
                 moved[:, d] += eps
                 change = (mean(model.decode(moved)).reshape(len(m), -1) - base) / eps
                 sensitivity[d] += change.square().mul(w).sum()
-        sensitivity /= len(mu)
+        return sensitivity / len(mu)
+
+    def _refined(self, cost: Any, mu: torch.Tensor, center: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+        """Codes of one block fitted to D + λR by Adam, starting at the posterior means ``mu``."""
+        z = mu.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([z], lr=0.05)
+        with torch.enable_grad():
+            for _ in range(self.refine_steps):
+                optimizer.zero_grad()
+                cost(z, center, spread).mean().backward()
+                optimizer.step()
+        return z.detach()
+
+    @staticmethod
+    def _rd_rounded(cost: Any, block: torch.Tensor, steps: torch.Tensor, center: torch.Tensor, spread: torch.Tensor):
+        """Two passes of ±1 moves of each integer code where they lower D + λR; ``block`` is changed in place."""
+        best = cost(block * steps, center, spread)
+        for _ in range(2):
+            for d in range(block.shape[1]):
+                for delta in (-1.0, 1.0):
+                    moved = block.clone()
+                    moved[:, d] += delta
+                    value = cost(moved * steps, center, spread)
+                    better = value < best
+                    block[better], best = moved[better], torch.where(better, value, best)
+
+    def _codes(self, model: Any, x: torch.Tensor, w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(integer codes (n, k), steps Δ (k,)) for the samples ``x`` (model units, float64)."""
+        mu = torch.cat([model.encode(x[i : i + self.block])[0] for i in range(0, len(x), self.block)])
+        flat = x.reshape(len(x), -1)
+        sensitivity = self._sensitivity(model, mu, w)
         average = float(sensitivity.mean())
         if not average > 0:  # a decoder that ignores its code: every sample decodes to the same mean
+            k = mu.shape[1]
             return np.zeros(mu.shape, dtype=np.int32), np.full(k, self.step, dtype=np.float32).astype(np.float64)
         steps = self.step * torch.sqrt(average / sensitivity.clamp_min(1e-12 * average))
         steps = steps.float().double()  # as the payload stores them (float32)
         lam = math.log(2) / 6 * self.step**2 * average
         center, spread = mu.mean(0), mu.std(0).nan_to_num(1.0).clamp_min(1e-3)
-        codes = []
         for p in model.parameters():
             p.requires_grad_(False)
-        for i in range(0, len(mu), self.block):
-            cost = self._objective(model, flat[i : i + self.block], w, lam)
-            z = mu[i : i + self.block].clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([z], lr=0.05)
-            with torch.enable_grad():
-                for _ in range(self.refine_steps):
-                    optimizer.zero_grad()
-                    cost(z, center, spread).mean().backward()
-                    optimizer.step()
-            codes.append(torch.round(z.detach() / steps))
-        q = torch.cat(codes)
+        blocks = range(0, len(mu), self.block)
+        costs = [self._objective(model, flat[i : i + self.block], w, lam) for i in blocks]
+        refined = [self._refined(c, mu[i : i + self.block], center, spread) for c, i in zip(costs, blocks, strict=True)]
+        q = torch.round(torch.cat(refined) / steps)
         # rate-distortion optimised rounding, under the codes' own quantised-Gaussian model
         q_center, q_spread = q.mean(0) * steps, q.std(0).nan_to_num(0.0).clamp_min(MIN_CODE_SPREAD) * steps
-        for i in range(0, len(q), self.block):
-            block, cost = q[i : i + self.block], self._objective(model, flat[i : i + self.block], w, lam)
-            best = cost(block * steps, q_center, q_spread)
-            for _ in range(2):
-                for d in range(k):
-                    for delta in (-1.0, 1.0):
-                        moved = block.clone()
-                        moved[:, d] += delta
-                        value = cost(moved * steps, q_center, q_spread)
-                        better = value < best
-                        block[better], best = moved[better], torch.where(better, value, best)
+        for c, i in zip(costs, blocks, strict=True):
+            self._rd_rounded(c, q[i : i + self.block], steps, q_center, q_spread)
         return q.numpy().astype(np.int32), steps.numpy()
 
     def encode(self, det: Any, x: torch.Tensor) -> tuple[bytes, dict[str, Any]]:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vaeguard.components.likelihoods import standard_normal_log_prob
 from vaeguard.hookspecs import hookimpl
 from vaeguard.objectives import TrainingTerms
 
@@ -104,7 +105,7 @@ class BetaTCVAE:
         batch = z.shape[0]
         pairwise = log_density_gaussian(z[:, None, :], mu[None, :, :], logvar[None, :, :])  # (i, j, d)
         log_qz_x = log_density_gaussian(z, mu, logvar).sum(-1)
-        log_pz = log_density_gaussian(z, torch.zeros_like(z), torch.zeros_like(z)).sum(-1)
+        log_pz = standard_normal_log_prob(z)
         if self.estimator == "mss" and batch > 2:
             log_w = log_importance_weights_mss(batch, terms.dataset_size, z.device, z.dtype)
             log_qz = torch.logsumexp(log_w + pairwise.sum(-1), dim=1)
