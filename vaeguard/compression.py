@@ -36,9 +36,11 @@ def _estimator(model: Any) -> Any:
     if isinstance(model, (str, os.PathLike)):
         from vaeguard.estimators import load
 
-        return load(model, device="cpu")
+        model = load(model, device="cpu")
     if not hasattr(model, "model_"):
         raise ValueError("model must be a fitted vaeguard estimator or the path of a model file")
+    if getattr(model, "condition_encoder_", None) is not None:
+        raise ValueError("the codecs do not take conditions: a conditional model (conditional=True) cannot compress")
     return model
 
 

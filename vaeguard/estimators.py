@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import os
 import warnings
@@ -21,6 +22,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from vaeguard import storage
 from vaeguard.components.encoders import default_latent_dim
 from vaeguard.components.likelihoods import Likelihood
+from vaeguard.conditions import ConditionEncoder
 from vaeguard.generation import AGGREGATE_ROWS, AggregatePosterior, LatentSpaceMixin
 from vaeguard.metrics import ACTIVE_UNIT_VARIANCE
 from vaeguard.model import VAE
@@ -164,6 +166,13 @@ class VAEAnomalyDetector(
         decoder work per step. "iwae" takes no regularizer or free bits.
     iwae_samples : int ≥ 1, default=5
         K of the "iwae" objective (ignored for "elbo").
+    conditional : bool, default=False
+        Fit a conditional VAE, p(x|c) = ∫ p(x|z, c) p(z) dz with q(z|x, c): ``fit(X, y)``
+        takes the conditions c as ``y`` (one value per row, or several columns: strings,
+        booleans and integers are categories, one-hot coded; floats are numbers,
+        standardised), and every method that reads or makes samples then takes them as
+        ``condition=`` (:meth:`score_samples` scores log p(x|c); :meth:`sample` draws from
+        p(x|c)). False: ``y`` is ignored, as scikit-learn's detectors do.
     device : str, default="auto"
         "auto" (CUDA when present), "cpu", "cuda", "cuda:N".
     random_state : int, RandomState instance or None, default=None
@@ -199,6 +208,9 @@ class VAEAnomalyDetector(
         ``sample(source="aggregate")``.
     fingerprint_ : str or None
         SHA-256 of the model file this estimator was saved to or loaded from.
+    condition_encoder_ : ConditionEncoder or None
+        For ``conditional=True``: how the conditions become the vector c (their columns,
+        categories, scales); None otherwise.
     n_features_in_ : int
     feature_names_in_ : ndarray of str
         Present when fitted on a DataFrame with string column names.
@@ -249,6 +261,7 @@ class VAEAnomalyDetector(
         "free_bits": [Interval(Real, 0, None, closed="left")],
         "objective": [StrOptions({"elbo", "iwae"})],
         "iwae_samples": [Interval(Integral, 1, None, closed="left")],
+        "conditional": ["boolean"],
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -278,6 +291,7 @@ class VAEAnomalyDetector(
         free_bits: float = 0.0,
         objective: str = "elbo",
         iwae_samples: int = 5,
+        conditional: bool = False,
         device: str = "auto",
         random_state: int | np.random.RandomState | None = None,
         verbose: bool | int = False,
@@ -303,6 +317,7 @@ class VAEAnomalyDetector(
         self.free_bits = free_bits
         self.objective = objective
         self.iwae_samples = iwae_samples
+        self.conditional = conditional
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -511,11 +526,19 @@ class VAEAnomalyDetector(
         latent_dim: int,
         hidden_dims: list[int] | None,
         mask_input: bool = False,
+        condition_dim: int = 0,
     ) -> VAE:
         family = get_part("encoders", encoder)
         options = {**(self.encoder_params or {}), "output_shape": likelihood.event_shape}
         if hidden_dims is not None:
             options["hidden_dims"] = list(hidden_dims)
+        if condition_dim:
+            if "condition_dim" not in inspect.signature(family).parameters:
+                raise ValueError(
+                    f"encoder {encoder!r} cannot build a conditional VAE (its family takes no condition_dim); "
+                    "the built-in 'mlp' and 'conv' can"
+                )
+            options["condition_dim"] = int(condition_dim)
         input_shape = likelihood.encoder_input_shape
         if mask_input:  # the mask is appended to the flattened input
             input_shape = (math.prod(input_shape) + math.prod(likelihood.event_shape),)
@@ -523,7 +546,29 @@ class VAEAnomalyDetector(
             enc, dec = family(input_shape, latent_dim, likelihood.param_count, **options)
         except TypeError as exc:
             raise ValueError(f"encoder {encoder!r} does not accept these options: {exc}") from exc
-        return VAE(enc, dec, likelihood, latent_dim, mask_input=mask_input)
+        return VAE(enc, dec, likelihood, latent_dim, mask_input=mask_input, condition_dim=condition_dim)
+
+    def _condition_tensor(self, condition: Any, n_rows: int) -> torch.Tensor | None:
+        """The condition vectors (n_rows, width) of a conditional model's ``condition``; None for other models."""
+        encoder = getattr(self, "condition_encoder_", None)
+        if encoder is None:
+            if condition is not None:
+                raise ValueError("this model was fitted without conditions (conditional=False): it takes no condition")
+            return None
+        if condition is None:
+            raise ValueError(
+                "this model is conditional (conditional=True): pass condition= with one condition per sample, "
+                "or one condition for all"
+            )
+        return torch.from_numpy(encoder.transform(condition, n_rows))
+
+    def _internal_inputs(
+        self, X: Any, condition: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(x, mask, conditions) of user input ``X`` and its ``condition`` for a fitted model."""
+        check_is_fitted(self)
+        x, mask = self._to_internal(self._validate_input(X, reset=False))
+        return x, mask, self._condition_tensor(condition, x.shape[0])
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any = None) -> VAEAnomalyDetector:
@@ -533,7 +578,9 @@ class VAEAnomalyDetector(
         ----------
         X : array-like or DataFrame of shape (n_samples, n_features)
             Numeric training data; may contain some anomalies.
-        y : Ignored
+        y : array-like, Series or DataFrame of shape (n_samples,) or (n_samples, n_conditions)
+            With ``conditional=True``, each row's conditions (see the parameter); ignored
+            otherwise.
 
         Returns
         -------
@@ -541,8 +588,12 @@ class VAEAnomalyDetector(
         """
         if self.offset is not None and not np.isfinite(self.offset):
             raise ValueError(f"offset must be a finite number of nats, got {self.offset!r}")
+        if self.conditional and y is None:
+            raise ValueError("conditional=True needs the conditions: fit(X, y) with one condition per row")
         X = self._validate_input(X, reset=True)
         n, d = X.shape[0], self.n_features_in_
+        conditions = ConditionEncoder.fit(y, n) if self.conditional else None
+        c = None if conditions is None else torch.from_numpy(conditions.transform(y, n))
         if self.hidden_dims != "auto" and (
             not self.hidden_dims or not all(isinstance(h, Integral) and h > 0 for h in self.hidden_dims)
         ):
@@ -581,8 +632,12 @@ class VAEAnomalyDetector(
         generator = torch.Generator(device="cpu").manual_seed(fit_seed)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(fit_seed)  # the CPU generator only: init runs there
-            model = self._build_model(encoder, likelihood, latent_dim, hidden, mask_input)
-        history = train(model, x, config, generator=generator, device=device, verbose=bool(self.verbose), mask=mask)
+            model = self._build_model(
+                encoder, likelihood, latent_dim, hidden, mask_input, 0 if c is None else conditions.width
+            )
+        history = train(
+            model, x, config, generator=generator, device=device, verbose=bool(self.verbose), mask=mask, condition=c
+        )
         # Fitted state is set only once training has succeeded.
         self.standardizer_ = standardizer
         self.pixel_levels_ = pixels
@@ -596,12 +651,14 @@ class VAEAnomalyDetector(
             "n_features": int(d),
             "event_shape": list(likelihood.event_shape),
             "mask_input": mask_input,
+            "condition_dim": 0 if conditions is None else conditions.width,
         }
+        self.condition_encoder_ = conditions
         self.latent_dim_ = int(latent_dim)
         self.score_seed_ = score_seed
         self.device_ = str(device)
         self.history_ = history
-        self.latent_variance_, self.kl_per_dimension_, means = latent_usage(model, x, mask, score_seed)
+        self.latent_variance_, self.kl_per_dimension_, means = latent_usage(model, x, mask, score_seed, c)
         self.active_units_ = int((self.latent_variance_ > ACTIVE_UNIT_VARIANCE).sum())
         self.aggregate_posterior_ = AggregatePosterior.fit(means, score_seed) if len(means) > 1 else None
         self.fingerprint_ = None
@@ -611,14 +668,14 @@ class VAEAnomalyDetector(
             return self
         if n > OFFSET_ROWS:  # the percentile of a large random subsample is as good and far cheaper
             keep = torch.randperm(n, generator=generator)[:OFFSET_ROWS]
-            x, mask = x[keep], (None if mask is None else mask[keep])
-        train_scores = self._log_likelihood_internal(x, mask, self.n_importance_samples).value
+            x, mask, c = x[keep], (None if mask is None else mask[keep]), (None if c is None else c[keep])
+        train_scores = self._log_likelihood_internal(x, mask, self.n_importance_samples, condition=c).value
         train_scores = train_scores + self._log_jacobian_rows(mask, x.shape[0])
         self.threshold_rule_ = {"rule": "contamination", "contamination": float(self.contamination)}
         self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
         return self
 
-    def set_threshold(self, X_normal: Any, fpr: float = 0.01) -> VAEAnomalyDetector:
+    def set_threshold(self, X_normal: Any, fpr: float = 0.01, condition: Any = None) -> VAEAnomalyDetector:
         """Set the threshold so that a fraction ``fpr`` of rows known to be normal is flagged.
 
         ``offset_`` becomes the ``100·fpr`` percentile of ``score_samples(X_normal)``: on
@@ -631,6 +688,8 @@ class VAEAnomalyDetector(
             Rows the user declares normal (e.g. a clean validation set).
         fpr : float in (0, 1), default=0.01
             Target false-positive rate.
+        condition : optional
+            The rows' conditions, for a conditional model.
 
         Returns
         -------
@@ -639,7 +698,7 @@ class VAEAnomalyDetector(
         check_is_fitted(self)
         if not isinstance(fpr, Real) or not 0 < fpr < 1:
             raise ValueError(f"fpr must be a number in (0, 1), got {fpr!r}")
-        scores = self.score_samples(X_normal)
+        scores = np.asarray(self.score_samples(X_normal, condition=condition))
         if len(scores) * fpr < 1:
             warnings.warn(
                 f"{len(scores)} normal rows cannot resolve fpr={fpr}: the threshold is their lowest score",
@@ -659,11 +718,16 @@ class VAEAnomalyDetector(
 
     # -- scoring -------------------------------------------------------------------------
     def _log_likelihood_internal(
-        self, x: torch.Tensor, mask: torch.Tensor | None, n_samples: int, return_std: bool = False
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        n_samples: int,
+        return_std: bool = False,
+        condition: torch.Tensor | None = None,
     ):
         eps = common_random_numbers(n_samples, self.latent_dim_, self.score_seed_)
         result = importance_sampled_log_likelihood(
-            self._scoring_model(), x, eps, mask=mask, return_std=return_std, device=self.device_
+            self._scoring_model(), x, eps, mask=mask, return_std=return_std, device=self.device_, condition=condition
         )
         if not np.all(np.isfinite(result.value)):
             row = int(np.flatnonzero(~np.isfinite(result.value))[0])
@@ -674,7 +738,7 @@ class VAEAnomalyDetector(
         return result
 
     def log_likelihood(
-        self, X: Any, n_samples: int | None = None, return_std: bool = False
+        self, X: Any, n_samples: int | None = None, return_std: bool = False, condition: Any = None
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Importance-sampled estimate of log p(x) per row, in nats, in the data's units.
 
@@ -686,6 +750,9 @@ class VAEAnomalyDetector(
             The estimate is a stochastic lower bound that tightens as K grows.
         return_std : bool, default=False
             Also return each estimate's standard error (nats), from the K weights.
+        condition : optional
+            For a conditional model, the rows' conditions (one per row, or one for all):
+            the estimate is then of log p(x|c).
 
         Returns
         -------
@@ -693,72 +760,73 @@ class VAEAnomalyDetector(
             (a Series with the index of ``X`` when ``X`` is a DataFrame, as for every per-row result)
         std : ndarray of shape (n_samples,), only when ``return_std``
         """
-        value, std, _ = self._log_likelihood_of(X, n_samples, return_std)
+        value, std, _ = self._log_likelihood_of(X, n_samples, return_std, condition)
         if return_std:
             return _per_row(value, X, "log_likelihood"), _per_row(std, X, "log_likelihood_std")
         return _per_row(value, X, "log_likelihood")
 
     def _log_likelihood_of(
-        self, X: Any, n_samples: int | None, return_std: bool = False
+        self, X: Any, n_samples: int | None, return_std: bool = False, condition: Any = None
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """(log p(x) in data units, its standard errors or None, observed elements per row) for user input ``X``."""
         check_is_fitted(self)
         k = self.n_importance_samples if n_samples is None else int(n_samples)
         if k < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-        x, mask = self._to_internal(self._validate_input(X, reset=False))
-        result = self._log_likelihood_internal(x, mask, k, return_std)
+        x, mask, c = self._internal_inputs(X, condition)
+        result = self._log_likelihood_internal(x, mask, k, return_std, condition=c)
         observed = (
             np.full(x.shape[0], self.n_features_in_) if mask is None else mask.reshape(x.shape[0], -1).sum(1).numpy()
         )
         return result.value + self._log_jacobian_rows(mask, x.shape[0]), result.std, observed
 
-    def score_samples(self, X: Any) -> np.ndarray:
+    def score_samples(self, X: Any, condition: Any = None) -> np.ndarray:
         """Estimated log p(x) per row (nats, data units, K = ``n_importance_samples``); higher = more normal.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+        condition : optional
+            For a conditional model, the rows' conditions: the score is log p(x|c).
 
         Returns
         -------
         ndarray of shape (n_samples,)
         """
-        return self.log_likelihood(X)
+        return self.log_likelihood(X, condition=condition)
 
-    def decision_function(self, X: Any) -> np.ndarray:
+    def decision_function(self, X: Any, condition: Any = None) -> np.ndarray:
         """``score_samples(X) - offset_``: negative for outliers, shape (n_samples,)."""
         check_is_fitted(self)
-        return _per_row(np.asarray(self.score_samples(X)) - self.offset_, X, "decision")
+        return _per_row(np.asarray(self.score_samples(X, condition=condition)) - self.offset_, X, "decision")
 
-    def predict(self, X: Any) -> np.ndarray:
+    def predict(self, X: Any, condition: Any = None) -> np.ndarray:
         """+1 for inliers, −1 for outliers, shape (n_samples,)."""
-        return _per_row(np.where(np.asarray(self.decision_function(X)) < 0, -1, 1), X, "label")
+        return _per_row(np.where(np.asarray(self.decision_function(X, condition=condition)) < 0, -1, 1), X, "label")
 
-    def bits_per_dim(self, X: Any, n_samples: int | None = None) -> np.ndarray:
+    def bits_per_dim(self, X: Any, n_samples: int | None = None, condition: Any = None) -> np.ndarray:
         """−log₂ p(x) per observed element (bits/dim), shape (n_samples,).
 
         For a discrete model (pixel levels, bits, categories) this is the code length an
         entropy coder driven by the model would approach; for densities it is the
         differential analogue (it depends on the data's units).
         """
-        log_px, _, observed = self._log_likelihood_of(X, n_samples)
+        log_px, _, observed = self._log_likelihood_of(X, n_samples, condition=condition)
         return _per_row(-log_px / (observed * math.log(2)), X, "bits_per_dim")
 
-    def elbo(self, X: Any, n_samples: int | None = None) -> np.ndarray:
+    def elbo(self, X: Any, n_samples: int | None = None, condition: Any = None) -> np.ndarray:
         """The evidence lower bound per row (nats, data units): E_q[log p(x|z)] − KL(q ‖ p).
 
         The expectation is averaged over ``n_samples`` draws (default ``n_importance_samples``),
         the same draws :meth:`log_likelihood` uses; the KL is exact.
         """
-        check_is_fitted(self)
         k = self.n_importance_samples if n_samples is None else int(n_samples)
-        x, mask = self._to_internal(self._validate_input(X, reset=False))
+        x, mask, c = self._internal_inputs(X, condition)
         eps = common_random_numbers(k, self.latent_dim_, self.score_seed_)
-        value = evidence_lower_bound(self._scoring_model(), x, eps, mask=mask, device=self.device_)
+        value = evidence_lower_bound(self._scoring_model(), x, eps, mask=mask, device=self.device_, condition=c)
         return _per_row(value + self._log_jacobian_rows(mask, x.shape[0]), X, "elbo")
 
-    def feature_scores(self, X: Any) -> pd.DataFrame:
+    def feature_scores(self, X: Any, condition: Any = None) -> pd.DataFrame:
         """Which columns make each row unlikely: per-column log-likelihood contributions.
 
         Entry (i, j) is E_{p(z|x_i)}[log p(x_ij | z)] in nats, in the data's units (the
@@ -770,6 +838,8 @@ class VAEAnomalyDetector(
         Parameters
         ----------
         X : array-like or DataFrame of shape (n_samples, n_features)
+        condition : optional
+            For a conditional model, the rows' conditions.
 
         Returns
         -------
@@ -778,11 +848,10 @@ class VAEAnomalyDetector(
             For images: an array shaped like the images (n_samples, H, W) or
             (n_samples, C, H, W), a map of each pixel's contribution.
         """
-        check_is_fitted(self)
         index = X.index if isinstance(X, pd.DataFrame) else None
-        x, mask = self._to_internal(self._validate_input(X, reset=False))
+        x, mask, c = self._internal_inputs(X, condition)
         eps = common_random_numbers(self.n_importance_samples, self.latent_dim_, self.score_seed_)
-        shares = per_feature_log_likelihood(self._scoring_model(), x, eps, mask=mask, device=self.device_)
+        shares = per_feature_log_likelihood(self._scoring_model(), x, eps, mask=mask, device=self.device_, condition=c)
         shares = shares.reshape(len(shares), -1)
         if self.standardizer_ is not None:
             shares = shares + np.where(self.standardizer_.discrete, 0.0, -np.log(self.standardizer_.scale))
@@ -792,15 +861,14 @@ class VAEAnomalyDetector(
         columns = list(names) if names is not None else [f"x{j}" for j in range(self.n_features_in_)]
         return pd.DataFrame(shares, columns=columns, index=index)
 
-    def transform(self, X: Any) -> np.ndarray:
-        """Posterior means E[z|x], shape (n_samples, latent_dim_)."""
-        check_is_fitted(self)
-        x, mask = self._to_internal(self._validate_input(X, reset=False))
-        return posterior_means(self._scoring_model(), x, mask=mask, device=self.device_)
+    def transform(self, X: Any, condition: Any = None) -> np.ndarray:
+        """Posterior means E[z|x] (E[z|x, c] for a conditional model), shape (n_samples, latent_dim_)."""
+        x, mask, c = self._internal_inputs(X, condition)
+        return posterior_means(self._scoring_model(), x, mask=mask, device=self.device_, condition=c)
 
     @torch.no_grad()
     def sample(
-        self, n_samples: int = 1, random_state: int | None = None, source: str = "prior"
+        self, n_samples: int = 1, random_state: int | None = None, source: str = "prior", condition: Any = None
     ) -> np.ndarray | pd.DataFrame:
         """Draw ``n_samples`` samples from the model, in the data's units and form.
 
@@ -813,10 +881,14 @@ class VAEAnomalyDetector(
         the model p(x); ``"aggregate"`` draws them from :attr:`aggregate_posterior_` (a
         Gaussian mixture fitted to the training rows' codes), which avoids regions of the
         prior the encoder never uses and usually gives samples closer to the data.
+
+        A conditional model draws from p(x|c) for ``condition``: one condition for all
+        samples, or one per sample.
         """
         check_is_fitted(self)
         if not isinstance(n_samples, Integral) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        c = self._condition_tensor(condition, int(n_samples))
         if source not in ("prior", "aggregate"):
             raise ValueError(f"source must be 'prior' or 'aggregate', got {source!r}")
         aggregate = getattr(self, "aggregate_posterior_", None)
@@ -832,19 +904,20 @@ class VAEAnomalyDetector(
             else:
                 z = torch.from_numpy(aggregate.sample(int(n_samples), np.random.default_rng(seed)))
             self.model_.eval()
-            params = self.model_.decode(z.to(device, next(self.model_.parameters()).dtype))
+            dtype = next(self.model_.parameters()).dtype
+            params = self.model_.decode(z.to(device, dtype), None if c is None else c.to(device, dtype))
             x = self.model_.likelihood.sample(params).double().cpu().numpy()
         return self._from_internal(x)
 
     @torch.no_grad()
-    def reconstruct(self, X: Any) -> np.ndarray | pd.DataFrame:
+    def reconstruct(self, X: Any, condition: Any = None) -> np.ndarray | pd.DataFrame:
         """The decoder's mean at each sample's posterior mean, in the form of :meth:`sample`.
 
         Discrete values (pixel levels, lattice columns, categories) are rounded to the
         nearest level; images come back in their dtype and range. Missing entries of
         ``X`` are filled in by the model (an imputation). Shape as ``X``.
         """
-        out = self.inverse_transform(self.transform(X))
+        out = self.inverse_transform(self.transform(X, condition=condition), condition=condition)
         if isinstance(out, pd.DataFrame) and isinstance(X, pd.DataFrame):
             out.index = X.index
         return out
@@ -898,6 +971,7 @@ class VAEAnomalyDetector(
                 "image_shape_": None if self.image_shape_ is None else list(self.image_shape_),
                 "image_dtype_": getattr(self, "image_dtype_", None),
                 "pixel_levels_": None if self.pixel_levels_ is None else dataclasses.asdict(self.pixel_levels_),
+                "condition_encoder_": None if self.condition_encoder_ is None else self.condition_encoder_.config(),
                 "active_units_": None if self.latent_variance_ is None else int(self.active_units_),
                 "best_epoch": self.history_.best_epoch,
                 "stopped_early": self.history_.stopped_early,
@@ -930,7 +1004,12 @@ class VAEAnomalyDetector(
         event_shape = tuple(spec.get("event_shape") or (spec["n_features"],))
         likelihood = lik_cls(event_shape, **spec["likelihood_options"])
         model = est._build_model(
-            spec["encoder"], likelihood, spec["latent_dim"], spec["hidden_dims"], spec.get("mask_input", False)
+            spec["encoder"],
+            likelihood,
+            spec["latent_dim"],
+            spec["hidden_dims"],
+            spec.get("mask_input", False),
+            spec.get("condition_dim", 0),
         )
         state = {k[len("model.") :]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("model.")}
         try:
@@ -959,6 +1038,8 @@ class VAEAnomalyDetector(
         est.threshold_rule_ = dict(fitted["threshold_rule_"])
         coder = fitted.get("column_coder_")
         est.column_coder_ = None if coder is None else ColumnCoder(coder["columns"], coder["vocabularies"])
+        conditions = fitted.get("condition_encoder_")
+        est.condition_encoder_ = None if conditions is None else ConditionEncoder(**conditions)
         est.score_seed_ = int(fitted["score_seed_"])
         est.latent_dim_ = int(fitted["latent_dim_"])
         est.n_features_in_ = int(fitted["n_features_in_"])
@@ -993,7 +1074,7 @@ def build_regularizer(name: str | None, params: dict | None) -> Any:
 
 @torch.no_grad()
 def latent_usage(
-    model: Any, x: torch.Tensor, mask: torch.Tensor | None, seed: int
+    model: Any, x: torch.Tensor, mask: torch.Tensor | None, seed: int, condition: torch.Tensor | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Over the rows of ``x``: the variance of each dimension's posterior mean (k,), the mean KL per dimension
     (k,) in nats, and the posterior means of a random subset of at most :data:`AGGREGATE_ROWS` rows (m, k).
@@ -1008,7 +1089,8 @@ def latent_usage(
     for start in range(0, n, LATENT_USAGE_CHUNK):
         xb = x[start : start + LATENT_USAGE_CHUNK].to(device=device, dtype=torch.get_default_dtype())
         mb = None if mask is None else mask[start : start + LATENT_USAGE_CHUNK].to(device)
-        mu, logvar = model.encode(xb, mb)
+        cb = None if condition is None else condition[start : start + LATENT_USAGE_CHUNK].to(device, xb.dtype)
+        mu, logvar = model.encode(xb, mb, cb)
         mu64 = mu.double().cpu()
         total = total + mu64.sum(0)
         total_sq = total_sq + mu64.square().sum(0)

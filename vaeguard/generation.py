@@ -92,12 +92,15 @@ def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
 class LatentSpaceMixin:
     """Estimator methods that decode chosen latent codes; the host provides the fitted model."""
 
-    def inverse_transform(self, Z: Any) -> np.ndarray | pd.DataFrame:
+    def inverse_transform(self, Z: Any, condition: Any = None) -> np.ndarray | pd.DataFrame:
         """The decoder's mean at codes ``Z`` (n, latent_dim), in the data's units and form.
 
         The inverse of :meth:`transform` up to the model's reconstruction error: rows of a
         table (a DataFrame for a model fitted on one), or images of the training shape and
-        dtype. Discrete values are rounded to their levels.
+        dtype. Discrete values are rounded to their levels. A conditional model decodes
+        under ``condition`` (one per code, or one for all): codes from
+        ``transform(X, condition=a)`` decoded with ``condition=b`` carry the samples' style
+        over to condition b.
         """
         check_is_fitted(self)
         z = np.asarray(Z, dtype=np.float64)
@@ -106,31 +109,36 @@ class LatentSpaceMixin:
         if not np.isfinite(z).all():
             row, col = (int(i) for i in np.argwhere(~np.isfinite(z))[0])
             raise ValueError(f"code {row}, dimension {col} is {z[row, col]}")
+        c = self._condition_tensor(condition, len(z))
         model = self._scoring_model()
         with torch.no_grad():
-            zt = torch.from_numpy(z).to(self.device_, next(model.parameters()).dtype)
-            mean = model.likelihood.mean(model.decode(zt)).double().cpu().numpy()
+            dtype = next(model.parameters()).dtype
+            zt = torch.from_numpy(z).to(self.device_, dtype)
+            params = model.decode(zt, None if c is None else c.to(self.device_, dtype))
+            mean = model.likelihood.mean(params).double().cpu().numpy()
         return self._from_internal(mean)
 
-    def _codes_of(self, X: Any, name: str) -> np.ndarray:
-        codes = np.asarray(self.transform(X))
+    def _codes_of(self, X: Any, name: str, condition: Any = None) -> np.ndarray:
+        codes = np.asarray(self.transform(X, condition=condition))
         if codes.ndim != 2 or len(codes) == 0:
             raise ValueError(f"{name} must hold at least one sample")
         return codes
 
-    def _one_code(self, x: Any, name: str) -> np.ndarray:
+    def _one_code(self, x: Any, name: str, condition: Any = None) -> np.ndarray:
         """The posterior mean of one sample given alone (a row, one image) or as a batch of one."""
         data = x if isinstance(x, pd.DataFrame) else np.asarray(x)
         if not isinstance(data, pd.DataFrame):
             one = (self.n_features_in_,) if self.image_shape_ is None else tuple(self.image_shape_)
             if data.shape == one:
                 data = data[None]
-        codes = self._codes_of(data, name)
+        codes = self._codes_of(data, name, condition)
         if len(codes) != 1:
             raise ValueError(f"{name} must be one sample, got {len(codes)}")
         return codes[0]
 
-    def interpolate(self, x_a: Any, x_b: Any, steps: int = 8, method: str = "slerp") -> np.ndarray | pd.DataFrame:
+    def interpolate(
+        self, x_a: Any, x_b: Any, steps: int = 8, method: str = "slerp", condition: Any = None
+    ) -> np.ndarray | pd.DataFrame:
         """Decoded points on the path between the codes of samples ``x_a`` and ``x_b``, ends included.
 
         Parameters
@@ -139,6 +147,9 @@ class LatentSpaceMixin:
         steps : int ≥ 2, default=8
         method : {"slerp", "linear"}, default="slerp"
             Spherical (see :func:`slerp`) or straight-line interpolation of the posterior means.
+        condition : optional
+            For a conditional model, the one condition both ends are encoded and the path
+            decoded under.
 
         Returns
         -------
@@ -148,16 +159,19 @@ class LatentSpaceMixin:
             raise ValueError(f"steps must be an integer ≥ 2, got {steps!r}")
         if method not in ("slerp", "linear"):
             raise ValueError(f"method must be 'slerp' or 'linear', got {method!r}")
-        a, b = self._one_code(x_a, "x_a"), self._one_code(x_b, "x_b")
+        a, b = self._one_code(x_a, "x_a", condition), self._one_code(x_b, "x_b", condition)
         t = np.linspace(0.0, 1.0, int(steps))
         path = slerp(a, b, t) if method == "slerp" else (1 - t[:, None]) * a + t[:, None] * b
-        return self.inverse_transform(path)
+        return self.inverse_transform(path, condition=condition)
 
-    def traverse(self, x: Any, dim: int, values: Any = (-2.0, -1.0, 0.0, 1.0, 2.0)) -> np.ndarray | pd.DataFrame:
+    def traverse(
+        self, x: Any, dim: int, values: Any = (-2.0, -1.0, 0.0, 1.0, 2.0), condition: Any = None
+    ) -> np.ndarray | pd.DataFrame:
         """Sample ``x`` decoded with latent dimension ``dim`` set to each of ``values`` (the others kept).
 
         Returns ``len(values)`` samples in the form of :meth:`inverse_transform`: what that
-        one dimension controls.
+        one dimension controls. A conditional model encodes and decodes under the one
+        ``condition``.
         """
         check_is_fitted(self)
         if not isinstance(dim, Integral) or not 0 <= dim < self.latent_dim_:
@@ -165,18 +179,19 @@ class LatentSpaceMixin:
         grid = np.asarray(values, dtype=np.float64).reshape(-1)
         if grid.size == 0 or not np.isfinite(grid).all():
             raise ValueError("values must be a non-empty list of finite numbers")
-        codes = np.repeat(self._one_code(x, "x")[None], grid.size, axis=0)
+        codes = np.repeat(self._one_code(x, "x", condition)[None], grid.size, axis=0)
         codes[:, dim] = grid
-        return self.inverse_transform(codes)
+        return self.inverse_transform(codes, condition=condition)
 
-    def attribute_vector(self, X: Any, labels: Any) -> np.ndarray:
+    def attribute_vector(self, X: Any, labels: Any, condition: Any = None) -> np.ndarray:
         """Mean code of the samples with the attribute minus the mean code of those without, (latent_dim,).
 
         ``labels`` (one boolean per sample of ``X``) marks which samples have it; both groups
-        must be non-empty. Add it to codes with :meth:`resynthesize`.
+        must be non-empty. Add it to codes with :meth:`resynthesize`. ``condition``: the
+        samples' conditions, for a conditional model.
         """
         flags = np.asarray(labels)
-        codes = self._codes_of(X, "X")
+        codes = self._codes_of(X, "X", condition)
         if flags.shape != (len(codes),) or not np.isin(flags, [0, 1, True, False]).all():
             raise ValueError(f"labels must be {len(codes)} booleans, one per sample of X")
         flags = flags.astype(bool)
@@ -184,14 +199,17 @@ class LatentSpaceMixin:
             raise ValueError("labels must mark some samples True and some False")
         return codes[flags].mean(axis=0) - codes[~flags].mean(axis=0)
 
-    def resynthesize(self, X: Any, vector: Any, alpha: float = 1.0) -> np.ndarray | pd.DataFrame:
-        """Samples of ``X`` decoded at their codes moved by ``alpha`` · ``vector`` (e.g. an attribute vector)."""
+    def resynthesize(self, X: Any, vector: Any, alpha: float = 1.0, condition: Any = None) -> np.ndarray | pd.DataFrame:
+        """Samples of ``X`` decoded at their codes moved by ``alpha`` · ``vector`` (e.g. an attribute vector).
+
+        ``condition``: the samples' conditions (encoding and decoding), for a conditional model.
+        """
         v = np.asarray(vector, dtype=np.float64)
         if v.shape != (self.latent_dim_,) or not np.isfinite(v).all():
             raise ValueError(f"vector must be {self.latent_dim_} finite numbers, got shape {v.shape}")
         if not isinstance(alpha, Real) or not np.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-        out = self.inverse_transform(self._codes_of(X, "X") + float(alpha) * v)
+        out = self.inverse_transform(self._codes_of(X, "X", condition) + float(alpha) * v, condition=condition)
         if isinstance(out, pd.DataFrame) and isinstance(X, pd.DataFrame):
             out.index = X.index
         return out

@@ -27,7 +27,10 @@ def vaeguard_register_encoders(register: Register) -> None:
         ``(encoder, decoder)`` pair of ``torch.nn.Module`` s: ``encoder(x)`` maps a batch
         ``(batch, *input_shape)`` to ``(batch, 2 * latent_dim)`` (means, then
         log-variances) and ``decoder(z)`` maps ``(batch, latent_dim)`` to
-        ``(batch, n_params, *input_shape)``.
+        ``(batch, n_params, *input_shape)``. A family that supports conditional VAEs
+        accepts the option ``condition_dim`` (m > 0) and returns networks called as
+        ``encoder(x, c)`` and ``decoder(z, c)`` with c of shape ``(batch, m)``; a family
+        without the option is refused for conditional models with a clear message.
     """
 
 

@@ -28,10 +28,20 @@ class VAE(nn.Module):
     mask_input : bool, default=False
         The encoder also sees the observation mask (1 = observed), appended to its
         flattened input; for models trained on data with missing values.
+    condition_dim : int, default=0
+        Width of the condition vector c of a conditional VAE, q(z|x, c) and p(x|z, c): the
+        encoder is called as ``encoder(features, c)`` and the decoder as ``decoder(z, c)``.
+        0: an unconditional model, whose networks take one argument.
     """
 
     def __init__(
-        self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, latent_dim: int, mask_input: bool = False
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        likelihood: Likelihood,
+        latent_dim: int,
+        mask_input: bool = False,
+        condition_dim: int = 0,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -39,6 +49,21 @@ class VAE(nn.Module):
         self.likelihood = likelihood
         self.latent_dim = int(latent_dim)
         self.mask_input = bool(mask_input)
+        self.condition_dim = int(condition_dim)
+
+    def _checked(self, condition: Tensor | None, rows: int) -> Tensor | None:
+        """``condition`` (rows, condition_dim) for a conditional model; refuses one that is missing or misfits."""
+        if not self.condition_dim:
+            if condition is not None:
+                raise ValueError("this model was trained without conditions; it takes none")
+            return None
+        if condition is None:
+            raise ValueError("this model is conditional: every sample needs its condition vector")
+        if tuple(condition.shape) != (rows, self.condition_dim):
+            raise ValueError(
+                f"condition vectors of shape {tuple(condition.shape)}; expected ({rows}, {self.condition_dim})"
+            )
+        return condition
 
     def encoder_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """What the encoder sees: the likelihood's view of ``x``, plus the mask when ``mask_input``."""
@@ -48,14 +73,30 @@ class VAE(nn.Module):
         observed = torch.ones_like(x) if mask is None else mask
         return torch.cat([features.flatten(1), observed.flatten(1).to(features.dtype)], dim=1)
 
-    def encode(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Posterior parameters ``(μ, log σ²)``, each ``(batch, latent_dim)``; ``mask`` marks observed entries."""
-        h = self.encoder(self.encoder_features(x, mask))
+    def encode(self, x: Tensor, mask: Tensor | None = None, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Posterior parameters ``(μ, log σ²)``, each ``(batch, latent_dim)``.
+
+        ``mask`` marks observed entries; ``condition`` (batch, condition_dim) is c for a
+        conditional model.
+        """
+        features = self.encoder_features(x, mask)
+        c = self._checked(condition, x.shape[0])
+        h = self.encoder(features) if c is None else self.encoder(features, c.to(features.dtype))
         mu, raw_logvar = h[..., : self.latent_dim], h[..., self.latent_dim :]
         return mu, soft_clamp(raw_logvar, LOGVAR_MIN, LOGVAR_MAX)
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Likelihood parameters for a batch of codes of shape ``(..., latent_dim)``."""
+    def decode(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
+        """Likelihood parameters for codes of shape ``(..., batch, latent_dim)``.
+
+        ``condition`` (batch, condition_dim), for a conditional model, is shared by the
+        leading dimensions (e.g. K importance draws per row).
+        """
         lead = z.shape[:-1]
-        params = self.decoder(z.reshape(-1, self.latent_dim))
+        flat = z.reshape(-1, self.latent_dim)
+        c = self._checked(condition, z.shape[-2] if z.dim() > 1 else 1)
+        if c is None:
+            params = self.decoder(flat)
+        else:
+            c = c.to(z.dtype).expand(*lead, self.condition_dim).reshape(-1, self.condition_dim)
+            params = self.decoder(flat, c)
         return params.reshape(*lead, *params.shape[1:])

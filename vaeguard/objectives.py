@@ -33,7 +33,12 @@ def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
 
 
 def elbo(
-    model: VAE, x: Tensor, eps: Tensor, mask: Tensor | None = None, kl_weight: float = 1.0
+    model: VAE,
+    x: Tensor,
+    eps: Tensor,
+    mask: Tensor | None = None,
+    kl_weight: float = 1.0,
+    condition: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """ELBO per sample with a Monte-Carlo reconstruction term and the closed-form KL.
 
@@ -48,14 +53,16 @@ def elbo(
         which for a factorised likelihood is the exact marginal of the observed part.
     kl_weight : float, default=1.0
         Multiplier on the KL (KL warm-up); 1 gives the true ELBO.
+    condition : Tensor, shape (batch, condition_dim), optional
+        The condition vectors c of a conditional model: the bound is then on log p(x|c).
 
     Returns
     -------
     elbo, reconstruction, kl : Tensor, each shape (batch,)
     """
-    mu, logvar = model.encode(x, mask)
+    mu, logvar = model.encode(x, mask, condition)
     z = reparameterize(mu, logvar, eps)
-    recon = model.likelihood.log_prob(x, model.decode(z), mask).mean(0)
+    recon = model.likelihood.log_prob(x, model.decode(z, condition), mask).mean(0)
     kl = kl_standard_normal(mu, logvar)
     return recon - kl_weight * kl, recon, kl
 
@@ -66,16 +73,19 @@ def log_posterior_of_draws(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
     return -0.5 * (e.square().sum(-1) + logvar.sum(-1) + mu.shape[-1] * math.log(2 * math.pi))
 
 
-def importance_terms(model: VAE, x: Tensor, eps: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def importance_terms(
+    model: VAE, x: Tensor, eps: Tensor, mask: Tensor | None = None, condition: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Log importance weights ``(K, batch)`` and the per-element log p(x_j|z_k) ``(K, batch, *event)``.
 
     log w_k = log p(x|z_k) + log p(z_k) − log q(z_k|x) with z_k = μ + σ·ε_k; missing
-    entries (``mask`` False) contribute 0 to both.
+    entries (``mask`` False) contribute 0 to both. With a conditional model's
+    ``condition`` c every term is conditioned on it (the weights then estimate p(x|c)).
     """
-    mu, logvar = model.encode(x, mask)
+    mu, logvar = model.encode(x, mask, condition)
     z = reparameterize(mu, logvar, eps)
     log_q = log_posterior_of_draws(mu, logvar, eps)
-    per_element = model.likelihood.per_feature_log_prob(x, model.decode(z))
+    per_element = model.likelihood.per_feature_log_prob(x, model.decode(z, condition))
     if mask is not None:
         per_element = torch.where(
             mask, per_element, torch.zeros((), dtype=per_element.dtype, device=per_element.device)
@@ -84,33 +94,47 @@ def importance_terms(model: VAE, x: Tensor, eps: Tensor, mask: Tensor | None = N
     return log_px_z + standard_normal_log_prob(z) - log_q, per_element
 
 
-def log_importance_weights(model: VAE, x: Tensor, eps: Tensor, mask: Tensor | None = None) -> Tensor:
+def log_importance_weights(
+    model: VAE, x: Tensor, eps: Tensor, mask: Tensor | None = None, condition: Tensor | None = None
+) -> Tensor:
     """log w_k = log p(x|z_k) + log p(z_k) − log q(z_k|x) with z_k = μ + σ·ε_k.
 
     Returns shape ``(K, batch)``.
     """
-    return importance_terms(model, x, eps, mask)[0]
+    return importance_terms(model, x, eps, mask, condition)[0]
 
 
 def iwae_bound(
-    model: VAE, x: Tensor, k: int, mask: Tensor | None = None, generator: torch.Generator | None = None
+    model: VAE,
+    x: Tensor,
+    k: int,
+    mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    condition: Tensor | None = None,
 ) -> Tensor:
     """The importance-weighted bound logsumexp_k log w_k − log K with fresh draws, ``(batch,)``."""
     eps = torch.randn(k, x.shape[0], model.latent_dim, generator=generator, device="cpu").to(x.device)
-    logw = log_importance_weights(model, x, eps, mask)
+    logw = log_importance_weights(model, x, eps, mask, condition)
     return torch.logsumexp(logw, 0) - math.log(k)
 
 
-def iwae_objective(model: VAE, x: Tensor, eps: Tensor, mask: Tensor | None = None, kl_weight: float = 1.0) -> Tensor:
+def iwae_objective(
+    model: VAE,
+    x: Tensor,
+    eps: Tensor,
+    mask: Tensor | None = None,
+    kl_weight: float = 1.0,
+    condition: Tensor | None = None,
+) -> Tensor:
     """The IWAE bound with the draws ``eps`` (K, batch, latent) for training, ``(batch,)`` nats (Burda et al. 2016).
 
     logsumexp_k [log p(x|z_k) + w·(log p(z_k) − log q(z_k|x))] − log K, with ``kl_weight``
     w annealing the prior-to-posterior ratio as the KL schedule does for the ELBO; w = 1
     gives the bound. K = 1 is a single-sample (Monte-Carlo KL) ELBO; larger K is tighter.
     """
-    mu, logvar = model.encode(x, mask)
+    mu, logvar = model.encode(x, mask, condition)
     z = reparameterize(mu, logvar, eps)
-    log_px_z = model.likelihood.log_prob(x, model.decode(z), mask)
+    log_px_z = model.likelihood.log_prob(x, model.decode(z, condition), mask)
     log_w = log_px_z + kl_weight * (standard_normal_log_prob(z) - log_posterior_of_draws(mu, logvar, eps))
     return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
 
@@ -147,11 +171,12 @@ def training_terms(
     kl_weight: float,
     dataset_size: int,
     generator: torch.Generator,
+    condition: Tensor | None = None,
 ) -> TrainingTerms:
     """The terms of the ELBO for one minibatch, with ``eps`` of shape ``(1, batch, latent)``."""
-    mu, logvar = model.encode(x, mask)
+    mu, logvar = model.encode(x, mask, condition)
     z = reparameterize(mu, logvar, eps)
-    recon = model.likelihood.log_prob(x, model.decode(z), mask).mean(0)
+    recon = model.likelihood.log_prob(x, model.decode(z, condition), mask).mean(0)
     kl = kl_per_dimension(mu, logvar)
     return TrainingTerms(x, mask, mu, logvar, z[0], recon, kl, kl_weight, dataset_size, generator)
 

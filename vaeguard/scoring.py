@@ -38,13 +38,19 @@ def chunk_rows(n_samples: int, elements_per_row: int, budget: int = CHUNK_ELEMEN
 
 
 def _chunks(
-    x: Tensor, rows: int, device: torch.device, dtype: torch.dtype, mask: Tensor | None = None
-) -> Iterator[tuple[slice, Tensor, Tensor | None]]:
-    """``(rows of x it covers, chunk, its mask)`` for consecutive chunks of ``rows`` rows, moved to ``device``."""
+    x: Tensor,
+    rows: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    mask: Tensor | None = None,
+    condition: Tensor | None = None,
+) -> Iterator[tuple[slice, Tensor, Tensor | None, Tensor | None]]:
+    """``(rows of x it covers, chunk, its mask, its conditions)`` for chunks of ``rows`` rows, moved to ``device``."""
     for start in range(0, x.shape[0], rows):
         where = slice(start, min(start + rows, x.shape[0]))
         xb = x[where].to(device=device, dtype=dtype, non_blocking=True)
-        yield where, xb, (None if mask is None else mask[where].to(device, non_blocking=True))
+        mb = None if mask is None else mask[where].to(device, non_blocking=True)
+        yield where, xb, mb, (None if condition is None else condition[where].to(device, dtype, non_blocking=True))
 
 
 def _placement(model: VAE, device: torch.device | str | None) -> tuple[torch.device, torch.dtype]:
@@ -90,6 +96,7 @@ def importance_sampled_log_likelihood(
     return_std: bool = False,
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
+    condition: Tensor | None = None,
 ) -> LogLikelihood:
     """Estimate log p(x) for every row, in nats, in the model's internal units.
 
@@ -109,6 +116,8 @@ def importance_sampled_log_likelihood(
         Rows per chunk; by default sized so a chunk holds about 64 MiB.
     device : torch.device, optional
         Where to compute; defaults to the model's device.
+    condition : Tensor, shape (n, condition_dim), optional
+        A conditional model's condition vectors; the estimate is then of log p(x|c).
 
     Returns
     -------
@@ -121,8 +130,8 @@ def importance_sampled_log_likelihood(
     # temporaries would pin glibc's heap and let the process grow with the number of rows
     value = np.zeros(x.shape[0])
     std = np.zeros(x.shape[0]) if return_std else None
-    for where, xb, mb in _chunks(x, rows, device, dtype, mask):
-        logw = log_importance_weights(model, xb, eps, mb).double()  # (K, rows): accumulate in float64
+    for where, xb, mb, cb in _chunks(x, rows, device, dtype, mask, condition):
+        logw = log_importance_weights(model, xb, eps, mb, cb).double()  # (K, rows): accumulate in float64
         value[where] = (torch.logsumexp(logw, 0) - math.log(k)).cpu().numpy()
         if std is not None:
             w = (logw - logw.max(0, keepdim=True).values).exp()
@@ -141,12 +150,13 @@ def evidence_lower_bound(
     mask: Tensor | None = None,
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
+    condition: Tensor | None = None,
 ) -> np.ndarray:
     """ELBO per row in nats (internal units), the reconstruction term averaged over ``eps``; float64 (n,)."""
     device, dtype, eps, rows = _prepare(model, eps, device, chunk_size)
     out = np.zeros(x.shape[0])
-    for where, xb, mb in _chunks(x, rows, device, dtype, mask):
-        out[where] = elbo(model, xb, eps, mb)[0].double().cpu().numpy()
+    for where, xb, mb, cb in _chunks(x, rows, device, dtype, mask, condition):
+        out[where] = elbo(model, xb, eps, mb, condition=cb)[0].double().cpu().numpy()
     return out
 
 
@@ -158,13 +168,14 @@ def posterior_means(
     mask: Tensor | None = None,
     chunk_size: int = 65536,
     device: torch.device | str | None = None,
+    condition: Tensor | None = None,
 ) -> np.ndarray:
-    """Posterior means μ(x), float64 of shape (n, latent_dim)."""
+    """Posterior means μ(x) (μ(x, c) for a conditional model), float64 of shape (n, latent_dim)."""
     device, dtype = _placement(model, device)
     model.eval()
     out = np.zeros((x.shape[0], model.latent_dim))
-    for where, xb, mb in _chunks(x, chunk_size, device, dtype, mask):
-        out[where] = model.encode(xb, mb)[0].double().cpu().numpy()
+    for where, xb, mb, cb in _chunks(x, chunk_size, device, dtype, mask, condition):
+        out[where] = model.encode(xb, mb, cb)[0].double().cpu().numpy()
     return out
 
 
@@ -177,6 +188,7 @@ def per_feature_log_likelihood(
     mask: Tensor | None = None,
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
+    condition: Tensor | None = None,
 ) -> np.ndarray:
     """Each element's share of the score: E_{p(z|x)}[log p(x_j|z)] in nats, shape (n, *event_shape).
 
@@ -187,8 +199,8 @@ def per_feature_log_likelihood(
     """
     device, dtype, eps, rows = _prepare(model, eps, device, chunk_size)
     out = np.zeros((x.shape[0], *model.likelihood.event_shape))
-    for where, xb, mb in _chunks(x, rows, device, dtype, mask):
-        logw, per = importance_terms(model, xb, eps, mb)
+    for where, xb, mb, cb in _chunks(x, rows, device, dtype, mask, condition):
+        logw, per = importance_terms(model, xb, eps, mb, cb)
         weights = torch.softmax(logw.double(), 0)  # (K, rows)
         share = (weights.reshape(*weights.shape, *([1] * (per.dim() - 2))) * per.double()).sum(0)
         if mb is not None:

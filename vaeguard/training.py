@@ -89,6 +89,7 @@ def validation_loss(
     mask: Tensor | None = None,
     config: TrainingConfig | None = None,
     generator: torch.Generator | None = None,
+    condition: Tensor | None = None,
 ) -> float:
     """Mean training objective over the validation rows at full KL weight, each row with its own draw; nats.
 
@@ -106,10 +107,13 @@ def validation_loss(
     for start in range(0, x_val.shape[0], chunk):
         xb, eb = x_val[start : start + chunk], val_eps[:, start : start + chunk]
         mb = None if mask is None else mask[start : start + chunk]
+        cb = None if condition is None else condition[start : start + chunk]
         if config.objective == "iwae":
-            total -= iwae_objective(model, xb, eb, mb).sum().item()
+            total -= iwae_objective(model, xb, eb, mb, condition=cb).sum().item()
             continue
-        terms = training_terms(model, xb, eb, mb, kl_weight=1.0, dataset_size=x_val.shape[0], generator=generator)
+        terms = training_terms(
+            model, xb, eb, mb, kl_weight=1.0, dataset_size=x_val.shape[0], generator=generator, condition=cb
+        )
         total += (free_bits_kl(terms.kl, config.free_bits) - terms.recon).sum().item()
         if config.regularizer is not None and xb.shape[0] > 1:
             total += config.regularizer.penalty(terms, -1).item() * xb.shape[0]
@@ -152,11 +156,14 @@ def train(
     device: torch.device,
     verbose: bool = False,
     mask: Tensor | None = None,
+    condition: Tensor | None = None,
 ) -> TrainingHistory:
     """Fit ``model`` to the rows of ``x`` by maximising the ELBO; returns the history.
 
     ``mask`` (bool, like ``x``) marks the observed entries: the likelihood then sums
     only those (missing entries of ``x`` must hold finite placeholders, e.g. 0).
+    ``condition`` (rows, condition_dim) holds each row's condition vector for a
+    conditional model, which then learns p(x|c).
 
     Randomness (split, shuffles, reparameterisation noise) comes from ``generator`` (a
     CPU generator), so the same seed gives the same model on the same device.
@@ -173,6 +180,10 @@ def train(
     x_val = x[val_idx].to(device)
     m_train = None if mask is None else mask[train_idx].to(device)
     m_val = None if mask is None else mask[val_idx].to(device)
+    if condition is not None:
+        condition = condition.to(torch.get_default_dtype())
+    c_train = None if condition is None else condition[train_idx].to(device)
+    c_val = None if condition is None else condition[val_idx].to(device)
     draws = config.iwae_samples if config.objective == "iwae" else 1
     val_eps = torch.randn(draws, x_val.shape[0], model.latent_dim, generator=generator).to(device)
     n = x_train.shape[0]
@@ -201,12 +212,15 @@ def train(
                 rows = perm[start : start + batch_size]
                 xb = x_train[rows]
                 mb = None if m_train is None else m_train[rows]
+                cb = None if c_train is None else c_train[rows]
                 eps = torch.randn(draws, xb.shape[0], model.latent_dim, generator=generator).to(device)
                 weight = kl_weight_at(step, total_steps, config)
                 if config.objective == "iwae":
-                    per_row, terms = -iwae_objective(model, xb, eps, mb, kl_weight=weight), None
+                    per_row, terms = -iwae_objective(model, xb, eps, mb, kl_weight=weight, condition=cb), None
                 else:
-                    terms = training_terms(model, xb, eps, mb, kl_weight=weight, dataset_size=n, generator=generator)
+                    terms = training_terms(
+                        model, xb, eps, mb, kl_weight=weight, dataset_size=n, generator=generator, condition=cb
+                    )
                     per_row = terms.kl_weight * free_bits_kl(terms.kl, config.free_bits) - terms.recon
                 n_keep = xb.shape[0] - int(config.trim_fraction * xb.shape[0])
                 if step >= warmup_steps and n_keep < xb.shape[0]:
@@ -234,7 +248,9 @@ def train(
             monitored = history.train_loss[-1]
             if x_val.shape[0]:
                 model.eval()
-                monitored = validation_loss(model, x_val, val_eps, mask=m_val, config=config, generator=generator)
+                monitored = validation_loss(
+                    model, x_val, val_eps, mask=m_val, config=config, generator=generator, condition=c_val
+                )
                 history.validation_loss.append(monitored)
             if bar is not None:
                 bar.set_postfix(loss=f"{history.train_loss[-1]:.3f}", val=f"{monitored:.3f}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from vaeguard.hookspecs import hookimpl
@@ -23,31 +24,40 @@ def default_latent_dim(n_inputs: int) -> int:
 
 
 class MLPEncoder(nn.Module):
-    """``(batch, *input_shape) → (batch, 2·latent_dim)``: means, then log-variances."""
+    """``(batch, *input_shape) → (batch, 2·latent_dim)``: means, then log-variances.
 
-    def __init__(self, n_inputs: int, hidden_dims: Sequence[int], latent_dim: int) -> None:
+    With ``condition_dim`` > 0 it is called as ``forward(x, c)`` and reads c after the
+    flattened input.
+    """
+
+    def __init__(self, n_inputs: int, hidden_dims: Sequence[int], latent_dim: int, condition_dim: int = 0) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
-        width = n_inputs
+        width = n_inputs + condition_dim
         for h in hidden_dims:
             layers += [nn.Linear(width, h), nn.SiLU()]
             width = h
         layers.append(nn.Linear(width, 2 * latent_dim))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        return self.net(with_condition(x.flatten(1), condition))
 
 
 class MLPDecoder(nn.Module):
-    """``(batch, latent_dim) → (batch, n_params, *output_shape)``."""
+    """``(batch, latent_dim) → (batch, n_params, *output_shape)``; ``forward(z, c)`` when ``condition_dim`` > 0."""
 
     def __init__(
-        self, latent_dim: int, hidden_dims: Sequence[int], output_shape: tuple[int, ...], n_params: int
+        self,
+        latent_dim: int,
+        hidden_dims: Sequence[int],
+        output_shape: tuple[int, ...],
+        n_params: int,
+        condition_dim: int = 0,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        width = latent_dim
+        width = latent_dim + condition_dim
         for h in hidden_dims:
             layers += [nn.Linear(width, h), nn.SiLU()]
             width = h
@@ -55,8 +65,13 @@ class MLPDecoder(nn.Module):
         layers.append(nn.Unflatten(-1, (n_params, *output_shape)))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, z: Tensor) -> Tensor:
-        return self.net(z)
+    def forward(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
+        return self.net(with_condition(z, condition))
+
+
+def with_condition(h: Tensor, condition: Tensor | None) -> Tensor:
+    """``[h, c]`` along the last dimension, or ``h`` alone for an unconditional call."""
+    return h if condition is None else torch.cat([h, condition], dim=-1)
 
 
 def mlp(
@@ -66,6 +81,7 @@ def mlp(
     *,
     output_shape: tuple[int, ...] | None = None,
     hidden_dims: Sequence[int] | None = None,
+    condition_dim: int = 0,
 ) -> tuple[nn.Module, nn.Module]:
     """The ``mlp`` family: an MLP encoder and a decoder with the hidden sizes reversed.
 
@@ -82,11 +98,17 @@ def mlp(
     hidden_dims : sequence of int, optional
         Encoder hidden widths; the decoder uses them reversed. Default:
         :func:`default_hidden_dims`.
+    condition_dim : int, default=0
+        Width of a conditional VAE's condition vector c: both networks read it next to
+        their input (the encoder after x, the decoder after z).
     """
     output_shape = tuple(output_shape or input_shape)
     n_inputs = math.prod(input_shape)
     hidden = list(hidden_dims) if hidden_dims is not None else default_hidden_dims(n_inputs)
-    return MLPEncoder(n_inputs, hidden, latent_dim), MLPDecoder(latent_dim, hidden[::-1], output_shape, n_params)
+    return (
+        MLPEncoder(n_inputs, hidden, latent_dim, condition_dim),
+        MLPDecoder(latent_dim, hidden[::-1], output_shape, n_params, condition_dim),
+    )
 
 
 @hookimpl
@@ -222,11 +244,18 @@ class ConvEncoder(nn.Module):
     """``(batch, k·C·H·W)`` or ``(batch, k·C, H, W)`` → ``(batch, 2·latent_dim)`` by stride-2 convolutions.
 
     The input is read as ``k`` channel blocks of the image (k = 2 when the observation
-    mask is appended).
+    mask is appended). With ``condition_dim`` > 0 it is called as ``forward(x, c)`` and
+    the dense layer reads c after the flattened convolutional features.
     """
 
     def __init__(
-        self, image_shape: tuple[int, int, int], blocks: int, channels: list[int], latent_dim: int, dense: int
+        self,
+        image_shape: tuple[int, int, int],
+        blocks: int,
+        channels: list[int],
+        latent_dim: int,
+        dense: int,
+        condition_dim: int = 0,
     ) -> None:
         super().__init__()
         c, h, w = image_shape
@@ -238,27 +267,35 @@ class ConvEncoder(nn.Module):
             layers += [nn.Conv2d(previous, width, 3, stride=2, padding=1), nn.SiLU()]
             previous = width
         fh, fw = sizes[-1]
-        layers += [
-            nn.Flatten(),
-            nn.Linear(previous * fh * fw, dense),
-            nn.SiLU(),
-            nn.Linear(dense, 2 * latent_dim),
-        ]
+        layers.append(nn.Flatten())
+        self.n_features = len(layers)  # self.net[:n_features] are the convolutions, flattened
+        layers += [nn.Linear(previous * fh * fw + condition_dim, dense), nn.SiLU(), nn.Linear(dense, 2 * latent_dim)]
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.reshape(x.shape[0], *self.in_shape))
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        x = x.reshape(x.shape[0], *self.in_shape)
+        if condition is None:
+            return self.net(x)
+        features = self.net[: self.n_features](x)
+        return self.net[self.n_features :](with_condition(features, condition))
 
 
 class ConvDecoder(nn.Module):
     """``(batch, latent_dim)`` → ``(batch, n_params, C, H, W)`` by transposed convolutions that mirror the encoder.
 
     Each transposed convolution restores the exact size its encoder stage halved, so any
-    H × W ≥ 1 comes back without cropping.
+    H × W ≥ 1 comes back without cropping. With ``condition_dim`` > 0 it is called as
+    ``forward(z, c)``; the first dense layer reads ``[z, c]``.
     """
 
     def __init__(
-        self, image_shape: tuple[int, int, int], channels: list[int], n_params: int, latent_dim: int, dense: int
+        self,
+        image_shape: tuple[int, int, int],
+        channels: list[int],
+        n_params: int,
+        latent_dim: int,
+        dense: int,
+        condition_dim: int = 0,
     ) -> None:
         super().__init__()
         c, h, w = image_shape
@@ -266,7 +303,7 @@ class ConvDecoder(nn.Module):
         sizes = [(h, w), *conv_stage_sizes(h, w)]
         self.start = (channels[-1], *sizes[-1])
         layers: list[nn.Module] = [
-            nn.Linear(latent_dim, dense),
+            nn.Linear(latent_dim + condition_dim, dense),
             nn.SiLU(),
             nn.Linear(dense, math.prod(self.start)),
             nn.SiLU(),
@@ -282,8 +319,8 @@ class ConvDecoder(nn.Module):
         layers.append(nn.Conv2d(widths[len(sizes) - 1], n_params * c, 3, padding=1))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, z: Tensor) -> Tensor:
-        return self.net(z).reshape(z.shape[0], self.n_params, *self.image_shape)
+    def forward(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
+        return self.net(with_condition(z, condition)).reshape(z.shape[0], self.n_params, *self.image_shape)
 
 
 def conv(
@@ -293,6 +330,7 @@ def conv(
     *,
     output_shape: tuple[int, ...] | None = None,
     hidden_dims: Sequence[int] | None = None,
+    condition_dim: int = 0,
 ) -> tuple[nn.Module, nn.Module]:
     """The ``conv`` family for images ``(C, H, W)``: stride-2 convolutions down to at most 4 × 4, then a dense layer.
 
@@ -310,6 +348,9 @@ def conv(
         The image shape ``(C, H, W)`` (or ``(H, W)``); defaults to ``input_shape``.
     hidden_dims : sequence of int, optional
         Channels per downsampling stage, one entry per stage (default 16, 32, 64, 64, ...).
+    condition_dim : int, default=0
+        Width of a conditional VAE's condition vector c: the encoder's dense layer reads it
+        after the convolutional features, the decoder's first dense layer after z.
     """
     output_shape = tuple(int(s) for s in (output_shape or input_shape))
     if len(output_shape) == 2:
@@ -338,6 +379,6 @@ def conv(
         channels = [CONV_CHANNELS[min(i, len(CONV_CHANNELS) - 1)] for i in range(stages)]
     dense = conv_dense_width(output_shape)
     return (
-        ConvEncoder(output_shape, blocks, channels, latent_dim, dense),
-        ConvDecoder(output_shape, channels, n_params, latent_dim, dense),
+        ConvEncoder(output_shape, blocks, channels, latent_dim, dense, condition_dim),
+        ConvDecoder(output_shape, channels, n_params, latent_dim, dense, condition_dim),
     )

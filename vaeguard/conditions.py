@@ -1,0 +1,175 @@
+"""Conditions of a conditional VAE: what the user passes as ``y`` turned into the vector c the networks read.
+
+A condition is one value per sample or several (columns of a DataFrame or of a 2-D
+array). Each column is either
+
+- *categorical* (strings, booleans, integers, pandas categories): one-hot over the labels
+  seen in ``fit``, sorted; a label never seen is refused, naming the column and the row;
+- *numeric* (floating point): standardised with the training mean and standard deviation.
+
+c is the concatenation of the columns' codes, of width :attr:`ConditionEncoder.width`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+#: A categorical condition column may have at most this many labels (more: pass it as float, a numeric condition).
+MAX_CONDITION_LABELS = 1000
+
+
+def _as_frame(y: Any, what: str) -> pd.DataFrame:
+    """``y`` (Series, DataFrame, 1-D or 2-D array-like) as a DataFrame of condition columns."""
+    if isinstance(y, pd.DataFrame):
+        return y.reset_index(drop=True)
+    if isinstance(y, pd.Series):
+        return y.reset_index(drop=True).to_frame(name=str(y.name) if y.name is not None else "condition")
+    array = np.asarray(y)
+    if array.ndim == 0:
+        raise ValueError(f"{what} must hold one condition per sample (an array, Series or DataFrame), got a scalar")
+    if array.ndim == 1:
+        return pd.DataFrame({"condition": array})
+    if array.ndim == 2:
+        return pd.DataFrame({f"condition{j}": array[:, j] for j in range(array.shape[1])})
+    raise ValueError(f"{what} must be 1-D or 2-D (samples × condition columns), got shape {array.shape}")
+
+
+def _is_float(dtype: Any) -> bool:
+    return bool(pd.api.types.is_float_dtype(dtype))
+
+
+def _label(value: Any) -> str:
+    return str(value.item() if isinstance(value, np.generic) else value)
+
+
+@dataclass
+class ConditionEncoder:
+    """Codes condition columns as one vector per sample: one-hot categories, standardised numbers.
+
+    ``labels[j]`` holds column j's sorted labels (as strings) for a categorical column and
+    is None for a numeric one, whose ``center[j]`` and ``scale[j]`` standardise it.
+    """
+
+    columns: list[str]
+    labels: list[list[str] | None]
+    center: list[float]
+    scale: list[float]
+
+    @classmethod
+    def fit(cls, y: Any, n_rows: int) -> ConditionEncoder:
+        """Learn the columns' kinds, labels and scales from the training conditions ``y``, one per row of the data."""
+        frame = _as_frame(y, "y")
+        if frame.shape[1] == 0:
+            raise ValueError("y has no condition columns")
+        if len(frame) != n_rows:
+            raise ValueError(f"y has {len(frame)} conditions and X {n_rows} rows: give one per row")
+        labels: list[list[str] | None] = []
+        center, scale = [], []
+        for name in frame.columns:
+            column = frame[name]
+            missing = column.isna().to_numpy()
+            if missing.any():
+                raise ValueError(
+                    f"condition column {str(name)!r}, row {int(np.flatnonzero(missing)[0])}: the value is missing; "
+                    "every sample needs its conditions"
+                )
+            if _is_float(column.dtype):
+                values = column.to_numpy(dtype=np.float64)
+                if not np.isfinite(values).all():
+                    row = int(np.flatnonzero(~np.isfinite(values))[0])
+                    raise ValueError(f"condition column {str(name)!r}, row {row}: {values[row]} is not finite")
+                spread = float(values.std())
+                labels.append(None)
+                center.append(float(values.mean()))
+                scale.append(spread if spread > 0 else 1.0)
+                continue
+            seen = sorted({_label(v) for v in column})
+            if len(seen) > MAX_CONDITION_LABELS:
+                raise ValueError(
+                    f"condition column {str(name)!r} has {len(seen)} distinct labels (at most {MAX_CONDITION_LABELS}); "
+                    "pass a numeric condition as floating point"
+                )
+            labels.append(seen)
+            center.append(0.0)
+            scale.append(1.0)
+        return cls([str(c) for c in frame.columns], labels, center, scale)
+
+    @property
+    def width(self) -> int:
+        """Length of the condition vector c."""
+        return sum(1 if v is None else len(v) for v in self.labels)
+
+    def transform(self, y: Any, n_rows: int) -> np.ndarray:
+        """The condition vectors, float64 of shape (n_rows, :attr:`width`).
+
+        ``y`` holds one condition per row of the data (``n_rows`` of them), or a single
+        condition (one value, or one row) that every row shares.
+        """
+        frame = self._frame(y)
+        if len(frame) == 1 and n_rows != 1:
+            frame = frame.loc[np.zeros(n_rows, dtype=int)].reset_index(drop=True)
+        if len(frame) != n_rows:
+            raise ValueError(f"the conditions have {len(frame)} rows and the data {n_rows}: give one per sample")
+        parts = []
+        for name, labels, center, scale in zip(self.columns, self.labels, self.center, self.scale, strict=True):
+            column = frame[name]
+            missing = column.isna().to_numpy()
+            if missing.any():
+                row = int(np.flatnonzero(missing)[0])
+                raise ValueError(f"condition column {name!r}, row {row}: the value is missing")
+            if labels is None:
+                try:
+                    values = column.to_numpy(dtype=np.float64)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"condition column {name!r} is numeric in this model: {exc}") from exc
+                if not np.isfinite(values).all():
+                    row = int(np.flatnonzero(~np.isfinite(values))[0])
+                    raise ValueError(f"condition column {name!r}, row {row}: {values[row]} is not finite")
+                parts.append(((values - center) / scale)[:, None])
+                continue
+            index = {label: i for i, label in enumerate(labels)}
+            codes = np.array([index.get(_label(v), -1) for v in column])
+            if (codes < 0).any():
+                row = int(np.flatnonzero(codes < 0)[0])
+                raise ValueError(
+                    f"condition column {name!r}, row {row}: label {_label(column.iloc[row])!r} was not seen in fit "
+                    f"(known: {', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''})"
+                )
+            parts.append(np.eye(len(labels))[codes])
+        return np.concatenate(parts, axis=1)
+
+    def _frame(self, y: Any) -> pd.DataFrame:
+        """``y`` as a frame with this encoder's columns; a bare value or 1-D sequence for a one-column encoder."""
+        if len(self.columns) == 1 and not isinstance(y, (pd.DataFrame, pd.Series)):
+            array = np.asarray(y)
+            if array.ndim == 0:
+                array = array[None]
+            if array.ndim == 2 and array.shape[1] == 1:
+                array = array[:, 0]
+            if array.ndim == 1:
+                return pd.DataFrame({self.columns[0]: array})
+        if isinstance(y, pd.Series) and len(self.columns) == 1:
+            return pd.DataFrame({self.columns[0]: y.reset_index(drop=True)})
+        if not isinstance(y, (pd.DataFrame, pd.Series)) and np.asarray(y).ndim == 1:
+            y = np.asarray(y)[None]  # one row of several columns, shared by every sample
+        frame = _as_frame(y, "condition")
+        if list(map(str, frame.columns)) != self.columns:
+            if isinstance(y, pd.DataFrame):
+                raise ValueError(
+                    f"the conditions have columns {list(map(str, frame.columns))}; the model was fitted on "
+                    f"{self.columns}"
+                )
+            if frame.shape[1] != len(self.columns):
+                raise ValueError(
+                    f"the conditions have {frame.shape[1]} columns; the model was fitted on {len(self.columns)}"
+                )
+            frame.columns = self.columns
+        return frame
+
+    def config(self) -> dict[str, Any]:
+        """JSON-ready description (the model file stores it)."""
+        return {"columns": self.columns, "labels": self.labels, "center": self.center, "scale": self.scale}
