@@ -250,3 +250,41 @@ def test_compress_and_decompress_files(tmp_path):
     wrong = run("decompress", str(tmp_path / "other.h5"), str(tmp_path / "b.vgz"), "-o", str(tmp_path / "x.npz"))
     assert wrong.exit_code == 2 and "compressed with the model" in wrong.stderr
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_a_conditional_model_from_the_command_line(tmp_path):
+    """fit --condition-columns trains p(features | conditions); score reads each row's conditions from its columns."""
+    rng = np.random.default_rng(0)
+    centers = {"north": np.array([5.0, 0.0, 5.0]), "south": np.array([-5.0, 4.0, 0.0])}
+    region = rng.choice(list(centers), 800)
+    values = np.stack([centers[r] for r in region]) + rng.normal(size=(800, 3))
+    frame = pd.DataFrame(values, columns=["a", "b", "c"]).assign(region=region)
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    model = str(tmp_path / "c.h5")
+    result = run("fit", str(tmp_path / "train.csv"), "-o", model, "--condition-columns", "region",
+                 "--param", "epochs=30")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    det = load(model)
+    assert list(det.feature_names_in_) == ["a", "b", "c"] and det.condition_encoder_.columns == ["region"]
+    test = frame.iloc[:40].copy()
+    test.loc[::2, "region"] = np.where(test["region"].iloc[::2] == "north", "south", "north")  # the wrong region
+    test.loc[5, "region"] = "west"
+    test.to_csv(tmp_path / "test.csv", index=False)
+    result = run("score", model, str(tmp_path / "test.csv"), "-o", str(tmp_path / "s.csv"))
+    assert result.exit_code == 2 and "row 5: column 'region' holds 'west', a condition: label 'west'" in result.stderr
+    result = run("score", model, str(tmp_path / "test.csv"), "-o", str(tmp_path / "s.csv"), "--on-bad-row", "nan")
+    assert result.exit_code == 0, result.output
+    scores = pd.read_csv(tmp_path / "s.csv")["log_likelihood"].to_numpy()
+    assert np.isnan(scores[5]) and np.isfinite(np.delete(scores, 5)).all()
+    wrong, right = scores[0::2], np.delete(scores[1::2], 2)  # row 5 is the unseen region
+    assert wrong.max() < right.min()  # a row under another region's condition is far less likely
+    out = tmp_path / "north.csv"
+    result = run("sample", model, "-n", "500", "-o", str(out), "--condition", "north")
+    assert result.exit_code == 0, result.output
+    drawn = pd.read_csv(out)
+    assert list(drawn.columns) == ["a", "b", "c", "region"] and (drawn["region"] == "north").all()
+    assert np.abs(drawn[["a", "b", "c"]].mean().to_numpy() - centers["north"]).max() < 0.5
+    result = run("sample", model, "-n", "5", "-o", str(out))
+    assert result.exit_code == 2 and "conditional on region: give --condition VALUE" in result.stderr
+    result = run("sample", model, "-n", "5", "-o", str(out), "--condition", "region=east")
+    assert result.exit_code == 2 and "label 'east' was not seen in fit" in result.stderr

@@ -22,11 +22,26 @@ def feature_columns(det: Any) -> list[str] | None:
     return [str(c) for c in names] if names is not None else [f"x{j}" for j in range(det.n_features_in_)]
 
 
+def condition_columns(det: Any) -> list[str] | None:
+    """The columns a conditional table model reads its conditions from (the names of ``y`` in fit), else None.
+
+    Refuses a conditional image model: the command line has no place for its conditions.
+    """
+    encoder = getattr(det, "condition_encoder_", None)
+    if encoder is None:
+        return None
+    if getattr(det, "image_shape_", None) is not None:
+        raise DataError("this image model is conditional: score it from Python, with condition=")
+    return list(encoder.columns)
+
+
 def check_columns(det: Any, columns: list[str], source: str) -> None:
-    """Raise ``DataError`` when ``columns`` lack any of the model's feature columns."""
+    """Raise ``DataError`` when ``columns`` lack any of the model's feature (or condition) columns."""
     needed = feature_columns(det)
     if needed is None:
+        condition_columns(det)
         return
+    needed = needed + (condition_columns(det) or [])
     missing = [c for c in needed if c not in set(columns)]
     if missing:
         raise DataError(
@@ -100,6 +115,8 @@ def score_chunk(
         raise ValueError(f"on_bad_row must be one of {', '.join(ON_BAD_ROW)}, got {on_bad_row!r}")
     rows = np.arange(row_offset, row_offset + len(chunk))
     columns = feature_columns(det)
+    conditioned = condition_columns(det)
+    conditions = None
     if columns is None:  # images: the chunk is an array of them
         if explain:
             raise DataError("--explain names columns of tables; this is an image model")
@@ -109,6 +126,12 @@ def score_chunk(
     else:
         ids = chunk[id_column].to_numpy() if id_column is not None else rows
         features, bad, problems = _bad_entries(det, chunk[columns])
+        if conditioned is not None:  # a conditional model reads each row's conditions from its columns
+            conditions = chunk[conditioned].reset_index(drop=True)
+            bad_conditions, condition_problems = det.condition_encoder_.problems(conditions)
+            bad |= bad_conditions
+            problems += [(i, c, v, f"a condition: {why}") for i, c, v, why in condition_problems]
+            problems.sort(key=lambda problem: problem[0])
         if problems and on_bad_row == "error":
             i, column, value, why = problems[0]
             where = f"row {rows[i]}" + (f" (id {ids[i]!r})" if id_column is not None else "")
@@ -119,9 +142,10 @@ def score_chunk(
     top: list[str] = [""] * len(chunk)
     if good.any():
         subset = features[good] if columns is None else features.loc[good]
-        log_px[good] = np.asarray(det.log_likelihood(subset, n_samples=n_samples))
+        condition = None if conditions is None else conditions[good]
+        log_px[good] = np.asarray(det.log_likelihood(subset, n_samples=n_samples, condition=condition))
         if explain:
-            shares = det.feature_scores(subset).to_numpy()
+            shares = det.feature_scores(subset, condition=condition).to_numpy()
             order = np.argsort(np.nan_to_num(shares, nan=np.inf), axis=1)[:, :TOP_FEATURES]
             names = np.asarray(columns, dtype=object)
             for i, picks in zip(np.flatnonzero(good), order, strict=True):

@@ -93,6 +93,11 @@ def _parse_param(values: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--columns", help="Comma-separated columns to train on (default: all but --id-column).")
 @click.option("--id-column", help="A column that identifies rows; not a feature.")
 @click.option(
+    "--condition-columns",
+    help="Comma-separated columns that condition the model (a conditional VAE of the other columns given these); "
+    "scoring then reads them from the file too.",
+)
+@click.option(
     "--max-rows",
     type=click.IntRange(1),
     default=1_000_000,
@@ -116,6 +121,7 @@ def fit_command(
     preset: str | None,
     columns: str | None,
     id_column: str | None,
+    condition_columns: str | None,
     max_rows: int,
     params: tuple[str, ...],
     seed: int,
@@ -129,6 +135,7 @@ def fit_command(
       vaeguard fit train.csv -o model.h5
       vaeguard fit train.parquet -o model.h5 --id-column id --config tabular-fast
       vaeguard fit digits.npz:images -o digits.h5 --param epochs=100
+      vaeguard fit sales.csv -o sales.h5 --condition-columns shop,weekday
     """
     import pandas as pd
 
@@ -139,16 +146,28 @@ def fit_command(
     frame, total = read_all(source, max_rows=max_rows, seed=seed)
     if len(frame) < total:
         click.echo(f"{source}: {total} rows; training on a random sample of {len(frame)} (--max-rows)", err=True)
+    conditioned = [c.strip() for c in condition_columns.split(",")] if condition_columns else []
+    conditions = None
     if isinstance(frame, pd.DataFrame):
         _check_named(frame, [id_column] if id_column else [], source)
-        features = [c.strip() for c in columns.split(",")] if columns else [c for c in frame.columns if c != id_column]
+        _check_named(frame, conditioned, source)
+        if columns:
+            features = [c.strip() for c in columns.split(",")]
+        else:
+            features = [c for c in frame.columns if c != id_column and c not in conditioned]
         _check_named(frame, features, source)
+        overlap = sorted(set(features) & set(conditioned))
+        if overlap:
+            raise click.UsageError(f"column(s) {', '.join(map(repr, overlap))} cannot be both features and conditions")
+        conditions = frame[conditioned] if conditioned else None
         frame = frame[features]
-    elif columns or id_column:
-        raise click.UsageError("--columns and --id-column are for tables; this file holds images")
+    elif columns or id_column or conditioned:
+        raise click.UsageError("--columns, --id-column and --condition-columns are for tables; this file holds images")
     settings = {"random_state": seed, "device": device, "verbose": _show(progress), **_parse_param(params)}
+    if conditions is not None:
+        settings["conditional"] = True
     det = VAEAnomalyDetector.from_config(preset, **settings) if preset else VAEAnomalyDetector(**settings)
-    det.fit(frame)
+    det.fit(frame, conditions)
     digest = det.save(output)
     click.echo(
         f"wrote {output} (sha256 {digest[:12]}): {len(frame)} rows, {det.n_features_in_} features, "
@@ -502,14 +521,25 @@ def decompress_command(model: str, compressed: str, output: str) -> None:
     metavar="PREFIX",
     help="Image models: also write PREFIX-samples.png, PREFIX-traversals.png and PREFIX-interpolation.png.",
 )
+@click.option(
+    "--condition",
+    "conditions",
+    multiple=True,
+    metavar="[NAME=]VALUE",
+    help="Conditional models: the condition every sample is drawn under; NAME=VALUE once per condition column "
+    "(VALUE alone for a model with one).",
+)
 @user_errors
-def sample_command(model: str, n_samples: int, output: str, seed: int, source: str, png_prefix: str | None) -> None:
+def sample_command(
+    model: str, n_samples: int, output: str, seed: int, source: str, png_prefix: str | None, conditions: tuple[str]
+) -> None:
     """Draw new samples from MODEL, in the training data's units (images as .npz).
 
     \b
     Examples:
       vaeguard sample model.h5 -n 100 -o samples.csv
       vaeguard sample digits.h5 -n 64 -o samples.npz --source aggregate --png digits
+      vaeguard sample digits-by-class.h5 -n 64 -o sevens.npz --condition 7
     """
     import numpy as np
     import pandas as pd
@@ -517,7 +547,8 @@ def sample_command(model: str, n_samples: int, output: str, seed: int, source: s
     from vaeguard.data import write_table
 
     det = _load_model(model, "cpu")
-    drawn = det.sample(n_samples, random_state=seed, source=source)
+    condition = _parse_conditions(det, conditions)
+    drawn = det.sample(n_samples, random_state=seed, source=source, condition=condition)
     images = isinstance(drawn, np.ndarray) and drawn.ndim > 2
     if png_prefix is not None and not images:
         raise click.UsageError("--png draws pictures of an image model's samples; this model is of a table")
@@ -529,6 +560,9 @@ def sample_command(model: str, n_samples: int, output: str, seed: int, source: s
         os.replace(tmp, output)
     else:
         frame = drawn if isinstance(drawn, pd.DataFrame) else pd.DataFrame(drawn, columns=_columns_of(det))
+        if condition is not None:  # the rows say what they were drawn under
+            for name in condition.columns:
+                frame[name] = condition[name].iloc[0]
         if output == "-":
             frame.to_csv(sys.stdout, index=False)
             return
@@ -537,12 +571,47 @@ def sample_command(model: str, n_samples: int, output: str, seed: int, source: s
     if png_prefix is not None:
         from vaeguard.report import latent_pictures
 
-        base = det.sample(2, random_state=seed + 1, source="aggregate" if source == "aggregate" else "prior")
-        for name, (fig, _) in latent_pictures(det, base[0], base[1], seed=seed).items():
+        base = det.sample(
+            2, random_state=seed + 1, source="aggregate" if source == "aggregate" else "prior", condition=condition
+        )
+        for name, (fig, _) in latent_pictures(det, base[0], base[1], seed=seed, condition=condition).items():
             path = f"{png_prefix}-{name}.png"
             fig.savefig(f"{path}.tmp.png", format="png")
             os.replace(f"{path}.tmp.png", path)
             click.echo(f"wrote {path}", err=True)
+
+
+def _parse_conditions(det: Any, conditions: tuple[str, ...]) -> Any:
+    """``--condition`` values as a one-row frame of the model's condition columns (None for other models)."""
+    import pandas as pd
+
+    encoder = getattr(det, "condition_encoder_", None)
+    if encoder is None:
+        if conditions:
+            raise click.UsageError("--condition is for conditional models; this model was fitted without conditions")
+        return None
+    if not conditions:
+        raise click.UsageError(
+            f"this model is conditional on {', '.join(encoder.columns)}: give --condition "
+            + ("VALUE" if len(encoder.columns) == 1 else "NAME=VALUE for each")
+        )
+    values = {}
+    for item in conditions:
+        name, sep, value = item.partition("=")
+        if not sep and len(encoder.columns) == 1:
+            name, value = encoder.columns[0], item
+        if name not in encoder.columns:
+            raise click.UsageError(f"--condition {item!r}: the model's condition columns are {encoder.columns}")
+        values[name] = value
+    missing = [c for c in encoder.columns if c not in values]
+    if missing:
+        raise click.UsageError(f"--condition lacks a value for {', '.join(missing)}")
+    frame = pd.DataFrame({c: [values[c]] for c in encoder.columns})
+    try:
+        encoder.transform(frame, 1)
+    except ValueError as exc:
+        raise click.UsageError(f"--condition: {exc}") from exc
+    return frame
 
 
 def _columns_of(det: Any) -> list[str]:

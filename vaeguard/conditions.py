@@ -107,40 +107,56 @@ class ConditionEncoder:
         """The condition vectors, float64 of shape (n_rows, :attr:`width`).
 
         ``y`` holds one condition per row of the data (``n_rows`` of them), or a single
-        condition (one value, or one row) that every row shares.
+        condition (one value, or one row) that every row shares. A condition that cannot be
+        coded raises ``ValueError`` naming its column and row (:meth:`problems`).
         """
+        frame = self.frame(y, n_rows)
+        _, problems = self.problems(frame)
+        if problems:
+            row, name, _, why = problems[0]
+            raise ValueError(f"condition column {name!r}, row {row}: {why}")
+        parts = []
+        for name, labels, center, scale in zip(self.columns, self.labels, self.center, self.scale, strict=True):
+            if labels is None:
+                parts.append(((frame[name].to_numpy(dtype=np.float64) - center) / scale)[:, None])
+            else:
+                index = {label: i for i, label in enumerate(labels)}
+                parts.append(np.eye(len(labels))[[index[_label(v)] for v in frame[name]]])
+        return np.concatenate(parts, axis=1)
+
+    def problems(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[tuple[int, str, Any, str]]]:
+        """(rows that cannot be coded (bool, len(frame)), the first problem of each column as (row, column,
+        value, why)) of a frame with this encoder's columns: missing values, labels not seen in fit, numeric
+        columns holding something else than a finite number."""
+        bad = np.zeros(len(frame), bool)
+        problems = []
+        for name, labels in zip(self.columns, self.labels, strict=True):
+            column = frame[name]
+            missing = column.isna().to_numpy()
+            if labels is None:
+                values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+                wrong, why = ~np.isfinite(values) & ~missing, "{!r} is not a finite number"
+            else:
+                known = set(labels)
+                wrong = np.array([not m and _label(v) not in known for v, m in zip(column, missing, strict=True)])
+                shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
+                why = f"label {{!r}} was not seen in fit (known: {shown})"
+            for mask, reason in ((missing, "the value is missing"), (wrong, why)):
+                if mask.any():
+                    row = int(np.flatnonzero(mask)[0])
+                    value = column.iloc[row]
+                    problems.append((row, name, value, reason.format(_label(value) if labels else value)))
+                    bad |= mask
+        return bad, sorted(problems, key=lambda p: p[0])
+
+    def frame(self, y: Any, n_rows: int) -> pd.DataFrame:
+        """``y`` as a frame with this encoder's columns and ``n_rows`` rows (one shared condition repeated)."""
         frame = self._frame(y)
         if len(frame) == 1 and n_rows != 1:
             frame = frame.loc[np.zeros(n_rows, dtype=int)].reset_index(drop=True)
         if len(frame) != n_rows:
             raise ValueError(f"the conditions have {len(frame)} rows and the data {n_rows}: give one per sample")
-        parts = []
-        for name, labels, center, scale in zip(self.columns, self.labels, self.center, self.scale, strict=True):
-            column = frame[name]
-            missing = column.isna().to_numpy()
-            if missing.any():
-                row = int(np.flatnonzero(missing)[0])
-                raise ValueError(f"condition column {name!r}, row {row}: the value is missing")
-            if labels is None:
-                try:
-                    values = column.to_numpy(dtype=np.float64)
-                except (TypeError, ValueError) as exc:
-                    raise ValueError(f"condition column {name!r} is numeric in this model: {exc}") from exc
-                if not np.isfinite(values).all():
-                    row = int(np.flatnonzero(~np.isfinite(values))[0])
-                    raise ValueError(f"condition column {name!r}, row {row}: {values[row]} is not finite")
-                parts.append(((values - center) / scale)[:, None])
-                continue
-            index = {label: i for i, label in enumerate(labels)}
-            codes = np.array([index.get(_label(v), -1) for v in column])
-            if (codes < 0).any():
-                row = int(np.flatnonzero(codes < 0)[0])
-                raise ValueError(
-                    f"condition column {name!r}, row {row}: label {_label(column.iloc[row])!r} was not seen in fit "
-                    f"(known: {', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''})"
-                )
-            parts.append(np.eye(len(labels))[codes])
-        return np.concatenate(parts, axis=1)
+        return frame
 
     def _frame(self, y: Any) -> pd.DataFrame:
         """``y`` as a frame with this encoder's columns; a bare value or 1-D sequence for a one-column encoder."""

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vaeguard.batch import feature_columns, score_chunk
+from vaeguard.batch import condition_columns, feature_columns, score_chunk
 from vaeguard.data import DataError
 
 #: Rows listed in the "most anomalous" table.
@@ -119,23 +119,26 @@ TRAVERSAL_VALUES = (-2.5, -1.5, -0.5, 0.5, 1.5, 2.5)
 TRAVERSAL_DIMS = 8
 
 
-def latent_pictures(det: Any, base: np.ndarray, other: np.ndarray, seed: int = 0) -> dict[str, tuple[Any, str]]:
+def latent_pictures(
+    det: Any, base: np.ndarray, other: np.ndarray, seed: int = 0, condition: Any = None
+) -> dict[str, tuple[Any, str]]:
     """Figures of an image model's latent space: ``{name: (figure, alt text)}``.
 
     ``samples``: 8 samples from the prior and 8 from the aggregate posterior (two rows);
     ``traversals``: image ``base`` decoded with each of the most used latent dimensions
     (largest KL first, at most :data:`TRAVERSAL_DIMS`) set to :data:`TRAVERSAL_VALUES`;
-    ``interpolation``: 8 steps along the slerp path from ``base`` to ``other``.
+    ``interpolation``: 8 steps along the slerp path from ``base`` to ``other``. A
+    conditional model draws every picture under the one ``condition``.
     """
-    rows = [det.sample(8, random_state=seed)]
+    rows = [det.sample(8, random_state=seed, condition=condition)]
     labels = ["prior"]
     if getattr(det, "aggregate_posterior_", None) is not None:
-        rows.append(det.sample(8, random_state=seed, source="aggregate"))
+        rows.append(det.sample(8, random_state=seed, source="aggregate", condition=condition))
         labels.append("aggregate")
     kl = getattr(det, "kl_per_dimension_", None)
     order = np.argsort(-np.asarray(kl)) if kl is not None else np.arange(det.latent_dim_)
     dims = [int(d) for d in order[:TRAVERSAL_DIMS]]
-    traversal = np.concatenate([np.asarray(det.traverse(base, d, TRAVERSAL_VALUES)) for d in dims])
+    traversal = np.concatenate([np.asarray(det.traverse(base, d, TRAVERSAL_VALUES, condition=condition)) for d in dims])
     dim_labels = [f"z{d}" + (f" ({kl[d]:.1f} nats)" if kl is not None else "") for d in dims]
     return {
         "samples": (image_grid_figure(np.concatenate(rows), 8, labels), "samples from the prior and the aggregate"),
@@ -143,7 +146,10 @@ def latent_pictures(det: Any, base: np.ndarray, other: np.ndarray, seed: int = 0
             image_grid_figure(traversal, len(TRAVERSAL_VALUES), dim_labels),
             f"latent traversals, values {', '.join(map(str, TRAVERSAL_VALUES))}",
         ),
-        "interpolation": (image_grid_figure(np.asarray(det.interpolate(base, other, steps=8)), 8), "slerp path"),
+        "interpolation": (
+            image_grid_figure(np.asarray(det.interpolate(base, other, steps=8, condition=condition)), 8),
+            "slerp path",
+        ),
     }
 
 
@@ -162,7 +168,8 @@ def build_report(det: Any, data: pd.DataFrame | np.ndarray, *, title: str, rows_
     scored = np.isfinite(log_px)
     keep = np.flatnonzero(scored)[:MAP_POINTS]
     subset = features[keep] if columns is None else features.iloc[keep]
-    codes = det.transform(subset)
+    conditioned = condition_columns(det)
+    codes = det.transform(subset, condition=None if conditioned is None else data[conditioned].iloc[keep])
     flagged = int((results["is_outlier"] == True).sum())  # noqa: E712 (nullable booleans)
     spec = det.model_spec_
     summary = [
