@@ -156,13 +156,11 @@ def test_latent_codec_trades_bits_for_distortion(level_model, digits):
 
 
 def test_latent_payload_is_the_documented_codes_and_steps(level_model, digits):
-    """Decoding by hand — float32 steps, then the integer codes — gives decompress's output."""
+    """Decoding by hand — the integer codes, the steps as their column side information — gives decompress's output."""
     held_out = digits[1][:50]
     blob = compress(level_model, held_out, codec="latent", codec_params={"step": 0.5})
     _, payload = read_header(blob)
-    k = level_model.latent_dim_
-    steps = np.frombuffer(payload[: 4 * k], dtype="<f4").astype(np.float64)
-    codes = decode_integer_codes(payload[4 * k :], len(held_out), k)
+    codes, (steps,) = decode_integer_codes(payload, len(held_out), level_model.latent_dim_, side_rows=1)
     model = level_model._scoring_model().double()
     with torch.no_grad():
         mean = model.likelihood.mean(model.decode(torch.from_numpy(codes * steps))).numpy()
@@ -176,12 +174,29 @@ def test_latent_dimensions_the_decoder_ignores_cost_nothing(level_model, digits)
         first.weight[:, 2] = 0  # the decoder no longer reads latent dimension 2
     blob = compress(det, digits[1], codec="latent", codec_params={"step": 0.5})
     _, payload = read_header(blob)
-    k = det.latent_dim_
-    steps = np.frombuffer(payload[: 4 * k], dtype="<f4")
-    codes = decode_integer_codes(payload[4 * k :], len(digits[1]), k)
-    assert steps[2] > 1000 * np.median(steps) and (codes[:, 2] == 0).all()
+    codes, (steps,) = decode_integer_codes(payload, len(digits[1]), det.latent_dim_, side_rows=1)
+    assert (codes[:, 2] == 0).all() and steps[2] == 0  # not coded: no step, no code model travels for it
     others = np.delete(codes, 2, axis=1)
-    assert (others.std(axis=0) > 0).all()
+    assert (others.std(axis=0) > 0).all() and (np.delete(steps, 2) > 0).all()
+
+
+def test_a_decoder_that_ignores_its_code_costs_one_bit_per_dimension(level_model, digits):
+    det = copy.deepcopy(level_model)
+    first = next(m for m in det.model_.decoder.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        first.weight.zero_()  # every code decodes to the same mean
+    blob = compress(det, digits[1][:20], codec="latent")
+    assert len(read_header(blob)[1]) == -(-det.latent_dim_ // 8)
+    back = decompress(det, blob)
+    assert (back == back[0]).all()
+
+
+def test_latent_side_information_vanishes_at_the_coarsest_step(level_model, digits):
+    """All-zero codes cost one bit per latent dimension: no steps, no code model, no ANS words."""
+    _, payload = read_header(compress(level_model, digits[1], codec="latent", codec_params={"step": 9.9}))
+    assert len(payload) == -(-level_model.latent_dim_ // 8)
+    codes, _ = decode_integer_codes(payload, len(digits[1]), level_model.latent_dim_)
+    assert not codes.any()
 
 
 def test_latent_codes_are_fitted_below_the_posterior_means_floor(level_model, digits):
@@ -215,8 +230,13 @@ def test_latent_codec_edge_cases(level_model, digits):
     ],
 )
 def test_integer_codes_round_trip(codes):
-    payload = encode_integer_codes(codes)
-    assert np.array_equal(decode_integer_codes(payload, *codes.shape), codes)
-    if len(codes) == 2000:  # N(3, 10²) rounded: log2(10·√(2πe)) bits per value, plus 8 bytes and 4 per column
+    side = np.random.default_rng(2).uniform(0.1, 100, size=(2, codes.shape[1]))
+    payload = encode_integer_codes(codes, side)
+    back, back_side = decode_integer_codes(payload, *codes.shape, side_rows=2)
+    assert np.array_equal(back, codes)
+    coded = codes.any(axis=0)  # side information travels, as float16, for coded columns only
+    assert np.array_equal(back_side[:, coded], side[:, coded].astype(np.float16)) and not back_side[:, ~coded].any()
+    assert np.array_equal(decode_integer_codes(encode_integer_codes(codes), *codes.shape)[0], codes)
+    if len(codes) == 2000:  # N(3, 10²) rounded: log2(10·√(2πe)) bits per value, plus 1 + 8 bytes and 8 per column
         bound = codes.size * math.log2(10 * math.sqrt(2 * math.pi * math.e))
-        assert 8 * len(payload) < 1.01 * bound + 8 * (8 + 4 * 5) + 32
+        assert 8 * len(payload) < 1.01 * bound + 8 * (1 + 8 + 8 * 5) + 32

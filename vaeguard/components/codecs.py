@@ -26,6 +26,8 @@ PROBABILITY_GRID = 2.0**-40
 INITIAL_SEED = 20261126
 #: Smallest standard deviation (in steps) of the latent codec's code model: a constant code costs ~0 bits.
 MIN_CODE_SPREAD = 0.1
+#: The largest step the payload's float16 can hold (a dimension the decoder ignores gets it).
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 @contextlib.contextmanager
@@ -197,8 +199,10 @@ class LatentCodec:
     3. *Quantisation.* Codes are round(z_d / Δ_d); then two passes move each code one step
        up or down where that lowers D + λ·R with R under the codes' own model.
     4. *Entropy coding.* The integer codes of each dimension are coded under a quantised
-       Gaussian with the codes' mean and standard deviation; the payload carries them
-       (float16) and the steps (float32): 8 bytes per dimension (:func:`encode_integer_codes`).
+       Gaussian with the codes' mean and standard deviation; the payload carries them and
+       the step as float16 for each dimension with a non-zero code (6 bytes), and one bit
+       for each all-zero dimension (:func:`encode_integer_codes`): at coarse steps, where
+       most dimensions are all zero, side information costs next to nothing.
 
     Decoding returns the decoder's mean at z = code · Δ, in the data's units (pixel levels
     and lattice columns rounded). A smaller ``step`` spends more bits for less distortion.
@@ -290,12 +294,12 @@ class LatentCodec:
         sensitivity = self._sensitivity(model, mu, w)
         average = float(sensitivity.mean())
         if not average > 0:  # a decoder that ignores its code: every sample decodes to the same mean
-            k = mu.shape[1]
-            return np.zeros(mu.shape, dtype=np.int32), np.full(k, self.step, dtype=np.float32).astype(np.float64)
+            return np.zeros(mu.shape, dtype=np.int32), np.full(mu.shape[1], self.step)
         steps = self.step * torch.sqrt(average / sensitivity.clamp_min(1e-12 * average))
-        steps = steps.float().double()  # as the payload stores them (float32)
+        steps = steps.clamp_max(FLOAT16_MAX).half().double()  # as the payload stores them (float16)
         lam = math.log(2) / 6 * self.step**2 * average
-        center, spread = mu.mean(0), mu.std(0).nan_to_num(1.0).clamp_min(1e-3)
+        spread = mu.std(0).clamp_min(1e-3) if len(mu) > 1 else torch.ones_like(mu[0])  # one sample: no spread
+        center = mu.mean(0)
         for p in model.parameters():
             p.requires_grad_(False)
         blocks = range(0, len(mu), self.block)
@@ -303,7 +307,7 @@ class LatentCodec:
         refined = [self._refined(c, mu[i : i + self.block], center, spread) for c, i in zip(costs, blocks, strict=True)]
         q = torch.round(torch.cat(refined) / steps)
         # rate-distortion optimised rounding, under the codes' own quantised-Gaussian model
-        q_center, q_spread = q.mean(0) * steps, q.std(0).nan_to_num(0.0).clamp_min(MIN_CODE_SPREAD) * steps
+        q_center, q_spread = q.mean(0) * steps, q.std(0, correction=0).clamp_min(MIN_CODE_SPREAD) * steps
         for c, i in zip(costs, blocks, strict=True):
             self._rd_rounded(c, q[i : i + self.block], steps, q_center, q_spread)
         return q.numpy().astype(np.int32), steps.numpy()
@@ -311,30 +315,38 @@ class LatentCodec:
     def encode(self, det: Any, x: torch.Tensor) -> tuple[bytes, dict[str, Any]]:
         with coding_model(det) as model:
             codes, steps = self._codes(model, x.double(), self._weights(det, math.prod(x.shape[1:])))
-        side = steps.astype("<f4").tobytes()
-        coded = encode_integer_codes(codes)
-        return side + coded, {"latent_bits": 8 * len(coded), "side_bits": 8 * len(side)}
+        return encode_integer_codes(codes, steps[None]), {}
 
     def decode(self, det: Any, payload: bytes, n: int) -> torch.Tensor:
-        dims = det.latent_dim_
-        steps = np.frombuffer(payload[: 4 * dims], dtype="<f4").astype(np.float64)
-        codes = decode_integer_codes(payload[4 * dims :], n, dims)
+        codes, (steps,) = decode_integer_codes(payload, n, det.latent_dim_, side_rows=1)
         with coding_model(det) as model:
             z = torch.from_numpy(codes.astype(np.float64) * steps)
             return model.likelihood.mean(model.decode(z))
 
 
-def encode_integer_codes(codes: np.ndarray) -> bytes:
+def encode_integer_codes(codes: np.ndarray, column_side: np.ndarray | None = None) -> bytes:
     """Integer codes (n, k) entropy coded under a quantised Gaussian per column; the model travels with them.
 
-    Layout: the codes' range (two int32), each column's mean and standard deviation as
-    float16 (the latter at least :data:`MIN_CODE_SPREAD`; both sides code with the rounded
-    values), then the ANS words (uint32), all little-endian: 4 bytes per column of side
-    information. Shared by the ``latent`` codec and the PCA baseline of its benchmark.
+    Only columns with a non-zero code are coded; an all-zero column costs one bit. Layout,
+    little-endian: a bit mask of the coded columns (⌈k/8⌉ bytes, column d in bit d % 8 of
+    byte d // 8); if any column is coded, the codes' range (two int32), then for each coded
+    column its codes' mean and standard deviation (the latter at least
+    :data:`MIN_CODE_SPREAD`) and its rows of ``column_side`` as float16, then the ANS words
+    (uint32). Both sides code with the float16 values, so the side information is
+    2·(2 + m) bytes per coded column for ``column_side`` of shape (m, k). Shared by the
+    ``latent`` codec (its steps ride in ``column_side``) and the PCA baseline of its benchmark.
     """
     constriction = _constriction()
-    moments = np.stack([codes.mean(axis=0), np.maximum(codes.std(axis=0), MIN_CODE_SPREAD)]).astype("<f2")
-    center, spread = moments.astype(np.float64)
+    k = codes.shape[1]
+    side = np.zeros((0, k)) if column_side is None else np.asarray(column_side, dtype=np.float64).reshape(-1, k)
+    coded = (codes != 0).any(axis=0)
+    head = np.packbits(coded, bitorder="little").tobytes()
+    if not coded.any():
+        return head
+    codes = codes[:, coded]
+    moments = np.stack([codes.mean(axis=0), np.maximum(codes.std(axis=0), MIN_CODE_SPREAD)])
+    moments = np.concatenate([moments, side[:, coded]]).astype("<f2")
+    center, spread = moments[:2].astype(np.float64)
     low, high = int(codes.min()), int(codes.max())
     high = max(high, low + 1)  # constriction's quantised models need two symbols at least
     coder = constriction.stream.stack.AnsCoder()
@@ -342,18 +354,30 @@ def encode_integer_codes(codes: np.ndarray) -> bytes:
     coder.encode_reverse(
         codes.reshape(-1).astype(np.int32), model, np.tile(center, len(codes)), np.tile(spread, len(codes))
     )
-    head = np.array([low, high], dtype="<i4").tobytes() + moments.tobytes()
+    head += np.array([low, high], dtype="<i4").tobytes() + moments.tobytes()
     return head + coder.get_compressed().astype("<u4").tobytes()
 
 
-def decode_integer_codes(payload: bytes, n: int, k: int) -> np.ndarray:
-    """The (n, k) integer codes of :func:`encode_integer_codes`."""
+def decode_integer_codes(payload: bytes, n: int, k: int, side_rows: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(codes (n, k) int32, column side information (side_rows, k), 0 for uncoded columns) of
+    :func:`encode_integer_codes`."""
     constriction = _constriction()
-    low, high = (int(v) for v in np.frombuffer(payload[:8], dtype="<i4"))
-    center, spread = np.frombuffer(payload[8 : 8 + 4 * k], dtype="<f2").astype(np.float64).reshape(2, k)
-    coder = constriction.stream.stack.AnsCoder(np.frombuffer(payload[8 + 4 * k :], dtype="<u4").astype(np.uint32))
+    mask_bytes = -(-k // 8)
+    coded = np.unpackbits(np.frombuffer(payload[:mask_bytes], dtype=np.uint8), count=k, bitorder="little") == 1
+    codes, side = np.zeros((n, k), dtype=np.int32), np.zeros((side_rows, k))
+    m = int(coded.sum())
+    if m == 0:
+        return codes, side
+    low, high = (int(v) for v in np.frombuffer(payload[mask_bytes : mask_bytes + 8], dtype="<i4"))
+    start = mask_bytes + 8
+    moments = np.frombuffer(payload[start : start + 2 * m * (2 + side_rows)], dtype="<f2").astype(np.float64)
+    moments = moments.reshape(2 + side_rows, m)
+    side[:, coded] = moments[2:]
+    words = np.frombuffer(payload[start + 2 * m * (2 + side_rows) :], dtype="<u4").astype(np.uint32)
+    coder = constriction.stream.stack.AnsCoder(words)
     model = constriction.stream.model.QuantizedGaussian(low, high)
-    return coder.decode(model, np.tile(center, n), np.tile(spread, n)).reshape(n, k)
+    codes[:, coded] = coder.decode(model, np.tile(moments[0], n), np.tile(moments[1], n)).reshape(n, m)
+    return codes, side
 
 
 @hookimpl
