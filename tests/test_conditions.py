@@ -24,6 +24,10 @@ def test_categories_are_one_hot_and_numbers_standardised():
     # one condition for every row, given as a one-row frame
     shared = coder.transform(y.iloc[[2]], 3)
     assert shared.shape == (3, 6) and (shared == c[2]).all()
+    # columns by name (others ignored), a Series as one row, arrays by position
+    np.testing.assert_array_equal(coder.transform(y.assign(extra=1)[["extra", "temp", "open", "shop"]], 4), c)
+    np.testing.assert_array_equal(coder.transform(y.iloc[1], 2), c[[1, 1]])
+    np.testing.assert_array_equal(coder.transform(["a", False, 3.0], 1), c[[1]])
     # the stored configuration rebuilds the same coder
     assert ConditionEncoder(**coder.config()).transform(y, 4).tolist() == c.tolist()
 
@@ -44,8 +48,10 @@ def test_bad_conditions_are_refused_naming_the_column_and_row():
         coder.transform(pd.DataFrame({"shop": ["a"], "temp": [np.nan]}), 1)
     with pytest.raises(ValueError, match="the conditions have 2 rows and the data 5"):
         coder.transform(y.iloc[:2], 5)
-    with pytest.raises(ValueError, match=r"columns \['shop'\]; the model was fitted on \['shop', 'temp'\]"):
+    with pytest.raises(ValueError, match=r"lack column\(s\) \['temp'\]; the model was fitted on \['shop', 'temp'\]"):
         coder.transform(y[["shop"]], 3)
+    with pytest.raises(ValueError, match=r"shape \(3, 3\); the model was fitted on 2 column\(s\)"):
+        coder.transform(np.zeros((3, 3)), 3)
     with pytest.raises(ValueError, match="condition column 'shop', row 2: the value is missing"):
         ConditionEncoder.fit(pd.DataFrame({"shop": ["a", "b", None]}), 3)
     with pytest.raises(ValueError, match="y has 3 conditions and X 4 rows"):

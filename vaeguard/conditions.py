@@ -118,7 +118,7 @@ class ConditionEncoder:
         parts = []
         for name, labels, center, scale in zip(self.columns, self.labels, self.center, self.scale, strict=True):
             if labels is None:
-                parts.append(((frame[name].to_numpy(dtype=np.float64) - center) / scale)[:, None])
+                parts.append(((pd.to_numeric(frame[name]).to_numpy(dtype=np.float64) - center) / scale)[:, None])
             else:
                 index = {label: i for i, label in enumerate(labels)}
                 parts.append(np.eye(len(labels))[[index[_label(v)] for v in frame[name]]])
@@ -138,7 +138,9 @@ class ConditionEncoder:
                 wrong, why = ~np.isfinite(values) & ~missing, "{!r} is not a finite number"
             else:
                 known = set(labels)
-                wrong = np.array([not m and _label(v) not in known for v, m in zip(column, missing, strict=True)])
+                wrong = np.array(
+                    [not m and _label(v) not in known for v, m in zip(column, missing, strict=True)], dtype=bool
+                )
                 shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
                 why = f"label {{!r}} was not seen in fit (known: {shown})"
             for mask, reason in ((missing, "the value is missing"), (wrong, why)):
@@ -159,32 +161,36 @@ class ConditionEncoder:
         return frame
 
     def _frame(self, y: Any) -> pd.DataFrame:
-        """``y`` as a frame with this encoder's columns; a bare value or 1-D sequence for a one-column encoder."""
-        if len(self.columns) == 1 and not isinstance(y, (pd.DataFrame, pd.Series)):
-            array = np.asarray(y)
-            if array.ndim == 0:
-                array = array[None]
-            if array.ndim == 2 and array.shape[1] == 1:
-                array = array[:, 0]
-            if array.ndim == 1:
-                return pd.DataFrame({self.columns[0]: array})
-        if isinstance(y, pd.Series) and len(self.columns) == 1:
-            return pd.DataFrame({self.columns[0]: y.reset_index(drop=True)})
-        if not isinstance(y, (pd.DataFrame, pd.Series)) and np.asarray(y).ndim == 1:
-            y = np.asarray(y)[None]  # one row of several columns, shared by every sample
-        frame = _as_frame(y, "condition")
-        if list(map(str, frame.columns)) != self.columns:
-            if isinstance(y, pd.DataFrame):
+        """``y`` as a frame of this encoder's columns.
+
+        A DataFrame gives its columns by name (others are ignored); a Series is one column
+        for a one-column encoder, else one row indexed by column name; arrays give columns by
+        position: a bare value or a 1-D sequence is one value per row for a one-column
+        encoder, else one row.
+        """
+        if isinstance(y, pd.DataFrame):
+            missing = [c for c in self.columns if c not in set(map(str, y.columns))]
+            if missing:
                 raise ValueError(
-                    f"the conditions have columns {list(map(str, frame.columns))}; the model was fitted on "
-                    f"{self.columns}"
+                    f"the conditions lack column(s) {missing}; the model was fitted on {self.columns}, "
+                    f"they have {list(map(str, y.columns))}"
                 )
-            if frame.shape[1] != len(self.columns):
-                raise ValueError(
-                    f"the conditions have {frame.shape[1]} columns; the model was fitted on {len(self.columns)}"
-                )
-            frame.columns = self.columns
-        return frame
+            return y.rename(columns=str)[self.columns].reset_index(drop=True)
+        if isinstance(y, pd.Series):
+            if len(self.columns) == 1:
+                return pd.DataFrame({self.columns[0]: y.reset_index(drop=True)})
+            return self._frame(y.to_frame().T)
+        array = np.asarray(y, dtype=object if np.asarray(y).dtype.kind in "OUS" else None)
+        if array.ndim == 0 or (array.ndim == 1 and len(self.columns) > 1):
+            array = array.reshape(1, -1)  # one condition, shared by every sample
+        if array.ndim == 1:
+            array = array[:, None]
+        if array.ndim != 2 or array.shape[1] != len(self.columns):
+            raise ValueError(
+                f"the conditions have shape {array.shape}; the model was fitted on {len(self.columns)} column(s) "
+                f"{self.columns}"
+            )
+        return pd.DataFrame({name: array[:, j] for j, name in enumerate(self.columns)})
 
     def config(self) -> dict[str, Any]:
         """JSON-ready description (the model file stores it)."""
