@@ -48,3 +48,19 @@ def test_images_on_cuda_agree_with_the_cpu(tmp_path):
     assert det.reconstruct(images[:3]).dtype == np.uint8
     det.save(tmp_path / "img.h5")
     np.testing.assert_allclose(scores, load(tmp_path / "img.h5", device="cpu").score_samples(images[:50]), atol=1e-2)
+
+
+def test_conditional_and_regularised_models_on_cuda(data, tmp_path):
+    """Conditions, a regularizer's penalty and the IWAE objective all run on the device and load on the CPU."""
+    labels = np.where(data[:, 0] > 0, "high", "low")
+    det = VAEAnomalyDetector(
+        device="cuda", random_state=0, epochs=5, conditional=True, regularizer="tc", regularizer_params={"beta": 6}
+    ).fit(data, labels)
+    scores = det.score_samples(data[:100], condition=labels[:100])
+    assert np.all(np.isfinite(scores)) and det.sample(3, condition="high", random_state=0).shape == (3, 6)
+    det.save(tmp_path / "c.h5")
+    back = load(tmp_path / "c.h5", device="cpu").score_samples(data[:100], condition=labels[:100])
+    np.testing.assert_allclose(scores, back, atol=1e-3)
+    factor = VAEAnomalyDetector(device="cuda", random_state=0, epochs=3, regularizer="factor").fit(data)
+    iwae = VAEAnomalyDetector(device="cuda", random_state=0, epochs=3, objective="iwae").fit(data)
+    assert np.isfinite(factor.score_samples(data[:50])).all() and np.isfinite(iwae.score_samples(data[:50])).all()
