@@ -113,6 +113,8 @@ def png_mosaic(images: np.ndarray, binary: bool) -> bytes:
 
 
 #: Quantisation steps of the lossy curves: 8 down to 1/16 by factors of 2^(1/4).
+#: Lock-step stacks of the second bitsback timing.
+STREAMS = 16
 STEPS = tuple(round(8 * 2 ** (-i / 4), 4) for i in range(29))
 
 LOSSLESS_READING = [
@@ -125,8 +127,10 @@ LOSSLESS_READING = [
     "  the 397 digit images that is 0.08 bits/dim and the file still beats the best peer; on the 205-row table it",
     "  is 1.1 bits/dim and the file is larger than zstd's. Small inputs should be compressed together.",
     "- Speed is the weak side: one sample at a time, in float64 on one CPU thread (which is what makes the bits",
-    "  independent of batch size, threads and device), about 0.04 MB/s. Several independent stacks over blocks of",
-    "  samples would parallelise it at the price of their initial bits; not built.",
+    "  independent of batch size, threads and device). `streams=16` codes 16 blocks on stacks of their own in lock",
+    "  step (one network call per step for all of them; the same batch shapes when decoding): about twice as fast,",
+    "  for 16 × the initial bits. What remains is the latent code itself: 2¹² bucket masses per latent dimension",
+    "  per sample, from the normal CDF.",
     "",
 ]
 LOSSY_READING = [
@@ -320,13 +324,23 @@ def main() -> None:
         ]
         lines += [f"| {k} | {v / dims:.4f} | {v / elbo - 1:+.1%} |" for k, v in rows.items()]
         mb = dims / 1e6
+        start = time.perf_counter()
+        streamed = compress(det, test, codec_params={"latent_bits": 12, "streams": STREAMS})
+        streamed_compress_s = time.perf_counter() - start
+        start = time.perf_counter()
+        if not np.array_equal(decompress(det, streamed), test):
+            raise SystemExit(f"{name}: the round trip with {STREAMS} streams is not exact")
+        streamed_decompress_s = time.perf_counter() - start
+        streamed_info = read_header(streamed)[0]["info"]
         lines += [
             "",
             f"Net size vs the best general-purpose compressor ({best_name}): "
             f"{info['net_bits'] / peers[best_name] - 1:+.1%}. Initial bits: {info['initial_bits']} "
             f"({info['initial_bits'] / dims:.4f} bits/dim here). Throughput: compress {mb / compress_s:.3f} MB/s, "
             f"decompress {mb / decompress_s:.3f} MB/s (raw one byte per value; {compress_s:.2f} s / "
-            f"{decompress_s:.2f} s).",
+            f"{decompress_s:.2f} s). With `streams={STREAMS}`: compress {mb / streamed_compress_s:.3f} MB/s, "
+            f"decompress {mb / streamed_decompress_s:.3f} MB/s, net {streamed_info['net_bits'] / dims:.4f} and "
+            f"initial {streamed_info['initial_bits'] / dims:.4f} bits/dim.",
             "",
         ]
         print(

@@ -87,6 +87,7 @@ def test_the_bits_do_not_depend_on_threads_or_the_process(binary_model, digits, 
     torch.set_num_threads(2)
     try:
         blob = compress(binary_model, held_out)
+        streamed = compress(binary_model, held_out, codec_params={"streams": 7})
     finally:
         torch.set_num_threads(threads)
     path = tmp_path / "m.h5"
@@ -101,6 +102,37 @@ def test_the_bits_do_not_depend_on_threads_or_the_process(binary_model, digits, 
     subprocess.run([sys.executable, "-c", code, str(path), str(out), str(tmp_path / "data.vgz")], check=True, env=env)
     assert np.array_equal(np.load(out), held_out)
     assert compress(path, held_out) == blob  # the same bits from the model file in this process
+    (tmp_path / "data.vgz").write_bytes(streamed)  # batched network calls: the same shapes on both sides
+    subprocess.run([sys.executable, "-c", code, str(path), str(out), str(tmp_path / "data.vgz")], check=True, env=env)
+    assert np.array_equal(np.load(out), held_out)
+
+
+def test_lock_step_streams_round_trip_and_cost_their_initial_bits(binary_model, digits):
+    """streams=S codes S contiguous blocks on S stacks: exact, S × the initial bits, net bits as one stack's plus
+    at most two 32-bit words per stack (each stack's final state and partial word)."""
+    from vaeguard.components.codecs import BitsBackCodec, stream_rows
+
+    held_out = (digits[1] >= 8).astype(np.uint8)  # 397 images: the last of 4 streams holds 97
+    one = read_header(compress(binary_model, held_out))[0]["info"]
+    blob = compress(binary_model, held_out, codec_params={"streams": 4})
+    header, payload = read_header(blob)
+    assert header["codec_params"]["streams"] == 4 and np.array_equal(decompress(binary_model, blob), held_out)
+    info = header["info"]
+    assert info["initial_bits"] == 4 * one["initial_bits"]
+    assert abs(info["net_bits"] - one["net_bits"]) <= 4 * 64
+    assert len(payload) * 8 == info["initial_bits"] + info["net_bits"] + 4 * 32  # plus the four stack lengths
+    # more streams than samples, and the schedule: every row once, blocks contiguous, the last one short
+    few = held_out[:3]
+    assert np.array_equal(decompress(binary_model, compress(binary_model, few, codec_params={"streams": 8})), few)
+    steps = stream_rows(10, 4)
+    assert [r.tolist() for r in steps] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    codec = BitsBackCodec(streams=4)
+    words = np.frombuffer(payload, dtype="<u4").copy()
+    words[0] += 1  # a stack length that no longer adds up
+    with pytest.raises(ValueError, match="stack lengths do not add up"):
+        codec.decode(binary_model, words.tobytes(), len(held_out))
+    with pytest.raises(ValueError, match=r"streams must be an integer in \[1, 4096\]"):
+        compress(binary_model, few, codec_params={"streams": 0})
 
 
 def test_refusals_name_the_problem(binary_model, digits):

@@ -56,10 +56,21 @@ def _constriction() -> Any:
     return constriction
 
 
-def _symbol_table(model: Any, codes: torch.Tensor) -> np.ndarray:
-    """P(x_j = k | z) for one sample's latent ``codes``: one row per element, one column per symbol."""
+def _symbol_tables(model: Any, codes: torch.Tensor) -> np.ndarray:
+    """P(x_j = k | z) for a batch of latent ``codes`` (b, latent_dim): (b, elements, symbols)."""
     likelihood = model.likelihood
-    return _rounded(likelihood.symbol_probabilities(model.decode(codes[None]))[0].reshape(-1, likelihood.n_symbols))
+    return _rounded(likelihood.symbol_probabilities(model.decode(codes)).reshape(len(codes), -1, likelihood.n_symbols))
+
+
+def stream_rows(n: int, streams: int) -> list[np.ndarray]:
+    """The rows each of ``streams`` lock-step streams codes at each step: step t holds stream s's t-th sample.
+
+    Stream s owns the contiguous samples [s·m, (s + 1)·m), m = ⌈n / streams⌉; a step lists
+    the rows of the streams that still have a sample, so encoder and decoder evaluate the
+    networks on batches of the same shape.
+    """
+    m = max(1, math.ceil(n / streams))
+    return [np.arange(t, n, m) for t in range(m)]
 
 
 class LatentBuckets:
@@ -95,25 +106,35 @@ class BitsBackCodec:
     discretised latent) in bits; the stack starts with ``initial_words`` random 32-bit
     words, the "initial bits" that the first samples borrow.
 
+    With ``streams`` > 1 the samples are split into that many contiguous blocks, each coded
+    on a stack of its own; the stacks advance in lock step, so the networks see one batch
+    per step instead of one sample (faster), at the price of each stack's initial bits. The
+    payload then starts with the number of 32-bit words of each stack (uint32).
+
     Parameters
     ----------
     latent_bits : int, default=12
         Buckets per latent dimension: 2**latent_bits.
     initial_words : int or None, default=None
-        Random 32-bit words that seed the stack; default: enough for one sample's latent
+        Random 32-bit words that seed each stack; default: enough for one sample's latent
         code (latent_dim × latent_bits / 32, plus 2).
+    streams : int, default=1
+        Stacks coded in lock step.
     """
 
     lossless = True
 
-    def __init__(self, latent_bits: int = 12, initial_words: int | None = None) -> None:
+    def __init__(self, latent_bits: int = 12, initial_words: int | None = None, streams: int = 1) -> None:
         self.buckets = LatentBuckets(latent_bits)
         if initial_words is not None and int(initial_words) < 1:
             raise ValueError(f"initial_words must be a positive integer, got {initial_words!r}")
+        if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= 4096:
+            raise ValueError(f"streams must be an integer in [1, 4096], got {streams!r}")
         self.initial_words = None if initial_words is None else int(initial_words)
+        self.streams = int(streams)
 
     def params(self) -> dict[str, Any]:
-        return {"latent_bits": self.buckets.bits, "initial_words": self.initial_words}
+        return {"latent_bits": self.buckets.bits, "initial_words": self.initial_words, "streams": self.streams}
 
     def _seed(self, latent_dim: int) -> np.ndarray:
         words = self.initial_words or math.ceil(latent_dim * self.buckets.bits / 32) + 2
@@ -131,51 +152,72 @@ class BitsBackCodec:
     def encode(self, det: Any, x: torch.Tensor) -> tuple[bytes, dict[str, Any]]:
         """Compress the model-space symbols ``x`` (n, *event_shape): ``(payload, info)``.
 
-        ``info`` holds ``initial_bits`` and ``net_bits`` (the payload's bits less them).
+        ``info`` holds ``initial_bits`` (of every stack) and ``net_bits`` (the payload's bits
+        less them and less the stack lengths).
         """
         constriction = _constriction()
         self.check_model(det)
         categorical = constriction.stream.model.Categorical(perfect=False)
         prior = constriction.stream.model.Uniform(self.buckets.count)
         seed = self._seed(det.latent_dim_)
-        coder = constriction.stream.stack.AnsCoder(seed)
-        initial = coder.num_bits()
+        steps = stream_rows(x.shape[0], self.streams)
+        coders = [constriction.stream.stack.AnsCoder(seed) for _ in steps[0]]
+        initial = sum(c.num_bits() for c in coders)
         with coding_model(det) as model:
-            for i in range(x.shape[0]):
-                xi = x[i : i + 1].double()
-                mu, logvar = model.encode(xi)
-                z = coder.decode(categorical, self.buckets.posterior(mu[0], logvar[0]))
-                table = _symbol_table(model, self.buckets.codes(z))
-                coder.encode_reverse(xi.reshape(-1).numpy().astype(np.int32), categorical, table)
-                coder.encode_reverse(np.asarray(z, dtype=np.int32), prior)
-        words = coder.get_compressed()
-        return words.astype("<u4").tobytes(), {"initial_bits": int(initial), "net_bits": int(len(words) * 32 - initial)}
+            for rows in steps:
+                xb = x[torch.from_numpy(rows)].double()
+                mu, logvar = model.encode(xb)
+                z = [coders[s].decode(categorical, self.buckets.posterior(mu[s], logvar[s])) for s in range(len(rows))]
+                tables = _symbol_tables(model, self.buckets.codes(np.stack(z)))
+                for s in range(len(rows)):
+                    coders[s].encode_reverse(xb[s].reshape(-1).numpy().astype(np.int32), categorical, tables[s])
+                    coders[s].encode_reverse(np.asarray(z[s], dtype=np.int32), prior)
+        stacks = [c.get_compressed().astype("<u4") for c in coders]
+        words = sum(len(w) for w in stacks)
+        head = b"" if len(stacks) == 1 else np.array([len(w) for w in stacks], dtype="<u4").tobytes()
+        payload = head + b"".join(w.tobytes() for w in stacks)
+        return payload, {"initial_bits": int(initial), "net_bits": int(words * 32 - initial)}
 
     def decode(self, det: Any, payload: bytes, n: int) -> torch.Tensor:
-        """The ``n`` samples' symbols, float64 (n, *event_shape); checks the stack ends at its random seed."""
+        """The ``n`` samples' symbols, float64 (n, *event_shape); checks every stack ends at its random seed."""
         constriction = _constriction()
         self.check_model(det)
         categorical = constriction.stream.model.Categorical(perfect=False)
         prior = constriction.stream.model.Uniform(self.buckets.count)
-        coder = constriction.stream.stack.AnsCoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
+        steps = stream_rows(n, self.streams)
+        coders = [constriction.stream.stack.AnsCoder(words) for words in self._stacks(payload, len(steps[0]))]
         event_shape = det.model_.likelihood.event_shape
         out = torch.zeros((n, *event_shape), dtype=torch.float64)
         size = math.prod(event_shape)
         with coding_model(det) as model:
-            for i in reversed(range(n)):
-                z = coder.decode(prior, det.latent_dim_)
-                symbols = coder.decode(categorical, _symbol_table(model, self.buckets.codes(z)))
-                if len(symbols) != size:  # pragma: no cover - constriction decodes one symbol per table row
-                    raise ValueError("the compressed data does not fit this model")
-                xi = torch.from_numpy(symbols.astype(np.float64)).reshape(1, *event_shape)
-                out[i] = xi[0]
-                mu, logvar = model.encode(xi)
-                coder.encode_reverse(
-                    np.asarray(z, dtype=np.int32), categorical, self.buckets.posterior(mu[0], logvar[0])
-                )
-        if not np.array_equal(coder.get_compressed(), self._seed(det.latent_dim_)):
-            raise ValueError("the compressed data is damaged: decoding did not end at the stack's initial words")
+            for rows in reversed(steps):
+                z = [coders[s].decode(prior, det.latent_dim_) for s in range(len(rows))]
+                tables = _symbol_tables(model, self.buckets.codes(np.stack(z)))
+                for s, row in enumerate(rows):
+                    symbols = coders[s].decode(categorical, tables[s])
+                    if len(symbols) != size:  # pragma: no cover - constriction decodes one symbol per table row
+                        raise ValueError("the compressed data does not fit this model")
+                    out[row] = torch.from_numpy(symbols.astype(np.float64)).reshape(event_shape)
+                mu, logvar = model.encode(out[torch.from_numpy(rows)])
+                for s in range(len(rows)):
+                    coders[s].encode_reverse(
+                        np.asarray(z[s], dtype=np.int32), categorical, self.buckets.posterior(mu[s], logvar[s])
+                    )
+        seed = self._seed(det.latent_dim_)
+        if not all(np.array_equal(c.get_compressed(), seed) for c in coders):
+            raise ValueError("the compressed data is damaged: decoding did not end at the stacks' initial words")
         return out
+
+    @staticmethod
+    def _stacks(payload: bytes, count: int) -> list[np.ndarray]:
+        """The ``count`` stacks' words of a payload (one stack: all of it; more: lengths first)."""
+        words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
+        if count == 1:
+            return [words]
+        lengths = words[:count].astype(np.int64)
+        if len(words) != count + lengths.sum():
+            raise ValueError("the compressed data is damaged: its stack lengths do not add up")
+        return np.split(words[count:], np.cumsum(lengths)[:-1])
 
 
 class LatentCodec:
