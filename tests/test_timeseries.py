@@ -100,3 +100,5 @@ def test_latent_options_reach_the_window_model():
     assert inner.regularizer == "tc" and inner.free_bits == 0.1
     assert inner.active_units_ == int((inner.latent_variance_ > 0.01).sum())
     assert np.isfinite(det.score_samples(sine(300, seed=1)[:, 0])).all()
+    with pytest.raises(ValueError, match="the time-series detector takes no conditions"):
+        VAETimeSeriesDetector(estimator_params={**FAST, "conditional": True}).fit(sine(300)[:, 0])

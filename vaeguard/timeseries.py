@@ -166,6 +166,8 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
         if self.encoder == "temporal":
             params |= {"encoder": "temporal", "encoder_params": {"channels": self.n_channels_}}
         params |= dict(self.estimator_params or {})
+        if params.get("conditional"):
+            raise ValueError("the time-series detector takes no conditions: drop conditional from estimator_params")
         self.window_model_ = VAEAnomalyDetector(**params).fit(windows[keep])
         steps = self._step_scores(values)
         self.fingerprint_ = None
