@@ -224,6 +224,19 @@ def test_report_is_one_self_contained_page_with_its_sections(workdir, tmp_path):
         assert (tmp_path / f"pics-{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = run("sample", str(workdir / "m.h5"), "-o", str(tmp_path / "t.csv"), "--png", str(tmp_path / "t"))
     assert table.exit_code == 2 and "image model" in table.stderr
+    # a conditional image model: samples and pictures under one label; scoring from the CLI is refused by name
+    digits = load_digits()
+    from vaeguard import VAEAnomalyDetector
+
+    VAEAnomalyDetector(conditional=True, epochs=2, random_state=0).fit(digits.images[:200], digits.target[:200]).save(
+        tmp_path / "c.h5"
+    )
+    drawn = run("sample", str(tmp_path / "c.h5"), "-n", "4", "-o", str(tmp_path / "c.npz"), "--condition", "3",
+                "--png", str(tmp_path / "c"))  # fmt: skip
+    assert drawn.exit_code == 0, drawn.output
+    assert np.load(tmp_path / "c.npz")["images"].shape == (4, 8, 8) and (tmp_path / "c-traversals.png").exists()
+    refused = run("score", str(tmp_path / "c.h5"), str(images), "-o", str(tmp_path / "c.csv"))
+    assert refused.exit_code == 2 and "this image model is conditional" in refused.stderr
 
 
 def test_progress_goes_to_stderr_only_when_asked(workdir, tmp_path):
