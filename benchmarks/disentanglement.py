@@ -3,6 +3,7 @@
     python benchmarks/disentanglement.py                    # 3 seeds, 10 000 training images
     python benchmarks/disentanglement.py --seeds 0 --n 4000 --epochs 20   # a quick look
     python benchmarks/disentanglement.py --image-size 16 --n 5000 --epochs 30  # what a 2-core CPU affords
+    python benchmarks/disentanglement.py --from-csv --image-size 16 --n 5000 --epochs 30  # the summary again
 
 Data: ``vaeguard.datasets.make_shapes`` (32×32 binary images; factors shape, scale,
 rotation, x, y, each uniform), training images from ``random_state=seed``, 5 000
@@ -124,10 +125,17 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000, help="training images per seed")
     parser.add_argument("--epochs", default="auto", help="'auto' or a number")
     parser.add_argument("--image-size", type=int, default=32, help="canvas side in pixels (≥ 16)")
+    parser.add_argument(
+        "--from-csv", action="store_true", help="rewrite the summary from disentanglement.csv without fitting"
+    )
     args = parser.parse_args()
     epochs = args.epochs if args.epochs == "auto" else int(args.epochs)
-    table = pd.DataFrame([row for seed in args.seeds for row in run(seed, args.n, epochs, args.image_size)])
-    table.to_csv(RESULTS / "disentanglement.csv", index=False)
+    if args.from_csv:
+        table = pd.read_csv(RESULTS / "disentanglement.csv")
+        args.seeds = sorted(table["seed"].unique())
+    else:
+        table = pd.DataFrame([row for seed in args.seeds for row in run(seed, args.n, epochs, args.image_size)])
+        table.to_csv(RESULTS / "disentanglement.csv", index=False)
     summary = table.drop(columns="seed").groupby("model", sort=False).agg(["mean", "std"])
     metric_names = [c for c in table.columns if c not in ("seed", "model")]
     lines = [
@@ -150,9 +158,30 @@ def main() -> None:
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     mig = summary[("MIG", "mean")]
     ratio = mig["β-TCVAE (β = 6)"] / max(mig["VAE"], 1e-12)
+    per_seed = table.pivot(index="seed", columns="model", values="MIG")[list(MODELS)]
+    wins = int((per_seed["β-TCVAE (β = 6)"] > per_seed["VAE"]).sum())
     lines += [
         "",
         f"β-TCVAE's MIG is {ratio:.2f} × the plain VAE's (target ≥ 2).",
+        "",
+        "MIG per seed:",
+        "",
+        "| seed | " + " | ".join(MODELS) + " |",
+        "|---|" + "---|" * len(MODELS),
+        *(f"| {seed} | " + " | ".join(f"{v:.3f}" for v in row) + " |" for seed, row in per_seed.iterrows()),
+        "",
+        "## Reading",
+        "",
+        f"- β-TCVAE's MIG is above the VAE's on {wins} of {len(per_seed)} seeds; the seed-to-seed spread of every "
+        f"model (sd {summary[('MIG', 'std')].min():.2f}–{summary[('MIG', 'std')].max():.2f}) is as large as the "
+        "gaps between models, as Locatello et al. (2019) found at scale.",
+        "- The β-TCVAE penalty does what it says: it lowers the total correlation of the codes (quality log D5: "
+        "0.28 → 0.10 nats on a 2-factor table). Low total correlation does not single out the factors' axes, "
+        "though: a nonlinear encoder can make a rotated code factorised, so which axes a model finds is left to "
+        "the seed and the architecture (D3–D5: longer training and larger batches did not change this).",
+        "- This is the setting two CPU cores afford (16×16 canvases, 5 000 images, 30 epochs, about 90 s per "
+        "model); the published gaps come from 64×64 dSprites and hundreds of thousands of steps. The 32×32 default "
+        "(`python benchmarks/disentanglement.py`) is for a machine with a GPU.",
         "",
         "Traversals (seed 0, one evaluation image; rows are latent dimensions by KL, largest first, "
         "with their KL in nats): "
