@@ -32,6 +32,15 @@ def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
     return mu + (0.5 * logvar).exp() * eps
 
 
+def encode_and_decode(
+    model: VAE, x: Tensor, eps: Tensor, mask: Tensor | None = None, condition: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(μ, log σ², the draws z = μ + σ·ε ``(K, batch, latent)``, the decoder's parameters at z) for a batch."""
+    mu, logvar = model.encode(x, mask, condition)
+    z = reparameterize(mu, logvar, eps)
+    return mu, logvar, z, model.decode(z, condition)
+
+
 def elbo(
     model: VAE,
     x: Tensor,
@@ -60,9 +69,8 @@ def elbo(
     -------
     elbo, reconstruction, kl : Tensor, each shape (batch,)
     """
-    mu, logvar = model.encode(x, mask, condition)
-    z = reparameterize(mu, logvar, eps)
-    recon = model.likelihood.log_prob(x, model.decode(z, condition), mask).mean(0)
+    mu, logvar, _, params = encode_and_decode(model, x, eps, mask, condition)
+    recon = model.likelihood.log_prob(x, params, mask).mean(0)
     kl = kl_standard_normal(mu, logvar)
     return recon - kl_weight * kl, recon, kl
 
@@ -82,10 +90,9 @@ def importance_terms(
     entries (``mask`` False) contribute 0 to both. With a conditional model's
     ``condition`` c every term is conditioned on it (the weights then estimate p(x|c)).
     """
-    mu, logvar = model.encode(x, mask, condition)
-    z = reparameterize(mu, logvar, eps)
+    mu, logvar, z, params = encode_and_decode(model, x, eps, mask, condition)
     log_q = log_posterior_of_draws(mu, logvar, eps)
-    per_element = model.likelihood.per_feature_log_prob(x, model.decode(z, condition))
+    per_element = model.likelihood.per_feature_log_prob(x, params)
     if mask is not None:
         per_element = torch.where(
             mask, per_element, torch.zeros((), dtype=per_element.dtype, device=per_element.device)
@@ -132,9 +139,8 @@ def iwae_objective(
     w annealing the prior-to-posterior ratio as the KL schedule does for the ELBO; w = 1
     gives the bound. K = 1 is a single-sample (Monte-Carlo KL) ELBO; larger K is tighter.
     """
-    mu, logvar = model.encode(x, mask, condition)
-    z = reparameterize(mu, logvar, eps)
-    log_px_z = model.likelihood.log_prob(x, model.decode(z, condition), mask)
+    mu, logvar, z, params = encode_and_decode(model, x, eps, mask, condition)
+    log_px_z = model.likelihood.log_prob(x, params, mask)
     log_w = log_px_z + kl_weight * (standard_normal_log_prob(z) - log_posterior_of_draws(mu, logvar, eps))
     return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
 
@@ -174,9 +180,8 @@ def training_terms(
     condition: Tensor | None = None,
 ) -> TrainingTerms:
     """The terms of the ELBO for one minibatch, with ``eps`` of shape ``(1, batch, latent)``."""
-    mu, logvar = model.encode(x, mask, condition)
-    z = reparameterize(mu, logvar, eps)
-    recon = model.likelihood.log_prob(x, model.decode(z, condition), mask).mean(0)
+    mu, logvar, z, params = encode_and_decode(model, x, eps, mask, condition)
+    recon = model.likelihood.log_prob(x, params, mask).mean(0)
     kl = kl_per_dimension(mu, logvar)
     return TrainingTerms(x, mask, mu, logvar, z[0], recon, kl, kl_weight, dataset_size, generator)
 
