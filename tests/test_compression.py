@@ -231,6 +231,26 @@ def test_latent_side_information_vanishes_at_the_coarsest_step(level_model, digi
     assert not codes.any()
 
 
+def test_an_all_zero_code_decodes_to_the_models_mean(level_model, digits):
+    """Nothing sent about any sample: every one decodes to E_p(z)[f(z)], not to the decoder's f(0)."""
+    train, held_out = digits
+    blob = compress(level_model, held_out, codec="latent", codec_params={"step": 9.9})
+    codes, _ = decode_integer_codes(read_header(blob)[1], len(held_out), level_model.latent_dim_)
+    assert not codes.any()
+    back = decompress(level_model, blob)
+    assert (back == back[0]).all()
+    # the same expectation by plain Monte Carlo, 2¹⁷ independent draws from the N(0, I) prior
+    model = level_model._scoring_model().double()
+    z = torch.randn(2**17, level_model.latent_dim_, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        expected = torch.cat([model.likelihood.mean(model.decode(part)) for part in z.split(8192)]).mean(0).numpy()
+        at_zero = model.likelihood.mean(model.decode(torch.zeros(1, z.shape[1], dtype=torch.float64))).numpy()
+    assert np.abs(level_model._from_internal(expected[None])[0] - back[0]).max() <= 1  # pixel levels, rounded
+    error = ((back - held_out) ** 2).mean()
+    assert error < ((level_model._from_internal(at_zero) - held_out) ** 2).mean()
+    assert error < 1.05 * ((train.mean(0).round() - held_out) ** 2).mean()  # as good as the data's mean image
+
+
 def test_latent_codes_are_fitted_below_the_posterior_means_floor(level_model, digits):
     """The decoder's mean at the posterior mean is not the best reconstruction: refined codes go below it."""
     held_out = digits[1]
