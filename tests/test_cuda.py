@@ -64,3 +64,21 @@ def test_conditional_and_regularised_models_on_cuda(data, tmp_path):
     factor = VAEAnomalyDetector(device="cuda", random_state=0, epochs=3, regularizer="factor").fit(data)
     iwae = VAEAnomalyDetector(device="cuda", random_state=0, epochs=3, objective="iwae").fit(data)
     assert np.isfinite(factor.score_samples(data[:50])).all() and np.isfinite(iwae.score_samples(data[:50])).all()
+
+
+def test_a_model_trained_on_cuda_codes_the_same_bits_as_on_the_cpu(tmp_path):
+    """Compressed with the CUDA model, decompressed with its file loaded on the CPU: the same bytes back."""
+    from sklearn.datasets import load_digits
+
+    from vaeguard import compress, decompress
+
+    images = (load_digits().images[:300] >= 8).astype(np.uint8)
+    det = VAEAnomalyDetector(device="cuda", random_state=0, epochs=10).fit(images)
+    blob = compress(det, images[:40])
+    det.save(tmp_path / "bin.h5")
+    on_cpu = load(tmp_path / "bin.h5", device="cpu")
+    assert compress(on_cpu, images[:40]) == blob
+    assert np.array_equal(decompress(on_cpu, blob), images[:40])
+    lossy = compress(det, images[:40], codec="latent", codec_params={"step": 0.5})
+    assert compress(on_cpu, images[:40], codec="latent", codec_params={"step": 0.5}) == lossy
+    assert np.array_equal(decompress(on_cpu, lossy), decompress(det, lossy))
