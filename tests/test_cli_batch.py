@@ -253,11 +253,14 @@ def test_compress_and_decompress_files(tmp_path):
     images = (load_digits().images[:400] >= 8).astype(np.uint8)
     np.savez(tmp_path / "bits.npz", images=images)
     assert run("fit", str(tmp_path / "bits.npz"), "-o", str(tmp_path / "b.h5"), *FAST).exit_code == 0
-    packed = run("compress", str(tmp_path / "b.h5"), str(tmp_path / "bits.npz"), "-o", str(tmp_path / "b.vgz"))
+    packed = run(
+        "compress", str(tmp_path / "b.h5"), str(tmp_path / "bits.npz"), "-o", str(tmp_path / "b.vgz"), "--progress"
+    )
     assert packed.exit_code == 0, packed.output
-    assert "bits/dim" in packed.stderr
+    assert "bits/dim" in packed.stderr and "400/400" in packed.stderr and "samples/s" in packed.stderr
     restored = run("decompress", str(tmp_path / "b.h5"), str(tmp_path / "b.vgz"), "-o", str(tmp_path / "back.npz"))
     assert restored.exit_code == 0, restored.output
+    assert "samples/s" not in restored.stderr  # not a terminal: no progress unless asked
     assert np.array_equal(np.load(tmp_path / "back.npz")["data"], images)
     assert run("fit", str(tmp_path / "bits.npz"), "-o", str(tmp_path / "other.h5"), *FAST, "--seed", "1").exit_code == 0
     wrong = run("decompress", str(tmp_path / "other.h5"), str(tmp_path / "b.vgz"), "-o", str(tmp_path / "x.npz"))

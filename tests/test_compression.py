@@ -135,6 +135,33 @@ def test_lock_step_streams_round_trip_and_cost_their_initial_bits(binary_model, 
         compress(binary_model, few, codec_params={"streams": 0})
 
 
+def test_progress_is_told_of_every_sample(binary_model, level_model, digits):
+    held_out = digits[1][:45]
+    bits = (held_out >= 8).astype(np.uint8)
+    for params in ({}, {"streams": 4}):
+        told = []
+        blob = compress(binary_model, bits, codec_params=params, progress=told.append)
+        assert sum(told) == 45 and len(told) == -(-45 // params.get("streams", 1))  # one call per (lock) step
+        told.clear()
+        assert np.array_equal(decompress(binary_model, blob, progress=told.append), bits) and sum(told) == 45
+    told = []
+    compress(level_model, held_out, codec="latent", progress=told.append)
+    assert sum(told) == 45
+
+
+def test_codecs_without_progress_are_called_without_it():
+    from vaeguard.compression import _with_progress
+
+    def encode(det, x):
+        return b"", {}
+
+    def encode_with(det, x, progress=None):
+        return b"", {}
+
+    assert _with_progress(encode, print) == {} and _with_progress(encode_with, None) == {}
+    assert _with_progress(encode_with, print) == {"progress": print}
+
+
 def test_refusals_name_the_problem(binary_model, digits):
     held_out = (digits[1][:5] >= 8).astype(np.uint8)
     blob = compress(binary_model, held_out)

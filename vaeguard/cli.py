@@ -430,9 +430,10 @@ def report_command(model: str, data: str, output: str, max_rows: int, device: st
 @click.option("--codec", default="bitsback", show_default=True, help="A registered codec (vaeguard plugins).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="A codec setting (repeatable).")
 @click.option("--columns", help="Comma-separated columns of a table (default: the model's).")
+@click.option("--progress/--no-progress", default=None, help="Samples/s and ETA on stderr (default: on a terminal).")
 @user_errors
 def compress_command(
-    model: str, data: str, output: str, codec: str, params: tuple[str, ...], columns: str | None
+    model: str, data: str, output: str, codec: str, params: tuple[str, ...], columns: str | None, progress: bool | None
 ) -> None:
     """Compress DATA with MODEL's codec into one file; prints the size in bits per dimension.
 
@@ -458,7 +459,8 @@ def compress_command(
         frame = frame[names]
         if getattr(det, "column_coder_", None) is None:
             frame = frame.to_numpy()  # a table of numbers: compressed and restored as an array
-    blob = compress(det, frame, codec=codec, codec_params=_parse_param(params))
+    with _progress(len(frame), _show(progress), unit="samples") as bar:
+        blob = compress(det, frame, codec=codec, codec_params=_parse_param(params), progress=bar.update)
     storage.atomic_write(output, lambda tmp: Path(tmp).write_bytes(blob))
     header, _ = read_header(blob)
     dims = int(np.prod(header["shape"]))
@@ -471,8 +473,9 @@ def compress_command(
 @click.option(
     "-o", "--output", required=True, help="Where to write the data: .npz for arrays, .csv/.parquet for tables."
 )
+@click.option("--progress/--no-progress", default=None, help="Samples/s and ETA on stderr (default: on a terminal).")
 @user_errors
-def decompress_command(model: str, compressed: str, output: str) -> None:
+def decompress_command(model: str, compressed: str, output: str, progress: bool | None) -> None:
     """Restore the data in COMPRESSED with the MODEL that compressed it.
 
     \b
@@ -484,11 +487,13 @@ def decompress_command(model: str, compressed: str, output: str) -> None:
     import numpy as np
     import pandas as pd
 
-    from vaeguard.compression import decompress
+    from vaeguard.compression import decompress, read_header
     from vaeguard.data import write_table
 
     det = _load_model(model, "cpu")
-    restored = decompress(det, Path(compressed).read_bytes())
+    data = Path(compressed).read_bytes()
+    with _progress(read_header(data)[0]["n_samples"], _show(progress), unit="samples") as bar:
+        restored = decompress(det, data, progress=bar.update)
     if isinstance(restored, pd.DataFrame):
         write_table(restored, output)
     elif output.endswith(".npz"):

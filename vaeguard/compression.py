@@ -18,9 +18,11 @@ recorded SHA-256 (the bitsback decoder also checks that its stack ends where it 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -60,7 +62,20 @@ def data_digest(X: Any) -> str:
     return h.hexdigest()
 
 
-def compress(model: Any, X: Any, codec: str = "bitsback", codec_params: dict[str, Any] | None = None) -> bytes:
+def _with_progress(method: Callable[..., Any], progress: Callable[[int], None] | None) -> dict[str, Any]:
+    """``{"progress": progress}`` if the codec's ``method`` takes it (the keyword is optional for plugins)."""
+    if progress is None or "progress" not in inspect.signature(method).parameters:
+        return {}
+    return {"progress": progress}
+
+
+def compress(
+    model: Any,
+    X: Any,
+    codec: str = "bitsback",
+    codec_params: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> bytes:
     """Compress ``X`` with a fitted model; returns the container's bytes.
 
     Parameters
@@ -73,6 +88,9 @@ def compress(model: Any, X: Any, codec: str = "bitsback", codec_params: dict[str
         A registered codec (``vaeguard plugins`` lists them).
     codec_params : dict, optional
         The codec's settings, e.g. ``{"latent_bits": 12}``.
+    progress : callable, optional
+        Called with the number of samples coded since its last call (e.g. a tqdm bar's
+        ``update``), by codecs that report progress (both built-in ones do).
 
     Returns
     -------
@@ -86,7 +104,7 @@ def compress(model: Any, X: Any, codec: str = "bitsback", codec_params: dict[str
     if mask is not None:
         row = int(np.flatnonzero(~mask.reshape(len(mask), -1).numpy().all(axis=1))[0])
         raise ValueError(f"row {row} has missing values; only complete data can be compressed")
-    payload, info = coder.encode(det, x)
+    payload, info = coder.encode(det, x, **_with_progress(coder.encode, progress))
     frame = isinstance(X, pd.DataFrame)
     original = X if frame else np.asarray(X)
     header = {
@@ -126,8 +144,11 @@ def read_header(data: bytes) -> tuple[dict[str, Any], bytes]:
     return header, data[end + 64 :]
 
 
-def decompress(model: Any, data: bytes) -> Any:
+def decompress(model: Any, data: bytes, progress: Callable[[int], None] | None = None) -> Any:
     """The data that :func:`compress` compressed, given the same model: an array or DataFrame as it was.
+
+    ``progress``, if given, is called with the number of samples decoded since its last call
+    (by codecs that report progress, as for :func:`compress`).
 
     Raises ``ValueError`` when the data was compressed with another model (naming both
     fingerprints), or is truncated, altered or not a vaeguard container.
@@ -142,7 +163,7 @@ def decompress(model: Any, data: bytes) -> Any:
         )
     coder = build_part("codecs", header["codec"], header["codec_params"], "parameters")
     try:
-        x = coder.decode(det, payload, int(header["n_samples"]))
+        x = coder.decode(det, payload, int(header["n_samples"]), **_with_progress(coder.decode, progress))
     except (ValueError, RuntimeError, OverflowError, IndexError) as exc:
         raise ValueError(f"the compressed data is truncated or altered: it could not be decoded ({exc})") from exc
     out = det._from_internal(x.numpy())

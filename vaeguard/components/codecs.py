@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -152,11 +152,13 @@ class BitsBackCodec:
                 f"this model's likelihood {det.model_spec_['likelihood']!r} is a density"
             )
 
-    def encode(self, det: Any, x: torch.Tensor) -> tuple[bytes, dict[str, Any]]:
+    def encode(
+        self, det: Any, x: torch.Tensor, progress: Callable[[int], None] | None = None
+    ) -> tuple[bytes, dict[str, Any]]:
         """Compress the model-space symbols ``x`` (n, *event_shape): ``(payload, info)``.
 
         ``info`` holds ``initial_bits`` (of every stack) and ``net_bits`` (the payload's bits
-        less them and less the stack lengths).
+        less them and less the stack lengths). ``progress(k)`` is told of every k samples coded.
         """
         constriction = _constriction()
         self.check_model(det)
@@ -175,13 +177,15 @@ class BitsBackCodec:
                 for s in range(len(rows)):
                     coders[s].encode_reverse(xb[s].reshape(-1).numpy().astype(np.int32), categorical, tables[s])
                     coders[s].encode_reverse(np.asarray(z[s], dtype=np.int32), prior)
+                if progress is not None:
+                    progress(len(rows))
         stacks = [c.get_compressed().astype("<u4") for c in coders]
         words = sum(len(w) for w in stacks)
         head = b"" if len(stacks) == 1 else np.array([len(w) for w in stacks], dtype="<u4").tobytes()
         payload = head + b"".join(w.tobytes() for w in stacks)
         return payload, {"initial_bits": int(initial), "net_bits": int(words * 32 - initial)}
 
-    def decode(self, det: Any, payload: bytes, n: int) -> torch.Tensor:
+    def decode(self, det: Any, payload: bytes, n: int, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """The ``n`` samples' symbols, float64 (n, *event_shape); checks every stack ends at its random seed."""
         constriction = _constriction()
         self.check_model(det)
@@ -206,6 +210,8 @@ class BitsBackCodec:
                     coders[s].encode_reverse(
                         np.asarray(z[s], dtype=np.int32), categorical, self.buckets.posterior(mu[s], logvar[s])
                     )
+                if progress is not None:
+                    progress(len(rows))
         seed = self._seed(det.latent_dim_)
         if not all(np.array_equal(c.get_compressed(), seed) for c in coders):
             raise ValueError("the compressed data is damaged: decoding did not end at the stacks' initial words")
@@ -338,7 +344,9 @@ class LatentCodec:
                     better = value < best
                     block[better], best = moved[better], torch.where(better, value, best)
 
-    def _codes(self, model: Any, x: torch.Tensor, w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _codes(
+        self, model: Any, x: torch.Tensor, w: torch.Tensor, progress: Callable[[int], None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(integer codes (n, k), steps Δ (k,)) for the samples ``x`` (model units, float64)."""
         mu = torch.cat([model.encode(x[i : i + self.block])[0] for i in range(0, len(x), self.block)])
         flat = x.reshape(len(x), -1)
@@ -355,7 +363,11 @@ class LatentCodec:
             p.requires_grad_(False)
         blocks = range(0, len(mu), self.block)
         costs = [self._objective(model, flat[i : i + self.block], w, lam) for i in blocks]
-        refined = [self._refined(c, mu[i : i + self.block], center, spread) for c, i in zip(costs, blocks, strict=True)]
+        refined = []
+        for c, i in zip(costs, blocks, strict=True):  # the refinement is most of the time
+            refined.append(self._refined(c, mu[i : i + self.block], center, spread))
+            if progress is not None:
+                progress(len(refined[-1]))
         q = torch.round(torch.cat(refined) / steps)
         # rate-distortion optimised rounding, under the codes' own quantised-Gaussian model
         q_center, q_spread = q.mean(0) * steps, q.std(0, correction=0).clamp_min(MIN_CODE_SPREAD) * steps
@@ -363,9 +375,11 @@ class LatentCodec:
             self._rd_rounded(c, q[i : i + self.block], steps, q_center, q_spread)
         return q.numpy().astype(np.int32), steps.numpy()
 
-    def encode(self, det: Any, x: torch.Tensor) -> tuple[bytes, dict[str, Any]]:
+    def encode(
+        self, det: Any, x: torch.Tensor, progress: Callable[[int], None] | None = None
+    ) -> tuple[bytes, dict[str, Any]]:
         with coding_model(det) as model:
-            codes, steps = self._codes(model, x.double(), self._weights(det, math.prod(x.shape[1:])))
+            codes, steps = self._codes(model, x.double(), self._weights(det, math.prod(x.shape[1:])), progress)
         return encode_integer_codes(codes, steps[None]), {}
 
     def decode(self, det: Any, payload: bytes, n: int) -> torch.Tensor:
