@@ -76,7 +76,7 @@ def traversal_picture(det: VAEAnomalyDetector, image: np.ndarray, path: Path) ->
     image_grid_figure(rows, len(values), labels).savefig(path, format="png")
 
 
-def run(seed: int, n: int, epochs: int | str, size: int, name: str = "disentanglement") -> list[dict]:
+def run(seed: int, n: int, epochs: int | str, size: int, results: str = "disentanglement") -> list[dict]:
     train, _ = make_shapes(n, image_size=size, random_state=seed)
     evaluation, factors = make_shapes(EVAL_IMAGES, image_size=size, random_state=1000 + seed)
     rows = []
@@ -114,7 +114,7 @@ def run(seed: int, n: int, epochs: int | str, size: int, name: str = "disentangl
             flush=True,
         )
         if seed == 0:
-            folder = RESULTS / name
+            folder = RESULTS / results
             folder.mkdir(parents=True, exist_ok=True)
             traversal_picture(det, evaluation[0], folder / f"traversal-{SLUGS[name]}.png")
     return rows
@@ -178,8 +178,12 @@ def main() -> None:
         "## Reading",
         "",
         f"- β-TCVAE's MIG is above the VAE's on {wins} of {len(per_seed)} seeds; the seed-to-seed spread of every "
-        f"model (sd {summary[('MIG', 'std')].min():.2f}–{summary[('MIG', 'std')].max():.2f}) is as large as the "
-        "gaps between models, as Locatello et al. (2019) found at scale.",
+        f"model (sd {summary[('MIG', 'std')].min():.2f}–{summary[('MIG', 'std')].max():.2f}) is "
+        + (
+            "as large as the gaps between models, as Locatello et al. (2019) found at scale."
+            if summary[("MIG", "std")].max() >= abs(mig["β-TCVAE (β = 6)"] - mig["VAE"])
+            else "smaller than the gap between β-TCVAE and the VAE."
+        ),
         "- The β-TCVAE penalty does what it says: it lowers the total correlation of the codes (quality log D5: "
         "0.28 → 0.10 nats on a 2-factor table). Low total correlation does not single out the factors' axes, "
         "though: a nonlinear encoder can make a rotated code factorised, so which axes a model finds is left to "
