@@ -46,6 +46,10 @@ def coding_model(det: Any) -> Iterator[Any]:
         torch.set_num_threads(threads)
 
 
+def _no_progress(done: int) -> None:
+    """The default progress callback of the codecs: tells no one."""
+
+
 def _rounded(p: torch.Tensor) -> np.ndarray:
     table = p.double().numpy()
     return np.round(table / PROBABILITY_GRID) * PROBABILITY_GRID
@@ -153,7 +157,7 @@ class BitsBackCodec:
             )
 
     def encode(
-        self, det: Any, x: torch.Tensor, progress: Callable[[int], None] | None = None
+        self, det: Any, x: torch.Tensor, progress: Callable[[int], None] = _no_progress
     ) -> tuple[bytes, dict[str, Any]]:
         """Compress the model-space symbols ``x`` (n, *event_shape): ``(payload, info)``.
 
@@ -177,15 +181,14 @@ class BitsBackCodec:
                 for s in range(len(rows)):
                     coders[s].encode_reverse(xb[s].reshape(-1).numpy().astype(np.int32), categorical, tables[s])
                     coders[s].encode_reverse(np.asarray(z[s], dtype=np.int32), prior)
-                if progress is not None:
-                    progress(len(rows))
+                progress(len(rows))
         stacks = [c.get_compressed().astype("<u4") for c in coders]
         words = sum(len(w) for w in stacks)
         head = b"" if len(stacks) == 1 else np.array([len(w) for w in stacks], dtype="<u4").tobytes()
         payload = head + b"".join(w.tobytes() for w in stacks)
         return payload, {"initial_bits": int(initial), "net_bits": int(words * 32 - initial)}
 
-    def decode(self, det: Any, payload: bytes, n: int, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    def decode(self, det: Any, payload: bytes, n: int, progress: Callable[[int], None] = _no_progress) -> torch.Tensor:
         """The ``n`` samples' symbols, float64 (n, *event_shape); checks every stack ends at its random seed."""
         constriction = _constriction()
         self.check_model(det)
@@ -210,8 +213,7 @@ class BitsBackCodec:
                     coders[s].encode_reverse(
                         np.asarray(z[s], dtype=np.int32), categorical, self.buckets.posterior(mu[s], logvar[s])
                     )
-                if progress is not None:
-                    progress(len(rows))
+                progress(len(rows))
         seed = self._seed(det.latent_dim_)
         if not all(np.array_equal(c.get_compressed(), seed) for c in coders):
             raise ValueError("the compressed data is damaged: decoding did not end at the stacks' initial words")
@@ -345,7 +347,7 @@ class LatentCodec:
                     block[better], best = moved[better], torch.where(better, value, best)
 
     def _codes(
-        self, model: Any, x: torch.Tensor, w: torch.Tensor, progress: Callable[[int], None] | None = None
+        self, model: Any, x: torch.Tensor, w: torch.Tensor, progress: Callable[[int], None] = _no_progress
     ) -> tuple[np.ndarray, np.ndarray]:
         """(integer codes (n, k), steps Δ (k,)) for the samples ``x`` (model units, float64)."""
         mu = torch.cat([model.encode(x[i : i + self.block])[0] for i in range(0, len(x), self.block)])
@@ -366,8 +368,7 @@ class LatentCodec:
         refined = []
         for c, i in zip(costs, blocks, strict=True):  # the refinement is most of the time
             refined.append(self._refined(c, mu[i : i + self.block], center, spread))
-            if progress is not None:
-                progress(len(refined[-1]))
+            progress(len(refined[-1]))
         q = torch.round(torch.cat(refined) / steps)
         # rate-distortion optimised rounding, under the codes' own quantised-Gaussian model
         q_center, q_spread = q.mean(0) * steps, q.std(0, correction=0).clamp_min(MIN_CODE_SPREAD) * steps
@@ -376,7 +377,7 @@ class LatentCodec:
         return q.numpy().astype(np.int32), steps.numpy()
 
     def encode(
-        self, det: Any, x: torch.Tensor, progress: Callable[[int], None] | None = None
+        self, det: Any, x: torch.Tensor, progress: Callable[[int], None] = _no_progress
     ) -> tuple[bytes, dict[str, Any]]:
         with coding_model(det) as model:
             codes, steps = self._codes(model, x.double(), self._weights(det, math.prod(x.shape[1:])), progress)
