@@ -288,34 +288,71 @@ def plot(df: pd.DataFrame, methods: list[str], path: Path) -> Path | None:
 
 
 def summarise(df: pd.DataFrame, methods: list[str]) -> str:
+    """The results as markdown: mean AUROC per set and method, the means of each half of :data:`SPLIT`,
+    mean AP, total seconds, and vaeguard's standing (per-set wins and losses, seed spread)."""
     per = df.groupby(["dataset", "method"])["auroc"].mean().unstack("method")[methods]
     order = list(dict.fromkeys(df["dataset"]))
     per = per.loc[order]
-    mean = per.mean().rename("**mean**")
-    times = df.groupby("method")[["fit_s", "score_s"]].sum()[["fit_s", "score_s"]].T[methods]
-    aps = df.groupby("method")["ap"].mean()[methods].rename("mean AP")
-    table = pd.concat([per, mean.to_frame().T, aps.to_frame().T])
+    halves = pd.Series({name: split_half(stem) for stem in sum(SPLIT.values(), ()) for name in [stem.split("_", 1)[1]]})
+    half_of = halves.reindex(per.index).fillna("-")
+    rows = [per]
+    for half in ("A", "B"):
+        if (half_of == half).any() and (half_of != half).any():
+            label = {"A": "mean, half A (decides)", "B": "mean, half B (confirms)"}[half]
+            rows.append(per[half_of == half].mean().rename(f"*{label}*").to_frame().T)
+    rows.append(per.mean().rename("**mean**").to_frame().T)
+    rows.append(df.groupby("method")["ap"].mean()[methods].rename("mean AP").to_frame().T)
+    table = pd.concat(rows)
+    times = df.groupby("method")[["fit_s", "score_s"]].sum().sum(axis=1)[methods]
     lines = [
-        "| data set | " + " | ".join(methods) + " |",
-        "|---|" + "---|" * len(methods),
+        "| data set | half | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
     ]
     for idx, r in table.iterrows():
-        lines.append(f"| {idx} | " + " | ".join(f"{v:.4f}" for v in r.values) + " |")
-    lines.append("| total fit+score s | " + " | ".join(f"{times[m].sum():.1f}" for m in methods) + " |")
-    if "vaeguard" in methods and "pyod_vae" in methods:
-        gap = per["vaeguard"] - per["pyod_vae"]
-        lines.append("")
-        lines.append(
-            f"vaeguard − PyOD VAE: mean {gap.mean():+.4f}; worst data set {gap.idxmin()} {gap.min():+.4f}; "
-            f"all {int(df[df.method == 'vaeguard'].auroc.notna().sum())} vaeguard runs finite: "
-            f"{bool((df[df.method == 'vaeguard'].error == '').all())}"
-        )
-    errors = df[df["error"] != ""]
+        half = half_of.get(idx, "")
+        lines.append(f"| {idx} | {half} | " + " | ".join(f"{v:.4f}" for v in r.values) + " |")
+    lines.append("| total fit+score s | | " + " | ".join(f"{times[m]:.1f}" for m in methods) + " |")
+    peers = [m for m in methods if m != "vaeguard"]
+    if "vaeguard" in methods and peers:
+        lines += ["", *standing(df, per, half_of, peers)]
+    errors = df[df["error"].fillna("") != ""]
     if len(errors):
         lines.append("")
         lines.append(f"{len(errors)} failed runs:")
         lines += [f"- {r.dataset} seed {r.seed} {r.method}: {r.error}" for r in errors.itertuples()]
     return "\n".join(lines)
+
+
+def standing(df: pd.DataFrame, per: pd.DataFrame, half_of: pd.Series, peers: list[str]) -> list[str]:
+    """vaeguard against the best peer (by mean over the sets) overall and per half, per-set wins, seed spread."""
+    best = per[peers].mean().idxmax()
+    lines = []
+    for half, mask in [("all sets", half_of == half_of), ("half A", half_of == "A"), ("half B", half_of == "B")]:
+        if mask.any():
+            sub = per[mask]
+            gap = sub["vaeguard"].mean() - sub[peers].mean().max()
+            lines.append(
+                f"- {half}: vaeguard {sub['vaeguard'].mean():.4f}, best peer {sub[peers].mean().idxmax()} "
+                f"{sub[peers].mean().max():.4f} ({gap:+.4f})"
+            )
+    wins = per["vaeguard"] - per[best]
+    lines.append(
+        f"- against {best} per set: {int((wins > 0).sum())} wins, {int((wins < 0).sum())} losses; "
+        f"largest loss {wins.idxmin()} {wins.min():+.4f}"
+    )
+    if "pyod_vae" in peers:
+        gap = per["vaeguard"] - per["pyod_vae"]
+        lines.append(
+            f"- against PyOD VAE: mean {gap.mean():+.4f}; sets more than 0.05 below: "
+            + (", ".join(f"{k} {v:+.3f}" for k, v in gap[gap < -0.05].items()) or "none")
+        )
+    by_seed = df[df.method == "vaeguard"].groupby("seed")["auroc"].mean()
+    if len(by_seed) > 1:
+        lines.append(
+            f"- vaeguard's mean over the sets per seed: {', '.join(f'{v:.4f}' for v in by_seed)} "
+            f"(spread {by_seed.max() - by_seed.min():.4f})"
+        )
+    return lines
 
 
 def main() -> None:
@@ -345,6 +382,7 @@ def main() -> None:
         default="real",
         help="the sets' own anomalies, or one of ADBench's synthetic types made from their normal rows",
     )
+    ap.add_argument("--from-csv", type=Path, default=None, help="summarise an earlier run's CSV without fitting")
     ap.add_argument("--train-rows", type=int, default=None, help="subsample the train part to this many rows")
     args = ap.parse_args()
     import json
@@ -356,18 +394,35 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    df = run(args.data_dir, args.seeds, args.methods, args.jobs, args.sets)
+    if args.from_csv:
+        df = pd.read_csv(args.from_csv, dtype={"error": str}, keep_default_na=False, na_values={"auroc": [""]})
+        args.methods = [m for m in args.methods if m in set(df["method"])]
+    else:
+        df = run(args.data_dir, args.seeds, args.methods, args.jobs, args.sets)
     args.out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out / f"{args.name}.csv", index=False)
+    if not args.from_csv:
+        df.to_csv(args.out / f"{args.name}.csv", index=False)
     import vaeguard
 
+    seeds = sorted(int(s) for s in df["seed"].unique())
+    variation = "" if args.anomalies == "real" else f", synthetic **{args.anomalies}** anomalies from the normal rows"
+    if args.train_rows:
+        variation += f", the train part subsampled to **{args.train_rows} rows**"
+    threads = (
+        "1 torch thread per worker, " + f"{args.jobs} workers"
+        if args.jobs > 1
+        else f"{torch.get_num_threads()} torch threads"
+    )
     header = (
-        f"# ADBench unsupervised protocol: mean AUROC over seeds {args.seeds}\n\n"
+        f"# ADBench unsupervised protocol: mean AUROC over seeds {seeds}\n\n"
         f"Command: `python benchmarks/adbench.py {' '.join(sys.argv[1:])}`  \n"
-        f"vaeguard {vaeguard.__version__}, torch {torch.__version__}, "
-        f"CPU ({platform.machine()}, {torch.get_num_threads()} torch threads), "
-        f"wall {time.perf_counter() - start:.0f} s.\n"
-        "Stratified 70/30 split per seed, MinMaxScaler on train, fit on the unlabeled train part, AUROC on test.\n\n"
+        f"vaeguard {vaeguard.__version__}, torch {torch.__version__}, CPU ({platform.machine()}, {threads})"
+        + ("" if args.from_csv else f", wall {time.perf_counter() - start:.0f} s")
+        + ".\n"
+        "Stratified 70/30 split per seed, MinMaxScaler on train, fit on the unlabeled train part, "
+        f"AUROC on test{variation}.\n"
+        "Halves: the fixed split of the shared sets (`SPLIT` in this script); "
+        "defaults are decided on A and confirmed on B.\n\n"
     )
     text = header + summarise(df, args.methods) + "\n"
     (args.out / f"{args.name}.md").write_text(text)

@@ -1,5 +1,6 @@
 """VAEAnomalyDetector: behaviour, sklearn integration, bad input, and learned densities."""
 
+import copy
 import math
 import pickle
 
@@ -11,7 +12,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from vaeguard import VAEAnomalyDetector
+from vaeguard import VAEAnomalyDetector, load
 
 
 @pytest.fixture(scope="module")
@@ -316,3 +317,92 @@ def test_feature_scores_point_at_the_planted_column():
     frame.iloc[0, 2] = np.nan
     with_gap = det.feature_scores(frame)
     assert np.isnan(with_gap.iloc[0, 2]) and np.isfinite(with_gap.drop(columns="c").to_numpy()).all()
+
+
+# -- a mixture of models (n_models) -------------------------------------------------------
+
+
+def test_auto_n_models_is_three_for_small_tables_and_one_otherwise():
+    from vaeguard.estimators import SMALL_TABLE_ROWS, auto_n_models
+
+    assert auto_n_models(50, images=False) == 3 and auto_n_models(SMALL_TABLE_ROWS, images=False) == 3
+    assert auto_n_models(SMALL_TABLE_ROWS + 1, images=False) == 1
+    assert auto_n_models(100, images=True) == 1
+
+
+def _mixture(n_models=3, n=200, seed=0):
+    from conftest import FAST
+
+    X = np.random.default_rng(seed).normal(size=(n, 3))
+    return VAEAnomalyDetector(**FAST, n_models=n_models, random_state=0).fit(X), X
+
+
+def _alone(det, member):
+    """A copy of ``det`` whose mixture is the one model ``member``."""
+    single = copy.copy(det)
+    single.model_, single.models_ = member, [member]
+    return single
+
+
+def test_a_mixture_scores_the_log_mean_of_its_members_probabilities():
+    det, X = _mixture()
+    assert len(det.models_) == 3 and det.models_[0] is det.model_
+    members = np.stack([_alone(det, m).score_samples(X[:40]) for m in det.models_])
+    assert np.ptp(members, axis=0).max() > 1e-3  # three different models (their own seeds)
+    expected = np.log(np.mean(np.exp(members.astype(np.float64)), axis=0))
+    np.testing.assert_allclose(det.score_samples(X[:40]), expected, rtol=0, atol=1e-9)
+    # the mixture's ELBO is log-mean-exp of the members' ELBOs, a bound on each member's log p(x)
+    bounds = np.stack([_alone(det, m).elbo(X[:40]) for m in det.models_])
+    np.testing.assert_allclose(det.elbo(X[:40]), np.log(np.mean(np.exp(bounds), axis=0)), atol=1e-9)
+
+
+def test_a_mixture_of_one_model_repeated_is_that_model_with_its_error_bar():
+    det, X = _mixture()
+    one = _alone(det, det.model_)
+    repeated = copy.copy(det)
+    repeated.models_ = [det.model_] * 4
+    value, std = repeated.log_likelihood(X[:30], return_std=True)
+    v1, s1 = one.log_likelihood(X[:30], return_std=True)
+    np.testing.assert_allclose(value, v1, atol=1e-12)
+    np.testing.assert_allclose(std, s1, atol=1e-12)  # the bound that holds for perfectly correlated errors
+
+
+def test_a_mixture_error_bar_is_the_weighted_mean_of_the_members_errors():
+    det, X = _mixture()
+    value, std = det.log_likelihood(X[:30], return_std=True)
+    parts = [_alone(det, m).log_likelihood(X[:30], return_std=True) for m in det.models_]
+    weights = np.exp(np.stack([p[0] for p in parts]) - value) / len(parts)
+    np.testing.assert_allclose(weights.sum(0), 1.0, atol=1e-9)
+    np.testing.assert_allclose(std, (weights * np.stack([p[1] for p in parts])).sum(0), atol=1e-12)
+
+
+def test_one_model_is_what_n_models_1_and_large_tables_give():
+    det1, X = _mixture(n_models=1)
+    assert len(det1.models_) == 1
+    det3, _ = _mixture(n_models=3)
+    # the first model of a mixture is the model a single fit trains (same seed, same draws)
+    np.testing.assert_array_equal(det3.transform(X[:10]), det1.transform(X[:10]))
+
+
+def test_a_mixture_survives_the_model_file(tmp_path):
+    det, X = _mixture()
+    det.save(tmp_path / "m.h5")
+    loaded = load(tmp_path / "m.h5")
+    assert len(loaded.models_) == 3
+    np.testing.assert_array_equal(loaded.score_samples(X), det.score_samples(X))
+
+
+def test_a_model_file_that_declares_more_models_than_it_may_is_refused(tmp_path):
+    from vaeguard import storage
+
+    det, _ = _mixture()
+    config, arrays = det._model_file_contents()
+    for declared in (0, 1000):
+        config["fitted"]["n_models_"] = declared
+        storage.write_model_file(tmp_path / "crafted.h5", config, arrays)
+        with pytest.raises(ValueError, match="declares .* models"):
+            load(tmp_path / "crafted.h5")
+    config["fitted"]["n_models_"] = 4  # one more than the file holds weights for
+    storage.write_model_file(tmp_path / "crafted.h5", config, arrays)
+    with pytest.raises(ValueError, match="weights do not fit"):
+        load(tmp_path / "crafted.h5")

@@ -43,6 +43,26 @@ from vaeguard.training import KL_SCHEDULES, TrainingConfig, TrainingHistory, tra
 AUTO_STEPS = 3000
 #: Training rows scored to set ``offset_``; larger training sets use a random subsample.
 OFFSET_ROWS = 100_000
+#: ``n_models="auto"``: tables of at most this many rows get :data:`SMALL_TABLE_MODELS` models.
+SMALL_TABLE_ROWS = 2000
+SMALL_TABLE_MODELS = 3
+
+
+def auto_n_models(n_rows: int, images: bool) -> int:
+    """Models in the mixture for ``n_models="auto"``: 3 for tables of at most 2000 rows, else 1.
+
+    A small table gives a single VAE a high variance (its AUROC moves by up to ±0.1 with
+    the seed); an equal mixture of three averages it out, at three times a fit that is
+    cheap at that size (quality log Q5).
+    """
+    return SMALL_TABLE_MODELS if not images and n_rows <= SMALL_TABLE_ROWS else 1
+
+
+def log_mean_exp(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    """log((1/M) Σ_m exp(values_m)) along ``axis``, computed stably."""
+    top = np.max(values, axis=axis, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    return np.squeeze(top, axis) + np.log(np.mean(np.exp(values - top), axis=axis))
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -110,6 +130,15 @@ class VAEAnomalyDetector(
         Adam's step size.
     n_importance_samples : int, default=64
         K, the importance samples per row in :meth:`score_samples`.
+    n_models : int or "auto", default="auto"
+        M, the VAEs fitted (each with its own seed) and averaged in probability: the
+        model is the equal mixture p(x) = (1/M) Σ_m p_m(x), so scores stay log-likelihoods.
+        "auto": 3 for tables of at most 2000 rows (where one small model's scores vary
+        most with the seed and a fit is cheap), else 1 (and 1 for images). The likelihood
+        methods (:meth:`score_samples`, :meth:`log_likelihood`, :meth:`elbo`,
+        :meth:`bits_per_dim`, thresholds) use the mixture; :meth:`transform`,
+        :meth:`sample`, :meth:`reconstruct`, :meth:`feature_scores` and the compression
+        codecs use the first model (``model_``), whose latent space is the one reported.
     contamination : float in (0, 0.5], default=0.1
         Expected fraction of outliers in the training data. ``offset_`` is the
         ``100·contamination`` percentile of the training scores, so :meth:`predict`
@@ -184,7 +213,9 @@ class VAEAnomalyDetector(
     Attributes
     ----------
     model_ : VAE
-        The trained torch module.
+        The trained torch module (the first of ``models_``).
+    models_ : list of VAE
+        Every model of the mixture (``n_models`` of them); ``models_[0]`` is ``model_``.
     offset_ : float
         Threshold on :meth:`score_samples` (nats); ``decision_function = score_samples - offset_``.
     threshold_rule_ : dict
@@ -249,6 +280,7 @@ class VAEAnomalyDetector(
         "batch_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
         "n_importance_samples": [Interval(Integral, 1, None, closed="left")],
+        "n_models": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "contamination": [Interval(Real, 0, 0.5, closed="right")],
         "offset": [Real, None],
         "discrete_columns": [StrOptions({"auto", "none"})],
@@ -279,6 +311,7 @@ class VAEAnomalyDetector(
         batch_size: int | str = "auto",
         learning_rate: float = 1e-3,
         n_importance_samples: int = 64,
+        n_models: int | str = "auto",
         contamination: float = 0.1,
         offset: float | None = None,
         discrete_columns: str = "auto",
@@ -305,6 +338,7 @@ class VAEAnomalyDetector(
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.n_importance_samples = n_importance_samples
+        self.n_models = n_models
         self.contamination = contamination
         self.offset = offset
         self.discrete_columns = discrete_columns
@@ -442,16 +476,21 @@ class VAEAnomalyDetector(
             return np.zeros(n_rows)
         return self.standardizer_.log_jacobian_rows(None if mask is None else mask.numpy().reshape(n_rows, -1), n_rows)
 
-    def _scoring_model(self) -> VAE:
-        """The model as scoring uses it: a float64 copy on the CPU, float32 on an accelerator.
+    def _scoring_model(self, model: VAE | None = None) -> VAE:
+        """A model (default ``model_``) as scoring uses it: a float64 copy on the CPU, float32 on an accelerator.
 
         On the CPU, float64 makes a row's score independent of the other rows in its
         batch to ~1e-12 nats (float32 matrix kernels round differently by batch shape);
         on CUDA, float32 keeps the throughput and the scores agree to ~1e-5 nats.
         """
+        model = self.model_ if model is None else model
         if torch.device(self.device_).type == "cpu":
-            return copy.deepcopy(self.model_).double()
-        return self.model_
+            return copy.deepcopy(model).double()
+        return model
+
+    def _mixture_members(self) -> list[VAE]:
+        """The models of the mixture (files written before ``models_`` existed hold one)."""
+        return getattr(self, "models_", None) or [self.model_]
 
     # -- fitting -------------------------------------------------------------------------
     def _table_likelihood(self, X: np.ndarray) -> tuple[str, Likelihood, Standardizer | None]:
@@ -611,6 +650,8 @@ class VAEAnomalyDetector(
         mask_input = mask is not None
         rng = check_random_state(self.random_state)
         fit_seed, score_seed = (int(s) for s in rng.randint(0, 2**31 - 1, size=2))
+        n_models = self.n_models if self.n_models != "auto" else auto_n_models(n, images)
+        member_seeds = [fit_seed, *(int(s) for s in rng.randint(0, 2**31 - 1, size=n_models - 1))]
         latent_dim = self.latent_dim if self.latent_dim != "auto" else default_latent_dim(d)
         hidden = None if self.hidden_dims == "auto" else list(self.hidden_dims)
         batch_size = self.batch_size if self.batch_size != "auto" else auto_batch_size(n)
@@ -629,19 +670,38 @@ class VAEAnomalyDetector(
             iwae_samples=int(self.iwae_samples),
         )
         device = resolve_device(self.device)
-        generator = torch.Generator(device="cpu").manual_seed(fit_seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(fit_seed)  # the CPU generator only: init runs there
-            model = self._build_model(
-                encoder, likelihood, latent_dim, hidden, mask_input, 0 if c is None else conditions.width
+        models, histories = [], []
+        for seed in member_seeds:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)  # the CPU generator only: init runs there
+                member = self._build_model(
+                    encoder,
+                    copy.deepcopy(likelihood),
+                    latent_dim,
+                    hidden,
+                    mask_input,
+                    0 if c is None else conditions.width,
+                )
+            histories.append(
+                train(
+                    member,
+                    x,
+                    config,
+                    generator=generator,
+                    device=device,
+                    verbose=bool(self.verbose),
+                    mask=mask,
+                    condition=c,
+                )
             )
-        history = train(
-            model, x, config, generator=generator, device=device, verbose=bool(self.verbose), mask=mask, condition=c
-        )
+            models.append(member)
+        model, history = models[0], histories[0]
         # Fitted state is set only once training has succeeded.
         self.standardizer_ = standardizer
         self.pixel_levels_ = pixels
         self.model_ = model
+        self.models_ = models
         self.model_spec_ = {
             "encoder": encoder,
             "likelihood": likelihood_name,
@@ -726,9 +786,19 @@ class VAEAnomalyDetector(
         condition: torch.Tensor | None = None,
     ):
         eps = common_random_numbers(n_samples, self.latent_dim_, self.score_seed_)
-        result = importance_sampled_log_likelihood(
-            self._scoring_model(), x, eps, mask=mask, return_std=return_std, device=self.device_, condition=condition
-        )
+        members = [
+            importance_sampled_log_likelihood(
+                self._scoring_model(m),
+                x,
+                eps,
+                mask=mask,
+                return_std=return_std,
+                device=self.device_,
+                condition=condition,
+            )
+            for m in self._mixture_members()
+        ]
+        result = members[0] if len(members) == 1 else mixture_estimate(members)
         if not np.all(np.isfinite(result.value)):
             row = int(np.flatnonzero(~np.isfinite(result.value))[0])
             raise ValueError(
@@ -818,12 +888,18 @@ class VAEAnomalyDetector(
         """The evidence lower bound per row (nats, data units): E_q[log p(x|z)] − KL(q ‖ p).
 
         The expectation is averaged over ``n_samples`` draws (default ``n_importance_samples``),
-        the same draws :meth:`log_likelihood` uses; the KL is exact.
+        the same draws :meth:`log_likelihood` uses; the KL is exact. For a mixture of M
+        models it is log((1/M) Σ_m exp(ELBO_m)), a lower bound on the mixture's log p(x)
+        because each ELBO_m bounds log p_m(x).
         """
         k = self.n_importance_samples if n_samples is None else int(n_samples)
         x, mask, c = self._internal_inputs(X, condition)
         eps = common_random_numbers(k, self.latent_dim_, self.score_seed_)
-        value = evidence_lower_bound(self._scoring_model(), x, eps, mask=mask, device=self.device_, condition=c)
+        bounds = [
+            evidence_lower_bound(self._scoring_model(m), x, eps, mask=mask, device=self.device_, condition=c)
+            for m in self._mixture_members()
+        ]
+        value = log_mean_exp(np.stack(bounds))
         return _per_row(value + self._log_jacobian_rows(mask, x.shape[0]), X, "elbo")
 
     def feature_scores(self, X: Any, condition: Any = None) -> pd.DataFrame:
@@ -973,11 +1049,14 @@ class VAEAnomalyDetector(
                 "pixel_levels_": None if self.pixel_levels_ is None else dataclasses.asdict(self.pixel_levels_),
                 "condition_encoder_": None if self.condition_encoder_ is None else self.condition_encoder_.config(),
                 "active_units_": None if self.latent_variance_ is None else int(self.active_units_),
+                "n_models_": len(self._mixture_members()),
                 "best_epoch": self.history_.best_epoch,
                 "stopped_early": self.history_.stopped_early,
             },
         }
         arrays = {f"model.{k}": v.detach().cpu().numpy() for k, v in self.model_.state_dict().items()}
+        for i, member in enumerate(self._mixture_members()[1:], 1):
+            arrays |= {f"member{i}.{k}": v.detach().cpu().numpy() for k, v in member.state_dict().items()}
         arrays["history.train_loss"] = np.asarray(self.history_.train_loss, dtype=np.float64)
         arrays["history.validation_loss"] = np.asarray(self.history_.validation_loss, dtype=np.float64)
         if self.latent_variance_ is not None:
@@ -1003,22 +1082,28 @@ class VAEAnomalyDetector(
         lik_cls = get_part("likelihoods", spec["likelihood"])
         event_shape = tuple(spec.get("event_shape") or (spec["n_features"],))
         likelihood = lik_cls(event_shape, **spec["likelihood_options"])
-        model = est._build_model(
-            spec["encoder"],
-            likelihood,
-            spec["latent_dim"],
-            spec["hidden_dims"],
-            spec.get("mask_input", False),
-            spec.get("condition_dim", 0),
-        )
-        state = {k[len("model.") :]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("model.")}
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ValueError(f"the model file's weights do not fit the network it describes: {exc}") from exc
+        n_models = int(fitted.get("n_models_", 1))
+        if not 1 <= n_models <= MAX_STORED_MODELS:
+            raise ValueError(f"the model file declares {n_models} models; 1 to {MAX_STORED_MODELS} are allowed")
         est.model_spec_ = spec
         est.device_ = str(resolve_device(device))
-        est.model_ = model.to(est.device_).eval()
+        models = []
+        for prefix in ["model.", *(f"member{i}." for i in range(1, n_models))]:
+            model = est._build_model(
+                spec["encoder"],
+                copy.deepcopy(likelihood),
+                spec["latent_dim"],
+                spec["hidden_dims"],
+                spec.get("mask_input", False),
+                spec.get("condition_dim", 0),
+            )
+            state = {k[len(prefix) :]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith(prefix)}
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as exc:
+                raise ValueError(f"the model file's weights do not fit the network it describes: {exc}") from exc
+            models.append(model.to(est.device_).eval())
+        est.model_, est.models_ = models[0], models
         est.standardizer_ = (
             Standardizer(
                 arrays["standardizer.center"],
@@ -1057,6 +1142,27 @@ class VAEAnomalyDetector(
         est.aggregate_posterior_ = AggregatePosterior.from_arrays(arrays)
         est.fingerprint_ = digest
         return est
+
+
+#: The most models a model file may hold (a guard against crafted files).
+MAX_STORED_MODELS = 64
+
+
+def mixture_estimate(members: list) -> Any:
+    """The importance-sampled log-likelihood of an equal mixture from its members' estimates.
+
+    log p̂(x) = log((1/M) Σ_m p̂_m(x)). The members' estimates share the draws ε (common
+    random numbers), so their errors may be correlated; the standard error reported is the
+    bound that holds whatever the correlation, se(p̂) ≤ (1/M) Σ_m p̂_m se(p̂_m), i.e.
+    se(log p̂) ≤ Σ_m w_m se(log p̂_m) with weights w_m = p̂_m / (M p̂) that sum to 1.
+    """
+    values = np.stack([m.value for m in members])
+    value = log_mean_exp(values)
+    if members[0].std is None:
+        return dataclasses.replace(members[0], value=value)
+    weights = np.exp(values - value[None, :]) / len(members)
+    std = np.sum(weights * np.stack([m.std for m in members]), axis=0)
+    return dataclasses.replace(members[0], value=value, std=std)
 
 
 #: Rows encoded at once when measuring the latent dimensions' use after fitting.
