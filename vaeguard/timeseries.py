@@ -99,6 +99,7 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
         quantile of the training steps' scores.
     estimator_params : dict, optional
         Further arguments of the window model (e.g. ``{"epochs": 50, "latent_dim": 4}``).
+        The window model is one VAE (``n_models=1``) unless ``n_models`` is given here.
     random_state : int or None, default=None
     device : str, default="auto"
     verbose : bool, default=False
@@ -162,7 +163,8 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
         self.window_ = auto_window(values) if self.window == "auto" else int(self.window)
         windows = self._windows(values, self.stride, self.window_)
         keep = ~np.isnan(windows).all(axis=1)
-        params = {"random_state": self.random_state, "device": self.device, "verbose": self.verbose}
+        # one window model unless asked: the mixture for small tables was decided on tables, not on series
+        params = {"random_state": self.random_state, "device": self.device, "verbose": self.verbose, "n_models": 1}
         if self.encoder == "temporal":
             params |= {"encoder": "temporal", "encoder_params": {"channels": self.n_channels_}}
         params |= dict(self.estimator_params or {})
