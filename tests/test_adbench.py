@@ -56,8 +56,13 @@ def test_smoke_two_small_sets_one_seed(tmp_path, monkeypatch):
     assert df["error"].eq("").all() and df["auroc"].between(0, 1).all()
     table = adbench.summarise(df, ["vaeguard", "gmm"])
     lines = table.splitlines()
-    assert lines[0] == "| data set | vaeguard | gmm |"
+    assert lines[0] == "| data set | half | vaeguard | gmm |"
     assert any(line.startswith("| **mean** |") for line in lines) and len(lines) >= 2 + 2 + 3
+    # breastw is in half B, Pima in half A: both halves get their mean and vaeguard's standing
+    assert any(line.startswith("| *mean, half A (decides)* |") for line in lines)
+    assert any(line.startswith("| Pima | A |") for line in lines)
+    assert any(line.startswith("- half B: vaeguard") for line in lines)
+    assert any(line.startswith("- against gmm per set:") for line in lines)
     assert adbench.plot(df, ["vaeguard", "gmm"], tmp_path / "p.png") is None or (tmp_path / "p.png").stat().st_size > 0
     assert isinstance(df, pd.DataFrame)
 
