@@ -665,7 +665,6 @@ class VAEAnomalyDetector(
             trim_fraction=self.trim_fraction,
             kl_schedule=self.kl_schedule,
             free_bits=float(self.free_bits),
-            regularizer=build_regularizer(self.regularizer, self.regularizer_params),
             objective=self.objective,
             iwae_samples=int(self.iwae_samples),
         )
@@ -683,11 +682,15 @@ class VAEAnomalyDetector(
                     mask_input,
                     0 if c is None else conditions.width,
                 )
+            # each model its own regularizer: FactorVAE's discriminator is trained with its model
+            member_config = dataclasses.replace(
+                config, regularizer=build_regularizer(self.regularizer, self.regularizer_params)
+            )
             histories.append(
                 train(
                     member,
                     x,
-                    config,
+                    member_config,
                     generator=generator,
                     device=device,
                     verbose=bool(self.verbose),
