@@ -36,7 +36,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
-	$(PY) benchmarks/adbench.py
+	$(PY) benchmarks/adbench.py --jobs 2
 	$(PY) benchmarks/timeseries.py
 	$(PY) benchmarks/images.py
 
