@@ -53,7 +53,7 @@ def auto_n_models(n_rows: int, images: bool) -> int:
 
     A small table gives a single VAE a high variance (its AUROC moves by up to ±0.1 with
     the seed); an equal mixture of three averages it out, at three times a fit that is
-    cheap at that size (quality log Q5).
+    cheap at that size (quality log Q5, Q8).
     """
     return SMALL_TABLE_MODELS if not images and n_rows <= SMALL_TABLE_ROWS else 1
 
