@@ -16,7 +16,7 @@ from vaeguard import VAEAnomalyDetector, compress, decompress
 from vaeguard.components.codecs import decode_integer_codes, encode_integer_codes
 from vaeguard.compression import read_header
 
-QUICK = {"epochs": 40, "random_state": 0, "device": "cpu", "n_importance_samples": 16}
+QUICK = {"epochs": 40, "random_state": 0, "device": "cpu", "n_importance_samples": 16, "n_models": 1}
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,7 @@ def exact_log_density(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def conditional():
     centers, labels, _, X = clusters(2000, 1)
-    det = VAEAnomalyDetector(conditional=True, latent_dim=2, epochs=300, trim_fraction=0.0, random_state=0)
+    det = VAEAnomalyDetector(conditional=True, latent_dim=2, epochs=300, trim_fraction=0.0, n_models=1, random_state=0)
     det.fit(X, labels)
     return centers, det
 

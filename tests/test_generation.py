@@ -12,7 +12,7 @@ from vaeguard.generation import AggregatePosterior, slerp
 def table():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(500, 2)) @ rng.normal(size=(2, 6)) + 0.1 * rng.normal(size=(500, 6))
-    return X, VAEAnomalyDetector(epochs=30, latent_dim=3, random_state=0).fit(X)
+    return X, VAEAnomalyDetector(epochs=30, latent_dim=3, n_models=1, random_state=0).fit(X)
 
 
 def test_inverse_transform_of_the_codes_is_the_reconstruction(table):
@@ -93,7 +93,7 @@ def test_aggregate_samples_avoid_the_gap_between_clusters():
     rng = np.random.default_rng(0)
     sign = rng.choice([-1.0, 1.0], size=(800, 1))
     X = 3.0 * sign + 0.1 * rng.normal(size=(800, 4))
-    det = VAEAnomalyDetector(epochs=60, latent_dim=2, random_state=0).fit(X)
+    det = VAEAnomalyDetector(epochs=60, latent_dim=2, n_models=1, random_state=0).fit(X)
 
     def off_cluster(samples):
         return (np.abs(np.abs(samples).mean(axis=1) - 3.0) > 0.5).mean()

@@ -28,7 +28,7 @@ def make_frame(n: int, seed: int) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def fitted():
-    return VAEAnomalyDetector(random_state=0, epochs=40).fit(make_frame(2000, 0))
+    return VAEAnomalyDetector(random_state=0, epochs=40, n_models=1).fit(make_frame(2000, 0))
 
 
 def test_columns_are_typed_and_scores_are_finite(fitted):

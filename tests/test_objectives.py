@@ -81,7 +81,7 @@ def test_iwae_training_tightens_the_bound():
     gaps, log_px = {}, {}
     for objective in ("elbo", "iwae"):
         det = VAEAnomalyDetector(
-            epochs=60, latent_dim=2, random_state=0, objective=objective, iwae_samples=8, trim_fraction=0.0
+            epochs=60, latent_dim=2, n_models=1, random_state=0, objective=objective, iwae_samples=8, trim_fraction=0.0
         ).fit(X)
         ll = det.log_likelihood(X, n_samples=256)
         log_px[objective], gaps[objective] = float(ll.mean()), float(np.mean(ll - det.elbo(X, n_samples=64)))

@@ -155,6 +155,7 @@ def test_beta_below_one_keeps_more_information_in_the_code():
         beta: VAEAnomalyDetector(
             epochs=40,
             latent_dim=4,
+            n_models=1,
             random_state=0,
             trim_fraction=0.0,
             regularizer="beta",
