@@ -293,7 +293,7 @@ def summarise(df: pd.DataFrame, methods: list[str]) -> str:
     per = df.groupby(["dataset", "method"])["auroc"].mean().unstack("method")[methods]
     order = list(dict.fromkeys(df["dataset"]))
     per = per.loc[order]
-    halves = pd.Series({name: split_half(stem) for stem in sum(SPLIT.values(), ()) for name in [stem.split("_", 1)[1]]})
+    halves = pd.Series({stem.split("_", 1)[1]: half for half, stems in SPLIT.items() for stem in stems})
     half_of = halves.reindex(per.index).fillna("-")
     rows = [per]
     for half in ("A", "B"):
