@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from scipy.special import logsumexp
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, OutlierMixin, TransformerMixin, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
@@ -58,11 +59,9 @@ def auto_n_models(n_rows: int, images: bool) -> int:
     return SMALL_TABLE_MODELS if not images and n_rows <= SMALL_TABLE_ROWS else 1
 
 
-def log_mean_exp(values: np.ndarray, axis: int = 0) -> np.ndarray:
-    """log((1/M) Σ_m exp(values_m)) along ``axis``, computed stably."""
-    top = np.max(values, axis=axis, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    return np.squeeze(top, axis) + np.log(np.mean(np.exp(values - top), axis=axis))
+def log_mean_exp(values: np.ndarray) -> np.ndarray:
+    """log((1/M) Σ_m exp(values_m)) over the first axis (M), computed stably."""
+    return logsumexp(values, axis=0) - math.log(values.shape[0])
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -669,37 +668,35 @@ class VAEAnomalyDetector(
             iwae_samples=int(self.iwae_samples),
         )
         device = resolve_device(self.device)
-        models, histories = [], []
-        for seed in member_seeds:
+        condition_dim = 0 if c is None else conditions.width
+
+        def fit_one(seed: int) -> tuple[VAE, TrainingHistory, torch.Generator]:
+            """One model of the mixture, initialised and trained from ``seed``; its history and generator."""
             generator = torch.Generator(device="cpu").manual_seed(seed)
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(seed)  # the CPU generator only: init runs there
                 member = self._build_model(
-                    encoder,
-                    copy.deepcopy(likelihood),
-                    latent_dim,
-                    hidden,
-                    mask_input,
-                    0 if c is None else conditions.width,
+                    encoder, copy.deepcopy(likelihood), latent_dim, hidden, mask_input, condition_dim
                 )
             # each model its own regularizer: FactorVAE's discriminator is trained with its model
             member_config = dataclasses.replace(
                 config, regularizer=build_regularizer(self.regularizer, self.regularizer_params)
             )
-            histories.append(
-                train(
-                    member,
-                    x,
-                    member_config,
-                    generator=generator,
-                    device=device,
-                    verbose=bool(self.verbose),
-                    mask=mask,
-                    condition=c,
-                )
+            history = train(
+                member,
+                x,
+                member_config,
+                generator=generator,
+                device=device,
+                verbose=bool(self.verbose),
+                mask=mask,
+                condition=c,
             )
-            models.append(member)
-        model, history = models[0], histories[0]
+            return member, history, generator
+
+        fitted = [fit_one(seed) for seed in member_seeds]
+        models = [member for member, _, _ in fitted]
+        model, history, generator = fitted[0]  # the first model's generator draws the offset's subsample below
         # Fitted state is set only once training has succeeded.
         self.standardizer_ = standardizer
         self.pixel_levels_ = pixels
