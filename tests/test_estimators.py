@@ -406,3 +406,22 @@ def test_a_model_file_that_declares_more_models_than_it_may_is_refused(tmp_path)
     storage.write_model_file(tmp_path / "crafted.h5", config, arrays)
     with pytest.raises(ValueError, match="weights do not fit"):
         load(tmp_path / "crafted.h5")
+
+
+@pytest.mark.parametrize("magnitude", [1e-300, 1e-13, 1e200])
+def test_a_column_at_any_magnitude_is_modelled_and_scores_change_by_the_jacobian(magnitude):
+    # Rescaling one column by m multiplies its density by 1/m: every score moves by exactly
+    # −log m nats (change of variables), and a 50σ departure in that column stays flagged.
+    # Columns of scale 1e-13 used to count as constant and 1e200 overflowed to NaN scores.
+    X = np.random.default_rng(0).normal(size=(300, 3))
+    scaled = X.copy()
+    scaled[:, 1] *= magnitude
+    params = {"random_state": 0, "epochs": 10, "n_models": 1}
+    reference = VAEAnomalyDetector(**params).fit(X)
+    det = VAEAnomalyDetector(**params).fit(scaled)
+    shift = det.score_samples(scaled[:20]) - reference.score_samples(X[:20])
+    np.testing.assert_allclose(shift, -math.log(magnitude), atol=1e-6)
+    assert np.isfinite(det.offset_)
+    outlier = scaled[:1].copy()
+    outlier[0, 1] = 50 * magnitude
+    assert det.predict(outlier)[0] == -1

@@ -25,6 +25,25 @@ def test_constant_columns_keep_unit_scale():
     assert st.scale[1] == 1.0 and np.isfinite(st.log_jacobian)
 
 
+@pytest.mark.parametrize("magnitude", [1e-300, 1e-13, 1.0, 1e154, 1e200, 1e300])
+def test_moments_are_scale_free(magnitude):
+    # The same column at any magnitude: mean and spread scale with it (no overflow when
+    # squared near 1e200, no underflow to a zero spread near 1e-300), and it stays data,
+    # not a constant.
+    base = np.array([[1.0], [2.0], [4.0], [np.nan], [7.0]])
+    st = Standardizer.fit(base * magnitude)
+    np.testing.assert_allclose(st.center, [3.5 * magnitude], rtol=1e-12)
+    np.testing.assert_allclose(st.scale, [np.sqrt(5.25) * magnitude], rtol=1e-12)
+    np.testing.assert_allclose(st.transform(base * magnitude), Standardizer.fit(base).transform(base), rtol=1e-12)
+    assert math.isclose(st.log_jacobian, -math.log(np.sqrt(5.25)) - math.log(magnitude), rel_tol=1e-12)
+
+
+def test_a_spread_below_the_values_float_resolution_is_constant():
+    # 1e6 plus noise of 1e-7 is 1e6 to within float64's resolution (~1e-10 there): constant.
+    X = 1e6 + 1e-7 * np.random.default_rng(0).normal(size=(50, 1))
+    assert Standardizer.fit(X).scale[0] == 1.0
+
+
 def test_lattice_steps_find_grids_and_leave_continuous_columns():
     rng = np.random.default_rng(0)
     counts = rng.poisson(3, size=500).astype(float)

@@ -29,7 +29,7 @@ from vaeguard.metrics import ACTIVE_UNIT_VARIANCE
 from vaeguard.model import VAE
 from vaeguard.objectives import kl_per_dimension
 from vaeguard.plugins import build_part, get_part
-from vaeguard.preprocessing import ColumnCoder, PixelLevels, Standardizer
+from vaeguard.preprocessing import ColumnCoder, PixelLevels, Standardizer, scale_free_moments
 from vaeguard.presets import PresetMixin
 from vaeguard.scoring import (
     common_random_numbers,
@@ -547,8 +547,10 @@ class VAEAnomalyDetector(
         # continuous models: one scale for all pixels, so the network sees the image as it is
         d = math.prod(event_shape)
         observed = X[~np.isnan(X)]
-        spread = float(observed.std()) if observed.size else 1.0
-        center, scale = np.full(d, float(observed.mean())), np.full(d, spread if spread > 0 else 1.0)
+        mean, spread = (
+            (float(m[0]) for m in scale_free_moments(observed.reshape(-1, 1))) if observed.size else (0.0, 1.0)
+        )
+        center, scale = np.full(d, mean), np.full(d, spread if spread > 0 else 1.0)
         options = lik_cls.options_from_data(X.reshape(len(X), -1))
         if pixels is not None and lik_cls.supports_bin_widths and self.discrete_columns == "auto":
             standardizer = Standardizer(center, scale, np.full(d, pixels.origin), np.full(d, pixels.step))

@@ -34,10 +34,11 @@ class Standardizer:
         (:func:`lattice_steps`) are marked discrete.
         """
         X = np.asarray(X, dtype=np.float64)
-        center = np.nanmean(X, axis=0)  # missing values (NaN) are left out
-        scale = np.nanstd(X, axis=0)
-        tiny = scale <= 1e-12 * np.maximum(1.0, np.abs(center))
-        scale[tiny] = 1.0
+        center, scale = scale_free_moments(X)
+        # constant: no spread, or a spread below the float resolution of the values
+        # (relative, so a column of scale 1e-13 or 1e-300 is data, not a constant)
+        constant = (scale == 0) | (scale <= 1e-12 * np.abs(center))
+        scale[constant] = 1.0
         if categorical is not None and categorical.any():
             # category codes: not rescaled, a lattice of step 1 (so no log-Jacobian)
             center[categorical], scale[categorical] = 0.0, 1.0
@@ -88,6 +89,20 @@ class Standardizer:
 
     def inverse_transform(self, Z: np.ndarray) -> np.ndarray:
         return np.asarray(Z, dtype=np.float64) * self.scale + self.center
+
+
+def scale_free_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and standard deviations of ``X`` (n, d), NaN left out, at any magnitude.
+
+    Each column is divided by its largest absolute value before the moments are taken
+    and the results multiplied back, so values near 1e200 do not overflow when squared
+    and values near 1e-300 do not underflow to a zero spread. All-NaN columns give NaN.
+    """
+    with np.errstate(all="ignore"):
+        magnitude = np.nanmax(np.abs(X), axis=0) if X.shape[0] else np.ones(X.shape[1])
+    magnitude = np.where(np.isfinite(magnitude) & (magnitude > 0), magnitude, 1.0)
+    unit = X / magnitude
+    return np.nanmean(unit, axis=0) * magnitude, np.nanstd(unit, axis=0) * magnitude
 
 
 #: A column is on a lattice when its values are a + k·Δ and the range spans at most this many steps.
