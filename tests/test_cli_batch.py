@@ -304,3 +304,18 @@ def test_a_conditional_model_from_the_command_line(tmp_path):
     assert result.exit_code == 2 and "conditional on region: give --condition VALUE" in result.stderr
     result = run("sample", model, "-n", "5", "-o", str(out), "--condition", "region=east")
     assert result.exit_code == 2 and "label 'east' was not seen in fit" in result.stderr
+
+
+def test_a_stray_text_cell_in_a_numeric_training_column(workdir, tmp_path):
+    # The column stays numeric (the cell is a missing value, said on stderr) and scoring new numbers works.
+    train = pd.read_csv(workdir / "train.csv")
+    train["b"] = train["b"].astype(object)
+    train.loc[3, "b"] = "oops"
+    train.to_csv(tmp_path / "train.csv", index=False)
+    model = str(tmp_path / "m.h5")
+    fitted = run("fit", str(tmp_path / "train.csv"), "-o", model, "--id-column", "key", *FAST)
+    assert fitted.exit_code == 0, fitted.output
+    assert "column 'b': 1 cell(s) are not numbers (first: row 3, 'oops')" in fitted.stderr
+    scored = run("score", model, str(workdir / "test.csv"), "-o", str(tmp_path / "out.csv"), "--id-column", "key")
+    assert scored.exit_code == 0, scored.output
+    assert np.isfinite(pd.read_csv(tmp_path / "out.csv")["log_likelihood"]).all()

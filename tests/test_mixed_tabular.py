@@ -94,3 +94,29 @@ def test_bad_frames(fitted):
     with pytest.raises(ValueError, match="likelihood 'auto' .* 'diag_gaussian' or 'mixed'"):
         VAEAnomalyDetector(likelihood="gaussian", epochs=1).fit(make_frame(50, 0))
     assert math.isfinite(fitted.offset_)
+
+
+def test_a_numeric_column_with_a_stray_text_cell_stays_numeric():
+    # One "n/a" among 600 numbers used to make the column categorical (600 categories) and
+    # scoring then refused every new number. It is a numeric column with one missing cell.
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"x": rng.normal(size=600), "y": rng.normal(size=600)})
+    frame["x"] = frame["x"].astype(object)
+    frame.loc[17, "x"] = "n/a"
+    with pytest.warns(UserWarning, match=r"column 'x': 1 cell\(s\) are not numbers \(first: row 17, 'n/a'\)"):
+        det = VAEAnomalyDetector(random_state=0, epochs=5, n_models=1).fit(frame)
+    assert not det.column_coder_.categorical.any()
+    unseen = pd.DataFrame({"x": [0.123456, 40.0], "y": [0.0, 0.0]})
+    scores = det.score_samples(unseen)
+    assert np.isfinite(scores).all() and scores[1] < scores[0] - 100  # 40 σ out is far less likely
+    # the same model as on the clean numbers with that cell missing
+    clean = frame.assign(x=pd.to_numeric(frame["x"], errors="coerce"))
+    reference = VAEAnomalyDetector(random_state=0, epochs=5, n_models=1).fit(clean)
+    np.testing.assert_allclose(det.score_samples(unseen), reference.score_samples(unseen), rtol=1e-12)
+
+
+def test_a_text_column_with_some_numbers_stays_categorical():
+    words = pd.Series(["red", "green", "3", "blue"] * 50)
+    frame = pd.DataFrame({"x": np.arange(200.0), "colour": words})
+    det = VAEAnomalyDetector(random_state=0, epochs=2, n_models=1).fit(frame)
+    assert det.column_coder_.vocabularies[1] == ["3", "blue", "green", "red"]

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -47,18 +48,31 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except BrokenPipeError:
-            raise
-        except (ValueError, OSError, PluginError) as exc:
-            ctx = click.get_current_context(silent=True)
-            if ctx is not None and (ctx.find_root().obj or {}).get("debug"):
-                traceback.print_exc()
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(message) from exc
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default", UserWarning)
+            try:
+                return command(*args, **kwargs)
+            except BrokenPipeError:
+                raise
+            except (ValueError, OSError, PluginError) as exc:
+                ctx = click.get_current_context(silent=True)
+                if ctx is not None and (ctx.find_root().obj or {}).get("debug"):
+                    traceback.print_exc()
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise UserError(message) from exc
+            finally:
+                _echo_warnings(caught)
 
     return wrapper
+
+
+def _echo_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """The data warnings a command raised (a cell that is not a number, ...), one line each on stderr."""
+    for item in caught:
+        if issubclass(item.category, UserWarning):
+            click.echo(f"warning: {str(item.message).splitlines()[0]}", err=True)
+        else:
+            warnings.showwarning(item.message, item.category, item.filename, item.lineno)
 
 
 def _progress(total: int | None, show: bool, unit: str = "rows") -> Any:

@@ -498,7 +498,7 @@ class VAEAnomalyDetector(
         name = "diag_gaussian" if self.likelihood == "auto" else self.likelihood
         lik_cls = get_part("likelihoods", name)
         coder = self.column_coder_
-        if coder is not None:
+        if coder is not None and coder.categorical.any():
             if name not in ("diag_gaussian", "mixed"):
                 raise ValueError(
                     f"categorical columns need likelihood 'auto' (the default), 'diag_gaussian' or 'mixed', "

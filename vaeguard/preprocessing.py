@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,13 +140,46 @@ def _is_numeric(dtype: Any) -> bool:
     return bool(pd.api.types.is_numeric_dtype(dtype)) and not pd.api.types.is_bool_dtype(dtype)
 
 
+#: An object or string column whose observed cells are numbers but for at most this share
+#: is a numeric column with bad cells (a stray "n/a" in a CSV), not a categorical one.
+MAX_BAD_CELL_SHARE = 0.01
+
+
+def _mostly_numbers(column: pd.Series) -> bool:
+    """Whether a text column holds numbers apart from at most :data:`MAX_BAD_CELL_SHARE` of its cells."""
+    if pd.api.types.is_bool_dtype(column.dtype) or isinstance(column.dtype, pd.CategoricalDtype):
+        return False  # an explicit category dtype says what the user means
+    observed = column[column.notna()]
+    if observed.map(lambda v: isinstance(v, bool)).any():
+        return False
+    not_numbers = int(pd.to_numeric(observed, errors="coerce").isna().sum())
+    return len(observed) > 0 and not_numbers < len(observed) and not_numbers <= MAX_BAD_CELL_SHARE * len(observed)
+
+
+def _as_numbers(column: pd.Series, name: str) -> pd.Series:
+    """A numeric column as float64; cells that are not numbers become missing (NaN), with a warning naming them."""
+    numbers = pd.to_numeric(column, errors="coerce").astype(np.float64)
+    bad = numbers.isna().to_numpy() & column.notna().to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        warnings.warn(
+            f"column {name!r}: {int(bad.sum())} cell(s) are not numbers (first: row {column.index[i]!r}, "
+            f"{column.iloc[i]!r}); they are treated as missing values",
+            UserWarning,
+            stacklevel=4,
+        )
+    return numbers
+
+
 @dataclass
 class ColumnCoder:
     """Codes a DataFrame's categorical and boolean columns as integers, and back.
 
     ``vocabularies[j]`` is None for a numeric column, else the sorted labels (as
     strings) of column ``j``: a value is coded by its position, a missing value as NaN.
-    Booleans are categories ``["False", "True"]``.
+    Booleans are categories ``["False", "True"]``. A text column whose cells are numbers
+    but for a few (at most :data:`MAX_BAD_CELL_SHARE`) is numeric: its other cells are
+    missing values, reported by a warning.
     """
 
     columns: list[str]
@@ -162,7 +196,7 @@ class ColumnCoder:
         vocabularies: list[list[str] | None] = []
         for name in X.columns:
             column = X[name]
-            if _is_numeric(column.dtype):
+            if _is_numeric(column.dtype) or _mostly_numbers(column):
                 vocabularies.append(None)
                 continue
             observed = column[column.notna()]
@@ -201,7 +235,7 @@ class ColumnCoder:
         for name, vocab in zip(self.columns, self.vocabularies, strict=True):
             column = X[name] if name in X.columns else X.iloc[:, self.columns.index(name)]
             if vocab is None:
-                out[name] = pd.to_numeric(column, errors="raise").astype(np.float64)
+                out[name] = _as_numbers(column, name)
                 continue
             lookup = {label: float(i) for i, label in enumerate(vocab)}
             missing = column.isna().to_numpy()
