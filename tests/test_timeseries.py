@@ -102,3 +102,23 @@ def test_latent_options_reach_the_window_model():
     assert np.isfinite(det.score_samples(sine(300, seed=1)[:, 0])).all()
     with pytest.raises(ValueError, match="the time-series detector takes no conditions"):
         VAETimeSeriesDetector(estimator_params={**FAST, "conditional": True}).fit(sine(300)[:, 0])
+
+
+def test_the_threshold_flags_a_tied_group_and_never_a_constant_series():
+    from vaeguard.timeseries import tie_aware_offset
+
+    steps = np.array([1.0, 1.0, 1.0, 2.0, 2.0, 3.0])
+    offset = tie_aware_offset(steps, 0.3)  # the 30 % quantile is 1, tied three times
+    assert offset == 1.5 and (steps < offset).sum() == 3
+    assert tie_aware_offset(np.full(5, 7.0), 0.01) == 7.0
+
+
+def test_a_constant_series_flags_nothing_and_a_departure_from_it_is_flagged():
+    # Every window alike: no step is below the others (was: all 300 of 300 flagged).
+    flat = np.full(300, 3.0)
+    det = VAETimeSeriesDetector(random_state=0, estimator_params={"epochs": 5}).fit(flat)
+    assert (det.predict(flat) == 1).all()
+    spiked = flat.copy()
+    spiked[150] = 4.0
+    labels = det.predict(spiked)
+    assert labels[150] == -1 and labels[: 150 - det.window_ + 1].tolist() == [1] * (150 - det.window_ + 1)

@@ -21,6 +21,19 @@ from vaeguard.presets import PresetMixin
 MIN_WINDOW, MAX_WINDOW = 64, 512
 
 
+def tie_aware_offset(steps: np.ndarray, contamination: float) -> float:
+    """Threshold (nats per value) below which about ``contamination`` of the training steps lie.
+
+    Steps share the score of their worst window, so many tie at the ``contamination``
+    quantile q: the threshold sits half-way between q and the next larger score, so the
+    group tied at q is flagged by ``score < offset_``. When no score is larger (a constant
+    series: every step alike) it is q itself and no training step is flagged.
+    """
+    q = float(np.percentile(steps, 100.0 * contamination))
+    above = steps[steps > q]
+    return 0.5 * (q + float(above.min())) if above.size else q
+
+
 def dominant_period(values: np.ndarray, max_lag: int = 4 * MAX_WINDOW) -> int | None:
     """Lag of the highest autocorrelation peak after the first zero crossing (mean over channels), or None."""
     x = values - np.nanmean(values, axis=0)
@@ -173,7 +186,7 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
         self.window_model_ = VAEAnomalyDetector(**params).fit(windows[keep])
         steps = self._step_scores(values)
         self.fingerprint_ = None
-        self.offset_ = float(np.percentile(steps, 100.0 * self.contamination))
+        self.offset_ = tie_aware_offset(steps, self.contamination)
         return self
 
     def _step_scores(self, values: np.ndarray) -> np.ndarray:
@@ -212,14 +225,9 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
         return self.score_samples(series) - self.offset_
 
     def predict(self, series: Any) -> np.ndarray | pd.Series:
-        """Per-step +1 (normal) or −1 (anomalous: a score at or below ``offset_``).
-
-        Steps share the score of their worst window, so many steps tie at the
-        threshold; "at or below" keeps about ``contamination`` of the training steps
-        flagged instead of none.
-        """
+        """Per-step +1 (normal) or −1 (anomalous: a score below ``offset_``), as the table detector."""
         decision = self.decision_function(series)
-        out = np.where(np.asarray(decision) <= 0, -1, 1)
+        out = np.where(np.asarray(decision) < 0, -1, 1)
         return pd.Series(out, index=decision.index, name="label") if isinstance(decision, pd.Series) else out
 
     def save(self, path: str | os.PathLike[str]) -> str:
