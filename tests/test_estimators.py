@@ -425,3 +425,19 @@ def test_a_column_at_any_magnitude_is_modelled_and_scores_change_by_the_jacobian
     outlier = scaled[:1].copy()
     outlier[0, 1] = 50 * magnitude
     assert det.predict(outlier)[0] == -1
+
+
+def test_a_fit_whose_training_scores_are_not_finite_stops_with_a_clear_error(monkeypatch):
+    # Whatever the cause, a model whose threshold would be NaN (flagging nothing) is refused.
+    real = VAEAnomalyDetector._log_likelihood_internal
+
+    def broken(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        result.value[3] = -np.inf
+        return result
+
+    monkeypatch.setattr(VAEAnomalyDetector, "_log_likelihood_internal", broken)
+    det = VAEAnomalyDetector(random_state=0, epochs=2, n_models=1)
+    with pytest.raises(ValueError, match=r"1 training row\(s\) have a non-finite log-likelihood \(first: row 3"):
+        det.fit(np.random.default_rng(0).normal(size=(100, 3)))
+    assert not hasattr(det, "offset_")

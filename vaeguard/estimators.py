@@ -733,6 +733,14 @@ class VAEAnomalyDetector(
             x, mask, c = x[keep], (None if mask is None else mask[keep]), (None if c is None else c[keep])
         train_scores = self._log_likelihood_internal(x, mask, self.n_importance_samples, condition=c).value
         train_scores = train_scores + self._log_jacobian_rows(mask, x.shape[0])
+        broken = ~np.isfinite(train_scores)
+        if broken.any():
+            self.__dict__.pop("offset_", None)  # no model with a threshold that flags nothing (or everything)
+            raise ValueError(
+                f"after training, {int(broken.sum())} training row(s) have a non-finite log-likelihood "
+                f"(first: row {int(np.flatnonzero(broken)[0])} of those scored); the values are beyond float64 "
+                "arithmetic once standardised: rescale the extreme column(s) or drop those rows"
+            )
         self.threshold_rule_ = {"rule": "contamination", "contamination": float(self.contamination)}
         self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
         return self
