@@ -32,6 +32,7 @@ from vaeguard.plugins import build_part, get_part
 from vaeguard.preprocessing import ColumnCoder, PixelLevels, Standardizer, scale_free_moments
 from vaeguard.presets import PresetMixin
 from vaeguard.scoring import (
+    REFINE_SAMPLES,
     common_random_numbers,
     evidence_lower_bound,
     importance_sampled_log_likelihood,
@@ -796,6 +797,14 @@ class VAEAnomalyDetector(
         condition: torch.Tensor | None = None,
     ):
         eps = common_random_numbers(n_samples, self.latent_dim_, self.score_seed_)
+        # MLP models of tables: the draws that fit a proposal to the rows the encoder serves badly
+        # (independent of eps). Convolutional models (images, "temporal" windows) keep the
+        # encoder's proposal: a probe through their decoder costs more than the K draws themselves
+        refine_eps = (
+            common_random_numbers(REFINE_SAMPLES, self.latent_dim_, (self.score_seed_ + 1) % 2**31)
+            if self.model_spec_["encoder"] == "mlp"
+            else None
+        )
         members = [
             importance_sampled_log_likelihood(
                 self._scoring_model(m),
@@ -805,6 +814,7 @@ class VAEAnomalyDetector(
                 return_std=return_std,
                 device=self.device_,
                 condition=condition,
+                refine_eps=refine_eps,
             )
             for m in self._mixture_members()
         ]
@@ -818,9 +828,20 @@ class VAEAnomalyDetector(
         return result
 
     def log_likelihood(
-        self, X: Any, n_samples: int | None = None, return_std: bool = False, condition: Any = None
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        self,
+        X: Any,
+        n_samples: int | None = None,
+        return_std: bool = False,
+        condition: Any = None,
+        return_diagnostic: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, ...]:
         """Importance-sampled estimate of log p(x) per row, in nats, in the data's units.
+
+        For an MLP model the proposal is the encoder's q(z|x) widened 1.5 times; a row whose
+        ELBO rises by more than a nat in a short probe of gradient steps (the encoder
+        placed q away from its posterior: typical of far-out rows) gets a proposal fitted
+        to it first (:func:`vaeguard.scoring.importance_sampled_log_likelihood`).
+        Convolutional models (images, temporal windows) use the encoder's q(z|x) as it is.
 
         Parameters
         ----------
@@ -839,16 +860,26 @@ class VAEAnomalyDetector(
         log_px : ndarray of shape (n_samples,)
             (a Series with the index of ``X`` when ``X`` is a DataFrame, as for every per-row result)
         std : ndarray of shape (n_samples,), only when ``return_std``
+        pareto_k : ndarray of shape (n_samples,), only when ``return_diagnostic``
+            The Pareto k̂ of each row's importance weights (PSIS; Vehtari et al.): above
+            0.7 the estimate and its standard error are not to be trusted (more samples,
+            ``n_samples``, help; so does a model that fits the row).
         """
-        value, std, _ = self._log_likelihood_of(X, n_samples, return_std, condition)
+        value, std, _, k_hat = self._log_likelihood_of(X, n_samples, return_std or return_diagnostic, condition)
+        out = [_per_row(value, X, "log_likelihood")]
         if return_std:
-            return _per_row(value, X, "log_likelihood"), _per_row(std, X, "log_likelihood_std")
-        return _per_row(value, X, "log_likelihood")
+            out.append(_per_row(std, X, "log_likelihood_std"))
+        if return_diagnostic:
+            out.append(_per_row(k_hat, X, "pareto_k"))
+        return out[0] if len(out) == 1 else tuple(out)
 
     def _log_likelihood_of(
         self, X: Any, n_samples: int | None, return_std: bool = False, condition: Any = None
-    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """(log p(x) in data units, its standard errors or None, observed elements per row) for user input ``X``."""
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]:
+        """(log p(x) in data units, standard errors, observed elements per row, Pareto k̂) for user input ``X``.
+
+        The standard errors and k̂ are None unless ``return_std``.
+        """
         check_is_fitted(self)
         k = self.n_importance_samples if n_samples is None else int(n_samples)
         if k < 1:
@@ -858,7 +889,8 @@ class VAEAnomalyDetector(
         observed = (
             np.full(x.shape[0], self.n_features_in_) if mask is None else mask.reshape(x.shape[0], -1).sum(1).numpy()
         )
-        return result.value + self._log_jacobian_rows(mask, x.shape[0]), result.std, observed
+        value = result.value + self._log_jacobian_rows(mask, x.shape[0])
+        return value, result.std, observed, result.pareto_k
 
     def score_samples(self, X: Any, condition: Any = None) -> np.ndarray:
         """Estimated log p(x) per row (nats, data units, K = ``n_importance_samples``); higher = more normal.
@@ -891,7 +923,7 @@ class VAEAnomalyDetector(
         entropy coder driven by the model would approach; for densities it is the
         differential analogue (it depends on the data's units).
         """
-        log_px, _, observed = self._log_likelihood_of(X, n_samples, condition=condition)
+        log_px, _, observed, _ = self._log_likelihood_of(X, n_samples, condition=condition)
         return _per_row(-log_px / (observed * math.log(2)), X, "bits_per_dim")
 
     def elbo(self, X: Any, n_samples: int | None = None, condition: Any = None) -> np.ndarray:
@@ -1172,7 +1204,15 @@ def mixture_estimate(members: list) -> Any:
         return dataclasses.replace(members[0], value=value)
     weights = np.exp(values - value[None, :]) / len(members)
     std = np.sum(weights * np.stack([m.std for m in members]), axis=0)
-    return dataclasses.replace(members[0], value=value, std=std)
+    # reliability: the least reliable member's (k̂ and ESS), a proposal fitted in any member
+    return dataclasses.replace(
+        members[0],
+        value=value,
+        std=std,
+        pareto_k=np.max([m.pareto_k for m in members], axis=0),
+        ess=np.min([m.ess for m in members], axis=0),
+        refined=np.any([m.refined for m in members], axis=0),
+    )
 
 
 #: Rows encoded at once when measuring the latent dimensions' use after fitting.

@@ -82,15 +82,27 @@ def log_posterior_of_draws(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
 
 
 def importance_terms(
-    model: VAE, x: Tensor, eps: Tensor, mask: Tensor | None = None, condition: Tensor | None = None
+    model: VAE,
+    x: Tensor,
+    eps: Tensor,
+    mask: Tensor | None = None,
+    condition: Tensor | None = None,
+    proposal: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Log importance weights ``(K, batch)`` and the per-element log p(x_j|z_k) ``(K, batch, *event)``.
 
     log w_k = log p(x|z_k) + log p(z_k) − log q(z_k|x) with z_k = μ + σ·ε_k; missing
     entries (``mask`` False) contribute 0 to both. With a conditional model's
     ``condition`` c every term is conditioned on it (the weights then estimate p(x|c)).
+    ``proposal`` = (μ, log σ²), each ``(batch, latent)``, replaces the encoder's q(z|x)
+    (e.g. a proposal refined for each row).
     """
-    mu, logvar, z, params = encode_and_decode(model, x, eps, mask, condition)
+    if proposal is None:
+        mu, logvar, z, params = encode_and_decode(model, x, eps, mask, condition)
+    else:
+        mu, logvar = proposal
+        z = reparameterize(mu, logvar, eps)
+        params = model.decode(z, condition)
     log_q = log_posterior_of_draws(mu, logvar, eps)
     per_element = model.likelihood.per_feature_log_prob(x, params)
     if mask is not None:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from vaeguard.model import VAE
-from vaeguard.objectives import elbo, importance_terms, log_importance_weights
+from vaeguard.objectives import elbo, importance_terms
 
 #: Elements (K × rows × per-row decoder outputs) one chunk may hold; about 64 MiB of float32.
 CHUNK_ELEMENTS = 1 << 24
@@ -71,10 +71,62 @@ def _prepare(
 
 @dataclass
 class LogLikelihood:
-    """Per-row estimates in nats: ``value`` (n,) and, when asked, its standard error ``std`` (n,)."""
+    """Per-row estimates in nats: ``value`` (n,) and, when asked, its standard error ``std`` (n,).
+
+    ``pareto_k`` (n,) is the reliability diagnostic of each row's importance weights
+    (:func:`pareto_k`; above :data:`PARETO_K_RELIABLE` the estimate cannot be trusted) and
+    ``ess`` (n,) their effective sample size, both filled when the standard error is.
+    """
 
     value: np.ndarray
     std: np.ndarray | None = None
+    pareto_k: np.ndarray | None = None
+    ess: np.ndarray | None = None
+    refined: np.ndarray | None = None
+
+
+#: Pareto k̂ above which an importance-sampling estimate is unreliable (Vehtari et al., PSIS).
+PARETO_K_RELIABLE = 0.7
+
+
+def pareto_k(log_weights: np.ndarray) -> np.ndarray:
+    """Pareto k̂ of each column's importance weights: ``log_weights`` (K, n) → (n,).
+
+    The generalized Pareto distribution is fitted to the M = ⌈min(K/5, 3√K)⌉ largest
+    weights above the next one (Zhang & Stephens 2009, with the weakly informative prior
+    on k of Vehtari et al., "Pareto smoothed importance sampling", 2015–2024). k̂ is the
+    estimated shape of the weights' tail: below 0.5 their variance is finite; above 0.7
+    the estimate of the mean (and so of log p(x)) is unreliable whatever its standard
+    error says. Rows whose weights are all equal get −inf.
+    """
+    lw = np.sort(np.asarray(log_weights, dtype=np.float64), axis=0)
+    k_samples = lw.shape[0]
+    m = math.ceil(min(0.2 * k_samples, 3 * math.sqrt(k_samples)))
+    if k_samples < 5 or m < 2:
+        return np.full(lw.shape[1], np.inf)
+    lw = lw - lw[-1]
+    x = (np.exp(lw[-m:]) - np.exp(lw[-m - 1])).T  # (n, m) exceedances, ascending
+    top = x[:, -1]
+    quarter = x[:, int(m / 4 + 0.5) - 1]
+    quarter = np.where(quarter > 0, quarter, top)
+    grid = 30 + int(math.sqrt(m))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        b = 1.0 / top[:, None] + (1 - np.sqrt(grid / (np.arange(1, grid + 1) - 0.5)))[None, :] / (3 * quarter[:, None])
+        k = np.log1p(-b[:, :, None] * x[:, None, :]).mean(-1)  # (n, grid)
+        profile = m * (np.log(-b / k) - k - 1)
+        weights = 1.0 / np.exp(profile[:, None, :] - profile[:, :, None]).sum(-1)
+        weights = np.where(np.isfinite(weights), weights, 0.0)
+        weights /= weights.sum(1, keepdims=True)
+        b_post = (b * weights).sum(1)
+        k_post = np.log1p(-b_post[:, None] * x).mean(1)
+    k_post = (m * k_post + 10 * 0.5) / (m + 10)
+    return np.where(top > 0, k_post, -np.inf)
+
+
+def effective_sample_size(log_weights: np.ndarray) -> np.ndarray:
+    """(Σw)² / Σw² per column of ``log_weights`` (K, n): how many equal weights they are worth."""
+    w = np.exp(log_weights - log_weights.max(0, keepdims=True))
+    return w.sum(0) ** 2 / np.square(w).sum(0)
 
 
 #: Floor on the per-row size used for chunking, standing in for the hidden activations.
@@ -97,6 +149,7 @@ def importance_sampled_log_likelihood(
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
     condition: Tensor | None = None,
+    refine_eps: Tensor | None = None,
 ) -> LogLikelihood:
     """Estimate log p(x) for every row, in nats, in the model's internal units.
 
@@ -130,15 +183,100 @@ def importance_sampled_log_likelihood(
     # temporaries would pin glibc's heap and let the process grow with the number of rows
     value = np.zeros(x.shape[0])
     std = np.zeros(x.shape[0]) if return_std else None
+    tail = np.zeros(x.shape[0]) if return_std else None
+    ess = np.zeros(x.shape[0]) if return_std else None
+    refined = np.zeros(x.shape[0], bool)
+    if refine_eps is not None:
+        refine_eps = refine_eps.to(device=device, dtype=dtype)
     for where, xb, mb, cb in _chunks(x, rows, device, dtype, mask, condition):
-        logw = log_importance_weights(model, xb, eps, mb, cb).double()  # (K, rows): accumulate in float64
+        proposal = None
+        if refine_eps is not None:
+            proposal, redo = _fitted_proposals(model, xb, mb, cb, refine_eps)
+            refined[where] = redo
+        logw = importance_terms(model, xb, eps, mb, cb, proposal=proposal)[0].double()  # (K, rows), float64
         value[where] = (torch.logsumexp(logw, 0) - math.log(k)).cpu().numpy()
         if std is not None:
             w = (logw - logw.max(0, keepdim=True).values).exp()
             mean = w.mean(0)
             sd = w.std(0, unbiased=False) if k > 1 else torch.zeros_like(mean)
             std[where] = (sd / (math.sqrt(k) * mean)).cpu().numpy()
-    return LogLikelihood(value, std)
+            tail[where] = pareto_k(logw.cpu().numpy())
+            ess[where] = effective_sample_size(logw.cpu().numpy())
+    return LogLikelihood(value, std, tail, ess, refined)
+
+
+#: Draws of the proposal fits (``refine_eps``); the estimator makes them from its own seed.
+REFINE_SAMPLES = 8
+#: The probe of every row's proposal: Adam steps, draws (the first of ``refine_eps``), step size.
+PROBE_STEPS, PROBE_SAMPLES, PROBE_LEARNING_RATE = 3, 4, 0.1
+#: A row whose ELBO rises by more than this (nats) in the probe gets a proposal fitted to it.
+PROBE_GAIN = 1.0
+#: Further Adam steps for those rows (all of ``refine_eps``), and the step size.
+REFINE_STEPS, REFINE_LEARNING_RATE = 20, 0.2
+
+
+def _fitted_proposals(
+    model: VAE, x: Tensor, mask: Tensor | None, condition: Tensor | None, eps: Tensor
+) -> tuple[tuple[Tensor, Tensor], np.ndarray]:
+    """The proposal (μ, log σ²) per row and which rows got one fitted to them (bool, (rows,)).
+
+    The encoder's q(z|x) can sit many posterior widths away from the true posterior of a
+    far-out row, with a confident width, so that its importance weights look healthy
+    (small Pareto k̂) while the estimate is off by many nats. Each row's q is therefore
+    probed: :data:`PROBE_STEPS` Adam steps on its ELBO. A row whose ELBO rises by more
+    than :data:`PROBE_GAIN` nats was badly served by the encoder and gets
+    :data:`REFINE_STEPS` further steps; the other rows keep the encoder's q.
+    """
+    probe = eps[:PROBE_SAMPLES]
+    with torch.no_grad():
+        start = model.encode(x, mask, condition)
+        before = importance_terms(model, x, probe, mask, condition, proposal=start)[0].mean(0)
+    moved = refine_proposal(model, x, mask, condition, probe, PROBE_STEPS, PROBE_LEARNING_RATE, start)
+    with torch.no_grad():
+        after = importance_terms(model, x, probe, mask, condition, proposal=moved)[0].mean(0)
+    redo = ((after - before) > PROBE_GAIN).cpu().numpy()
+    mu, logvar = (t.clone() for t in start)
+    if redo.any():
+        r = torch.from_numpy(np.flatnonzero(redo)).to(x.device)
+        sub = (x[r], None if mask is None else mask[r], None if condition is None else condition[r])
+        fitted = refine_proposal(model, *sub, eps, REFINE_STEPS, REFINE_LEARNING_RATE, (moved[0][r], moved[1][r]))
+        mu[r], logvar[r] = fitted
+    return (mu, logvar + 2 * math.log(PROPOSAL_WIDTH)), redo
+
+
+#: The proposal's standard deviations are these times the fitted q's (an ELBO-fitted q is
+#: narrower than the posterior; importance sampling needs the proposal's tails to cover it).
+PROPOSAL_WIDTH = 1.5
+
+
+def refine_proposal(
+    model: VAE,
+    x: Tensor,
+    mask: Tensor | None,
+    condition: Tensor | None,
+    eps: Tensor,
+    steps: int,
+    learning_rate: float = REFINE_LEARNING_RATE,
+    start: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """A Gaussian proposal fitted to each row: (μ, log σ²), each (rows, latent).
+
+    Starts from ``start`` (default: the encoder's q(z|x)) and takes ``steps`` Adam steps
+    on each row's ELBO, estimated with the fixed draws ``eps`` (S, latent) —
+    semi-amortized inference (Kim et al. 2018). The objective is a sum over rows and Adam
+    acts element by element, so a row's proposal does not depend on the other rows.
+    """
+    if start is None:
+        with torch.no_grad():
+            start = model.encode(x, mask, condition)
+    mu, logvar = (t.detach().clone().requires_grad_(True) for t in start)
+    optimizer = torch.optim.Adam([mu, logvar], lr=learning_rate)
+    with torch.enable_grad():
+        for _ in range(steps):
+            logw = importance_terms(model, x, eps, mask, condition, proposal=(mu, logvar))[0]
+            mu.grad, logvar.grad = torch.autograd.grad(-logw.mean(0).sum(), [mu, logvar])
+            optimizer.step()
+    return mu.detach(), logvar.detach()
 
 
 @torch.no_grad()

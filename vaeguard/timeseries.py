@@ -27,11 +27,14 @@ def tie_aware_offset(steps: np.ndarray, contamination: float) -> float:
     Steps share the score of their worst window, so many tie at the ``contamination``
     quantile q: the threshold sits half-way between q and the next larger score, so the
     group tied at q is flagged by ``score < offset_``. When no score is larger (a constant
-    series: every step alike) it is q itself and no training step is flagged.
+    series: every step alike) it sits just below q and no training step is flagged. Scores
+    within 1e-9 (relative) of each other count as tied: rounding in the last bits must not
+    split a group of identical windows.
     """
     q = float(np.percentile(steps, 100.0 * contamination))
-    above = steps[steps > q]
-    return 0.5 * (q + float(above.min())) if above.size else q
+    tolerance = 1e-9 * max(1.0, abs(q))
+    above = steps[steps > q + tolerance]
+    return 0.5 * (q + float(above.min())) if above.size else q - tolerance
 
 
 def dominant_period(values: np.ndarray, max_lag: int = 4 * MAX_WINDOW) -> int | None:
