@@ -200,11 +200,15 @@ def importance_sampled_log_likelihood(
             mean = w.mean(0)
             sd = w.std(0, unbiased=False) if k > 1 else torch.zeros_like(mean)
             std[where] = (sd / (math.sqrt(k) * mean)).cpu().numpy()
-            tail[where] = pareto_k(logw.cpu().numpy())
-            ess[where] = effective_sample_size(logw.cpu().numpy())
+            log_weights = logw.cpu().numpy()
+            tail[where] = pareto_k(log_weights)
+            ess[where] = effective_sample_size(log_weights)
     return LogLikelihood(value, std, tail, ess, refined)
 
 
+#: The proposal's standard deviations are these times the fitted q's (an ELBO-fitted q is
+#: narrower than the posterior; importance sampling needs the proposal's tails to cover it).
+PROPOSAL_WIDTH = 1.5
 #: Draws of the proposal fits (``refine_eps``); the estimator makes them from its own seed.
 REFINE_SAMPLES = 8
 #: The probe of every row's proposal: Adam steps, draws (the first of ``refine_eps``), step size.
@@ -244,11 +248,6 @@ def _fitted_proposals(
     return (mu, logvar + 2 * math.log(PROPOSAL_WIDTH)), redo
 
 
-#: The proposal's standard deviations are these times the fitted q's (an ELBO-fitted q is
-#: narrower than the posterior; importance sampling needs the proposal's tails to cover it).
-PROPOSAL_WIDTH = 1.5
-
-
 def refine_proposal(
     model: VAE,
     x: Tensor,
@@ -256,19 +255,16 @@ def refine_proposal(
     condition: Tensor | None,
     eps: Tensor,
     steps: int,
-    learning_rate: float = REFINE_LEARNING_RATE,
-    start: tuple[Tensor, Tensor] | None = None,
+    learning_rate: float,
+    start: tuple[Tensor, Tensor],
 ) -> tuple[Tensor, Tensor]:
     """A Gaussian proposal fitted to each row: (μ, log σ²), each (rows, latent).
 
-    Starts from ``start`` (default: the encoder's q(z|x)) and takes ``steps`` Adam steps
+    Starts from ``start`` (e.g. the encoder's q(z|x)) and takes ``steps`` Adam steps
     on each row's ELBO, estimated with the fixed draws ``eps`` (S, latent) —
     semi-amortized inference (Kim et al. 2018). The objective is a sum over rows and Adam
     acts element by element, so a row's proposal does not depend on the other rows.
     """
-    if start is None:
-        with torch.no_grad():
-            start = model.encode(x, mask, condition)
     mu, logvar = (t.detach().clone().requires_grad_(True) for t in start)
     optimizer = torch.optim.Adam([mu, logvar], lr=learning_rate)
     with torch.enable_grad():
