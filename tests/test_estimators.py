@@ -217,6 +217,58 @@ def test_discrete_columns_are_masses_and_continuous_ones_densities(fast_params):
     assert not none.standardizer_.discrete.any()
 
 
+def test_impossible_values_score_as_very_improbable_not_as_a_normal_cell(fast_params, tmp_path):
+    # A count column (0..20) and a continuous one: a negative count, a half count and a
+    # value between ratings are impossible; each is scored as its nearest lattice point
+    # (halves round up), 100 nats less likely, and ranks below every training row.
+    rng = np.random.default_rng(0)
+    counts = np.minimum(rng.poisson(3, 600), 20).astype(float)
+    counts[0] = 20
+    ratings = rng.choice([1.0, 3.0, 5.0], size=600)
+    X = np.column_stack([counts, ratings, rng.normal(size=600)])
+    det = VAEAnomalyDetector(**fast_params, random_state=0).fit(X)
+    types = det.column_types_
+    assert types["kind"].tolist() == ["lattice", "lattice", "continuous"]
+    assert types.loc["x0", "lower"] == 0 and np.isnan(types.loc["x1", "lower"]) and types.loc["x1", "step"] == 2
+    train = det.score_samples(X)
+    rows = np.array([[-1, 3, 0], [20, 3, 0], [3.5, 3, 0], [4, 3, 0], [2.5, 3, 0], [3, 3, 0], [3, 6, 0], [3, 7, 0]])
+    with pytest.warns(UserWarning, match=r"4 value\(s\) are impossible .*: 0 \(3\), 1 \(1\); first: row 0, column 0"):
+        s = det.score_samples(rows)
+    assert s[0] < s[1] and s[0] < train.min()  # a negative count is less likely than the largest count
+    assert s[2] == pytest.approx(s[3] - 100, abs=1e-6) and s[4] == pytest.approx(s[5] - 100, abs=1e-6)
+    assert s[6] == pytest.approx(s[7] - 100, abs=1e-6) and s[6] < s[7]  # 6 is off the ratings, 7 on them
+    with pytest.warns(UserWarning):
+        assert (det.predict(rows[[0, 2, 4, 6]]) == -1).all()
+    with pytest.warns(UserWarning):
+        shares = det.feature_scores(rows[:1])
+    assert shares.iloc[0, 0] < -100 < shares.iloc[0, 2]  # the column at fault carries the cost
+    draws = det.sample(200, random_state=0)  # samples are possible values: counts ≥ 0, ratings odd
+    assert (draws[:, 0] >= 0).all() and (draws[:, 0] == np.round(draws[:, 0])).all()
+    assert set(np.unique(draws[:, 1])) <= set(range(-99, 100, 2))
+    det.save(tmp_path / "m.h5")
+    again = load(tmp_path / "m.h5")
+    pd.testing.assert_frame_equal(again.column_types_, types)
+    with pytest.warns(UserWarning):
+        np.testing.assert_allclose(again.score_samples(rows), s, atol=1e-9)
+
+
+def test_discrete_columns_can_be_named_and_column_types_say_why(fast_params):
+    rng = np.random.default_rng(1)
+    X = pd.DataFrame({"n": rng.integers(0, 6, 300), "price": np.round(rng.normal(100, 15, 300), 2)})
+    auto = VAEAnomalyDetector(**fast_params, random_state=0).fit(X)
+    assert auto.column_types_["kind"].tolist() == ["lattice", "continuous"]
+    assert "1/1000 of the interquartile range" in auto.column_types_.loc["price", "reason"]
+    named = VAEAnomalyDetector(**fast_params, random_state=0, discrete_columns=["price"]).fit(X)
+    assert named.column_types_["kind"].tolist() == ["continuous", "lattice"]
+    assert named.column_types_.loc["price", "step"] == pytest.approx(0.01)
+    by_position = VAEAnomalyDetector(**fast_params, random_state=0, discrete_columns=[0]).fit(X.to_numpy())
+    assert by_position.column_types_["kind"].tolist() == ["lattice", "continuous"]
+    with pytest.raises(ValueError, match="discrete_columns names 'prices', which is not a column of X; the columns"):
+        VAEAnomalyDetector(**fast_params, discrete_columns=["prices"]).fit(X)
+    with pytest.raises(ValueError, match="column 'z' is named in discrete_columns but its values"):
+        VAEAnomalyDetector(**fast_params, discrete_columns=["z"]).fit(X.assign(z=rng.normal(size=300)))
+
+
 def test_offset_from_a_subsample_of_large_training_sets(blobs, fast_params, monkeypatch):
     from vaeguard import estimators
 

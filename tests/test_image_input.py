@@ -111,9 +111,14 @@ def test_bad_images_get_clear_errors(fitted_digits, digits):
     with pytest.raises(ValueError, match="fitted on images of shape"):
         fitted_digits.score_samples(np.zeros((2, 64)))
     bad = digits[:2].copy()
+    # off the 17 levels: scored as the nearest level (16), 100 nats less likely, with a warning naming the pixel
     bad[1, 3, 4] = 16.5
-    with pytest.raises(ValueError, match=r"image 1, pixel \(channel 0, row 3, column 4\) holds 16.5"):
-        fitted_digits.score_samples(bad)
+    with pytest.warns(UserWarning, match=r"image 1, pixel \(channel 0, row 3, column 4\) holds 16.5"):
+        odd = fitted_digits.score_samples(bad)
+    nearest = bad.copy()
+    nearest[1, 3, 4] = 16
+    assert odd[1] == pytest.approx(fitted_digits.score_samples(nearest)[1] - 100, abs=1e-9)
+    assert odd[0] == fitted_digits.score_samples(nearest)[0]
     bad[1, 3, 4] = np.inf
     with pytest.raises(ValueError, match=r"image 1, pixel \(channel 0, row 3, column 4\) is infinite"):
         fitted_digits.score_samples(bad)

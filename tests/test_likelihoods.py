@@ -1,6 +1,7 @@
 """Built-in likelihoods: normalised (checked by quadrature and summation), bounded, consistent."""
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -133,6 +134,25 @@ def test_cell_masses_of_a_lattice_sum_to_one(loc, log_scale, width, offset):
     )
     assert torch.logsumexp(lp, 0).item() == pytest.approx(0.0, abs=1e-6)
     assert (lp <= 1e-12).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(loc=st.floats(-20, 20), log_scale=st.floats(-3, 2), width=st.floats(1e-4, 5.0), floor=st.floats(-10, 10))
+def test_cells_from_a_floor_up_sum_to_one(loc, log_scale, width, floor):
+    # a lattice with a lower bound: the floor cell takes all mass below it, so the cells
+    # floor, floor + w, ... carry all the probability (a count column's masses at 0, 1, 2, ...)
+    scale = math.exp(log_scale)
+    hi_k = math.ceil((max(loc, floor) + 40 * scale - floor) / width) + 1
+    if hi_k > 200_000:
+        return
+    x = floor + width * torch.arange(0, hi_k + 1, dtype=torch.float64)
+    t = partial(torch.tensor, dtype=torch.float64)
+    lp = discretized_normal_log_prob(x, t(loc), t(scale), t(width), t(floor))
+    assert torch.logsumexp(lp, 0).item() == pytest.approx(0.0, abs=1e-6)
+    # the floor cell's mass is Φ((floor + w/2 − μ)/σ), by the normal CDF
+    from scipy.stats import norm
+
+    assert lp[0].item() == pytest.approx(norm.logcdf((floor + width / 2 - loc) / scale), rel=1e-6, abs=1e-9)
 
 
 def test_cell_mass_matches_the_normal_cdf_in_both_tails():

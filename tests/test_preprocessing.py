@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from vaeguard.preprocessing import Standardizer, lattice_steps
+from vaeguard.preprocessing import Standardizer, find_lattice, lattice_steps
 
 
 def test_log_jacobian_converts_densities_to_data_units():
@@ -56,6 +56,52 @@ def test_lattice_steps_find_grids_and_leave_continuous_columns():
     assert steps[2] == 0 and steps[3] == 0 and steps[4] == 0
 
 
+def test_the_lattice_decision_does_not_flip_with_one_row_or_with_n():
+    rng = np.random.default_rng(0)
+    ints = rng.integers(0, 500, size=1000).astype(float)
+    assert find_lattice(ints).step == 1.0
+    assert find_lattice(np.r_[ints, 2000.0]).step == 1.0  # one far-out count: still a lattice of counts
+    stray = find_lattice(np.r_[ints, 3.5])  # one half count: the step stays 1, the 3.5 is off it
+    assert stray.step == 1.0 and "1 off it" in stray.reason
+    assert find_lattice(np.r_[ints[:200], np.pi]).step == 1.0
+    for n in (20, 200, 2000):  # N(100, 15) recorded to 0.1: a lattice of step 0.1 at every n
+        column = np.round(rng.normal(100, 15, size=n), 1)
+        assert find_lattice(column).step == pytest.approx(0.1, rel=1e-9)
+        assert find_lattice(column.astype(np.float32).astype(float)).step == pytest.approx(0.1, rel=1e-6)
+    # to 0.01 the grid is finer than 1/1000 of the interquartile range: a density
+    fine = find_lattice(np.round(rng.normal(100, 15, size=2000), 2))
+    assert fine.kind == "continuous" and "1/1000 of the interquartile range" in fine.reason
+    ratings = find_lattice(rng.choice([1.0, 3.0, 5.0], size=300))
+    assert (ratings.step, ratings.origin) == (2.0, 1.0)
+
+
+def test_a_lattice_whose_values_start_at_zero_has_no_negative_values():
+    counts = find_lattice(np.random.default_rng(1).poisson(3, size=400).astype(float))
+    assert counts.lower == 0.0 and "a negative value is impossible" in counts.reason
+    assert np.isnan(find_lattice(np.arange(1.0, 30.0)).lower)  # starts at 1: no bound is implied
+    st = Standardizer.fit(np.array([[0.0], [1.0], [2.0], [2.0]]), detect_lattice=True)
+    assert st.impossible(np.array([[-1.0], [0.0], [2.5], [7.0], [np.nan]])).ravel().tolist() == [
+        True,
+        False,
+        True,
+        False,
+        False,
+    ]
+    assert st.to_support(np.array([[-1.2], [2.6]])).ravel().tolist() == [0.0, 3.0]
+
+
+def test_named_discrete_columns_override_the_detection():
+    rng = np.random.default_rng(2)
+    X = np.column_stack([np.round(rng.normal(100, 15, 500), 2), rng.integers(0, 5, 500), rng.normal(size=500)])
+    auto = Standardizer.fit(X, detect_lattice=True)
+    assert [c.kind for c in auto.columns] == ["continuous", "lattice", "continuous"]
+    forced = Standardizer.fit(X, detect_lattice=np.array([True, False, False]), names=["'price'", "'n'", "'z'"])
+    assert [c.kind for c in forced.columns] == ["lattice", "continuous", "continuous"]
+    assert forced.step[0] == pytest.approx(0.01) and "not named in discrete_columns" in forced.columns[1].reason
+    with pytest.raises(ValueError, match="column 'z' is named in discrete_columns but its values such as"):
+        Standardizer.fit(X, detect_lattice=np.array([False, False, True]), names=["'price'", "'n'", "'z'"])
+
+
 def test_lattice_columns_are_snapped_and_left_out_of_the_jacobian():
     X = np.array([[0.0, 1.0], [2.0, 2.5371], [4.0, 0.3141], [2.0, 1.1]])
     st = Standardizer.fit(X, detect_lattice=True)
@@ -87,7 +133,7 @@ def test_pixel_levels_of_floats_come_from_their_lattice():
     assert (levels.origin, levels.step, levels.n_levels) == (0.0, 0.25, 5)
     assert levels.to_levels(images).ravel().tolist() == [0, 1, 4, 2]
     assert PixelLevels.fit(np.random.default_rng(0).random((2, 1, 4, 4)), np.float64) is None
-    with pytest.raises(ValueError, match=r"image 0, pixel \(channel 0, row 1, column 0\) holds 1.25, .* 5 levels"):
-        levels.to_levels(np.array([0.0, 0.25, 1.25, np.nan]).reshape(1, 1, 2, 2))
-    with pytest.raises(ValueError, match="holds 0.3"):
-        levels.to_levels(np.array([0.3, 0.25, 0.0, 0.0]).reshape(1, 1, 2, 2))
+    # off the levels (1.25 above the top level, 0.3 between levels): the nearest level, and marked impossible
+    odd = np.array([0.0, 0.3, 1.25, np.nan]).reshape(1, 1, 2, 2)
+    assert levels.to_levels(odd).ravel().tolist()[:3] == [0, 1, 4]
+    assert levels.impossible(odd).ravel().tolist() == [False, True, True, False]

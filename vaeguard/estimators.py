@@ -29,7 +29,15 @@ from vaeguard.metrics import ACTIVE_UNIT_VARIANCE
 from vaeguard.model import VAE
 from vaeguard.objectives import kl_per_dimension
 from vaeguard.plugins import build_part, get_part
-from vaeguard.preprocessing import ColumnCoder, PixelLevels, Standardizer, scale_free_moments
+from vaeguard.preprocessing import (
+    IMPOSSIBLE_VALUE_NATS,
+    ColumnCoder,
+    ColumnLattice,
+    PixelLevels,
+    Standardizer,
+    column_types,
+    scale_free_moments,
+)
 from vaeguard.presets import PresetMixin
 from vaeguard.scoring import (
     REFINE_SAMPLES,
@@ -148,13 +156,20 @@ class VAEAnomalyDetector(
     offset : float or None, default=None
         An explicit threshold on :meth:`score_samples`, in nats (log p(x) below it is an
         outlier), instead of the ``contamination`` quantile.
-    discrete_columns : {"auto", "none"}, default="auto"
-        "auto": columns whose values lie on a regular grid of at most 1024 steps
-        (counts, ratings, quantised pixels) are scored by the probability mass of their
-        grid cell rather than a density (for likelihoods that support it: "gaussian",
-        "diag_gaussian"); values between grid points count in the nearest cell. Scores
-        are then densities of the continuous columns × masses of the discrete ones.
-        "none": every column continuous.
+    discrete_columns : {"auto", "none"} or list of str or int, default="auto"
+        Which numeric columns are lattices (counts, ratings, flags, quantised values),
+        scored by the probability mass of their cell rather than a density (for the
+        likelihoods that support it: "gaussian", "diag_gaussian", "mixed"). "auto": a
+        column is a lattice when all but 1 % of its training values are origin + k·step,
+        with the step at least 1/1000 of the column's interquartile range
+        (:func:`vaeguard.preprocessing.find_lattice`). A list names exactly the lattice
+        columns (names for a DataFrame, positions otherwise); "none": every column
+        continuous. :attr:`column_types_` says how each column was treated and why.
+        A value off its column's lattice, or below 0 in a column whose training values
+        are ≥ 0 and include 0, is impossible under the model: it is scored as the
+        nearest lattice point, 100 nats less likely (an impossible value ranks like a
+        14 σ outlier), with a warning naming the column. Scores are then densities of
+        the continuous columns × masses of the lattice ones.
     handle_unknown : {"error", "ignore"}, default="error"
         A category not seen in training, at score time: "error" raises a ``ValueError``
         naming the column, row and value; "ignore" treats it as missing (the row is
@@ -246,6 +261,11 @@ class VAEAnomalyDetector(
     feature_names_in_ : ndarray of str
         Present when fitted on a DataFrame with string column names.
 
+    column_types_ : DataFrame or None
+        For a table: one row per column (index: the column names) with its ``kind``
+        ("continuous", "lattice", "categorical" or "constant"), lattice ``step``,
+        ``origin`` and ``lower`` bound (NaN where none) and the ``reason`` in words.
+        None for images.
     image_shape_ : tuple of int or None
         For a model of images, the shape of one image as given, ``(H, W)`` or ``(C, H, W)``.
     pixel_levels_ : PixelLevels or None
@@ -283,7 +303,7 @@ class VAEAnomalyDetector(
         "n_models": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "contamination": [Interval(Real, 0, 0.5, closed="right")],
         "offset": [Real, None],
-        "discrete_columns": [StrOptions({"auto", "none"})],
+        "discrete_columns": [StrOptions({"auto", "none"}), list, tuple],
         "handle_unknown": [StrOptions({"error", "ignore"})],
         "trim_fraction": [Interval(Real, 0, 0.5, closed="left")],
         "validation_fraction": [Interval(Real, 0, 1, closed="left")],
@@ -314,7 +334,7 @@ class VAEAnomalyDetector(
         n_models: int | str = "auto",
         contamination: float = 0.1,
         offset: float | None = None,
-        discrete_columns: str = "auto",
+        discrete_columns: str | list[str | int] = "auto",
         handle_unknown: str = "error",
         trim_fraction: float = 0.1,
         validation_fraction: float = 0.1,
@@ -445,8 +465,9 @@ class VAEAnomalyDetector(
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The model's view of ``X``: a float64 tensor with missing entries set to 0, and the mask.
 
-        Continuous likelihoods get standardised data; discrete ones are checked against
-        their support (images as their pixel levels). The mask (bool, True = observed) is
+        Continuous likelihoods get standardised data (lattice columns at their nearest
+        lattice point); discrete ones are checked against their support (images as their
+        pixel levels, an impossible level moved to the nearest possible one). The mask (bool, True = observed) is
         None when nothing is missing. Uses the fitted ``standardizer_``, ``pixel_levels_``
         and likelihood unless others are given (during fit).
         """
@@ -493,32 +514,74 @@ class VAEAnomalyDetector(
         return getattr(self, "models_", None) or [self.model_]
 
     # -- fitting -------------------------------------------------------------------------
+    def _lattice_request(self, d: int) -> bool | np.ndarray:
+        """``discrete_columns`` as ``Standardizer.fit`` takes it: True/False, or a mask of the named columns."""
+        if isinstance(self.discrete_columns, str):
+            return self.discrete_columns == "auto"
+        names = [str(c) for c in getattr(self, "feature_names_in_", [])]
+        mask = np.zeros(d, bool)
+        for item in self.discrete_columns:
+            if isinstance(item, (Integral, np.integer)) and not isinstance(item, bool) and 0 <= item < d:
+                mask[int(item)] = True
+            elif isinstance(item, str) and item in names:
+                mask[names.index(item)] = True
+            else:
+                known = f"the columns are {', '.join(map(repr, names))}" if names else f"positions 0 .. {d - 1}"
+                raise ValueError(f"discrete_columns names {item!r}, which is not a column of X; {known}")
+        return mask
+
+    def _column_types(self, standardizer: Standardizer | None, likelihood_name: str) -> pd.DataFrame:
+        """``column_types_`` for a table modelled with ``standardizer`` (None: a discrete likelihood for all)."""
+        names = [str(c) for c in getattr(self, "feature_names_in_", [])] or [
+            f"x{j}" for j in range(self.n_features_in_)
+        ]
+        if standardizer is None or standardizer.columns is None:
+            why = f"likelihood {likelihood_name!r} for every column"
+            if standardizer is not None:
+                why = "saved by a version that did not record the reason"
+            kinds = [
+                "lattice" if standardizer is not None and standardizer.discrete[j] else likelihood_name
+                for j in range(len(names))
+            ]
+            columns = [ColumnLattice(kind, 0.0, 0.0, np.nan, why) for kind in kinds]
+            if standardizer is not None and standardizer.step is not None:
+                lower = standardizer.lower if standardizer.lower is not None else np.full(len(names), np.nan)
+                columns = [
+                    ColumnLattice(
+                        c.kind, float(standardizer.step[j]), float(standardizer.origin[j]), float(lower[j]), why
+                    )
+                    for j, c in enumerate(columns)
+                ]
+            return column_types(columns, names)
+        return column_types(standardizer.columns, names)
+
     def _table_likelihood(self, X: np.ndarray) -> tuple[str, Likelihood, Standardizer | None]:
         """The likelihood for a table (its registered name and the object) and the standardizer, if any."""
         d = X.shape[1]
         name = "diag_gaussian" if self.likelihood == "auto" else self.likelihood
         lik_cls = get_part("likelihoods", name)
         coder = self.column_coder_
-        if coder is not None and coder.categorical.any():
-            if name not in ("diag_gaussian", "mixed"):
-                raise ValueError(
-                    f"categorical columns need likelihood 'auto' (the default), 'diag_gaussian' or 'mixed', "
-                    f"not {self.likelihood!r}"
-                )
-            standardizer = Standardizer.fit(
-                X, detect_lattice=self.discrete_columns == "auto", categorical=coder.categorical
+        names = [self._column_name(j) for j in range(d)]
+        categorical = coder is not None and coder.categorical.any()
+        if categorical and name not in ("diag_gaussian", "mixed"):
+            raise ValueError(
+                f"categorical columns need likelihood 'auto' (the default), 'diag_gaussian' or 'mixed', "
+                f"not {self.likelihood!r}"
             )
-            options: dict[str, Any] = {"n_categories": coder.n_categories}
-            if standardizer.discrete.any():
-                options["bin_widths"] = standardizer.bin_widths.tolist()
-            return "mixed", get_part("likelihoods", "mixed")((d,), **options), standardizer
-        if lik_cls.discrete:
+        if lik_cls.discrete and not categorical:
             return name, lik_cls((d,), **lik_cls.options_from_data(X)), None
-        detect = self.discrete_columns == "auto" and lik_cls.supports_bin_widths
-        standardizer = Standardizer.fit(X, detect_lattice=detect)
-        options = lik_cls.options_from_data(X)
-        if detect and standardizer.discrete.any():
+        lattices = self._lattice_request(d) if categorical or lik_cls.supports_bin_widths else False
+        standardizer = Standardizer.fit(
+            X, detect_lattice=lattices, categorical=coder.categorical if categorical else None, names=names
+        )
+        options: dict[str, Any] = {"n_categories": coder.n_categories} if categorical else lik_cls.options_from_data(X)
+        if standardizer.discrete.any():
             options["bin_widths"] = standardizer.bin_widths.tolist()
+            floor = standardizer.lattice_floor
+            if floor is not None:
+                options["lattice_floor"] = [None if np.isnan(v) else float(v) for v in floor]
+        if categorical:
+            return "mixed", get_part("likelihoods", "mixed")((d,), **options), standardizer
         return name, lik_cls((d,), **options), standardizer
 
     def _image_likelihood(self, X: np.ndarray) -> tuple[str, Likelihood, Standardizer | None, PixelLevels | None]:
@@ -553,7 +616,7 @@ class VAEAnomalyDetector(
         )
         center, scale = np.full(d, mean), np.full(d, spread if spread > 0 else 1.0)
         options = lik_cls.options_from_data(X.reshape(len(X), -1))
-        if pixels is not None and lik_cls.supports_bin_widths and self.discrete_columns == "auto":
+        if pixels is not None and lik_cls.supports_bin_widths and self.discrete_columns != "none":
             standardizer = Standardizer(center, scale, np.full(d, pixels.origin), np.full(d, pixels.step))
             options["bin_widths"] = standardizer.bin_widths.tolist()
         else:
@@ -605,11 +668,59 @@ class VAEAnomalyDetector(
 
     def _internal_inputs(
         self, X: Any, condition: Any = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(x, mask, conditions) of user input ``X`` and its ``condition`` for a fitted model."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, np.ndarray | None]:
+        """(x, mask, conditions, impossible) of user input ``X`` and its ``condition`` for a fitted model.
+
+        ``impossible`` is the (n, d) mask of values the model gives no probability
+        (:meth:`_impossible_entries`), None when there are none; a warning names them.
+        """
         check_is_fitted(self)
-        x, mask = self._to_internal(self._validate_input(X, reset=False))
-        return x, mask, self._condition_tensor(condition, x.shape[0])
+        values = self._validate_input(X, reset=False)
+        x, mask = self._to_internal(values)
+        impossible = self._impossible_entries(values)
+        if impossible is not None:
+            row, col = (int(i) for i in np.argwhere(impossible)[0])
+            value = float(values.reshape(len(values), -1)[row, col])
+            if self.image_shape_ is not None:
+                c, y, x_ = np.unravel_index(col, _chw(self.image_shape_))
+                first = f"image {row}, pixel (channel {c}, row {y}, column {x_}) holds {value:g}"
+                where = "off the pixel levels"
+            else:
+                count = impossible.sum(axis=0)
+                first = f"row {row}, column {self._column_name(col)} holds {value:g}"
+                where = "off their column's lattice or below its lower bound: " + ", ".join(
+                    f"{self._column_name(j)} ({int(count[j])})" for j in np.flatnonzero(count)[:5]
+                )
+            warnings.warn(
+                f"{int(impossible.sum())} value(s) are impossible under the model, {where}; first: {first}. Each is "
+                f"scored as the nearest lattice point (or level), {IMPOSSIBLE_VALUE_NATS:g} nats less likely "
+                "(column_types_ lists each column's lattice; discrete_columns changes it)",
+                UserWarning,
+                stacklevel=3,
+            )
+        return x, mask, self._condition_tensor(condition, x.shape[0]), impossible
+
+    def _impossible_entries(
+        self, X: np.ndarray, standardizer: Standardizer | None = None, pixels: PixelLevels | None = None
+    ) -> np.ndarray | None:
+        """Mask (n, d) of the entries of validated ``X`` off their lattice or outside its support; None if none."""
+        if standardizer is None and pixels is None:
+            standardizer, pixels = self.standardizer_, getattr(self, "pixel_levels_", None)
+        flat = X.reshape(X.shape[0], -1)
+        if standardizer is not None:
+            impossible = standardizer.impossible(flat)
+        elif pixels is not None:
+            impossible = pixels.impossible(flat)
+        else:
+            return None
+        return impossible if impossible.any() else None
+
+    def _row_nats(self, mask: torch.Tensor | None, impossible: np.ndarray | None, n_rows: int) -> np.ndarray:
+        """Per-row nats added to the model's log-likelihood: the log-Jacobian and the impossible values' cost."""
+        nats = self._log_jacobian_rows(mask, n_rows)
+        if impossible is not None:
+            nats = nats - IMPOSSIBLE_VALUE_NATS * impossible.sum(axis=1)
+        return nats
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any = None) -> VAEAnomalyDetector:
@@ -649,6 +760,7 @@ class VAEAnomalyDetector(
             pixels = None
         encoder = self.encoder if self.encoder != "auto" else ("conv" if images else "mlp")
         x, mask = self._to_internal(X, standardizer, likelihood, pixels)
+        impossible = self._impossible_entries(X, standardizer, pixels) if standardizer or pixels else None
         mask_input = mask is not None
         rng = check_random_state(self.random_state)
         fit_seed, score_seed = (int(s) for s in rng.randint(0, 2**31 - 1, size=2))
@@ -703,6 +815,7 @@ class VAEAnomalyDetector(
         # Fitted state is set only once training has succeeded.
         self.standardizer_ = standardizer
         self.pixel_levels_ = pixels
+        self.column_types_ = None if images else self._column_types(standardizer, likelihood_name)
         self.model_ = model
         self.models_ = models
         self.model_spec_ = {
@@ -732,8 +845,9 @@ class VAEAnomalyDetector(
         if n > OFFSET_ROWS:  # the percentile of a large random subsample is as good and far cheaper
             keep = torch.randperm(n, generator=generator)[:OFFSET_ROWS]
             x, mask, c = x[keep], (None if mask is None else mask[keep]), (None if c is None else c[keep])
+            impossible = None if impossible is None else impossible[keep.numpy()]
         train_scores = self._log_likelihood_internal(x, mask, self.n_importance_samples, condition=c).value
-        train_scores = train_scores + self._log_jacobian_rows(mask, x.shape[0])
+        train_scores = train_scores + self._row_nats(mask, impossible, x.shape[0])
         broken = ~np.isfinite(train_scores)
         if broken.any():
             self.__dict__.pop("offset_", None)  # no model with a threshold that flags nothing (or everything)
@@ -884,12 +998,12 @@ class VAEAnomalyDetector(
         k = self.n_importance_samples if n_samples is None else int(n_samples)
         if k < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-        x, mask, c = self._internal_inputs(X, condition)
+        x, mask, c, impossible = self._internal_inputs(X, condition)
         result = self._log_likelihood_internal(x, mask, k, return_std, condition=c)
         observed = (
             np.full(x.shape[0], self.n_features_in_) if mask is None else mask.reshape(x.shape[0], -1).sum(1).numpy()
         )
-        value = result.value + self._log_jacobian_rows(mask, x.shape[0])
+        value = result.value + self._row_nats(mask, impossible, x.shape[0])
         return value, result.std, observed, result.pareto_k
 
     def score_samples(self, X: Any, condition: Any = None) -> np.ndarray:
@@ -935,14 +1049,14 @@ class VAEAnomalyDetector(
         because each ELBO_m bounds log p_m(x).
         """
         k = self.n_importance_samples if n_samples is None else int(n_samples)
-        x, mask, c = self._internal_inputs(X, condition)
+        x, mask, c, impossible = self._internal_inputs(X, condition)
         eps = common_random_numbers(k, self.latent_dim_, self.score_seed_)
         bounds = [
             evidence_lower_bound(self._scoring_model(m), x, eps, mask=mask, device=self.device_, condition=c)
             for m in self._mixture_members()
         ]
         value = log_mean_exp(np.stack(bounds))
-        return _per_row(value + self._log_jacobian_rows(mask, x.shape[0]), X, "elbo")
+        return _per_row(value + self._row_nats(mask, impossible, x.shape[0]), X, "elbo")
 
     def feature_scores(self, X: Any, condition: Any = None) -> pd.DataFrame:
         """Which columns make each row unlikely: per-column log-likelihood contributions.
@@ -967,12 +1081,14 @@ class VAEAnomalyDetector(
             (n_samples, C, H, W), a map of each pixel's contribution.
         """
         index = X.index if isinstance(X, pd.DataFrame) else None
-        x, mask, c = self._internal_inputs(X, condition)
+        x, mask, c, impossible = self._internal_inputs(X, condition)
         eps = common_random_numbers(self.n_importance_samples, self.latent_dim_, self.score_seed_)
         shares = per_feature_log_likelihood(self._scoring_model(), x, eps, mask=mask, device=self.device_, condition=c)
         shares = shares.reshape(len(shares), -1)
         if self.standardizer_ is not None:
             shares = shares + np.where(self.standardizer_.discrete, 0.0, -np.log(self.standardizer_.scale))
+        if impossible is not None:
+            shares = shares - IMPOSSIBLE_VALUE_NATS * impossible
         if self.image_shape_ is not None:
             return shares.reshape(len(shares), *self.image_shape_)
         names = getattr(self, "feature_names_in_", None)
@@ -981,7 +1097,7 @@ class VAEAnomalyDetector(
 
     def transform(self, X: Any, condition: Any = None) -> np.ndarray:
         """Posterior means E[z|x] (E[z|x, c] for a conditional model), shape (n_samples, latent_dim_)."""
-        x, mask, c = self._internal_inputs(X, condition)
+        x, mask, c, _ = self._internal_inputs(X, condition)
         return posterior_means(self._scoring_model(), x, mask=mask, device=self.device_, condition=c)
 
     @torch.no_grad()
@@ -1047,10 +1163,10 @@ class VAEAnomalyDetector(
                 images = self.pixel_levels_.to_values(x)
             else:
                 images = self.standardizer_.inverse_transform(x.reshape(len(x), -1))
-                images = self.standardizer_.snap(images).astype(np.dtype(self.image_dtype_))
+                images = self.standardizer_.to_support(images).astype(np.dtype(self.image_dtype_))
             return images.reshape(len(x), *self.image_shape_)
         if self.standardizer_ is not None:
-            x = self.standardizer_.snap(self.standardizer_.inverse_transform(x))
+            x = self.standardizer_.to_support(self.standardizer_.inverse_transform(x))
         if self.column_coder_ is not None:
             return self.column_coder_.decode(x)
         names = getattr(self, "feature_names_in_", None)
@@ -1089,6 +1205,9 @@ class VAEAnomalyDetector(
                 "image_shape_": None if self.image_shape_ is None else list(self.image_shape_),
                 "image_dtype_": getattr(self, "image_dtype_", None),
                 "pixel_levels_": None if self.pixel_levels_ is None else dataclasses.asdict(self.pixel_levels_),
+                "column_types_": None
+                if self.standardizer_ is None or self.standardizer_.columns is None
+                else [{"kind": c.kind, "reason": c.reason} for c in self.standardizer_.columns],
                 "condition_encoder_": None if self.condition_encoder_ is None else self.condition_encoder_.config(),
                 "active_units_": None if self.latent_variance_ is None else int(self.active_units_),
                 "n_models_": len(self._mixture_members()),
@@ -1112,6 +1231,8 @@ class VAEAnomalyDetector(
             if self.standardizer_.step is not None:
                 arrays["standardizer.origin"] = self.standardizer_.origin
                 arrays["standardizer.step"] = self.standardizer_.step
+            if self.standardizer_.lower is not None:
+                arrays["standardizer.lower"] = self.standardizer_.lower
         return config, arrays
 
     @classmethod
@@ -1146,16 +1267,26 @@ class VAEAnomalyDetector(
                 raise ValueError(f"the model file's weights do not fit the network it describes: {exc}") from exc
             models.append(model.to(est.device_).eval())
         est.model_, est.models_ = models[0], models
-        est.standardizer_ = (
-            Standardizer(
+        est.standardizer_ = None
+        if "standardizer.center" in arrays:
+            st = Standardizer(
                 arrays["standardizer.center"],
                 arrays["standardizer.scale"],
                 arrays.get("standardizer.origin"),
                 arrays.get("standardizer.step"),
+                arrays.get("standardizer.lower"),
             )
-            if "standardizer.center" in arrays
-            else None
-        )
+            records = fitted.get("column_types_")
+            if records is not None:
+                d = len(st.scale)
+                step = st.step if st.step is not None else np.zeros(d)
+                origin = st.origin if st.origin is not None else np.zeros(d)
+                lower = st.lower if st.lower is not None else np.full(d, np.nan)
+                st.columns = [
+                    ColumnLattice(str(r["kind"]), float(step[j]), float(origin[j]), float(lower[j]), str(r["reason"]))
+                    for j, r in enumerate(records)
+                ]
+            est.standardizer_ = st
         est.image_shape_ = None if fitted.get("image_shape_") is None else tuple(fitted["image_shape_"])
         if fitted.get("image_dtype_") is not None:
             est.image_dtype_ = str(fitted["image_dtype_"])
@@ -1172,6 +1303,9 @@ class VAEAnomalyDetector(
         est.n_features_in_ = int(fitted["n_features_in_"])
         if fitted.get("feature_names_in_"):
             est.feature_names_in_ = np.asarray(fitted["feature_names_in_"], dtype=object)
+        est.column_types_ = (
+            None if est.image_shape_ is not None else est._column_types(est.standardizer_, spec["likelihood"])
+        )
         est.history_ = TrainingHistory(
             list(arrays["history.train_loss"]),
             list(arrays["history.validation_loss"]),

@@ -9,6 +9,151 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+#: An impossible value (off its column's lattice, or below the column's support) costs this
+#: many nats on top of the probability of its nearest lattice point: as much as a value
+#: 14 σ out in a normal column, so an impossible value ranks as very unusual wherever it is.
+IMPOSSIBLE_VALUE_NATS = 100.0
+
+#: A lattice's step must be at least 1/this of the column's interquartile range: finer grids
+#: (a continuous quantity recorded to a few decimals) are densities.
+MAX_LATTICE_CELLS = 1000
+
+#: Share of a column's training values that may lie off its lattice (a stray 3.5 among
+#: counts): at most this share of the rows and of the distinct values, rounded down, so a
+#: column with 100 distinct values or more tolerates one stray value. A rare value that
+#: many rows share is data, not a stray: it keeps the finer lattice that holds it.
+MAX_OFF_LATTICE_SHARE = 0.01
+
+#: Candidate steps are the smallest and the commonest gaps between distinct values,
+#: divided by 1 .. this.
+MAX_STEP_DIVISOR = 10
+
+
+@dataclass(frozen=True)
+class ColumnLattice:
+    """How one numeric column is modelled, and why.
+
+    ``kind`` is "lattice" (values origin + k·step, scored by cell masses), "continuous"
+    (a density) or "constant". ``lower`` is the smallest possible value of a lattice
+    column (0 for a column whose training values are ≥ 0 and include 0: counts, amounts,
+    flags), NaN when unbounded. ``reason`` says in words why.
+    """
+
+    kind: str
+    step: float
+    origin: float
+    lower: float
+    reason: str
+
+
+def cell_tolerance(values: np.ndarray, step: float | np.ndarray) -> np.ndarray:
+    """How far (in cells) a value may sit from a lattice point and count as on it: 1e-4 of a cell,
+    more for values so large relative to the step that float32 rounding reaches that far."""
+    return np.minimum(np.maximum(1e-4, 1e-6 * np.abs(values) / step), 0.1)
+
+
+def _on_grid_share(values: np.ndarray, counts: np.ndarray, step: float) -> tuple[int, float, np.ndarray]:
+    """(rows on the best lattice of ``step``, its origin, the mask of ``values`` on it) for distinct ``values``."""
+    k = (values - values[0]) / step
+    residue = k - np.floor(k)
+    key = np.round(residue * 1e4).astype(np.int64) % 10_000  # residues agreeing to 1e-4 of a cell
+    keys, inverse = np.unique(key, return_inverse=True)
+    weight = np.bincount(inverse, weights=counts)
+    best = keys[int(np.argmax(weight))] / 1e4
+    distance = np.abs(residue - best)
+    on = np.minimum(distance, 1 - distance) <= cell_tolerance(values, step)
+    origin = float(values[int(np.flatnonzero(on)[0])]) if on.any() else float(values[0])
+    return int(counts[on].sum()), origin, on
+
+
+def _candidate_steps(values: np.ndarray, smallest: float) -> np.ndarray:
+    """Steps worth testing: the smallest and commonest gaps (≥ ``smallest``) divided by 1 .. MAX_STEP_DIVISOR."""
+    gaps = np.diff(values)
+    gaps = gaps[gaps >= smallest]
+    if gaps.size == 0:
+        return gaps
+    rounded = np.round(gaps / gaps.min(), 6)
+    levels, frequency = np.unique(rounded, return_counts=True)
+    picked = np.union1d(levels[:8], levels[np.argsort(-frequency, kind="stable")[:8]]) * gaps.min()
+    steps = (picked[:, None] / np.arange(1, MAX_STEP_DIVISOR + 1)[None, :]).ravel()
+    # gaps of float32 data carry rounding: also try each step as a decimal of 3 significant
+    # digits, and stretched so that it divides the whole range exactly
+    digits = 10.0 ** (2 - np.floor(np.log10(steps)))
+    span = values[-1] - values[0]
+    steps = np.concatenate([steps, np.round(steps * digits) / digits, span / np.maximum(np.round(span / steps), 1)])
+    steps = steps[steps >= smallest * (1 - 1e-9)]
+    if steps.size == 0:
+        return steps
+    top = steps.max()
+    # steps within 1e-7 of each other once: the first of them, so a gap as it is found
+    # wins over the same step rounded or stretched
+    _, first = np.unique(np.round(steps / top, 7), return_index=True)
+    return np.sort(steps[first])[::-1]  # largest first
+
+
+def find_lattice(
+    column: np.ndarray, *, forced: bool = False, max_off_share: float = MAX_OFF_LATTICE_SHARE
+) -> ColumnLattice:
+    """Whether the training values of one column (NaN = missing) lie on a regular lattice.
+
+    The step Δ is the largest candidate (the smallest and commonest gaps between distinct
+    values, divided by 1..10) such that all but ``max_off_share`` of the values (rounded
+    down; of the rows and of the distinct values) are origin + k·Δ; a lattice must also be coarse, Δ ≥ IQR / 1000 (the
+    interquartile range; the standard deviation when it is 0), so that neither the sample
+    size nor one far-out value (both leave the IQR alone) changes the decision. With
+    ``forced`` (the column was named in ``discrete_columns``) any step is accepted.
+    """
+    values = np.asarray(column, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    distinct, counts = np.unique(values, return_counts=True)
+    if distinct.size < 2:
+        what = "no observed value" if distinct.size == 0 else f"one value ({distinct[0]:g}) in every row"
+        return ColumnLattice("constant", 0.0, 0.0, np.nan, what)
+    n = int(counts.sum())
+    allowed = int(max_off_share * n)
+    q25, q75 = np.percentile(values, [25, 75])
+    spread, spread_name = float(q75 - q25), "interquartile range"
+    if spread <= 0:
+        spread, spread_name = float(scale_free_moments(values[:, None])[1][0]), "standard deviation"
+    smallest = 1e-9 * float(np.max(np.abs(distinct))) if forced else spread / MAX_LATTICE_CELLS
+    if not forced and spread_name == "interquartile range":
+        inside = int(np.searchsorted(distinct, q75, "right") - np.searchsorted(distinct, q25, "left"))
+        if inside > MAX_LATTICE_CELLS + 1 + allowed:  # more distinct values than a coarse lattice has cells
+            return ColumnLattice(
+                "continuous",
+                0.0,
+                0.0,
+                np.nan,
+                f"{inside} distinct values within the interquartile range ({spread:.6g}): not a lattice of at "
+                f"most {MAX_LATTICE_CELLS} cells there",
+            )
+    for step in _candidate_steps(distinct, smallest):
+        on, origin, on_values = _on_grid_share(distinct, counts, float(step))
+        if n - on <= allowed and (~on_values).sum() <= int(max_off_share * distinct.size):
+            # the step that the extreme values on the lattice span exactly (1, not 0.99999992)
+            span = float(distinct[on_values][-1] - origin)
+            step = span / round(span / float(step)) if span > 0 else float(step)
+            cells = spread / step
+            off = f"; {n - on} off it (scored as impossible)" if on < n else ""
+            why = f"{on} of {n} values are {origin:.6g} + k·{step:.6g}{off}; {cells:.3g} cells per {spread_name}"
+            lower = np.nan
+            if distinct[0] == 0.0 and abs(origin / step - round(origin / step)) < 1e-6:
+                lower = 0.0
+                why += "; no value below 0 (so a negative value is impossible)"
+            return ColumnLattice("lattice", step, origin, lower, why)
+    if forced:
+        raise ValueError(
+            f"values such as {distinct[0]:g}, {distinct[1]:g}, ..., {distinct[-1]:g} are not on a regular lattice"
+        )
+    return ColumnLattice(
+        "continuous",
+        0.0,
+        0.0,
+        np.nan,
+        f"no step of at least 1/{MAX_LATTICE_CELLS} of the {spread_name} ({spread:.6g}) holds "
+        f"{100 * (1 - max_off_share):g}% of the values",
+    )
+
 
 @dataclass
 class Standardizer:
@@ -18,7 +163,10 @@ class Standardizer:
     data is p_x(x) = p_s((x − c)/s) · Π 1/s_j, so :attr:`log_jacobian` = −Σ log s_j (nats)
     is added to every score. Lattice columns (``step`` > 0: values origin + k·step) are
     modelled by cell masses, which do not change under rescaling, so they add nothing to
-    the log-Jacobian; their cell width in standardised units is :attr:`bin_widths`.
+    the log-Jacobian; their cell width in standardised units is :attr:`bin_widths`, and a
+    column with a ``lower`` bound (not NaN) has no cells below it. A value off its
+    column's lattice or below its bound is impossible (:meth:`impossible`): it is scored as
+    the nearest lattice point, :data:`IMPOSSIBLE_VALUE_NATS` less likely.
     Constant columns keep scale 1 (no rescaling).
     """
 
@@ -26,29 +174,59 @@ class Standardizer:
     scale: np.ndarray
     origin: np.ndarray | None = None
     step: np.ndarray | None = None
+    lower: np.ndarray | None = None
+    columns: list[ColumnLattice] | None = None
 
     @classmethod
-    def fit(cls, X: np.ndarray, *, detect_lattice: bool = False, categorical: np.ndarray | None = None) -> Standardizer:
+    def fit(
+        cls,
+        X: np.ndarray,
+        *,
+        detect_lattice: bool | np.ndarray = False,
+        categorical: np.ndarray | None = None,
+        names: list[str] | None = None,
+    ) -> Standardizer:
         """Center and scale from the column means and standard deviations of ``X`` (n, d).
 
-        With ``detect_lattice``, columns whose values lie on a regular grid
-        (:func:`lattice_steps`) are marked discrete.
+        ``detect_lattice``: True finds the lattice columns (:func:`find_lattice`); a boolean
+        mask (d,) makes exactly those columns lattices (a ``ValueError`` naming a column
+        whose values are not on one); False makes every column continuous.
         """
         X = np.asarray(X, dtype=np.float64)
+        d = X.shape[1]
+        names = names or [f"column {j}" for j in range(d)]
         center, scale = scale_free_moments(X)
         # constant: no spread, or a spread below the float resolution of the values
         # (relative, so a column of scale 1e-13 or 1e-300 is data, not a constant)
         constant = (scale == 0) | (scale <= 1e-12 * np.abs(center))
         scale[constant] = 1.0
-        if categorical is not None and categorical.any():
-            # category codes: not rescaled, a lattice of step 1 (so no log-Jacobian)
-            center[categorical], scale[categorical] = 0.0, 1.0
-            origin, step = np.nanmin(X, axis=0), lattice_steps(X) if detect_lattice else np.zeros(X.shape[1])
-            origin[categorical], step[categorical] = 0.0, 1.0
-            return cls(center, scale, origin, step)
-        if not detect_lattice:
-            return cls(center, scale)
-        return cls(center, scale, np.nanmin(X, axis=0), lattice_steps(X))
+        categorical = np.zeros(d, bool) if categorical is None else np.asarray(categorical, bool)
+        forced = isinstance(detect_lattice, np.ndarray)
+        columns = []
+        for j in range(d):
+            if categorical[j]:
+                columns.append(ColumnLattice("categorical", 1.0, 0.0, 0.0, "categories, coded 0 .. K−1"))
+            elif constant[j]:
+                columns.append(
+                    ColumnLattice("constant", 0.0, 0.0, np.nan, "one value in every row (to float precision)")
+                )
+            elif forced and detect_lattice[j]:
+                try:
+                    columns.append(find_lattice(X[:, j], forced=True))
+                except ValueError as exc:
+                    raise ValueError(f"column {names[j]} is named in discrete_columns but its {exc}") from None
+            elif forced or not detect_lattice:
+                why = "not named in discrete_columns" if forced else "discrete_columns='none'"
+                columns.append(ColumnLattice("continuous", 0.0, 0.0, np.nan, why))
+            else:
+                columns.append(find_lattice(X[:, j]))
+        step = np.array([c.step if c.kind in ("lattice", "categorical") else 0.0 for c in columns])
+        center[categorical], scale[categorical] = 0.0, 1.0  # category codes: not rescaled (no log-Jacobian)
+        if not step.any():
+            return cls(center, scale, columns=columns)
+        origin = np.array([c.origin for c in columns])
+        lower = np.array([c.lower if c.kind == "lattice" else np.nan for c in columns])
+        return cls(center, scale, origin, step, lower if np.isfinite(lower).any() else None, columns)
 
     @property
     def discrete(self) -> np.ndarray:
@@ -59,6 +237,13 @@ class Standardizer:
     def bin_widths(self) -> np.ndarray:
         """Lattice cell width per column in standardised units (0 for continuous columns)."""
         return np.zeros_like(self.scale) if self.step is None else self.step / self.scale
+
+    @property
+    def lattice_floor(self) -> np.ndarray | None:
+        """The lowest possible cell per column in standardised units (NaN: unbounded), or None if none is bounded."""
+        if self.lower is None or not np.isfinite(self.lower).any():
+            return None
+        return (self.lower - self.center) / self.scale
 
     @property
     def log_jacobian(self) -> float:
@@ -75,21 +260,61 @@ class Standardizer:
         weights = np.where(self.discrete, 0.0, -np.log(self.scale))
         return observed.astype(np.float64) @ weights
 
+    def _cells(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(k, nearest integer to k) with x = origin + k·step, for the lattice columns of ``X``."""
+        d = self.discrete
+        k = (X[:, d] - self.origin[d]) / self.step[d]
+        return k, np.floor(k + 0.5)
+
     def snap(self, X: np.ndarray) -> np.ndarray:
-        """Values of lattice columns moved to the nearest lattice point (the cell they fall in)."""
+        """Values of lattice columns moved to the nearest lattice point (halves round up)."""
         X = np.asarray(X, dtype=np.float64)
         if self.step is None or not self.discrete.any():
             return X
         d = self.discrete
         X = X.copy()
-        X[:, d] = self.origin[d] + np.round((X[:, d] - self.origin[d]) / self.step[d]) * self.step[d]
+        X[:, d] = self.origin[d] + self._cells(X)[1] * self.step[d]
         return X
+
+    def to_support(self, X: np.ndarray) -> np.ndarray:
+        """The nearest possible values: lattice columns snapped and raised to their lower bound."""
+        X = self.snap(X)
+        if self.lower is not None:
+            bounded = np.isfinite(self.lower)
+            X[:, bounded] = np.maximum(X[:, bounded], self.lower[bounded])
+        return X
+
+    def impossible(self, X: np.ndarray) -> np.ndarray:
+        """Boolean mask (n, d) of the values off their column's lattice or below its lower bound (NaN: False)."""
+        X = np.asarray(X, dtype=np.float64)
+        out = np.zeros(X.shape, bool)
+        if self.step is None or not self.discrete.any():
+            return out
+        d = self.discrete
+        k, nearest = self._cells(X)
+        bad = np.abs(k - nearest) > cell_tolerance(X[:, d], self.step[d])
+        if self.lower is not None:
+            bad |= X[:, d] < self.lower[d] - 0.5 * self.step[d]
+        out[:, d] = bad & ~np.isnan(X[:, d])
+        return out
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         return (self.snap(X) - self.center) / self.scale
 
     def inverse_transform(self, Z: np.ndarray) -> np.ndarray:
         return np.asarray(Z, dtype=np.float64) * self.scale + self.center
+
+
+def column_types(columns: list[ColumnLattice], names: list[str]) -> pd.DataFrame:
+    """One row per column (index ``names``): kind, step, origin, lower bound and the reason."""
+    frame = pd.DataFrame(
+        [[c.kind, c.step, c.origin, c.lower, c.reason] for c in columns],
+        columns=["kind", "step", "origin", "lower", "reason"],
+        index=pd.Index(names, name="column"),
+    )
+    continuous = frame["kind"].isin(["continuous", "constant"]).to_numpy()
+    frame.loc[continuous, ["step", "origin"]] = np.nan
+    return frame
 
 
 def scale_free_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -106,34 +331,10 @@ def scale_free_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.nanmean(unit, axis=0) * magnitude, np.nanstd(unit, axis=0) * magnitude
 
 
-#: A column is on a lattice when its values are a + k·Δ and the range spans at most this many steps.
-MAX_LATTICE_STEPS = 1024
-
-
-def lattice_steps(X: np.ndarray, max_steps: int = MAX_LATTICE_STEPS) -> np.ndarray:
-    """Lattice step Δ per column of ``X`` (n, d), or 0 for a continuous column.
-
-    A column is discrete when all its values are a + k·Δ for integers k, with
-    Δ the smallest gap between distinct values and (max − min)/Δ ≤ ``max_steps``.
-    Constant columns count as continuous (one value says nothing about a lattice); missing
-    values (NaN) are left out.
-    """
+def lattice_steps(X: np.ndarray, max_off_share: float = MAX_OFF_LATTICE_SHARE) -> np.ndarray:
+    """Lattice step Δ per column of ``X`` (n, d) by :func:`find_lattice`, or 0 for a continuous column."""
     X = np.asarray(X, dtype=np.float64)
-    steps = np.zeros(X.shape[1])
-    for j in range(X.shape[1]):
-        column = X[:, j]
-        values = np.unique(column[~np.isnan(column)])
-        if values.size < 2:
-            continue
-        gaps = np.diff(values)
-        step = gaps.min()
-        span = (values[-1] - values[0]) / step
-        if span > max_steps:
-            continue
-        k = (values - values[0]) / step
-        if np.all(np.abs(k - np.round(k)) < 1e-6 * max(1.0, span)):
-            steps[j] = step
-    return steps
+    return np.array([find_lattice(X[:, j], max_off_share=max_off_share).step for j in range(X.shape[1])])
 
 
 def _is_numeric(dtype: Any) -> bool:
@@ -292,30 +493,25 @@ class PixelLevels:
         if np.issubdtype(dtype, np.integer) and int(np.iinfo(dtype).max) - int(np.iinfo(dtype).min) < MAX_DTYPE_LEVELS:
             info = np.iinfo(dtype)
             return cls(float(info.min), 1.0, int(info.max) - int(info.min) + 1, dtype.str)
-        step = float(lattice_steps(values[:, None])[0]) if values.size >= 2 else 0.0
+        step = float(lattice_steps(values[:, None], max_off_share=0.0)[0]) if values.size >= 2 else 0.0
         if step <= 0:
             return None
         return cls(float(values[0]), step, int(np.round((values[-1] - values[0]) / step)) + 1, dtype.str)
 
     def to_levels(self, images: np.ndarray) -> np.ndarray:
-        """Levels (float64, NaN kept) of ``images`` of shape (n, C, H, W).
+        """Levels (float64, NaN kept) of ``images`` (any shape): the nearest level, within 0 .. n_levels−1.
 
-        Raises ``ValueError`` naming the image and pixel of the first value that is not one
-        of the levels.
+        A value off the levels (:meth:`impossible`) gets the nearest level; scoring charges
+        it :data:`IMPOSSIBLE_VALUE_NATS`.
         """
+        return np.clip(np.floor((images - self.origin) / self.step + 0.5), 0, self.n_levels - 1)
+
+    def impossible(self, images: np.ndarray) -> np.ndarray:
+        """Boolean mask (same shape) of the values that are not one of the levels (NaN: False)."""
         levels = (images - self.origin) / self.step
-        rounded = np.round(levels)
-        bad = (np.abs(levels - rounded) > 1e-6 * max(1.0, self.n_levels)) | (rounded < 0) | (rounded >= self.n_levels)
-        bad &= ~np.isnan(images)
-        if bad.any():
-            i, c, y, x = (int(v) for v in np.argwhere(bad)[0])
-            top = self.origin + (self.n_levels - 1) * self.step
-            raise ValueError(
-                f"image {i}, pixel (channel {c}, row {y}, column {x}) holds {images[i, c, y, x]:g}, which is not "
-                f"one of the {self.n_levels} levels the model knows ({self.origin:g}, {self.origin + self.step:g}, "
-                f"..., {top:g}); pass images of an integer dtype such as uint8 to model the dtype's whole range"
-            )
-        return rounded
+        nearest = np.floor(levels + 0.5)
+        off = np.abs(levels - nearest) > cell_tolerance(images, self.step)
+        return (off | (nearest < 0) | (nearest >= self.n_levels)) & ~np.isnan(images)
 
     def to_values(self, levels: np.ndarray) -> np.ndarray:
         """Images in the user's units and dtype from (possibly fractional) levels, rounded to the nearest level."""

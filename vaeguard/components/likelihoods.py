@@ -183,19 +183,27 @@ def log_normal_interval_mass(lo: Tensor, hi: Tensor) -> Tensor:
 NARROW_BIN = 1e-3
 
 
-def discretized_normal_log_prob(x: Tensor, loc: Tensor, scale: Tensor, bin_width: Tensor) -> Tensor:
+def discretized_normal_log_prob(
+    x: Tensor, loc: Tensor, scale: Tensor, bin_width: Tensor, floor: Tensor | None = None
+) -> Tensor:
     """Log mass of the cell [x − w/2, x + w/2] under N(loc, scale²) where w > 0; log density where w = 0.
 
     With cells on a regular lattice this is a mass function over the lattice: the masses
-    of all cells sum to one. Gradients stay finite in every branch.
+    of all cells sum to one. Where ``floor`` (the lowest cell, NaN = none) is given, the
+    lowest cell takes all the mass below it, (−∞, floor + w/2], so the cells from the floor
+    up sum to one. Gradients stay finite in every branch.
     """
     z = (x - loc) / scale
     log_density = -0.5 * z.square() - torch.log(scale) - 0.5 * math.log(2 * math.pi)
     half = 0.5 * bin_width / scale
-    exact = half > NARROW_BIN
+    at_floor = torch.zeros_like(z, dtype=torch.bool) if floor is None else (x - floor).abs() < 0.5 * bin_width
+    exact = (half > NARROW_BIN) | at_floor
     # keep the unused branch's inputs harmless so that its gradient is not NaN
     half_safe = torch.where(exact, half, torch.ones_like(half))
-    log_mass = log_normal_interval_mass(z - half_safe, z + half_safe)
+    upper = z + half_safe
+    # the floor cell's lower edge: far enough into the tail that Φ there is 0 to float precision
+    lower = torch.where(at_floor, torch.minimum(upper - 1.0, torch.full_like(upper, -40.0)), z - half_safe)
+    log_mass = log_normal_interval_mass(lower, upper)
     narrow = log_density + torch.log(torch.where(bin_width > 0, bin_width, torch.ones_like(bin_width)))
     discrete = torch.where(exact, log_mass, narrow)
     return torch.where(bin_width > 0, discrete, log_density)
@@ -212,11 +220,19 @@ class _NormalLikelihood(Likelihood):
         Lattice step per element in the model's units (0 = continuous). Where positive,
         the element's likelihood is the mass of the lattice cell holding the value, so
         discrete-valued columns cost at most 0 nats and cannot reward a collapsing σ.
+    lattice_floor : list of float or None, optional
+        The lowest cell of each lattice element in the model's units (None: unbounded);
+        that cell takes all the mass below it, so the cells of the support sum to one.
     """
 
     supports_bin_widths: ClassVar[bool] = True
 
-    def __init__(self, event_shape: tuple[int, ...], bin_widths: list[float] | None = None) -> None:
+    def __init__(
+        self,
+        event_shape: tuple[int, ...],
+        bin_widths: list[float] | None = None,
+        lattice_floor: list[float | None] | None = None,
+    ) -> None:
         super().__init__(event_shape)
         widths = (
             torch.zeros(self.event_shape) if bin_widths is None else torch.tensor(bin_widths).reshape(self.event_shape)
@@ -224,11 +240,22 @@ class _NormalLikelihood(Likelihood):
         if (widths < 0).any() or not torch.isfinite(widths).all():
             raise ValueError("bin_widths must be finite and non-negative")
         self.register_buffer("bin_widths", widths.to(torch.get_default_dtype()))
+        floor = None
+        if lattice_floor is not None:
+            values = [math.nan if v is None else float(v) for v in lattice_floor]
+            floor = torch.tensor(values, dtype=torch.float64).reshape(self.event_shape)
+            if torch.isinf(floor).any() or (~torch.isnan(floor) & (widths <= 0)).any():
+                raise ValueError("lattice_floor must be finite, and given only for lattice elements (bin_widths > 0)")
+            floor = floor.to(torch.get_default_dtype())
+        self.register_buffer("lattice_floor", floor, persistent=False)  # rebuilt from the config
 
     def config(self) -> dict[str, Any]:
         if not (self.bin_widths > 0).any():
             return {}
-        return {"bin_widths": self.bin_widths.flatten().tolist()}
+        out: dict[str, Any] = {"bin_widths": self.bin_widths.flatten().tolist()}
+        if self.lattice_floor is not None:
+            out["lattice_floor"] = [None if math.isnan(v) else v for v in self.lattice_floor.flatten().tolist()]
+        return out
 
     def loc_scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -241,14 +268,20 @@ class _NormalLikelihood(Likelihood):
         loc, scale = self.loc_scale(params)
         if not (self.bin_widths > 0).any():
             return Normal(loc, scale, validate_args=False).log_prob(x)
-        return discretized_normal_log_prob(x, loc, scale, self.bin_widths.to(loc.dtype))
+        floor = None if self.lattice_floor is None else self.lattice_floor.to(loc.dtype)
+        return discretized_normal_log_prob(x, loc, scale, self.bin_widths.to(loc.dtype), floor)
 
 
 class GaussianLikelihood(_NormalLikelihood):
     """Normal with the decoder's mean and a learned σ per feature (shared over samples)."""
 
-    def __init__(self, event_shape: tuple[int, ...], bin_widths: list[float] | None = None) -> None:
-        super().__init__(event_shape, bin_widths)
+    def __init__(
+        self,
+        event_shape: tuple[int, ...],
+        bin_widths: list[float] | None = None,
+        lattice_floor: list[float | None] | None = None,
+    ) -> None:
+        super().__init__(event_shape, bin_widths, lattice_floor)
         self.raw_log_scale = nn.Parameter(torch.zeros(self.event_shape))
 
     @property
@@ -376,9 +409,13 @@ class MixedLikelihood(DiagGaussianLikelihood):
     """
 
     def __init__(
-        self, event_shape: tuple[int, ...], n_categories: list[int], bin_widths: list[float] | None = None
+        self,
+        event_shape: tuple[int, ...],
+        n_categories: list[int],
+        bin_widths: list[float] | None = None,
+        lattice_floor: list[float | None] | None = None,
     ) -> None:
-        super().__init__(event_shape, bin_widths)
+        super().__init__(event_shape, bin_widths, lattice_floor)
         levels = torch.tensor([int(k) for k in n_categories])
         if levels.shape != self.event_shape or ((levels != 0) & (levels < 2)).any():
             raise ValueError(f"n_categories must give 0 or >= 2 levels for each of {self.event_shape} columns")
