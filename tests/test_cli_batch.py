@@ -63,7 +63,15 @@ def test_score_writes_the_model_scores_with_ids_and_explanations(workdir):
                  "--explain", "--chunk-rows", "128")  # fmt: skip
     assert result.exit_code == 0, result.output
     scores = pd.read_parquet(out)
-    assert list(scores.columns) == ["id", "log_likelihood", "decision", "is_outlier", "top_features"]
+    assert list(scores.columns) == [
+        "id",
+        "log_likelihood",
+        "decision",
+        "is_outlier",
+        "log_likelihood_std",
+        "pareto_k",
+        "top_features",
+    ]
     test = pd.read_csv(workdir / "test.csv")
     assert scores["id"].tolist() == test["key"].tolist()
     det = load(workdir / "m.h5")
@@ -71,6 +79,9 @@ def test_score_writes_the_model_scores_with_ids_and_explanations(workdir):
     np.testing.assert_allclose(scores["log_likelihood"], expected, rtol=0, atol=1e-9)  # chunking changes nothing
     np.testing.assert_allclose(scores["decision"], expected - det.offset_)
     assert scores["is_outlier"].tolist() == (expected < det.offset_).tolist()
+    _, std, k_hat = det.log_likelihood(test[["a", "b", "c", "d"]], return_std=True, return_diagnostic=True)
+    np.testing.assert_allclose(scores["log_likelihood_std"], std, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(scores["pareto_k"], k_hat, rtol=0, atol=1e-9)
     planted = scores["top_features"][test["label"] == 1].str.split(";").str[0]
     assert (planted == "c").mean() >= 0.9
 
@@ -79,7 +90,7 @@ def test_score_to_stdout_prints_only_the_csv(workdir):
     result = run("score", str(workdir / "m.h5"), str(workdir / "test.parquet"), "-o", "-", "--n-samples", "4")
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
-    assert lines[0] == "id,log_likelihood,decision,is_outlier" and len(lines) == 501
+    assert lines[0] == "id,log_likelihood,decision,is_outlier,log_likelihood_std,pareto_k" and len(lines) == 501
     assert lines[1].startswith("0,")
 
 
@@ -196,6 +207,7 @@ def test_report_is_one_self_contained_page_with_its_sections(workdir, tmp_path):
     assert page.count("data:image/png;base64,") == 3 and 'src="http' not in page
     most = page.split('id="most-anomalous"')[1].split("</section>")[0]
     assert most.count("<tr>") == 21 and "c, " in most  # 20 rows; planted anomalies blame column c
+    assert "<th>k̂</th>" in most and "unreliable estimates (Pareto k̂ &gt; 0.7)" in page
     images = tmp_path / "digits.npz"
     from sklearn.datasets import load_digits
 

@@ -39,7 +39,7 @@ def test_score_dask_equals_local_scoring(setup, client):
     d, frame, det = setup
     ddf = dd.from_pandas(frame, npartitions=4)
     scores = score_dask(d / "m.h5", ddf).compute()
-    assert list(scores.columns) == ["id", "log_likelihood", "decision", "is_outlier"]
+    assert list(scores.columns) == ["id", "log_likelihood", "decision", "is_outlier", "log_likelihood_std", "pareto_k"]
     assert scores["id"].tolist() == list(range(900))  # row numbers across partitions
     # equal to float64 rounding: BLAS may round the last bit differently for other batch shapes
     local = det.score_samples(frame[["a", "b", "c"]])

@@ -75,10 +75,12 @@ def test_the_lattice_decision_does_not_flip_with_one_row_or_with_n():
     assert (ratings.step, ratings.origin) == (2.0, 1.0)
 
 
-def test_a_lattice_whose_values_start_at_zero_has_no_negative_values():
+def test_whole_numbers_from_zero_have_no_negative_values():
     counts = find_lattice(np.random.default_rng(1).poisson(3, size=400).astype(float))
     assert counts.lower == 0.0 and "a negative value is impossible" in counts.reason
     assert np.isnan(find_lattice(np.arange(1.0, 30.0)).lower)  # starts at 1: no bound is implied
+    # min-max scaled counts also start at 0, but a value below the training range is only unusual
+    assert np.isnan(find_lattice(np.arange(0.0, 21.0) / 20).lower)
     st = Standardizer.fit(np.array([[0.0], [1.0], [2.0], [2.0]]), detect_lattice=True)
     assert st.impossible(np.array([[-1.0], [0.0], [2.5], [7.0], [np.nan]])).ravel().tolist() == [
         True,

@@ -104,8 +104,10 @@ def score_chunk(
     """Score one chunk; returns (results, rows skipped).
 
     Results have the columns ``id`` (the ``id_column`` or the row number in the file),
-    ``log_likelihood`` (nats), ``decision`` (log-likelihood − ``offset_``) and
-    ``is_outlier``, plus ``top_features`` (the columns with the lowest log-likelihood
+    ``log_likelihood`` (nats), ``decision`` (log-likelihood − ``offset_``),
+    ``is_outlier``, ``log_likelihood_std`` (the estimate's standard error, nats) and
+    ``pareto_k`` (the reliability diagnostic k̂ of the importance weights: above 0.7 the
+    estimate is not to be trusted), plus ``top_features`` (the columns with the lowest log-likelihood
     shares, ``;``-separated) with ``explain``. A row that cannot be scored (a value that
     is not a number, infinite, an unseen category, nothing observed) raises ``DataError``
     naming its row and column, unless ``on_bad_row`` is "skip" (drop it) or "nan" (NaN
@@ -138,12 +140,15 @@ def score_chunk(
             what = f"column {column!r} holds {value!r}, {why}" if column else why
             raise DataError(f"{where}: {what}; fix the data or pass --on-bad-row skip|nan")
     good = ~bad
-    log_px = np.full(len(chunk), np.nan)
+    log_px, std, k_hat = (np.full(len(chunk), np.nan) for _ in range(3))
     top: list[str] = [""] * len(chunk)
     if good.any():
         subset = features[good] if columns is None else features.loc[good]
         condition = None if conditions is None else conditions[good]
-        log_px[good] = np.asarray(det.log_likelihood(subset, n_samples=n_samples, condition=condition))
+        estimate = det.log_likelihood(
+            subset, n_samples=n_samples, condition=condition, return_std=True, return_diagnostic=True
+        )
+        log_px[good], std[good], k_hat[good] = (np.asarray(part) for part in estimate)
         if explain:
             shares = det.feature_scores(subset, condition=condition).to_numpy()
             order = np.argsort(np.nan_to_num(shares, nan=np.inf), axis=1)[:, :TOP_FEATURES]
@@ -157,6 +162,8 @@ def score_chunk(
             "log_likelihood": log_px,
             "decision": decision,
             "is_outlier": pd.array(np.where(good, decision < 0, False), dtype="boolean"),
+            "log_likelihood_std": std,
+            "pareto_k": k_hat,
         }
     )
     results.loc[bad, "is_outlier"] = pd.NA

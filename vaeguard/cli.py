@@ -248,7 +248,7 @@ def score_command(
     scheduler: str,
     progress: bool | None,
 ) -> None:
-    """Score DATA with MODEL in chunks: id, log_likelihood (nats), decision, is_outlier per row.
+    """Score DATA with MODEL in chunks: log-likelihood (nats), its error and k̂, the outlier flag per row.
 
     Memory stays flat whatever the file's size. The output appears under its name only
     when complete; a stopped run can be continued with --resume.

@@ -96,6 +96,8 @@ def score_dask(
             "log_likelihood": pd.Series(dtype=np.float64),
             "decision": pd.Series(dtype=np.float64),
             "is_outlier": pd.Series(dtype="boolean"),
+            "log_likelihood_std": pd.Series(dtype=np.float64),
+            "pareto_k": pd.Series(dtype=np.float64),
         }
     )
     offsets = None

@@ -35,8 +35,10 @@ class ColumnLattice:
 
     ``kind`` is "lattice" (values origin + k·step, scored by cell masses), "continuous"
     (a density) or "constant". ``lower`` is the smallest possible value of a lattice
-    column (0 for a column whose training values are ≥ 0 and include 0: counts, amounts,
-    flags), NaN when unbounded. ``reason`` says in words why.
+    column: 0 for whole numbers whose training values start at 0 (counts, flags), NaN
+    (unbounded) otherwise — a min-max scaled column also starts at 0, but its values are
+    not whole numbers, and a value below its training range is merely unusual. ``reason``
+    says in words why.
     """
 
     kind: str
@@ -137,9 +139,9 @@ def find_lattice(
             off = f"; {n - on} off it (scored as impossible)" if on < n else ""
             why = f"{on} of {n} values are {origin:.6g} + k·{step:.6g}{off}; {cells:.3g} cells per {spread_name}"
             lower = np.nan
-            if distinct[0] == 0.0 and abs(origin / step - round(origin / step)) < 1e-6:
-                lower = 0.0
-                why += "; no value below 0 (so a negative value is impossible)"
+            if distinct[0] == 0.0 and origin == 0.0 and step >= 1 and step == round(step):
+                lower = 0.0  # counts and flags: whole numbers from 0 up
+                why += "; whole numbers from 0 up (a negative value is impossible)"
             return ColumnLattice("lattice", step, origin, lower, why)
     if forced:
         raise ValueError(

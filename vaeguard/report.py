@@ -12,6 +12,7 @@ import pandas as pd
 
 from vaeguard.batch import condition_columns, feature_columns, score_chunk
 from vaeguard.data import DataError
+from vaeguard.scoring import PARETO_K_RELIABLE
 
 #: Rows listed in the "most anomalous" table.
 TOP_ROWS = 20
@@ -177,6 +178,11 @@ def build_report(det: Any, data: pd.DataFrame | np.ndarray, *, title: str, rows_
         ("rows in this report", f"{len(data):,}" + (" (a random sample)" if len(data) < rows_in_file else "")),
         ("rows that could not be scored", f"{int((~scored).sum()):,}"),
         ("flagged as outliers", f"{flagged:,} ({flagged / max(1, scored.sum()):.1%})"),
+        (
+            "unreliable estimates (Pareto k̂ > 0.7)",
+            f"{int((results['pareto_k'] > PARETO_K_RELIABLE).sum()):,}"
+            " (their log p(x) and its error bar are not to be trusted; more importance samples help)",
+        ),
         ("threshold", f"{det.offset_:.3f} nats ({det.threshold_rule_.get('rule')})"),
         ("model", f"{spec['encoder']} networks, {spec['likelihood']} likelihood, latent_dim {det.latent_dim_}"),
         ("model file SHA-256", det.fingerprint_ or "(not saved)"),
@@ -233,13 +239,15 @@ def build_report(det: Any, data: pd.DataFrame | np.ndarray, *, title: str, rows_
 
 def _top_rows(results: pd.DataFrame, data: Any, columns: list[str] | None) -> str:
     order = results["log_likelihood"].fillna(np.inf).to_numpy().argsort(kind="stable")[:TOP_ROWS]
-    header = ["row", "log p(x) (nats)", "decision"] + (["top features"] if columns is not None else [])
+    header = ["row", "log p(x) (nats)", "± (nats)", "k̂", "decision"] + (["top features"] if columns is not None else [])
     lines = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     for i in order:
         row = results.iloc[i]
         cells = [
             f"<td>{html.escape(str(row['id']))}</td>",
             f'<td class="num">{row["log_likelihood"]:.3f}</td>',
+            f'<td class="num">{row["log_likelihood_std"]:.3f}</td>',
+            f'<td class="num">{row["pareto_k"]:.2f}</td>',
             f'<td class="num">{row["decision"]:.3f}</td>',
         ]
         if columns is not None:
