@@ -902,6 +902,17 @@ class VAEAnomalyDetector(
         return int(self.latent_dim_)
 
     # -- scoring -------------------------------------------------------------------------
+    def _refine_eps(self) -> torch.Tensor | None:
+        """The draws that fit a proposal to the rows the encoder serves badly (independent of the K draws).
+
+        MLP models of tables only: convolutional models (images, "temporal" windows) keep
+        the encoder's proposal, as a probe through their decoder costs more than the K
+        draws themselves.
+        """
+        if self.model_spec_["encoder"] != "mlp":
+            return None
+        return common_random_numbers(REFINE_SAMPLES, self.latent_dim_, (self.score_seed_ + 1) % 2**31)
+
     def _log_likelihood_internal(
         self,
         x: torch.Tensor,
@@ -911,14 +922,7 @@ class VAEAnomalyDetector(
         condition: torch.Tensor | None = None,
     ):
         eps = common_random_numbers(n_samples, self.latent_dim_, self.score_seed_)
-        # MLP models of tables: the draws that fit a proposal to the rows the encoder serves badly
-        # (independent of eps). Convolutional models (images, "temporal" windows) keep the
-        # encoder's proposal: a probe through their decoder costs more than the K draws themselves
-        refine_eps = (
-            common_random_numbers(REFINE_SAMPLES, self.latent_dim_, (self.score_seed_ + 1) % 2**31)
-            if self.model_spec_["encoder"] == "mlp"
-            else None
-        )
+        refine_eps = self._refine_eps()
         members = [
             importance_sampled_log_likelihood(
                 self._scoring_model(m),
@@ -1062,8 +1066,9 @@ class VAEAnomalyDetector(
         """Which columns make each row unlikely: per-column log-likelihood contributions.
 
         Entry (i, j) is E_{p(z|x_i)}[log p(x_ij | z)] in nats, in the data's units (the
-        column's log-Jacobian included), estimated with the importance weights of
-        :meth:`score_samples`. The most negative entries of a row are the columns that
+        column's log-Jacobian included; an impossible value's 100 nats charged to its
+        column), estimated with the importance weights of :meth:`score_samples` (the same
+        proposals, fitted to the far-out rows). The most negative entries of a row are the columns that
         make it anomalous; the row's sum is its expected reconstruction term (the rest of
         log p(x) is the cost of its latent code). Missing entries are NaN.
 
@@ -1083,7 +1088,9 @@ class VAEAnomalyDetector(
         index = X.index if isinstance(X, pd.DataFrame) else None
         x, mask, c, impossible = self._internal_inputs(X, condition)
         eps = common_random_numbers(self.n_importance_samples, self.latent_dim_, self.score_seed_)
-        shares = per_feature_log_likelihood(self._scoring_model(), x, eps, mask=mask, device=self.device_, condition=c)
+        shares = per_feature_log_likelihood(
+            self._scoring_model(), x, eps, mask=mask, device=self.device_, condition=c, refine_eps=self._refine_eps()
+        )
         shares = shares.reshape(len(shares), -1)
         if self.standardizer_ is not None:
             shares = shares + np.where(self.standardizer_.discrete, 0.0, -np.log(self.standardizer_.scale))

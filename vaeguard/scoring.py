@@ -323,18 +323,23 @@ def per_feature_log_likelihood(
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
     condition: Tensor | None = None,
+    refine_eps: Tensor | None = None,
 ) -> np.ndarray:
     """Each element's share of the score: E_{p(z|x)}[log p(x_j|z)] in nats, shape (n, *event_shape).
 
     The posterior expectation uses the self-normalised importance weights of
-    :func:`importance_sampled_log_likelihood` (same draws ``eps``). Summed over the
+    :func:`importance_sampled_log_likelihood` (same draws ``eps``, same proposals: with
+    ``refine_eps``, fitted to the rows the encoder serves badly). Summed over the
     elements it is the expected reconstruction term; the remainder of log p(x) belongs to
     the latent code, not to any one element. Missing entries (``mask`` False) are NaN.
     """
     device, dtype, eps, rows = _prepare(model, eps, device, chunk_size)
     out = np.zeros((x.shape[0], *model.likelihood.event_shape))
+    if refine_eps is not None:
+        refine_eps = refine_eps.to(device=device, dtype=dtype)
     for where, xb, mb, cb in _chunks(x, rows, device, dtype, mask, condition):
-        logw, per = importance_terms(model, xb, eps, mb, cb)
+        proposal = None if refine_eps is None else _fitted_proposals(model, xb, mb, cb, refine_eps)[0]
+        logw, per = importance_terms(model, xb, eps, mb, cb, proposal=proposal)
         weights = torch.softmax(logw.double(), 0)  # (K, rows)
         share = (weights.reshape(*weights.shape, *([1] * (per.dim() - 2))) * per.double()).sum(0)
         if mb is not None:
