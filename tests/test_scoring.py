@@ -14,6 +14,7 @@ from vaeguard.model import LOGVAR_MAX, LOGVAR_MIN, VAE
 from vaeguard.objectives import log_importance_weights
 from vaeguard.scoring import (
     PROPOSAL_WIDTH,
+    _fitted_proposals,
     common_random_numbers,
     effective_sample_size,
     evidence_lower_bound,
@@ -301,3 +302,18 @@ def test_feature_shares_of_far_off_rows_use_the_fitted_proposal(lg):
     fitted = per_feature_log_likelihood(vae, x, eps, refine_eps=common_random_numbers(16, 2, 1))
     assert np.abs(encoder_only - exact).max() > 3
     assert np.abs(fitted - exact).mean() < 0.15 and np.abs(fitted - exact).max() < 0.6
+
+
+def test_rows_whose_weights_fail_pareto_k_get_a_fitted_proposal(lg):
+    # An encoder at the right place but 5x too narrow: its ELBO is within 0.81 nats of the
+    # best (the KL to the posterior), so the probe leaves it alone, but even widened 1.5x the
+    # proposal is narrower than half the posterior, the weights have infinite variance and
+    # k̂ > 0.7 on every row. Those rows get a fitted proposal; what is then reported is reliable.
+    X = lg.sample(200)
+    vae = lg.vae(var_scale=0.2, dtype=torch.float64)
+    x, eps, refine = torch.tensor(X), common_random_numbers(64, 2, 0).double(), common_random_numbers(8, 2, 1)
+    _, probed = _fitted_proposals(vae, x, None, None, refine.double())
+    assert not probed.any()
+    est = importance_sampled_log_likelihood(vae, x, eps, return_std=True, refine_eps=refine)
+    assert est.refined.all() and np.mean(est.pareto_k > 0.7) < 0.05
+    assert np.max(np.abs(est.value - lg.log_px(X))) < 0.1

@@ -114,8 +114,9 @@ def pareto_k(log_weights: np.ndarray) -> np.ndarray:
         b = 1.0 / top[:, None] + (1 - np.sqrt(grid / (np.arange(1, grid + 1) - 0.5)))[None, :] / (3 * quarter[:, None])
         k = np.log1p(-b[:, :, None] * x[:, None, :]).mean(-1)  # (n, grid)
         profile = m * (np.log(-b / k) - k - 1)
-        weights = 1.0 / np.exp(profile[:, None, :] - profile[:, :, None]).sum(-1)
-        weights = np.where(np.isfinite(weights), weights, 0.0)
+        # the posterior weights 1 / Σ_j exp(profile_j − profile_i): a softmax of the profile
+        profile = np.where(np.isfinite(profile), profile, -np.inf)
+        weights = np.exp(profile - profile.max(1, keepdims=True))
         weights /= weights.sum(1, keepdims=True)
         b_post = (b * weights).sum(1)
         k_post = np.log1p(-b_post[:, None] * x).mean(1)
@@ -171,6 +172,12 @@ def importance_sampled_log_likelihood(
         Where to compute; defaults to the model's device.
     condition : Tensor, shape (n, condition_dim), optional
         A conditional model's condition vectors; the estimate is then of log p(x|c).
+    refine_eps : Tensor, shape (S, latent_dim), optional
+        Draws for fitting proposals (independent of ``eps``). Given, the proposal is the
+        encoder's q widened :data:`PROPOSAL_WIDTH` times, and a proposal is fitted to each
+        row that the probe of :func:`_fitted_proposals` flags or whose weights then have
+        Pareto k̂ > :data:`PARETO_K_RELIABLE`; ``refined`` says which. Without it the
+        proposal is the encoder's q as it is.
 
     Returns
     -------
@@ -192,17 +199,29 @@ def importance_sampled_log_likelihood(
         proposal = None
         if refine_eps is not None:
             proposal, redo = _fitted_proposals(model, xb, mb, cb, refine_eps)
-            refined[where] = redo
         logw = importance_terms(model, xb, eps, mb, cb, proposal=proposal)[0].double()  # (K, rows), float64
+        k_hat = pareto_k(logw.cpu().numpy()) if (refine_eps is not None or std is not None) else None
+        if proposal is not None:
+            # rows whose weights fail the k̂ diagnostic get a proposal fitted to them too
+            again = (k_hat > PARETO_K_RELIABLE) & ~redo
+            if again.any():
+                r = torch.from_numpy(np.flatnonzero(again)).to(xb.device)
+                sub = (xb[r], None if mb is None else mb[r], None if cb is None else cb[r])
+                start = (proposal[0][r], proposal[1][r] - 2 * math.log(PROPOSAL_WIDTH))
+                mu, logvar = refine_proposal(model, *sub, refine_eps, REFINE_STEPS, REFINE_LEARNING_RATE, start)
+                fitted = (mu, logvar + 2 * math.log(PROPOSAL_WIDTH))
+                logw[:, r] = importance_terms(model, sub[0], eps, sub[1], sub[2], proposal=fitted)[0].double()
+                k_hat[again] = pareto_k(logw[:, r].cpu().numpy())
+                redo = redo | again
+            refined[where] = redo
         value[where] = (torch.logsumexp(logw, 0) - math.log(k)).cpu().numpy()
         if std is not None:
             w = (logw - logw.max(0, keepdim=True).values).exp()
             mean = w.mean(0)
             sd = w.std(0, unbiased=False) if k > 1 else torch.zeros_like(mean)
             std[where] = (sd / (math.sqrt(k) * mean)).cpu().numpy()
-            log_weights = logw.cpu().numpy()
-            tail[where] = pareto_k(log_weights)
-            ess[where] = effective_sample_size(log_weights)
+            tail[where] = k_hat
+            ess[where] = effective_sample_size(logw.cpu().numpy())
     return LogLikelihood(value, std, tail, ess, refined)
 
 
