@@ -275,13 +275,9 @@ class _NormalLikelihood(Likelihood):
 class GaussianLikelihood(_NormalLikelihood):
     """Normal with the decoder's mean and a learned σ per feature (shared over samples)."""
 
-    def __init__(
-        self,
-        event_shape: tuple[int, ...],
-        bin_widths: list[float] | None = None,
-        lattice_floor: list[float | None] | None = None,
-    ) -> None:
-        super().__init__(event_shape, bin_widths, lattice_floor)
+    def __init__(self, event_shape: tuple[int, ...], **lattice: Any) -> None:
+        """``lattice``: ``bin_widths`` and ``lattice_floor``, as for ``diag_gaussian``."""
+        super().__init__(event_shape, **lattice)
         self.raw_log_scale = nn.Parameter(torch.zeros(self.event_shape))
 
     @property
