@@ -152,7 +152,7 @@ def main() -> None:
         "`latent_dim=2`, `n_models=1`, seed 0, fitted on all rows of each set). Each estimate cell: mean error / "
         "worst error (estimate − exact, nats) / share within 0.5 nats / share whose ±1.96 standard errors cover the "
         "exact value. *Encoder q*: the encoder's q(z|x) as the proposal (the score before issue 15). *Default*: the "
-        "score now (proposal widened 1.5×, fitted to each row the probe flags). *Probe caught*: of the rows the "
+        "score now (proposal widened 1.5× in 2-D, fitted to each row the probe or k̂ flags). *Probe caught*: of the rows the "
         "encoder's proposal missed by more than 1 nat, the share the probe flagged and refitted. "
         f"*Coverage, {REPEATS} draws*: the share of (row, draw) pairs whose ±1.96 standard errors cover the exact "
         f"value, over {REPEATS} scorings with other draws (one draw serves every row, so one draw's coverage is "
