@@ -174,7 +174,7 @@ def importance_sampled_log_likelihood(
         A conditional model's condition vectors; the estimate is then of log p(x|c).
     refine_eps : Tensor, shape (S, latent_dim), optional
         Draws for fitting proposals (independent of ``eps``). Given, the proposal is the
-        encoder's q widened (:func:`proposal_width`), and a proposal is fitted to each
+        encoder's q widened :data:`PROPOSAL_WIDTH` times, and a proposal is fitted to each
         row that the probe of :func:`_fitted_proposals` flags or whose weights then have
         Pareto k̂ > :data:`PARETO_K_RELIABLE`; ``refined`` says which. Without it the
         proposal is the encoder's q as it is.
@@ -207,11 +207,9 @@ def importance_sampled_log_likelihood(
             if again.any():
                 r = torch.from_numpy(np.flatnonzero(again)).to(xb.device)
                 sub = (xb[r], None if mb is None else mb[r], None if cb is None else cb[r])
-                widen = 2 * math.log(proposal_width(model.latent_dim))
-                start = (proposal[0][r], proposal[1][r] - widen)
-                draws = refine_eps[:PROBE_SAMPLES]  # from the probe's q: a shorter fit than a far-off row needs
-                mu, logvar = refine_proposal(model, *sub, draws, RECHECK_STEPS, REFINE_LEARNING_RATE, start)
-                fitted = (mu, logvar + widen)
+                start = (proposal[0][r], proposal[1][r] - 2 * math.log(PROPOSAL_WIDTH))
+                mu, logvar = refine_proposal(model, *sub, refine_eps, REFINE_STEPS, REFINE_LEARNING_RATE, start)
+                fitted = (mu, logvar + 2 * math.log(PROPOSAL_WIDTH))
                 logw[:, r] = importance_terms(model, sub[0], eps, sub[1], sub[2], proposal=fitted)[0].double()
                 k_hat[again] = pareto_k(logw[:, r].cpu().numpy())
                 redo = redo | again
@@ -227,40 +225,17 @@ def importance_sampled_log_likelihood(
     return LogLikelihood(value, std, tail, ess, refined)
 
 
-#: With a 2-D latent space the proposal's standard deviations are these times the fitted
-#: q's (an ELBO-fitted q is narrower than the posterior; importance sampling needs the
-#: proposal's tails to cover it). See :func:`proposal_width` for other sizes.
+#: The proposal's standard deviations are these times the fitted q's (an ELBO-fitted q is
+#: narrower than the posterior; importance sampling needs the proposal's tails to cover it).
 PROPOSAL_WIDTH = 1.5
-
-
-def proposal_width(latent_dim: int) -> float:
-    """How many times wider than the fitted q the proposal is, per latent dimension.
-
-    Widening a proposal that matches the posterior by w in each of L dimensions gives
-    the weights a relative variance of f(w)^L − 1 with f(w) = w²/√(2w² − 1). The width
-    keeps f(w)^L at its value for :data:`PROPOSAL_WIDTH` in two dimensions (0.56), so a
-    16-dimensional model is widened 1.13×, not 1.5× (whose f^16 − 1 = 34 would leave
-    the weights so uneven that Pareto k̂ fails on most rows).
-    """
-    f2 = PROPOSAL_WIDTH**2 / math.sqrt(2 * PROPOSAL_WIDTH**2 - 1)
-    c = f2 ** (2.0 / max(1, int(latent_dim)))
-    return math.sqrt(c * c + c * math.sqrt(c * c - 1))
-
-
 #: Draws of the proposal fits (``refine_eps``); the estimator makes them from its own seed.
 REFINE_SAMPLES = 8
 #: The probe of every row's proposal: Adam steps, draws (the first of ``refine_eps``), step size.
 PROBE_STEPS, PROBE_SAMPLES, PROBE_LEARNING_RATE = 3, 4, 0.1
-#: A row whose ELBO rises in the probe by more than this (nats), or by more than
-#: PROBE_GAIN_PER_LATENT per latent dimension if that is more, gets a proposal fitted to it.
-#: An ordinary row's amortisation gap grows with the latent size (each dimension's q is a
-#: little off: the probe gains a median 0.3 nats at 2 dimensions, 1.4 at 6, 4.4 at 16 on
-#: ADBench tables); the probe looks for rows whose q is off by far more than that.
-PROBE_GAIN, PROBE_GAIN_PER_LATENT = 1.0, 0.5
+#: A row whose ELBO rises by more than this (nats) in the probe gets a proposal fitted to it.
+PROBE_GAIN = 1.0
 #: Further Adam steps for those rows (all of ``refine_eps``), and the step size.
 REFINE_STEPS, REFINE_LEARNING_RATE = 20, 0.2
-#: Adam steps (with the probe's draws) for a row whose weights then fail Pareto k̂.
-RECHECK_STEPS = 10
 
 
 def _fitted_proposals(
@@ -272,10 +247,8 @@ def _fitted_proposals(
     far-out row, with a confident width, so that its importance weights look healthy
     (small Pareto k̂) while the estimate is off by many nats. Each row's q is therefore
     probed: :data:`PROBE_STEPS` Adam steps on its ELBO. A row whose ELBO rises by more
-    than :data:`PROBE_GAIN` nats (:data:`PROBE_GAIN_PER_LATENT` per latent dimension
-    where that is more) was badly served by the encoder and gets :data:`REFINE_STEPS`
-    further steps; the other rows keep the probe's q where it raised their ELBO, the
-    encoder's where it did not.
+    than :data:`PROBE_GAIN` nats was badly served by the encoder and gets
+    :data:`REFINE_STEPS` further steps; the other rows keep the encoder's q.
     """
     probe = eps[:PROBE_SAMPLES]
     with torch.no_grad():
@@ -284,17 +257,14 @@ def _fitted_proposals(
     moved = refine_proposal(model, x, mask, condition, probe, PROBE_STEPS, PROBE_LEARNING_RATE, start)
     with torch.no_grad():
         after = importance_terms(model, x, probe, mask, condition, proposal=moved)[0].mean(0)
-    gain = after - before
-    redo = (gain > max(PROBE_GAIN, PROBE_GAIN_PER_LATENT * model.latent_dim)).cpu().numpy()
-    # the probe's steps are paid for: every row whose ELBO they raised keeps them
-    better = (gain > 0)[:, None]
-    mu, logvar = torch.where(better, moved[0], start[0]), torch.where(better, moved[1], start[1])
+    redo = ((after - before) > PROBE_GAIN).cpu().numpy()
+    mu, logvar = (t.clone() for t in start)
     if redo.any():
         r = torch.from_numpy(np.flatnonzero(redo)).to(x.device)
         sub = (x[r], None if mask is None else mask[r], None if condition is None else condition[r])
         fitted = refine_proposal(model, *sub, eps, REFINE_STEPS, REFINE_LEARNING_RATE, (moved[0][r], moved[1][r]))
         mu[r], logvar[r] = fitted
-    return (mu, logvar + 2 * math.log(proposal_width(model.latent_dim))), redo
+    return (mu, logvar + 2 * math.log(PROPOSAL_WIDTH)), redo
 
 
 def refine_proposal(
