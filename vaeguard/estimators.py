@@ -955,11 +955,10 @@ class VAEAnomalyDetector(
     ) -> np.ndarray | tuple[np.ndarray, ...]:
         """Importance-sampled estimate of log p(x) per row, in nats, in the data's units.
 
-        For an MLP model the proposal is the encoder's q(z|x) widened (1.5 times in 2-D,
-        :func:`vaeguard.scoring.proposal_width`); a row whose ELBO rises by more than a nat
-        (half a nat per latent dimension where more) in a short probe of gradient steps
-        (the encoder placed q away from its posterior: typical of far-out rows), or whose
-        weights then fail Pareto k̂, gets a proposal fitted to it
+        For an MLP model the proposal is the encoder's q(z|x) widened 1.5 times; a row whose
+        ELBO rises by more than a nat in a short probe of gradient steps (the encoder
+        placed q away from its posterior: typical of far-out rows), or whose weights then
+        fail Pareto k̂, gets a proposal fitted to it
         (:func:`vaeguard.scoring.importance_sampled_log_likelihood`).
         Convolutional models (images, temporal windows) use the encoder's q(z|x) as it is.
 
