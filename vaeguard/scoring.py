@@ -175,9 +175,8 @@ def importance_sampled_log_likelihood(
     refine_eps : Tensor, shape (S, latent_dim), optional
         Draws for fitting proposals (independent of ``eps``). Given, the proposal is the
         encoder's q widened :data:`PROPOSAL_WIDTH` times, and a proposal is fitted to each
-        row that the probe of :func:`_fitted_proposals` flags or whose weights then have
-        Pareto k̂ > :data:`PARETO_K_RELIABLE`; ``refined`` says which. Without it the
-        proposal is the encoder's q as it is.
+        row that the probe of :func:`_fitted_proposals` flags; ``refined`` says which.
+        Without it the proposal is the encoder's q as it is.
 
     Returns
     -------
@@ -199,29 +198,17 @@ def importance_sampled_log_likelihood(
         proposal = None
         if refine_eps is not None:
             proposal, redo = _fitted_proposals(model, xb, mb, cb, refine_eps)
-        logw = importance_terms(model, xb, eps, mb, cb, proposal=proposal)[0].double()  # (K, rows), float64
-        k_hat = pareto_k(logw.cpu().numpy()) if (refine_eps is not None or std is not None) else None
-        if proposal is not None:
-            # rows whose weights fail the k̂ diagnostic get a proposal fitted to them too
-            again = (k_hat > PARETO_K_RELIABLE) & ~redo
-            if again.any():
-                r = torch.from_numpy(np.flatnonzero(again)).to(xb.device)
-                sub = (xb[r], None if mb is None else mb[r], None if cb is None else cb[r])
-                start = (proposal[0][r], proposal[1][r] - 2 * math.log(PROPOSAL_WIDTH))
-                mu, logvar = refine_proposal(model, *sub, refine_eps, REFINE_STEPS, REFINE_LEARNING_RATE, start)
-                fitted = (mu, logvar + 2 * math.log(PROPOSAL_WIDTH))
-                logw[:, r] = importance_terms(model, sub[0], eps, sub[1], sub[2], proposal=fitted)[0].double()
-                k_hat[again] = pareto_k(logw[:, r].cpu().numpy())
-                redo = redo | again
             refined[where] = redo
+        logw = importance_terms(model, xb, eps, mb, cb, proposal=proposal)[0].double()  # (K, rows), float64
         value[where] = (torch.logsumexp(logw, 0) - math.log(k)).cpu().numpy()
         if std is not None:
             w = (logw - logw.max(0, keepdim=True).values).exp()
             mean = w.mean(0)
             sd = w.std(0, unbiased=False) if k > 1 else torch.zeros_like(mean)
             std[where] = (sd / (math.sqrt(k) * mean)).cpu().numpy()
-            tail[where] = k_hat
-            ess[where] = effective_sample_size(logw.cpu().numpy())
+            log_weights = logw.cpu().numpy()
+            tail[where] = pareto_k(log_weights)
+            ess[where] = effective_sample_size(log_weights)
     return LogLikelihood(value, std, tail, ess, refined)
 
 
