@@ -535,24 +535,13 @@ class VAEAnomalyDetector(
         names = [str(c) for c in getattr(self, "feature_names_in_", [])] or [
             f"x{j}" for j in range(self.n_features_in_)
         ]
-        if standardizer is None or standardizer.columns is None:
+        d = len(names)
+        if standardizer is None:
             why = f"likelihood {likelihood_name!r} for every column"
-            if standardizer is not None:
-                why = "saved by a version that did not record the reason"
-            kinds = [
-                "lattice" if standardizer is not None and standardizer.discrete[j] else likelihood_name
-                for j in range(len(names))
-            ]
-            columns = [ColumnLattice(kind, 0.0, 0.0, np.nan, why) for kind in kinds]
-            if standardizer is not None and standardizer.step is not None:
-                lower = standardizer.lower if standardizer.lower is not None else np.full(len(names), np.nan)
-                columns = [
-                    ColumnLattice(
-                        c.kind, float(standardizer.step[j]), float(standardizer.origin[j]), float(lower[j]), why
-                    )
-                    for j, c in enumerate(columns)
-                ]
-            return column_types(columns, names)
+            return column_types([ColumnLattice(likelihood_name, 0.0, 0.0, np.nan, why)] * d, names)
+        if standardizer.columns is None:  # a model file that did not record the reasons
+            kinds = ["lattice" if lattice else "continuous" for lattice in standardizer.discrete]
+            return column_types(standardizer.lattices(kinds, ["not recorded in the model file"] * d), names)
         return column_types(standardizer.columns, names)
 
     def _table_likelihood(self, X: np.ndarray) -> tuple[str, Likelihood, Standardizer | None]:
@@ -760,7 +749,11 @@ class VAEAnomalyDetector(
             pixels = None
         encoder = self.encoder if self.encoder != "auto" else ("conv" if images else "mlp")
         x, mask = self._to_internal(X, standardizer, likelihood, pixels)
-        impossible = self._impossible_entries(X, standardizer, pixels) if standardizer or pixels else None
+        impossible = (
+            self._impossible_entries(X, standardizer, pixels)
+            if standardizer is not None or pixels is not None
+            else None
+        )
         mask_input = mask is not None
         rng = check_random_state(self.random_state)
         fit_seed, score_seed = (int(s) for s in rng.randint(0, 2**31 - 1, size=2))
@@ -1286,14 +1279,7 @@ class VAEAnomalyDetector(
             )
             records = fitted.get("column_types_")
             if records is not None:
-                d = len(st.scale)
-                step = st.step if st.step is not None else np.zeros(d)
-                origin = st.origin if st.origin is not None else np.zeros(d)
-                lower = st.lower if st.lower is not None else np.full(d, np.nan)
-                st.columns = [
-                    ColumnLattice(str(r["kind"]), float(step[j]), float(origin[j]), float(lower[j]), str(r["reason"]))
-                    for j, r in enumerate(records)
-                ]
+                st.columns = st.lattices([str(r["kind"]) for r in records], [str(r["reason"]) for r in records])
             est.standardizer_ = st
         est.image_shape_ = None if fitted.get("image_shape_") is None else tuple(fitted["image_shape_"])
         if fitted.get("image_dtype_") is not None:

@@ -230,6 +230,16 @@ class Standardizer:
         lower = np.array([c.lower if c.kind == "lattice" else np.nan for c in columns])
         return cls(center, scale, origin, step, lower if np.isfinite(lower).any() else None, columns)
 
+    def lattices(self, kinds: list[str], reasons: list[str]) -> list[ColumnLattice]:
+        """Per-column records from this standardizer's arrays, with the given kinds and reasons."""
+        d = len(self.scale)
+        step = self.step if self.step is not None else np.zeros(d)
+        origin = self.origin if self.origin is not None else np.zeros(d)
+        lower = self.lower if self.lower is not None else np.full(d, np.nan)
+        return [
+            ColumnLattice(kinds[j], float(step[j]), float(origin[j]), float(lower[j]), reasons[j]) for j in range(d)
+        ]
+
     @property
     def discrete(self) -> np.ndarray:
         """Boolean mask of the lattice-valued columns."""
