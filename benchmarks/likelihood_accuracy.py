@@ -68,7 +68,7 @@ def evaluate(name: str, n_normal: int, missing: int = 0, seed: int = 0) -> dict:
     """Fit ``name`` with latent_dim=2; estimates vs exact for its anomalies and ``n_normal`` normal rows.
 
     Two estimates: the encoder's q(z|x) as the proposal (vaeguard before issue 15), and the
-    default score (a widened proposal, fitted per row where the probe says so).
+    default score (a widened proposal; fitted per row, and mixed with the encoder's, where the probe says so).
     """
     from vaeguard import VAEAnomalyDetector
     from vaeguard.scoring import common_random_numbers, importance_sampled_log_likelihood
@@ -152,7 +152,9 @@ def main() -> None:
         "`latent_dim=2`, `n_models=1`, seed 0, fitted on all rows of each set). Each estimate cell: mean error / "
         "worst error (estimate − exact, nats) / share within 0.5 nats / share whose ±1.96 standard errors cover the "
         "exact value. *Encoder q*: the encoder's q(z|x) as the proposal (the score before issue 15). *Default*: the "
-        "score now (proposal widened 1.5×, fitted to each row the probe flags). *Probe caught*: of the rows the "
+        "score now (proposal widened 1.5×; a row whose ELBO rises in the probe by more than the model's threshold, "
+        "the training rows' median rise + 1 nat, gets a proposal fitted to it, mixed half and half with the "
+        "encoder's). *Probe caught*: of the rows the "
         "encoder's proposal missed by more than 1 nat, the share the probe flagged and refitted. "
         f"*Coverage, {REPEATS} draws*: the share of (row, draw) pairs whose ±1.96 standard errors cover the exact "
         f"value, over {REPEATS} scorings with other draws (one draw serves every row, so one draw's coverage is "

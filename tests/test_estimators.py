@@ -393,6 +393,7 @@ def _alone(det, member):
     """A copy of ``det`` whose mixture is the one model ``member``."""
     single = copy.copy(det)
     single.model_, single.models_ = member, [member]
+    single.probe_thresholds_ = [det.probe_thresholds_[det.models_.index(member)]]
     return single
 
 
@@ -413,6 +414,7 @@ def test_a_mixture_of_one_model_repeated_is_that_model_with_its_error_bar():
     one = _alone(det, det.model_)
     repeated = copy.copy(det)
     repeated.models_ = [det.model_] * 4
+    repeated.probe_thresholds_ = [det.probe_thresholds_[0]] * 4
     value, std = repeated.log_likelihood(X[:30], return_std=True)
     v1, s1 = one.log_likelihood(X[:30], return_std=True)
     np.testing.assert_allclose(value, v1, atol=1e-12)
@@ -458,6 +460,25 @@ def test_a_model_file_that_declares_more_models_than_it_may_is_refused(tmp_path)
     storage.write_model_file(tmp_path / "crafted.h5", config, arrays)
     with pytest.raises(ValueError, match="weights do not fit"):
         load(tmp_path / "crafted.h5")
+
+
+def test_each_model_keeps_its_probe_threshold_in_the_model_file(tmp_path):
+    from vaeguard import storage
+    from vaeguard.scoring import PROBE_GAIN
+
+    det, _ = _mixture()
+    assert len(det.probe_thresholds_) == 3 and min(det.probe_thresholds_) >= PROBE_GAIN
+    det.save(tmp_path / "m.h5")
+    assert load(tmp_path / "m.h5").probe_thresholds_ == det.probe_thresholds_
+    config, arrays = det._model_file_contents()
+    config["fitted"].pop("probe_thresholds_")  # a file from before the thresholds: one nat each
+    storage.write_model_file(tmp_path / "old.h5", config, arrays)
+    assert load(tmp_path / "old.h5")._probe_threshold_of(2) == PROBE_GAIN
+    for crafted in ([float("nan")] * 3, [1.0], [-1.0] * 3, "1.0", [True] * 3):
+        config["fitted"]["probe_thresholds_"] = crafted
+        storage.write_model_file(tmp_path / "crafted.h5", config, arrays)
+        with pytest.raises(ValueError, match="probe_thresholds_"):
+            load(tmp_path / "crafted.h5")
 
 
 @pytest.mark.parametrize("magnitude", [1e-300, 1e-13, 1e200])

@@ -40,12 +40,15 @@ from vaeguard.preprocessing import (
 )
 from vaeguard.presets import PresetMixin
 from vaeguard.scoring import (
+    PROBE_GAIN,
     REFINE_SAMPLES,
     common_random_numbers,
     evidence_lower_bound,
     importance_sampled_log_likelihood,
     per_feature_log_likelihood,
     posterior_means,
+    probe_gains,
+    probe_threshold,
 )
 from vaeguard.training import KL_SCHEDULES, TrainingConfig, TrainingHistory, train
 
@@ -53,6 +56,8 @@ from vaeguard.training import KL_SCHEDULES, TrainingConfig, TrainingHistory, tra
 AUTO_STEPS = 3000
 #: Training rows scored to set ``offset_``; larger training sets use a random subsample.
 OFFSET_ROWS = 100_000
+#: Training rows whose probe gains set each model's probe threshold (a random subsample beyond).
+PROBE_CALIBRATION_ROWS = 2000
 #: ``n_models="auto"``: tables of at most this many rows get :data:`SMALL_TABLE_MODELS` models.
 SMALL_TABLE_ROWS = 2000
 SMALL_TABLE_MODELS = 3
@@ -252,6 +257,11 @@ class VAEAnomalyDetector(
     aggregate_posterior_ : AggregatePosterior or None
         A Gaussian mixture fitted to the training rows' posterior means, for
         ``sample(source="aggregate")``.
+    probe_thresholds_ : list of float or None
+        Per model of the mixture: the rise of a row's ELBO (nats) in the scoring probe
+        above which the row gets a proposal fitted to it — the median rise over (up to
+        2000) training rows plus one nat (:func:`vaeguard.scoring.probe_threshold`). None
+        for convolutional models, which are not probed.
     fingerprint_ : str or None
         SHA-256 of the model file this estimator was saved to or loaded from.
     condition_encoder_ : ConditionEncoder or None
@@ -831,6 +841,7 @@ class VAEAnomalyDetector(
         self.active_units_ = int((self.latent_variance_ > ACTIVE_UNIT_VARIANCE).sum())
         self.aggregate_posterior_ = AggregatePosterior.fit(means, score_seed) if len(means) > 1 else None
         self.fingerprint_ = None
+        self.probe_thresholds_ = self._probe_thresholds(x, mask, c, generator)
         if self.offset is not None:
             self.threshold_rule_ = {"rule": "offset", "offset": float(self.offset)}
             self.offset_ = float(self.offset)
@@ -906,6 +917,28 @@ class VAEAnomalyDetector(
             return None
         return common_random_numbers(REFINE_SAMPLES, self.latent_dim_, (self.score_seed_ + 1) % 2**31)
 
+    def _probe_thresholds(
+        self, x: torch.Tensor, mask: torch.Tensor | None, c: torch.Tensor | None, generator: torch.Generator
+    ) -> list[float] | None:
+        """Each model's probe threshold from the probe gains of (a subsample of) the training rows."""
+        refine_eps = self._refine_eps()
+        if refine_eps is None:
+            return None
+        if x.shape[0] > PROBE_CALIBRATION_ROWS:
+            keep = torch.randperm(x.shape[0], generator=generator)[:PROBE_CALIBRATION_ROWS]
+            x, mask, c = x[keep], (None if mask is None else mask[keep]), (None if c is None else c[keep])
+        return [
+            probe_threshold(
+                probe_gains(self._scoring_model(m), x, refine_eps, mask=mask, device=self.device_, condition=c)
+            )
+            for m in self._mixture_members()
+        ]
+
+    def _probe_threshold_of(self, member: int) -> float:
+        """The probe threshold of the ``member``-th model (:data:`PROBE_GAIN` for files without one)."""
+        thresholds = getattr(self, "probe_thresholds_", None)
+        return PROBE_GAIN if thresholds is None else float(thresholds[member])
+
     def _log_likelihood_internal(
         self,
         x: torch.Tensor,
@@ -926,8 +959,9 @@ class VAEAnomalyDetector(
                 device=self.device_,
                 condition=condition,
                 refine_eps=refine_eps,
+                probe_threshold=self._probe_threshold_of(i),
             )
-            for m in self._mixture_members()
+            for i, m in enumerate(self._mixture_members())
         ]
         result = members[0] if len(members) == 1 else mixture_estimate(members)
         if not np.all(np.isfinite(result.value)):
@@ -949,10 +983,10 @@ class VAEAnomalyDetector(
         """Importance-sampled estimate of log p(x) per row, in nats, in the data's units.
 
         For an MLP model the proposal is the encoder's q(z|x) widened 1.5 times; a row whose
-        ELBO rises by more than a nat in a short probe of gradient steps (the encoder
-        placed q away from its posterior: typical of far-out rows), or whose weights then
-        fail Pareto k̂, gets a proposal fitted to it
-        (:func:`vaeguard.scoring.importance_sampled_log_likelihood`).
+        ELBO rises in a short probe of gradient steps by more than a nat beyond the
+        training rows' median rise (``probe_thresholds_``: the encoder placed q away from
+        its posterior, typical of far-out rows) gets a proposal fitted to it, mixed with
+        the encoder's (:func:`vaeguard.scoring.importance_sampled_log_likelihood`).
         Convolutional models (images, temporal windows) use the encoder's q(z|x) as it is.
 
         Parameters
@@ -1083,7 +1117,14 @@ class VAEAnomalyDetector(
         x, mask, c, impossible = self._internal_inputs(X, condition)
         eps = common_random_numbers(self.n_importance_samples, self.latent_dim_, self.score_seed_)
         shares = per_feature_log_likelihood(
-            self._scoring_model(), x, eps, mask=mask, device=self.device_, condition=c, refine_eps=self._refine_eps()
+            self._scoring_model(),
+            x,
+            eps,
+            mask=mask,
+            device=self.device_,
+            condition=c,
+            refine_eps=self._refine_eps(),
+            probe_threshold=self._probe_threshold_of(0),
         )
         shares = shares.reshape(len(shares), -1)
         if self.standardizer_ is not None:
@@ -1212,6 +1253,7 @@ class VAEAnomalyDetector(
                 "condition_encoder_": None if self.condition_encoder_ is None else self.condition_encoder_.config(),
                 "active_units_": None if self.latent_variance_ is None else int(self.active_units_),
                 "n_models_": len(self._mixture_members()),
+                "probe_thresholds_": getattr(self, "probe_thresholds_", None),
                 "best_epoch": self.history_.best_epoch,
                 "stopped_early": self.history_.stopped_early,
             },
@@ -1310,12 +1352,26 @@ class VAEAnomalyDetector(
         est.kl_per_dimension_ = arrays.get("latent.kl_per_dimension")
         est.active_units_ = fitted.get("active_units_")
         est.aggregate_posterior_ = AggregatePosterior.from_arrays(arrays)
+        est.probe_thresholds_ = _stored_probe_thresholds(fitted.get("probe_thresholds_"), n_models)
         est.fingerprint_ = digest
         return est
 
 
 #: The most models a model file may hold (a guard against crafted files).
 MAX_STORED_MODELS = 64
+
+
+def _stored_probe_thresholds(value: Any, n_models: int) -> list[float] | None:
+    """A model file's ``probe_thresholds_``: None (files before them), or one finite number ≥ 0 per model."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != n_models
+        or not all(isinstance(t, Real) and not isinstance(t, bool) and math.isfinite(t) and t >= 0 for t in value)
+    ):
+        raise ValueError(f"the model file's probe_thresholds_ must be {n_models} finite numbers >= 0, got {value!r}")
+    return [float(t) for t in value]
 
 
 def mixture_estimate(members: list) -> Any:

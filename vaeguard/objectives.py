@@ -81,13 +81,50 @@ def log_posterior_of_draws(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
     return -0.5 * (e.square().sum(-1) + logvar.sum(-1) + mu.shape[-1] * math.log(2 * math.pi))
 
 
+@dataclass(frozen=True)
+class MixtureProposal:
+    """Two Gaussian proposals per row, each (μ, log σ²) of shape ``(batch, latent)``.
+
+    Of K draws ε the first ⌈K/2⌉ go through ``first`` and the rest through ``second``;
+    each draw is weighted against the mixture q = (K₁ q₁ + K₂ q₂) / K (the balance
+    heuristic of multiple importance sampling, Veach & Guibas 1995), so the estimate stays
+    unbiased and is never much worse than the better of the two: its weights are at most
+    K / K_i times those of either one alone. A row whose two components are equal is
+    scored exactly as with that one Gaussian.
+    """
+
+    first: tuple[Tensor, Tensor]
+    second: tuple[Tensor, Tensor]
+
+
+#: A proposal per row: one Gaussian (μ, log σ²), each ``(batch, latent)``, or a mixture of two.
+Proposal = tuple[Tensor, Tensor] | MixtureProposal
+
+
+def gaussian_log_prob(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """log N(z; μ, diag σ²) summed over the last axis: ``z`` (K, batch, latent) → (K, batch)."""
+    e = (z - mu) * (-0.5 * logvar).exp()
+    return -0.5 * (e.square().sum(-1) + logvar.sum(-1) + mu.shape[-1] * math.log(2 * math.pi))
+
+
+def _mixture_draws(proposal: MixtureProposal, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """The draws z ``(K, batch, latent)`` of a :class:`MixtureProposal` and their log q(z) ``(K, batch)``."""
+    k = eps.shape[0]
+    k_first = (k + 1) // 2
+    z = torch.cat([reparameterize(*proposal.first, eps[:k_first]), reparameterize(*proposal.second, eps[k_first:])])
+    log_q = gaussian_log_prob(z, *proposal.first) + math.log(k_first / k)
+    if k > k_first:
+        log_q = torch.logaddexp(log_q, gaussian_log_prob(z, *proposal.second) + math.log((k - k_first) / k))
+    return z, log_q
+
+
 def importance_terms(
     model: VAE,
     x: Tensor,
     eps: Tensor,
     mask: Tensor | None = None,
     condition: Tensor | None = None,
-    proposal: tuple[Tensor, Tensor] | None = None,
+    proposal: Proposal | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Log importance weights ``(K, batch)`` and the per-element log p(x_j|z_k) ``(K, batch, *event)``.
 
@@ -95,15 +132,19 @@ def importance_terms(
     entries (``mask`` False) contribute 0 to both. With a conditional model's
     ``condition`` c every term is conditioned on it (the weights then estimate p(x|c)).
     ``proposal`` = (μ, log σ²), each ``(batch, latent)``, replaces the encoder's q(z|x)
-    (e.g. a proposal refined for each row).
+    (e.g. a proposal refined for each row); a :class:`MixtureProposal` draws from two.
     """
     if proposal is None:
         mu, logvar, z, params = encode_and_decode(model, x, eps, mask, condition)
+        log_q = log_posterior_of_draws(mu, logvar, eps)
+    elif isinstance(proposal, MixtureProposal):
+        z, log_q = _mixture_draws(proposal, eps)
+        params = model.decode(z, condition)
     else:
         mu, logvar = proposal
         z = reparameterize(mu, logvar, eps)
         params = model.decode(z, condition)
-    log_q = log_posterior_of_draws(mu, logvar, eps)
+        log_q = log_posterior_of_draws(mu, logvar, eps)
     per_element = model.likelihood.per_feature_log_prob(x, params)
     if mask is not None:
         per_element = torch.where(

@@ -18,10 +18,27 @@ import torch
 from torch import Tensor
 
 from vaeguard.model import VAE
-from vaeguard.objectives import elbo, importance_terms
+from vaeguard.objectives import MixtureProposal, Proposal, elbo, importance_terms
 
 #: Elements (K × rows × per-row decoder outputs) one chunk may hold; about 64 MiB of float32.
 CHUNK_ELEMENTS = 1 << 24
+
+
+#: The proposal's standard deviations are these times the fitted q's (an ELBO-fitted q is
+#: narrower than the posterior; importance sampling needs the proposal's tails to cover it).
+PROPOSAL_WIDTH = 1.5
+#: Draws of the proposal fits (``refine_eps``); the estimator makes them from its own seed.
+REFINE_SAMPLES = 8
+#: The probe of every row's proposal: Adam steps, draws (the first of ``refine_eps``), step size.
+PROBE_STEPS, PROBE_SAMPLES, PROBE_LEARNING_RATE = 3, 4, 0.1
+#: A row whose ELBO rises by more than this (nats) beyond the typical rise gets a proposal fitted
+#: to it; also the threshold of a model whose typical rise is unknown.
+PROBE_GAIN = 1.0
+#: Further Adam steps for those rows (all of ``refine_eps``), and the step size.
+REFINE_STEPS, REFINE_LEARNING_RATE = 10, 0.3
+#: A fitted row whose ELBO still rose by more than this (nats) over the second half of its steps
+#: gets as many steps again.
+STILL_RISING = 2.0
 
 
 def common_random_numbers(n_samples: int, latent_dim: int, seed: int) -> Tensor:
@@ -51,6 +68,54 @@ def _chunks(
         xb = x[where].to(device=device, dtype=dtype, non_blocking=True)
         mb = None if mask is None else mask[where].to(device, non_blocking=True)
         yield where, xb, mb, (None if condition is None else condition[where].to(device, dtype, non_blocking=True))
+
+
+def _proposal_rows(proposal: Proposal, where: slice) -> Proposal:
+    """The rows ``where`` of a proposal (a (μ, log σ²) pair or a :class:`MixtureProposal`)."""
+    if isinstance(proposal, MixtureProposal):
+        return MixtureProposal(
+            (proposal.first[0][where], proposal.first[1][where]), (proposal.second[0][where], proposal.second[1][where])
+        )
+    return proposal[0][where], proposal[1][where]
+
+
+def _chunks_with_proposals(
+    model: VAE,
+    x: Tensor,
+    rows: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    mask: Tensor | None,
+    condition: Tensor | None,
+    refine_eps: Tensor | None,
+    probe_threshold: float,
+    k: int,
+) -> Iterator[tuple[slice, Tensor, Tensor | None, Tensor | None, Proposal | None, np.ndarray | None]]:
+    """``(rows of x, chunk, mask, conditions, proposal, refined)`` for chunks of ``rows`` rows.
+
+    Without ``refine_eps`` the proposal is None (the encoder's q) and ``refined`` None.
+    With it, the probe and the fits run on groups of ``rows × k / PROBE_SAMPLES`` rows (the
+    probe's few draws fill the memory of one chunk of the K-draw score), so their fixed cost
+    per call is paid once per group, not once per chunk; a row's proposal depends only on it.
+    """
+    if refine_eps is None:
+        for where, xb, mb, cb in _chunks(x, rows, device, dtype, mask, condition):
+            yield where, xb, mb, cb, None, None
+        return
+    group = rows * max(1, k // PROBE_SAMPLES)
+    for outer, xg, mg, cg in _chunks(x, group, device, dtype, mask, condition):
+        fit_rows = rows * max(1, k // refine_eps.shape[0])
+        proposal, refined = _fitted_proposals(model, xg, mg, cg, refine_eps, probe_threshold, fit_rows)
+        for start in range(0, xg.shape[0], rows):
+            inner = slice(start, min(start + rows, xg.shape[0]))
+            yield (
+                slice(outer.start + inner.start, outer.start + inner.stop),
+                xg[inner],
+                None if mg is None else mg[inner],
+                None if cg is None else cg[inner],
+                _proposal_rows(proposal, inner),
+                refined[inner],
+            )
 
 
 def _placement(model: VAE, device: torch.device | str | None) -> tuple[torch.device, torch.dtype]:
@@ -151,6 +216,7 @@ def importance_sampled_log_likelihood(
     device: torch.device | str | None = None,
     condition: Tensor | None = None,
     refine_eps: Tensor | None = None,
+    probe_threshold: float = PROBE_GAIN,
 ) -> LogLikelihood:
     """Estimate log p(x) for every row, in nats, in the model's internal units.
 
@@ -174,9 +240,13 @@ def importance_sampled_log_likelihood(
         A conditional model's condition vectors; the estimate is then of log p(x|c).
     refine_eps : Tensor, shape (S, latent_dim), optional
         Draws for fitting proposals (independent of ``eps``). Given, the proposal is the
-        encoder's q widened :data:`PROPOSAL_WIDTH` times, and a proposal is fitted to each
-        row that the probe of :func:`_fitted_proposals` flags; ``refined`` says which.
-        Without it the proposal is the encoder's q as it is.
+        encoder's q widened :data:`PROPOSAL_WIDTH` times, and a row that the probe of
+        :func:`_fitted_proposals` flags gets a proposal fitted to it, mixed with the
+        encoder's; ``refined`` says which rows. Without it the proposal is the encoder's q
+        as it is.
+    probe_threshold : float, default=PROBE_GAIN
+        Rise of a row's ELBO in the probe (nats) above which its proposal is fitted; a
+        model's own value comes from its training rows (:func:`probe_threshold`).
 
     Returns
     -------
@@ -194,10 +264,9 @@ def importance_sampled_log_likelihood(
     refined = np.zeros(x.shape[0], bool)
     if refine_eps is not None:
         refine_eps = refine_eps.to(device=device, dtype=dtype)
-    for where, xb, mb, cb in _chunks(x, rows, device, dtype, mask, condition):
-        proposal = None
-        if refine_eps is not None:
-            proposal, redo = _fitted_proposals(model, xb, mb, cb, refine_eps)
+    chunks = _chunks_with_proposals(model, x, rows, device, dtype, mask, condition, refine_eps, probe_threshold, k)
+    for where, xb, mb, cb, proposal, redo in chunks:
+        if redo is not None:
             refined[where] = redo
         logw = importance_terms(model, xb, eps, mb, cb, proposal=proposal)[0].double()  # (K, rows), float64
         value[where] = (torch.logsumexp(logw, 0) - math.log(k)).cpu().numpy()
@@ -212,46 +281,123 @@ def importance_sampled_log_likelihood(
     return LogLikelihood(value, std, tail, ess, refined)
 
 
-#: The proposal's standard deviations are these times the fitted q's (an ELBO-fitted q is
-#: narrower than the posterior; importance sampling needs the proposal's tails to cover it).
-PROPOSAL_WIDTH = 1.5
-#: Draws of the proposal fits (``refine_eps``); the estimator makes them from its own seed.
-REFINE_SAMPLES = 8
-#: The probe of every row's proposal: Adam steps, draws (the first of ``refine_eps``), step size.
-PROBE_STEPS, PROBE_SAMPLES, PROBE_LEARNING_RATE = 3, 4, 0.1
-#: A row whose ELBO rises by more than this (nats) in the probe gets a proposal fitted to it.
-PROBE_GAIN = 1.0
-#: Further Adam steps for those rows (all of ``refine_eps``), and the step size.
-REFINE_STEPS, REFINE_LEARNING_RATE = 20, 0.2
+def _probe(
+    model: VAE, x: Tensor, mask: Tensor | None, condition: Tensor | None, eps: Tensor
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor]:
+    """The encoder's q(z|x), q after the probe's steps, and the rise of each row's ELBO (nats, (rows,))."""
+    probe = eps[:PROBE_SAMPLES]
+    with torch.no_grad():
+        start = model.encode(x, mask, condition)
+    *moved, path = refine_proposal(model, x, mask, condition, probe, PROBE_STEPS, PROBE_LEARNING_RATE, start)
+    with torch.no_grad():
+        after = importance_terms(model, x, probe, mask, condition, proposal=tuple(moved))[0].mean(0)
+    return start, (moved[0], moved[1]), after - path[0]
+
+
+def probe_gains(
+    model: VAE,
+    x: Tensor,
+    refine_eps: Tensor,
+    *,
+    mask: Tensor | None = None,
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+    condition: Tensor | None = None,
+) -> np.ndarray:
+    """How much each row's ELBO rises (nats) in a short probe of gradient steps from the encoder's q.
+
+    float64 of shape (n,). The rise is the part of the ELBO the encoder leaves on the table
+    for that row (its amortization gap, as far as :data:`PROBE_STEPS` steps find it).
+    """
+    device, dtype, eps, rows = _prepare(model, refine_eps, device, chunk_size)
+    out = np.zeros(x.shape[0])
+    for where, xb, mb, cb in _chunks(x, rows, device, dtype, mask, condition):
+        out[where] = _probe(model, xb, mb, cb, eps)[2].double().cpu().numpy()
+    return out
+
+
+def probe_threshold(training_gains: np.ndarray) -> float:
+    """The probe's threshold for a model: the median rise over its training rows plus :data:`PROBE_GAIN`.
+
+    In a small latent space the encoder serves typical rows almost perfectly (a median
+    rise of a few tenths of a nat); in a large one every row rises by nats, and fitting
+    a proposal to each of them costs many times the score while it changes the estimate
+    little (``benchmarks/results/likelihood_accuracy.md``). What marks a row the encoder
+    serves badly is a rise well beyond the usual. Never below :data:`PROBE_GAIN`.
+    """
+    gains = np.asarray(training_gains, dtype=np.float64)
+    gains = gains[np.isfinite(gains)]
+    if gains.size == 0:
+        return PROBE_GAIN
+    return float(max(PROBE_GAIN, np.median(gains) + PROBE_GAIN))
 
 
 def _fitted_proposals(
-    model: VAE, x: Tensor, mask: Tensor | None, condition: Tensor | None, eps: Tensor
-) -> tuple[tuple[Tensor, Tensor], np.ndarray]:
-    """The proposal (μ, log σ²) per row and which rows got one fitted to them (bool, (rows,)).
+    model: VAE,
+    x: Tensor,
+    mask: Tensor | None,
+    condition: Tensor | None,
+    eps: Tensor,
+    threshold: float = PROBE_GAIN,
+    fit_rows: int | None = None,
+) -> tuple[Proposal, np.ndarray]:
+    """The proposal for each row and which rows got one fitted to them (bool, (rows,)).
 
     The encoder's q(z|x) can sit many posterior widths away from the true posterior of a
     far-out row, with a confident width, so that its importance weights look healthy
     (small Pareto k̂) while the estimate is off by many nats. Each row's q is therefore
     probed: :data:`PROBE_STEPS` Adam steps on its ELBO. A row whose ELBO rises by more
-    than :data:`PROBE_GAIN` nats was badly served by the encoder and gets
-    :data:`REFINE_STEPS` further steps; the other rows keep the encoder's q.
+    than ``threshold`` nats was badly served by the encoder and gets
+    :data:`REFINE_STEPS` further steps (twice that while its ELBO keeps rising); its
+    proposal is then the even mixture of the encoder's q and the fitted one
+    (:class:`~vaeguard.objectives.MixtureProposal`), so a fit that lands worse than the
+    encoder (it can, in a large latent space: a Gaussian fitted with few draws) costs at
+    most the half of the draws it takes. Every proposal is widened
+    :data:`PROPOSAL_WIDTH` times. The fits run ``fit_rows`` rows at a time (default:
+    all flagged rows at once).
     """
-    probe = eps[:PROBE_SAMPLES]
-    with torch.no_grad():
-        start = model.encode(x, mask, condition)
-        before = importance_terms(model, x, probe, mask, condition, proposal=start)[0].mean(0)
-    moved = refine_proposal(model, x, mask, condition, probe, PROBE_STEPS, PROBE_LEARNING_RATE, start)
-    with torch.no_grad():
-        after = importance_terms(model, x, probe, mask, condition, proposal=moved)[0].mean(0)
-    redo = ((after - before) > PROBE_GAIN).cpu().numpy()
+    start, moved, gain = _probe(model, x, mask, condition, eps)
+    redo = (gain > threshold).cpu().numpy()
+    widen = 2 * math.log(PROPOSAL_WIDTH)
+    encoder = (start[0], start[1] + widen)
+    if not redo.any():
+        return encoder, redo
     mu, logvar = (t.clone() for t in start)
-    if redo.any():
-        r = torch.from_numpy(np.flatnonzero(redo)).to(x.device)
-        sub = (x[r], None if mask is None else mask[r], None if condition is None else condition[r])
-        fitted = refine_proposal(model, *sub, eps, REFINE_STEPS, REFINE_LEARNING_RATE, (moved[0][r], moved[1][r]))
-        mu[r], logvar[r] = fitted
-    return (mu, logvar + 2 * math.log(PROPOSAL_WIDTH)), redo
+    flagged = torch.from_numpy(np.flatnonzero(redo)).to(x.device)
+    step = fit_rows or len(flagged)
+    for r in flagged.split(step):
+        mu[r], logvar[r] = _fit(model, x[r], _rows(mask, r), _rows(condition, r), eps, moved, r)
+    return MixtureProposal(encoder, (mu, logvar + widen)), redo
+
+
+def _rows(t: Tensor | None, rows: Tensor) -> Tensor | None:
+    """The rows ``rows`` of an optional per-row tensor (a mask, conditions)."""
+    return None if t is None else t[rows]
+
+
+def _fit(
+    model: VAE,
+    x: Tensor,
+    mask: Tensor | None,
+    condition: Tensor | None,
+    eps: Tensor,
+    start: tuple[Tensor, Tensor],
+    rows: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The proposals fitted to ``x`` (the rows ``rows`` of ``start``): :data:`REFINE_STEPS` Adam steps,
+    and as many again for the rows whose ELBO still rose by more than :data:`STILL_RISING`
+    nats over the second half of them (far-out rows, far from where their fit began)."""
+    mu, logvar, path = refine_proposal(
+        model, x, mask, condition, eps, REFINE_STEPS, REFINE_LEARNING_RATE, (start[0][rows], start[1][rows])
+    )
+    rising = torch.nonzero(path[-1] - path[REFINE_STEPS // 2] > STILL_RISING).flatten()
+    if len(rising):
+        more = refine_proposal(
+            model, x[rising], _rows(mask, rising), _rows(condition, rising), eps, REFINE_STEPS,
+            REFINE_LEARNING_RATE, (mu[rising], logvar[rising]),
+        )  # fmt: skip
+        mu[rising], logvar[rising] = more[0], more[1]
+    return mu, logvar
 
 
 def refine_proposal(
@@ -263,22 +409,25 @@ def refine_proposal(
     steps: int,
     learning_rate: float,
     start: tuple[Tensor, Tensor],
-) -> tuple[Tensor, Tensor]:
-    """A Gaussian proposal fitted to each row: (μ, log σ²), each (rows, latent).
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A Gaussian proposal fitted to each row: (μ, log σ²), each (rows, latent), and its ELBO's path.
 
     Starts from ``start`` (e.g. the encoder's q(z|x)) and takes ``steps`` Adam steps
     on each row's ELBO, estimated with the fixed draws ``eps`` (S, latent) —
     semi-amortized inference (Kim et al. 2018). The objective is a sum over rows and Adam
-    acts element by element, so a row's proposal does not depend on the other rows.
+    acts element by element, so a row's proposal does not depend on the other rows. The
+    third result, shape (steps, rows), is each row's ELBO estimate (nats) before each step.
     """
     mu, logvar = (t.detach().clone().requires_grad_(True) for t in start)
     optimizer = torch.optim.Adam([mu, logvar], lr=learning_rate)
+    path = []
     with torch.enable_grad():
         for _ in range(steps):
-            logw = importance_terms(model, x, eps, mask, condition, proposal=(mu, logvar))[0]
-            mu.grad, logvar.grad = torch.autograd.grad(-logw.mean(0).sum(), [mu, logvar])
+            objective = importance_terms(model, x, eps, mask, condition, proposal=(mu, logvar))[0].mean(0)
+            path.append(objective.detach())
+            mu.grad, logvar.grad = torch.autograd.grad(-objective.sum(), [mu, logvar])
             optimizer.step()
-    return mu.detach(), logvar.detach()
+    return mu.detach(), logvar.detach(), torch.stack(path) if path else x.new_zeros(0, x.shape[0])
 
 
 @torch.no_grad()
@@ -330,6 +479,7 @@ def per_feature_log_likelihood(
     device: torch.device | str | None = None,
     condition: Tensor | None = None,
     refine_eps: Tensor | None = None,
+    probe_threshold: float = PROBE_GAIN,
 ) -> np.ndarray:
     """Each element's share of the score: E_{p(z|x)}[log p(x_j|z)] in nats, shape (n, *event_shape).
 
@@ -343,8 +493,9 @@ def per_feature_log_likelihood(
     out = np.zeros((x.shape[0], *model.likelihood.event_shape))
     if refine_eps is not None:
         refine_eps = refine_eps.to(device=device, dtype=dtype)
-    for where, xb, mb, cb in _chunks(x, rows, device, dtype, mask, condition):
-        proposal = None if refine_eps is None else _fitted_proposals(model, xb, mb, cb, refine_eps)[0]
+    k = eps.shape[0]
+    chunks = _chunks_with_proposals(model, x, rows, device, dtype, mask, condition, refine_eps, probe_threshold, k)
+    for where, xb, mb, cb, proposal, _ in chunks:
         logw, per = importance_terms(model, xb, eps, mb, cb, proposal=proposal)
         weights = torch.softmax(logw.double(), 0)  # (K, rows)
         share = (weights.reshape(*weights.shape, *([1] * (per.dim() - 2))) * per.double()).sum(0)
