@@ -22,6 +22,8 @@ from vaeguard.objectives import MixtureProposal, Proposal, elbo, importance_term
 
 #: Elements (K × rows × per-row decoder outputs) one chunk may hold; about 64 MiB of float32.
 CHUNK_ELEMENTS = 1 << 24
+#: Decoder outputs (draws × rows × per-row outputs) of one gradient step of the probe or a fit.
+PROBE_ELEMENTS = 1 << 21
 
 
 #: The proposal's standard deviations are these times the fitted q's (an ELBO-fitted q is
@@ -94,17 +96,21 @@ def _chunks_with_proposals(
     """``(rows of x, chunk, mask, conditions, proposal, refined)`` for chunks of ``rows`` rows.
 
     Without ``refine_eps`` the proposal is None (the encoder's q) and ``refined`` None.
-    With it, the probe and the fits run on groups of ``rows × k / PROBE_SAMPLES`` rows (the
-    probe's few draws fill the memory of one chunk of the K-draw score), so their fixed cost
-    per call is paid once per group, not once per chunk; a row's proposal depends only on it.
+    With it, the probe and the fits run on groups of up to ``rows × k / PROBE_SAMPLES`` rows,
+    so their fixed cost per call is paid once per group, not once per chunk; their
+    gradient steps keep to :data:`PROBE_ELEMENTS` decoder outputs (large temporaries, kept
+    for the backward pass, cost more in memory traffic than they save). A row's proposal
+    depends only on it.
     """
     if refine_eps is None:
         for where, xb, mb, cb in _chunks(x, rows, device, dtype, mask, condition):
             yield where, xb, mb, cb, None, None
         return
-    group = rows * max(1, k // PROBE_SAMPLES)
+    lik = model.likelihood
+    per_row = lik.param_count * math.prod(lik.event_shape)
+    group = max(rows, min(rows * k // PROBE_SAMPLES, PROBE_ELEMENTS // (PROBE_SAMPLES * per_row)))
+    fit_rows = max(1, min(rows * k // refine_eps.shape[0], PROBE_ELEMENTS // (refine_eps.shape[0] * per_row)))
     for outer, xg, mg, cg in _chunks(x, group, device, dtype, mask, condition):
-        fit_rows = rows * max(1, k // refine_eps.shape[0])
         proposal, refined = _fitted_proposals(model, xg, mg, cg, refine_eps, probe_threshold, fit_rows)
         for start in range(0, xg.shape[0], rows):
             inner = slice(start, min(start + rows, xg.shape[0]))
