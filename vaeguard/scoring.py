@@ -72,6 +72,12 @@ def _chunks(
         yield where, xb, mb, (None if condition is None else condition[where].to(device, dtype, non_blocking=True))
 
 
+def _gradient_rows(model: VAE, draws: int) -> int:
+    """Rows whose ``draws`` decoder outputs fill :data:`PROBE_ELEMENTS` (at least 1)."""
+    lik = model.likelihood
+    return max(1, PROBE_ELEMENTS // (draws * lik.param_count * math.prod(lik.event_shape)))
+
+
 def _proposal_rows(proposal: Proposal, where: slice) -> Proposal:
     """The rows ``where`` of a proposal (a (μ, log σ²) pair or a :class:`MixtureProposal`)."""
     if isinstance(proposal, MixtureProposal):
@@ -106,10 +112,8 @@ def _chunks_with_proposals(
         for where, xb, mb, cb in _chunks(x, rows, device, dtype, mask, condition):
             yield where, xb, mb, cb, None, None
         return
-    lik = model.likelihood
-    per_row = lik.param_count * math.prod(lik.event_shape)
-    group = max(rows, min(rows * k // PROBE_SAMPLES, PROBE_ELEMENTS // (PROBE_SAMPLES * per_row)))
-    fit_rows = max(1, min(rows * k // refine_eps.shape[0], PROBE_ELEMENTS // (refine_eps.shape[0] * per_row)))
+    group = max(rows, min(rows * k // PROBE_SAMPLES, _gradient_rows(model, PROBE_SAMPLES)))
+    fit_rows = max(1, min(rows * k // refine_eps.shape[0], _gradient_rows(model, refine_eps.shape[0])))
     for outer, xg, mg, cg in _chunks(x, group, device, dtype, mask, condition):
         proposal, refined = _fitted_proposals(model, xg, mg, cg, refine_eps, probe_threshold, fit_rows)
         for start in range(0, xg.shape[0], rows):
@@ -294,10 +298,10 @@ def _probe(
     probe = eps[:PROBE_SAMPLES]
     with torch.no_grad():
         start = model.encode(x, mask, condition)
-    *moved, path = refine_proposal(model, x, mask, condition, probe, PROBE_STEPS, PROBE_LEARNING_RATE, start)
+    mu, logvar, path = refine_proposal(model, x, mask, condition, probe, PROBE_STEPS, PROBE_LEARNING_RATE, start)
     with torch.no_grad():
-        after = importance_terms(model, x, probe, mask, condition, proposal=tuple(moved))[0].mean(0)
-    return start, (moved[0], moved[1]), after - path[0]
+        after = importance_terms(model, x, probe, mask, condition, proposal=(mu, logvar))[0].mean(0)
+    return start, (mu, logvar), after - path[0]
 
 
 def probe_gains(
@@ -315,9 +319,11 @@ def probe_gains(
     float64 of shape (n,). The rise is the part of the ELBO the encoder leaves on the table
     for that row (its amortization gap, as far as :data:`PROBE_STEPS` steps find it).
     """
-    device, dtype, eps, rows = _prepare(model, refine_eps, device, chunk_size)
+    device, dtype, eps, _ = _prepare(model, refine_eps, device, chunk_size)
     out = np.zeros(x.shape[0])
-    for where, xb, mb, cb in _chunks(x, rows, device, dtype, mask, condition):
+    for where, xb, mb, cb in _chunks(
+        x, chunk_size or _gradient_rows(model, PROBE_SAMPLES), device, dtype, mask, condition
+    ):
         out[where] = _probe(model, xb, mb, cb, eps)[2].double().cpu().numpy()
     return out
 
@@ -328,7 +334,7 @@ def probe_threshold(training_gains: np.ndarray) -> float:
     In a small latent space the encoder serves typical rows almost perfectly (a median
     rise of a few tenths of a nat); in a large one every row rises by nats, and fitting
     a proposal to each of them costs many times the score while it changes the estimate
-    little (``benchmarks/results/likelihood_accuracy.md``). What marks a row the encoder
+    little (``benchmarks/results/scoring_cost.md``). What marks a row the encoder
     serves badly is a rise well beyond the usual. Never below :data:`PROBE_GAIN`.
     """
     gains = np.asarray(training_gains, dtype=np.float64)
@@ -390,9 +396,12 @@ def _fit(
     start: tuple[Tensor, Tensor],
     rows: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """The proposals fitted to ``x`` (the rows ``rows`` of ``start``): :data:`REFINE_STEPS` Adam steps,
-    and as many again for the rows whose ELBO still rose by more than :data:`STILL_RISING`
-    nats over the second half of them (far-out rows, far from where their fit began)."""
+    """The proposals (μ, log σ²) fitted to ``x``, starting from the rows ``rows`` of ``start``.
+
+    :data:`REFINE_STEPS` Adam steps, and as many again for the rows whose ELBO still rose
+    by more than :data:`STILL_RISING` nats over the second half of them (far-out rows, far
+    from where their fit began).
+    """
     mu, logvar, path = refine_proposal(
         model, x, mask, condition, eps, REFINE_STEPS, REFINE_LEARNING_RATE, (start[0][rows], start[1][rows])
     )
