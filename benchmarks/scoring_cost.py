@@ -49,22 +49,15 @@ def _timed(fn) -> tuple[float, object]:
 @torch.no_grad()
 def _estimate(model, x, eps, proposal) -> np.ndarray:
     from vaeguard.objectives import importance_terms
+    from vaeguard.scoring import _proposal_rows
 
     out = []
     for start in range(0, x.shape[0], 50):
         where = slice(start, start + 50)
-        p = None if proposal is None else _rows_of(proposal, where)
+        p = None if proposal is None else _proposal_rows(proposal, where)
         logw = importance_terms(model, x[where], eps, proposal=p)[0].double()
         out.append((torch.logsumexp(logw, 0) - math.log(eps.shape[0])).numpy())
     return np.concatenate(out)
-
-
-def _rows_of(proposal, where: slice):
-    from vaeguard.objectives import MixtureProposal
-
-    if isinstance(proposal, MixtureProposal):
-        return MixtureProposal(*(tuple(t[where] for t in part) for part in (proposal.first, proposal.second)))
-    return tuple(t[where] for t in proposal)
 
 
 def accuracy(det, X: np.ndarray, y: np.ndarray, seed: int) -> dict:
