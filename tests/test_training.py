@@ -97,6 +97,28 @@ def test_validation_loss_does_not_depend_on_the_chunk_size():
         assert whole == pytest.approx(-elbo(vae, x, eps)[0].mean().item(), rel=1e-6)
 
 
+def test_validation_loss_with_trimming_is_the_mean_over_the_best_rows():
+    """With trim_fraction f the monitor averages the best 1 - f of the rows, as training does per batch.
+
+    The full mean would count the rows the model is told to give up on: it rises as soon as
+    trimming starts, and early stopping then ends the fit at the end of the KL warm-up.
+    """
+    from vaeguard.training import validation_loss
+
+    x = data(n=100)
+    x[::10] += 1e3  # ten far rows: their -ELBO is far above every other row's
+    vae = small_vae()
+    eps = torch.randn(1, 100, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        per_row = -elbo(vae, x, eps)[0]
+    far = torch.zeros(100, dtype=torch.bool)
+    far[::10] = True
+    assert per_row[far].min() > per_row[~far].max()
+    trimmed = validation_loss(vae, x, eps, config=TrainingConfig(trim_fraction=0.1), chunk=7)
+    assert trimmed == pytest.approx(per_row[~far].mean().item(), rel=1e-6)
+    assert validation_loss(vae, x, eps) == pytest.approx(per_row.mean().item(), rel=1e-6)
+
+
 def test_kl_schedules():
     from vaeguard.training import kl_weight_at
 

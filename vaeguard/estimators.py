@@ -182,8 +182,9 @@ class VAEAnomalyDetector(
     trim_fraction : float in [0, 0.5), default=0.1
         Robust training on contaminated data: after the KL warm-up, the rows of each
         minibatch with the lowest ELBO (this fraction of them) are left out of the loss,
-        so a few anomalies in the training data pull the model less towards them. This
-        trades exact maximum likelihood for robustness; 0 trains on every row.
+        so a few anomalies in the training data pull the model less towards them. Early
+        stopping watches the same trimmed mean on the validation rows. This trades exact
+        maximum likelihood for robustness; 0 trains on every row.
     validation_fraction : float in [0, 1), default=0.1
         Share of the training rows held out for early stopping (none when fewer than
         20 rows would be held out).
@@ -194,9 +195,8 @@ class VAEAnomalyDetector(
         γ·total correlation from a discriminator). None trains on the plain ELBO.
         Regularised models trade likelihood (and so detection scores) for a more
         factorised code; scores are still importance-sampled log p(x). With β < 1 (more
-        information in the code, e.g. for lossy compression) set ``trim_fraction=0``: the
-        decoder otherwise fits the kept rows so tightly that early stopping, which sees
-        every validation row, stops within a few epochs.
+        information in the code, e.g. for lossy compression) set ``trim_fraction=0``: a
+        compression model must code every row, also those trimming leaves out of the fit.
     regularizer_params : dict, optional
         The regularizer's settings, e.g. ``{"beta": 4}``, ``{"beta": 6, "estimator":
         "mss"}``, ``{"gamma": 10}``.

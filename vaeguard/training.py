@@ -30,9 +30,11 @@ class TrainingDivergedError(ValueError, RuntimeError):
 class TrainingConfig:
     """Settings of one training run.
 
-    ``epochs`` is the maximum; early stopping (on the validation ELBO, checked every
-    epoch) ends sooner after ``patience`` epochs without improvement and restores the
-    best weights. ``kl_schedule`` sets the KL weight per step (see :data:`KL_SCHEDULES`;
+    ``epochs`` is the maximum; early stopping (on the validation objective, checked
+    every epoch; see :func:`validation_loss`) ends sooner after ``patience`` epochs
+    without improvement and restores the best weights. ``trim_fraction`` leaves the
+    worst-fitted rows of each minibatch out of the loss after the KL warm-up (and of the
+    validation objective). ``kl_schedule`` sets the KL weight per step (see :data:`KL_SCHEDULES`;
     ``kl_warmup_fraction`` of all steps is the linear ramp); ``free_bits`` is a floor in
     nats per latent dimension on the minibatch-mean KL; ``regularizer`` an object with
     ``penalty(terms, step)`` added to the loss; ``objective="iwae"`` trains on the
@@ -91,33 +93,41 @@ def validation_loss(
     generator: torch.Generator | None = None,
     condition: Tensor | None = None,
 ) -> float:
-    """Mean training objective over the validation rows at full KL weight, each row with its own draw; nats.
+    """Training objective over the validation rows at full KL weight, each row with its own draw; nats per row.
 
     Without a regularizer or free bits that is the −ELBO (the −IWAE bound with
     ``val_eps`` of K draws when ``config.objective == "iwae"``). With them it is the objective
     being trained (free-bits KL, plus the regularizer's penalty per chunk of
     ``config.batch_size`` rows, evaluated without updating anything), so early stopping
-    keeps the model best at what it was asked to do.
+    keeps the model best at what it was asked to do. For the same reason, with
+    ``config.trim_fraction`` = f > 0 it is the mean over the best (lowest-loss) 1 − f of the
+    rows, as training averages over the best 1 − f of each batch: the full mean would rise
+    as the model stops spending effort on the rows it trims, and stop training as soon as
+    trimming starts.
     """
     config = config or TrainingConfig()
     if config.regularizer is not None:
         chunk = max(2, config.batch_size)
     generator = generator or torch.Generator().manual_seed(0)
-    total = 0.0
+    per_row: list[Tensor] = []
+    penalty = 0.0
     for start in range(0, x_val.shape[0], chunk):
         xb, eb = x_val[start : start + chunk], val_eps[:, start : start + chunk]
         mb = None if mask is None else mask[start : start + chunk]
         cb = None if condition is None else condition[start : start + chunk]
         if config.objective == "iwae":
-            total -= iwae_objective(model, xb, eb, mb, condition=cb).sum().item()
+            per_row.append(-iwae_objective(model, xb, eb, mb, condition=cb).detach())
             continue
         terms = training_terms(
             model, xb, eb, mb, kl_weight=1.0, dataset_size=x_val.shape[0], generator=generator, condition=cb
         )
-        total += (free_bits_kl(terms.kl, config.free_bits) - terms.recon).sum().item()
+        per_row.append((free_bits_kl(terms.kl, config.free_bits) - terms.recon).detach())
         if config.regularizer is not None and xb.shape[0] > 1:
-            total += config.regularizer.penalty(terms, -1).item() * xb.shape[0]
-    return total / x_val.shape[0]
+            penalty += config.regularizer.penalty(terms, -1).item() * xb.shape[0]
+    losses = torch.cat(per_row)
+    n_keep = losses.shape[0] - int(config.trim_fraction * losses.shape[0])
+    kept = torch.topk(losses, n_keep, largest=False).values if n_keep < losses.shape[0] else losses
+    return kept.mean().item() + penalty / x_val.shape[0]
 
 
 def kl_weight_at(step: int, total_steps: int, config: TrainingConfig) -> float:
