@@ -382,6 +382,31 @@ def test_auto_n_models_is_three_for_small_tables_and_one_otherwise():
     assert auto_n_models(100, images=True) == 1
 
 
+def test_auto_trim_fraction_trains_tables_with_a_fifth_and_images_with_a_tenth_trimmed(monkeypatch):
+    """``trim_fraction="auto"`` reaches the training loop as 0.2 for a table, 0.1 for images and
+    for the time-series window model; a number given is passed through unchanged."""
+    from conftest import FAST
+
+    import vaeguard.estimators as estimators
+    from vaeguard.timeseries import VAETimeSeriesDetector
+
+    seen: list[float] = []
+    real_train = estimators.train
+
+    def spy(model, x, config, **kwargs):
+        seen.append(config.trim_fraction)
+        return real_train(model, x, config, **kwargs)
+
+    monkeypatch.setattr(estimators, "train", spy)
+    rng = np.random.default_rng(0)
+    VAEAnomalyDetector(**FAST, n_models=1, random_state=0).fit(rng.normal(size=(100, 3)))
+    VAEAnomalyDetector(**FAST, random_state=0).fit(rng.integers(0, 2, size=(40, 8, 8)).astype(np.float32))
+    VAEAnomalyDetector(**FAST, n_models=1, trim_fraction=0.05, random_state=0).fit(rng.normal(size=(100, 3)))
+    VAETimeSeriesDetector(window=16, estimator_params=FAST, random_state=0).fit(np.sin(np.arange(400) / 5))
+    assert seen == [estimators.TABLE_TRIM_FRACTION, estimators.IMAGE_TRIM_FRACTION, 0.05, 0.1]
+    assert estimators.TABLE_TRIM_FRACTION == 0.2 and estimators.IMAGE_TRIM_FRACTION == 0.1
+
+
 def _mixture(n_models=3, n=200, seed=0):
     from conftest import FAST
 

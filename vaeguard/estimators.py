@@ -63,6 +63,21 @@ SMALL_TABLE_ROWS = 2000
 SMALL_TABLE_MODELS = 3
 
 
+#: ``trim_fraction="auto"``: the share of each minibatch left out of the loss, for tables and for images.
+TABLE_TRIM_FRACTION = 0.2
+IMAGE_TRIM_FRACTION = 0.1
+
+
+def auto_trim_fraction(images: bool) -> float:
+    """``trim_fraction="auto"``: 0.2 for tables, 0.1 for images.
+
+    Tables were decided on half A of the shared ADBench sets and confirmed on half B and on
+    fresh seeds (quality log Q22): with early stopping on the trimmed objective, 0.2 beats
+    0.1 on both halves. Images keep the 0.1 they were measured with (quality log I1–I8).
+    """
+    return IMAGE_TRIM_FRACTION if images else TABLE_TRIM_FRACTION
+
+
 def auto_n_models(n_rows: int, images: bool) -> int:
     """Models in the mixture for ``n_models="auto"``: 3 for tables of at most 2000 rows, else 1.
 
@@ -179,12 +194,13 @@ class VAEAnomalyDetector(
         A category not seen in training, at score time: "error" raises a ``ValueError``
         naming the column, row and value; "ignore" treats it as missing (the row is
         scored on its other columns).
-    trim_fraction : float in [0, 0.5), default=0.1
+    trim_fraction : float in [0, 0.5) or "auto", default="auto"
         Robust training on contaminated data: after the KL warm-up, the rows of each
         minibatch with the lowest ELBO (this fraction of them) are left out of the loss,
         so a few anomalies in the training data pull the model less towards them. Early
         stopping watches the same trimmed mean on the validation rows. This trades exact
-        maximum likelihood for robustness; 0 trains on every row.
+        maximum likelihood for robustness; 0 trains on every row. "auto": 0.2 for tables
+        (quality log Q22), 0.1 for images and for the time-series window model.
     validation_fraction : float in [0, 1), default=0.1
         Share of the training rows held out for early stopping (none when fewer than
         20 rows would be held out).
@@ -315,7 +331,7 @@ class VAEAnomalyDetector(
         "offset": [Real, None],
         "discrete_columns": [StrOptions({"auto", "none"}), list, tuple],
         "handle_unknown": [StrOptions({"error", "ignore"})],
-        "trim_fraction": [Interval(Real, 0, 0.5, closed="left")],
+        "trim_fraction": [StrOptions({"auto"}), Interval(Real, 0, 0.5, closed="left")],
         "validation_fraction": [Interval(Real, 0, 1, closed="left")],
         "regularizer": [str, None],
         "regularizer_params": [dict, None],
@@ -346,7 +362,7 @@ class VAEAnomalyDetector(
         offset: float | None = None,
         discrete_columns: str | list[str | int] = "auto",
         handle_unknown: str = "error",
-        trim_fraction: float = 0.1,
+        trim_fraction: float | str = "auto",
         validation_fraction: float = 0.1,
         regularizer: str | None = None,
         regularizer_params: dict | None = None,
@@ -779,7 +795,7 @@ class VAEAnomalyDetector(
             learning_rate=self.learning_rate,
             validation_fraction=self.validation_fraction,
             patience=max(10, epochs // 10),
-            trim_fraction=self.trim_fraction,
+            trim_fraction=self.trim_fraction if self.trim_fraction != "auto" else auto_trim_fraction(images),
             kl_schedule=self.kl_schedule,
             free_bits=float(self.free_bits),
             objective=self.objective,

@@ -179,8 +179,15 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
         self.window_ = auto_window(values) if self.window == "auto" else int(self.window)
         windows = self._windows(values, self.stride, self.window_)
         keep = ~np.isnan(windows).all(axis=1)
-        # one window model unless asked: the mixture for small tables was decided on tables, not on series
-        params = {"random_state": self.random_state, "device": self.device, "verbose": self.verbose, "n_models": 1}
+        # one window model and 10 % trimming unless asked: the mixture for small tables and
+        # their 20 % trimming were decided on tables, not on series
+        params = {
+            "random_state": self.random_state,
+            "device": self.device,
+            "verbose": self.verbose,
+            "n_models": 1,
+            "trim_fraction": 0.1,
+        }
         if self.encoder == "temporal":
             params |= {"encoder": "temporal", "encoder_params": {"channels": self.n_channels_}}
         params |= dict(self.estimator_params or {})
