@@ -105,6 +105,7 @@ def main() -> None:
                 print(f"seed {seed} {method:9s} digit {digit} AUROC {rows[-1]['auroc']:.4f}", file=sys.stderr)
     df = pd.DataFrame(rows)
     stem = "images" if args.size == 8 else f"images-{args.size}"
+    args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / f"{stem}.csv", index=False)
     text = report(df, args.size, " ".join(sys.argv[1:]))
     (args.out / f"{stem}.md").write_text(text)
