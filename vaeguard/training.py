@@ -82,6 +82,14 @@ def split_validation(n: int, config: TrainingConfig, generator: torch.Generator)
 VALIDATION_CHUNK = 8192
 
 
+def best_rows(per_row_loss: Tensor, trim_fraction: float) -> Tensor:
+    """The per-row losses without the worst ``trim_fraction`` of them (``int(f · n)`` rows), as trimming drops them."""
+    n_keep = per_row_loss.shape[0] - int(trim_fraction * per_row_loss.shape[0])
+    if n_keep == per_row_loss.shape[0]:
+        return per_row_loss
+    return torch.topk(per_row_loss, n_keep, largest=False).values
+
+
 @torch.no_grad()
 def validation_loss(
     model: VAE,
@@ -124,10 +132,7 @@ def validation_loss(
         per_row.append((free_bits_kl(terms.kl, config.free_bits) - terms.recon).detach())
         if config.regularizer is not None and xb.shape[0] > 1:
             penalty += config.regularizer.penalty(terms, -1).item() * xb.shape[0]
-    losses = torch.cat(per_row)
-    n_keep = losses.shape[0] - int(config.trim_fraction * losses.shape[0])
-    kept = torch.topk(losses, n_keep, largest=False).values if n_keep < losses.shape[0] else losses
-    return kept.mean().item() + penalty / x_val.shape[0]
+    return best_rows(torch.cat(per_row), config.trim_fraction).mean().item() + penalty / x_val.shape[0]
 
 
 def kl_weight_at(step: int, total_steps: int, config: TrainingConfig) -> float:
@@ -237,9 +242,8 @@ def train(
                         model, xb, eps, mb, kl_weight=weight, dataset_size=n, generator=generator, condition=cb
                     )
                     per_row = terms.kl_weight * free_bits_kl(terms.kl, config.free_bits) - terms.recon
-                n_keep = xb.shape[0] - int(config.trim_fraction * xb.shape[0])
-                if step >= warmup_steps and n_keep < xb.shape[0]:
-                    per_row = torch.topk(per_row, n_keep, largest=False).values
+                if step >= warmup_steps:
+                    per_row = best_rows(per_row, config.trim_fraction)
                 loss = per_row.mean()
                 if terms is not None and config.regularizer is not None:
                     loss = loss + config.regularizer.penalty(terms, step)
