@@ -200,7 +200,8 @@ class VAEAnomalyDetector(
         so a few anomalies in the training data pull the model less towards them. Early
         stopping watches the same trimmed mean on the validation rows. This trades exact
         maximum likelihood for robustness; 0 trains on every row. "auto": 0.2 for tables
-        (quality log Q22), 0.1 for images and for the time-series window model.
+        (quality log Q22), 0.1 for images (the time-series detector passes 0.1 to its
+        window model).
     validation_fraction : float in [0, 1), default=0.1
         Share of the training rows held out for early stopping (none when fewer than
         20 rows would be held out).
