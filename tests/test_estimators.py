@@ -391,13 +391,13 @@ def test_auto_trim_fraction_trains_tables_with_a_fifth_and_images_with_a_tenth_t
     from vaeguard.timeseries import VAETimeSeriesDetector
 
     seen: list[float] = []
-    real_train = estimators.train
+    real_train = estimators.train_models
 
-    def spy(model, x, config, **kwargs):
+    def spy(models, x, config, **kwargs):
         seen.append(config.trim_fraction)
-        return real_train(model, x, config, **kwargs)
+        return real_train(models, x, config, **kwargs)
 
-    monkeypatch.setattr(estimators, "train", spy)
+    monkeypatch.setattr(estimators, "train_models", spy)
     rng = np.random.default_rng(0)
     VAEAnomalyDetector(**FAST, n_models=1, random_state=0).fit(rng.normal(size=(100, 3)))
     VAEAnomalyDetector(**FAST, random_state=0).fit(rng.integers(0, 2, size=(40, 8, 8)).astype(np.float32))
@@ -459,8 +459,9 @@ def test_one_model_is_what_n_models_1_and_large_tables_give():
     det1, X = _mixture(n_models=1)
     assert len(det1.models_) == 1
     det3, _ = _mixture(n_models=3)
-    # the first model of a mixture is the model a single fit trains (same seed, same draws)
-    np.testing.assert_array_equal(det3.transform(X[:10]), det1.transform(X[:10]))
+    # the first model of a mixture is the model a single fit trains (same seed, same draws), to
+    # float32 rounding: the mixture's models are trained side by side by one vectorised step
+    np.testing.assert_allclose(det3.transform(X[:10]), det1.transform(X[:10]), rtol=1e-4, atol=1e-5)
 
 
 def test_a_mixture_survives_the_model_file(tmp_path):

@@ -140,3 +140,100 @@ def test_iwae_takes_no_regularizer_or_free_bits():
         train(small_vae(), data(), config, generator=torch.Generator(), device="cpu")
     with pytest.raises(ValueError, match="objective must be 'elbo' or 'iwae'"):
         train(small_vae(), data(), TrainingConfig(objective="vi"), generator=torch.Generator(), device="cpu")
+
+
+def _train_each_alone(models, x, config, seeds, **kwargs):
+    return [
+        train(m, x, config, generator=torch.Generator().manual_seed(s), device=torch.device("cpu"), **kwargs)
+        for m, s in zip(models, seeds, strict=True)
+    ]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainingConfig(epochs=60, batch_size=32, patience=2, trim_fraction=0.2, learning_rate=1e-2),
+        TrainingConfig(epochs=6, batch_size=32, objective="iwae", iwae_samples=3),
+        TrainingConfig(epochs=6, batch_size=32, free_bits=0.5, kl_schedule="cyclical"),
+    ],
+    ids=["elbo-trimmed-early-stopping", "iwae", "free-bits"],
+)
+def test_models_trained_side_by_side_end_where_each_alone_would(config):
+    """train_models steps three models at once (vmap over stacked parameters), each with its own
+    validation rows, shuffles, draws, clipping and early stopping: every model and history equals
+    train() with the same generator, up to float32 rounding of the batched kernels."""
+    from vaeguard.training import _StackedModels, train_models
+
+    x = data(n=300)
+    seeds = [3, 4, 5]
+    alone = [small_vae(seed=s) for s in seeds]
+    together = [small_vae(seed=s) for s in seeds]
+    assert _StackedModels.build(together, x, config, torch.device("cpu"), None, None) is not None
+    expected = _train_each_alone(alone, x, config, seeds)
+    got = train_models(
+        together, x, config, generators=[torch.Generator().manual_seed(s) for s in seeds], device=torch.device("cpu")
+    )
+    for a, b, ha, hb in zip(alone, together, expected, got, strict=True):
+        assert (hb.best_epoch, hb.stopped_early, len(hb.train_loss)) == (
+            ha.best_epoch,
+            ha.stopped_early,
+            len(ha.train_loss),
+        )
+        np.testing.assert_allclose(hb.validation_loss, ha.validation_loss, rtol=1e-5)
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5)
+    if config.patience == 2:  # early stopping is per model: they stopped at different epochs
+        assert len({len(h.train_loss) for h in got}) > 1 and all(h.stopped_early for h in got)
+
+
+def test_models_with_missing_entries_train_side_by_side_like_alone():
+    from vaeguard.training import train_models
+
+    x = data(n=300)
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) > 0.2
+    x = torch.where(mask, x, torch.zeros_like(x))
+    config = TrainingConfig(epochs=4, batch_size=32)
+    seeds = [1, 2]
+    alone = _train_each_alone([small_vae(seed=s) for s in seeds], x, config, seeds, mask=mask)
+    together = train_models(
+        [small_vae(seed=s) for s in seeds],
+        x,
+        config,
+        generators=[torch.Generator().manual_seed(s) for s in seeds],
+        device=torch.device("cpu"),
+        mask=mask,
+    )
+    for ha, hb in zip(alone, together, strict=True):
+        np.testing.assert_allclose(hb.validation_loss, ha.validation_loss, rtol=1e-5)
+
+
+class _BranchingEncoder(torch.nn.Module):
+    """A plugin-style encoder with data-dependent control flow, which vmap cannot run."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if (x > 1e6).any():  # a Python branch on the data
+            raise ValueError("too large")
+        return self.inner(x)
+
+
+def test_models_vmap_cannot_run_are_trained_one_after_another():
+    from vaeguard.training import _StackedModels, train_models
+
+    def branching_vae(seed):
+        vae = small_vae(seed=seed)
+        vae.encoder = _BranchingEncoder(vae.encoder)
+        return vae
+
+    x, config, seeds = data(n=200), TrainingConfig(epochs=3, batch_size=32), [7, 8]
+    assert _StackedModels.build([branching_vae(s) for s in seeds], x, config, torch.device("cpu"), None, None) is None
+    alone = [branching_vae(s) for s in seeds]
+    _train_each_alone(alone, x, config, seeds)
+    together = [branching_vae(s) for s in seeds]
+    train_models(together, x, config, generators=[torch.Generator().manual_seed(s) for s in seeds], device="cpu")
+    for a, b in zip(alone, together, strict=True):
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(pa, pb)  # the same code path: bit for bit

@@ -5,14 +5,22 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vaeguard.model import VAE
-from vaeguard.objectives import free_bits_kl, iwae_objective, training_terms
+from vaeguard.objectives import (
+    TrainingTerms,
+    encode_and_decode,
+    free_bits_kl,
+    iwae_objective,
+    kl_per_dimension,
+    training_terms,
+)
 
 #: KL schedules: "linear" ramps the KL weight from 0 to 1 over ``kl_warmup_fraction`` of the
 #: steps; "cyclical" repeats that ramp (over the first half of each) in 4 equal cycles (Fu et
@@ -83,11 +91,12 @@ VALIDATION_CHUNK = 8192
 
 
 def best_rows(per_row_loss: Tensor, trim_fraction: float) -> Tensor:
-    """The per-row losses without the worst ``trim_fraction`` of them (``int(f · n)`` rows), as trimming drops them."""
-    n_keep = per_row_loss.shape[0] - int(trim_fraction * per_row_loss.shape[0])
-    if n_keep == per_row_loss.shape[0]:
+    """The per-row losses (last axis) without the worst ``trim_fraction`` of them (``int(f · n)`` rows)."""
+    n_rows = per_row_loss.shape[-1]
+    n_keep = n_rows - int(trim_fraction * n_rows)
+    if n_keep == n_rows:
         return per_row_loss
-    return torch.topk(per_row_loss, n_keep, largest=False).values
+    return torch.topk(per_row_loss, n_keep, dim=-1, largest=False).values
 
 
 @torch.no_grad()
@@ -188,20 +197,295 @@ def train(
     TrainingDivergedError
         When the loss or the gradients become NaN or infinite.
     """
-    model.to(device)
+    return _train_loop(_OneModel(model), x, config, [generator], device, verbose, mask, condition)[0]
+
+
+def train_models(
+    models: list[VAE],
+    x: Tensor,
+    config: TrainingConfig,
+    *,
+    generators: list[torch.Generator],
+    device: torch.device,
+    verbose: bool = False,
+    mask: Tensor | None = None,
+    condition: Tensor | None = None,
+) -> list[TrainingHistory]:
+    """Fit each of ``models`` to ``x`` as :func:`train` would with its own generator; their histories.
+
+    Models of the same architecture are trained side by side in one loop: their
+    parameters are stacked and one vectorised step (``torch.func.vmap``) updates all of
+    them, so the fixed cost of a step is paid once instead of once per model. Each
+    model keeps its own validation rows, shuffles, draws, gradient clipping and early
+    stopping, so it ends where :func:`train` with its generator would (to float rounding).
+    Where they cannot be stacked (a regularizer, which keeps state of its own; a plugin
+    network that ``vmap`` cannot run) they are trained one after another.
+    """
+    if len(models) != len(generators):
+        raise ValueError(f"{len(models)} models but {len(generators)} generators")
+    stacked = _StackedModels.build(models, x, config, device, mask, condition) if len(models) > 1 else None
+    if stacked is None:
+        return [
+            train(m, x, config, generator=g, device=device, verbose=verbose, mask=mask, condition=condition)
+            for m, g in zip(models, generators, strict=True)
+        ]
+    return _train_loop(stacked, x, config, generators, device, verbose, mask, condition)
+
+
+def make_optimizer(parameters: list[Tensor], config: TrainingConfig) -> torch.optim.Optimizer:
+    """Adam; the fused implementation (one kernel per step for all parameters) where torch has it."""
+    kind = {p.device.type for p in parameters}
+    # fused=True: one kernel updates every parameter (CPU and CUDA since torch 2.4), a
+    # third of the foreach update's time on small tables where per-step overhead dominates;
+    # foreach=True elsewhere (torch picks it only on CUDA by default).
+    fused = kind <= {"cpu", "cuda"} and all(p.dtype in (torch.float32, torch.float64) for p in parameters)
+    options = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.Adam(parameters, lr=config.learning_rate, weight_decay=config.weight_decay, **options)
+
+
+class _OneModel:
+    """One model trained on its own: the member interface of :func:`_train_loop` for M = 1."""
+
+    count = 1
+
+    def __init__(self, model: VAE) -> None:
+        self.model = model
+        self.latent_dim = model.latent_dim
+
+    def to(self, device: torch.device) -> None:
+        self.model.to(device)
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.model.parameters())
+
+    def set_training(self, training: bool) -> None:
+        self.model.train(training)
+
+    def per_row_loss(
+        self,
+        xb: Tensor,
+        eps: Tensor,
+        mb: Tensor | None,
+        cb: Tensor | None,
+        weight: float,
+        config: TrainingConfig,
+        n: int,
+        generator: torch.Generator,
+    ) -> tuple[Tensor, TrainingTerms | None]:
+        """Per-row loss ``(1, batch)`` of a batch given as ``(1, batch, ...)``, and the ELBO's terms."""
+        xb, eps = xb[0], eps[0]
+        mb = None if mb is None else mb[0]
+        cb = None if cb is None else cb[0]
+        if config.objective == "iwae":
+            return -iwae_objective(self.model, xb, eps, mb, kl_weight=weight, condition=cb)[None], None
+        terms = training_terms(
+            self.model, xb, eps, mb, kl_weight=weight, dataset_size=n, generator=generator, condition=cb
+        )
+        return (terms.kl_weight * free_bits_kl(terms.kl, config.free_bits) - terms.recon)[None], terms
+
+    def clip_gradients(self, max_norm: float) -> Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)[None]
+
+    def validation(
+        self,
+        x_val: Tensor,
+        val_eps: Tensor,
+        m_val: Tensor | None,
+        c_val: Tensor | None,
+        config: TrainingConfig,
+        generator: torch.Generator,
+    ) -> list[float]:
+        mask = None if m_val is None else m_val[0]
+        cond = None if c_val is None else c_val[0]
+        return [
+            validation_loss(
+                self.model, x_val[0], val_eps[0], mask=mask, config=config, generator=generator, condition=cond
+            )
+        ]
+
+    def snapshot(self, member: int) -> dict[str, Tensor]:
+        return copy.deepcopy(self.model.state_dict())
+
+    def restore(self, states: list[dict[str, Tensor] | None]) -> None:
+        if states[0] is not None:
+            self.model.load_state_dict(states[0])
+        self.model.eval()
+
+
+class _MemberObjective(nn.Module):
+    """``forward(x, eps, mask, condition)`` → one model's per-row training loss: what ``vmap`` maps over the models."""
+
+    def __init__(self, model: VAE, config: TrainingConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.objective, self.free_bits = config.objective, config.free_bits
+
+    def forward(self, xb: Tensor, eps: Tensor, mb: Tensor | None, cb: Tensor | None, *, kl_weight: float) -> Tensor:
+        if self.objective == "iwae":
+            return -iwae_objective(self.model, xb, eps, mb, kl_weight=kl_weight, condition=cb)
+        mu, logvar, _, params = encode_and_decode(self.model, xb, eps, mb, cb)
+        recon = self.model.likelihood.log_prob(xb, params, mb).mean(0)
+        return kl_weight * free_bits_kl(kl_per_dimension(mu, logvar), self.free_bits) - recon
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Equal shapes and values, NaN equal to NaN (a lattice floor of NaN means "none")."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+class _StackedModels:
+    """M models of one architecture as stacked parameters ``(M, ...)``, stepped together under ``torch.func.vmap``."""
+
+    def __init__(self, models: list[VAE], config: TrainingConfig) -> None:
+        self.models = models
+        self.count = len(models)
+        self.latent_dim = models[0].latent_dim
+        self.base = _MemberObjective(models[0], config)
+        params, _ = torch.func.stack_module_state([_MemberObjective(m, config) for m in models])
+        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+
+    @classmethod
+    def build(
+        cls,
+        models: list[VAE],
+        x: Tensor,
+        config: TrainingConfig,
+        device: torch.device,
+        mask: Tensor | None,
+        condition: Tensor | None,
+    ) -> _StackedModels | None:
+        """The stack, or None where the models differ in shape or buffers, or ``vmap`` cannot run them."""
+        if config.regularizer is not None:
+            return None
+        first = models[0].state_dict()
+        for m in models[1:]:
+            state = m.state_dict()
+            if state.keys() != first.keys() or any(state[k].shape != first[k].shape for k in first):
+                return None
+        buffers = [dict(m.named_buffers()) for m in models]
+        if any(b.keys() != buffers[0].keys() or any(not _same(b[k], buffers[0][k]) for k in b) for b in buffers):
+            return None  # the base model's buffers stand in for every member's
+        for m in models:
+            m.to(device)
+        stack = cls(models, config)
+        try:  # a trial forward and backward on two rows: does vmap run these networks?
+            rows = x[:2].to(device=device, dtype=torch.get_default_dtype()).expand(stack.count, *x[:2].shape)
+            mb = None if mask is None else mask[:2].to(device).expand(stack.count, *mask[:2].shape)
+            cb = None if condition is None else condition[:2].to(device=device, dtype=rows.dtype)
+            cb = None if cb is None else cb.expand(stack.count, *cb.shape)
+            eps = torch.zeros(stack.count, 1, rows.shape[1], stack.latent_dim, device=device)
+            stack._vmapped(rows, eps, mb, cb, 1.0).sum().backward()
+        except Exception:  # any failure means: train them one by one
+            return None
+        finally:
+            for p in stack.params.values():
+                p.grad = None
+        return stack
+
+    def _vmapped(self, xb: Tensor, eps: Tensor, mb: Tensor | None, cb: Tensor | None, weight: float) -> Tensor:
+        def one(params: dict[str, Tensor], xb: Tensor, eps: Tensor, mb: Tensor | None, cb: Tensor | None) -> Tensor:
+            return torch.func.functional_call(self.base, params, (xb, eps, mb, cb), {"kl_weight": weight})
+
+        in_dims = (0, 0, 0, None if mb is None else 0, None if cb is None else 0)
+        with warnings.catch_warnings():
+            # ops without a vmap batching rule fall back to a loop over the models: slower, still right
+            warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
+            return torch.func.vmap(one, in_dims=in_dims, randomness="error")(self.params, xb, eps, mb, cb)
+
+    def to(self, device: torch.device) -> None:
+        pass  # built on the device
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.params.values())
+
+    def set_training(self, training: bool) -> None:
+        self.base.train(training)
+
+    def per_row_loss(
+        self,
+        xb: Tensor,
+        eps: Tensor,
+        mb: Tensor | None,
+        cb: Tensor | None,
+        weight: float,
+        config: TrainingConfig,
+        n: int,
+        generator: torch.Generator,
+    ) -> tuple[Tensor, None]:
+        return self._vmapped(xb, eps, mb, cb, weight), None
+
+    def clip_gradients(self, max_norm: float) -> Tensor:
+        """Each model's gradient scaled to norm ≤ ``max_norm`` as ``clip_grad_norm_`` would; the norms ``(M,)``."""
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], 1).norm(dim=1)
+        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
+        return norms
+
+    @torch.no_grad()
+    def validation(
+        self,
+        x_val: Tensor,
+        val_eps: Tensor,
+        m_val: Tensor | None,
+        c_val: Tensor | None,
+        config: TrainingConfig,
+        generator: torch.Generator,
+    ) -> list[float]:
+        per_row = []
+        for start in range(0, x_val.shape[1], VALIDATION_CHUNK):
+            part = slice(start, start + VALIDATION_CHUNK)
+            per_row.append(
+                self._vmapped(
+                    x_val[:, part],
+                    val_eps[:, :, part],
+                    None if m_val is None else m_val[:, part],
+                    None if c_val is None else c_val[:, part],
+                    1.0,
+                )
+            )
+        return best_rows(torch.cat(per_row, 1), config.trim_fraction).mean(1).tolist()
+
+    def snapshot(self, member: int) -> dict[str, Tensor]:
+        return {k.removeprefix("model."): v[member].detach().clone() for k, v in self.params.items()}
+
+    def restore(self, states: list[dict[str, Tensor] | None]) -> None:
+        for i, (model, state) in enumerate(zip(self.models, states, strict=True)):
+            if state is None:
+                state = self.snapshot(i)
+            model.load_state_dict(state, strict=False)
+            model.eval()
+
+
+def _train_loop(
+    members: _OneModel | _StackedModels,
+    x: Tensor,
+    config: TrainingConfig,
+    generators: list[torch.Generator],
+    device: torch.device,
+    verbose: bool,
+    mask: Tensor | None,
+    condition: Tensor | None,
+) -> list[TrainingHistory]:
+    """The training loop for M models at once (M = 1: one model); each keeps its own randomness and stopping."""
+    members.to(device)
+    count = members.count
     x = x.to(torch.get_default_dtype())
-    train_idx, val_idx = split_validation(x.shape[0], config, generator)
-    x_train = x[train_idx].to(device)
-    x_val = x[val_idx].to(device)
-    m_train = None if mask is None else mask[train_idx].to(device)
-    m_val = None if mask is None else mask[val_idx].to(device)
     if condition is not None:
         condition = condition.to(torch.get_default_dtype())
-    c_train = None if condition is None else condition[train_idx].to(device)
-    c_val = None if condition is None else condition[val_idx].to(device)
+    splits = [split_validation(x.shape[0], config, g) for g in generators]
+    train_idx = torch.stack([t for t, _ in splits]).to(device)  # (M, n_train) row numbers of x
+    val_idx = torch.stack([v for _, v in splits]).to(device)
+    x = x.to(device)
+    mask = None if mask is None else mask.to(device)
+    condition = None if condition is None else condition.to(device)
+    x_val = x[val_idx]
+    m_val = None if mask is None else mask[val_idx]
+    c_val = None if condition is None else condition[val_idx]
     draws = config.iwae_samples if config.objective == "iwae" else 1
-    val_eps = torch.randn(draws, x_val.shape[0], model.latent_dim, generator=generator).to(device)
-    n = x_train.shape[0]
+    n, n_val = train_idx.shape[1], val_idx.shape[1]
+    val_eps = torch.stack([torch.randn(draws, n_val, members.latent_dim, generator=g) for g in generators]).to(device)
     batch_size = max(1, min(config.batch_size, n))
     steps_per_epoch = math.ceil(n / batch_size)
     total_steps = config.epochs * steps_per_epoch
@@ -214,79 +498,80 @@ def train(
             "objective='iwae' trains on the importance-weighted bound alone: drop the regularizer and free_bits"
         )
     warmup_steps = kl_ramp_steps(total_steps, config)
-    # foreach=True: one multi-tensor update per step instead of a Python loop over the
-    # parameters (torch picks it only on CUDA by default); same arithmetic, ~10 % faster
-    # fits on small CPU tables where the per-step overhead dominates.
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True
-    )
-    history = TrainingHistory()
-    best_loss, best_state, bad_epochs, step = math.inf, None, 0, 0
+    optimizer = make_optimizer(members.parameters(), config)
+    histories = [TrainingHistory() for _ in range(count)]
+    best_loss, bad_epochs = [math.inf] * count, [0] * count
+    best_states: list[dict[str, Tensor] | None] = [None] * count
+    active = [True] * count  # still training: not stopped early
+    step = 0
+
+    def diverged(what: str, values: Tensor, epoch: int) -> TrainingDivergedError:
+        bad = [i for i in range(count) if active[i] and not math.isfinite(values[i].item())]
+        which = f" (model {bad[0] + 1} of {count})" if count > 1 else ""
+        return TrainingDivergedError(
+            f"{what} became {values[bad[0]].item()} at epoch {epoch + 1}, step {step + 1}{which}; "
+            "try a smaller learning_rate, or check the data for extreme values"
+        )
+
     bar = _progress(config.epochs, verbose)
     try:
         for epoch in range(config.epochs):
-            model.train()
-            perm = torch.randperm(n, generator=generator).to(device)
-            total = 0.0
+            members.set_training(True)
+            perms = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)
+            order = train_idx.gather(1, perms)  # each model's rows of x in this epoch's order
+            total = torch.zeros(count, dtype=torch.float64, device=device)
             for start in range(0, n, batch_size):
-                rows = perm[start : start + batch_size]
-                xb = x_train[rows]
-                mb = None if m_train is None else m_train[rows]
-                cb = None if c_train is None else c_train[rows]
-                eps = torch.randn(draws, xb.shape[0], model.latent_dim, generator=generator).to(device)
+                rows = order[:, start : start + batch_size]
+                xb = x[rows]
+                mb = None if mask is None else mask[rows]
+                cb = None if condition is None else condition[rows]
+                eps = torch.stack(
+                    [torch.randn(draws, rows.shape[1], members.latent_dim, generator=g) for g in generators]
+                ).to(device)
                 weight = kl_weight_at(step, total_steps, config)
-                if config.objective == "iwae":
-                    per_row, terms = -iwae_objective(model, xb, eps, mb, kl_weight=weight, condition=cb), None
-                else:
-                    terms = training_terms(
-                        model, xb, eps, mb, kl_weight=weight, dataset_size=n, generator=generator, condition=cb
-                    )
-                    per_row = terms.kl_weight * free_bits_kl(terms.kl, config.free_bits) - terms.recon
+                per_row, terms = members.per_row_loss(xb, eps, mb, cb, weight, config, n, generators[0])
                 if step >= warmup_steps:
                     per_row = best_rows(per_row, config.trim_fraction)
-                loss = per_row.mean()
+                loss = per_row.mean(-1)
                 if terms is not None and config.regularizer is not None:
                     loss = loss + config.regularizer.penalty(terms, step)
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                        "try a smaller learning_rate, or check the data for extreme values"
-                    )
+                if not all(ok or not on for ok, on in zip(torch.isfinite(loss).tolist(), active, strict=True)):
+                    raise diverged("the training loss", loss, epoch)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                if not torch.isfinite(norm):
-                    raise TrainingDivergedError(
-                        f"the gradients became {norm.item()} at epoch {epoch + 1}, step {step + 1}; "
-                        "try a smaller learning_rate, or check the data for extreme values"
-                    )
+                loss.sum().backward()
+                norms = members.clip_gradients(config.max_grad_norm)
+                if not all(ok or not on for ok, on in zip(torch.isfinite(norms).tolist(), active, strict=True)):
+                    raise diverged("the gradients", norms, epoch)
                 optimizer.step()
-                total += loss.item() * xb.shape[0]
+                total += loss.detach().double() * rows.shape[1]
                 step += 1
-            history.train_loss.append(total / n)
-            monitored = history.train_loss[-1]
-            if x_val.shape[0]:
-                model.eval()
-                monitored = validation_loss(
-                    model, x_val, val_eps, mask=m_val, config=config, generator=generator, condition=c_val
-                )
-                history.validation_loss.append(monitored)
-            if bar is not None:
-                bar.set_postfix(loss=f"{history.train_loss[-1]:.3f}", val=f"{monitored:.3f}")
-                bar.update(1)
+            monitored = (total / n).tolist()
+            train_losses = monitored
+            if n_val:
+                members.set_training(False)
+                monitored = members.validation(x_val, val_eps, m_val, c_val, config, generators[0])
             in_warmup = step < warmup_steps
-            if monitored < best_loss or in_warmup:
-                best_loss, bad_epochs, history.best_epoch = monitored, 0, epoch
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                bad_epochs += 1
-                if x_val.shape[0] and bad_epochs >= config.patience:
-                    history.stopped_early = True
-                    break
+            for i in range(count):
+                if not active[i]:
+                    continue
+                history = histories[i]
+                history.train_loss.append(train_losses[i])
+                if n_val:
+                    history.validation_loss.append(monitored[i])
+                if monitored[i] < best_loss[i] or in_warmup:
+                    best_loss[i], bad_epochs[i], history.best_epoch = monitored[i], 0, epoch
+                    best_states[i] = members.snapshot(i)
+                else:
+                    bad_epochs[i] += 1
+                    if n_val and bad_epochs[i] >= config.patience:
+                        history.stopped_early, active[i] = True, False
+            if bar is not None:
+                bar.set_postfix(loss=f"{train_losses[0]:.3f}", val=f"{monitored[0]:.3f}")
+                bar.update(1)
+            if not any(active):
+                break
     finally:
         if bar is not None:
             bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return history
+    members.restore(best_states)
+    return histories
