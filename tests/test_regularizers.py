@@ -118,13 +118,37 @@ def test_factor_vae_discriminator_learns_to_detect_dependence():
         t = terms(mu, torch.zeros_like(mu), z)
         t.z = z
         penalty = reg.penalty(t, step)
+        reg.update(t, step)  # the training loop's call after the VAE's step
     assert penalty.item() > 1.0
     penalty.backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()
-    with torch.no_grad():  # evaluation does not train the discriminator
-        before = [p.clone() for p in reg.discriminator.parameters()]
+    before = [p.clone() for p in reg.discriminator.parameters()]
+    reg.penalty(t, -1)  # the penalty alone (as validation evaluates it) trains nothing
+    with torch.no_grad():
         reg.penalty(t, -1)
-        assert all(torch.equal(a, b) for a, b in zip(before, reg.discriminator.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, reg.discriminator.parameters(), strict=True))
+
+
+def test_the_training_loop_trains_factor_vaes_discriminator_after_each_step():
+    from vaeguard.training import TrainingConfig, train
+
+    calls = []
+
+    class Spy(FactorVAE):
+        def update(self, terms, step):
+            calls.append(step)
+            super().update(terms, step)
+
+    x = torch.randn(200, 4, generator=torch.Generator().manual_seed(0))
+    from vaeguard.components.encoders import mlp
+    from vaeguard.components.likelihoods import GaussianLikelihood
+    from vaeguard.model import VAE
+
+    enc, dec = mlp((4,), 2, 1, hidden_dims=[8])
+    reg = Spy(gamma=1.0)
+    config = TrainingConfig(epochs=2, batch_size=50, regularizer=reg)
+    train(VAE(enc, dec, GaussianLikelihood((4,)), 2), x, config, generator=torch.Generator(), device="cpu")
+    assert calls == list(range(8))  # 180 training rows in batches of 50: 4 steps per epoch
 
 
 def test_estimator_takes_regularizers_by_name_and_stores_them(tmp_path):

@@ -336,3 +336,21 @@ def test_feature_shares_of_far_off_rows_use_the_fitted_proposal(lg):
     fitted = per_feature_log_likelihood(vae, x, eps, refine_eps=common_random_numbers(16, 2, 1))
     assert np.abs(encoder_only - exact).max() > 3
     assert np.abs(fitted - exact).mean() < 0.15 * math.sqrt(2) and np.abs(fitted - exact).max() < 0.6 * math.sqrt(2)
+
+
+def test_scoring_gives_the_callers_module_its_modes_back(lg):
+    """Scoring runs in eval mode, then gives every submodule its own mode back (a model in training stays so)."""
+    from vaeguard.scoring import evidence_lower_bound, per_feature_log_likelihood, posterior_means, probe_gains
+
+    vae = lg.vae()
+    vae.train()
+    vae.likelihood.eval()  # a mixed state, as a caller may leave it
+    before = [m.training for m in vae.modules()]
+    X = torch.tensor(lg.sample(20), dtype=torch.float32)
+    eps = common_random_numbers(8, 2, 0)
+    importance_sampled_log_likelihood(vae, X, eps)
+    evidence_lower_bound(vae, X, eps)
+    posterior_means(vae, X)
+    per_feature_log_likelihood(vae, X, eps)
+    probe_gains(vae, X, refine_eps=eps)
+    assert [m.training for m in vae.modules()] == before

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from vaeguard.data import DataError
+from vaeguard.detector import decision, is_outlier
 
 #: How many of the most unlikely columns ``explain`` names per row.
 TOP_FEATURES = 3
@@ -155,13 +156,13 @@ def score_chunk(
             names = np.asarray(columns, dtype=object)
             for i, picks in zip(np.flatnonzero(good), order, strict=True):
                 top[i] = ";".join(names[picks])
-    decision = log_px - det.offset_
+    decision_values = decision(log_px, det.offset_)
     results = pd.DataFrame(
         {
             "id": ids,
             "log_likelihood": log_px,
-            "decision": decision,
-            "is_outlier": pd.array(np.where(good, decision < 0, False), dtype="boolean"),
+            "decision": decision_values,
+            "is_outlier": pd.array(np.where(good, is_outlier(decision_values), False), dtype="boolean"),
             "log_likelihood_std": std,
             "pareto_k": k_hat,
         }

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from vaeguard import __version__
+from vaeguard.detector import decision, is_outlier
 from vaeguard.plugins import PluginError, PluginRegistry, get_plugin_manager, register_commands
 
 
@@ -370,7 +371,7 @@ def evaluate_command(
     log_px, y = np.concatenate(scores), np.concatenate(labels)
     if y.all() or not y.any():
         raise click.UsageError(f"{label_column!r} holds only one class; AUROC needs both normal and anomalous rows")
-    flagged = log_px < det.offset_
+    flagged = is_outlier(decision(log_px, det.offset_))
     metrics = {
         "rows": len(y),
         "anomalies": int(y.sum()),

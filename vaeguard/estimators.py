@@ -24,6 +24,7 @@ from vaeguard import storage
 from vaeguard.components.encoders import default_latent_dim
 from vaeguard.components.likelihoods import Likelihood
 from vaeguard.conditions import ConditionEncoder
+from vaeguard.detector import decision, labels, previous_fit_kept_on_failure
 from vaeguard.generation import AGGREGATE_ROWS, AggregatePosterior, LatentSpaceMixin
 from vaeguard.metrics import ACTIVE_UNIT_VARIANCE
 from vaeguard.model import VAE
@@ -746,6 +747,9 @@ class VAEAnomalyDetector(
     def fit(self, X: Any, y: Any = None) -> VAEAnomalyDetector:
         """Train the VAE on the rows of ``X`` (n_samples, n_features).
 
+        A fit that fails (bad input, a diverging loss, an interrupt) leaves the estimator as
+        it was: a fitted model stays fitted and usable.
+
         Parameters
         ----------
         X : array-like or DataFrame of shape (n_samples, n_features)
@@ -758,6 +762,10 @@ class VAEAnomalyDetector(
         -------
         self
         """
+        with previous_fit_kept_on_failure(self):
+            return self._fit(X, y)
+
+    def _fit(self, X: Any, y: Any) -> VAEAnomalyDetector:
         if self.offset is not None and not np.isfinite(self.offset):
             raise ValueError(f"offset must be a finite number of nats, got {self.offset!r}")
         if self.conditional and y is None:
@@ -1089,11 +1097,11 @@ class VAEAnomalyDetector(
     def decision_function(self, X: Any, condition: Any = None) -> np.ndarray:
         """``score_samples(X) - offset_``: negative for outliers, shape (n_samples,)."""
         check_is_fitted(self)
-        return _per_row(np.asarray(self.score_samples(X, condition=condition)) - self.offset_, X, "decision")
+        return _per_row(decision(np.asarray(self.score_samples(X, condition=condition)), self.offset_), X, "decision")
 
     def predict(self, X: Any, condition: Any = None) -> np.ndarray:
-        """+1 for inliers, −1 for outliers, shape (n_samples,)."""
-        return _per_row(np.where(np.asarray(self.decision_function(X, condition=condition)) < 0, -1, 1), X, "label")
+        """+1 for inliers, −1 for outliers (``decision_function < 0``), shape (n_samples,)."""
+        return _per_row(labels(self.decision_function(X, condition=condition)), X, "label")
 
     def bits_per_dim(self, X: Any, n_samples: int | None = None, condition: Any = None) -> np.ndarray:
         """−log₂ p(x) per observed element (bits/dim), shape (n_samples,).

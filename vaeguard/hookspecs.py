@@ -55,8 +55,9 @@ def vaeguard_register_regularizers(register: Register) -> None:
         :class:`vaeguard.objectives.TrainingTerms` (the batch, μ, log σ², one code z per
         row, the reconstruction term, the KL per dimension, the schedule's KL weight, the
         data set size, the run's random generator). The validation loss calls it under
-        ``torch.no_grad()`` with ``step = -1``; a penalty that trains a network of its own
-        must update it only when gradients are enabled.
+        ``torch.no_grad()`` with ``step = -1``, so ``penalty`` must change nothing. A
+        regularizer that trains a network of its own defines ``update(terms, step) -> None``
+        as well: the training loop calls it after each optimisation step of the VAE.
     """
 
 

@@ -9,9 +9,11 @@ weights of a chunk are one batched tensor; rows go in chunks so that memory stay
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,6 +130,22 @@ def _chunks_with_proposals(
             )
 
 
+def in_eval_mode(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``function(model, ...)`` with ``model`` in eval mode, then give every submodule back its own mode."""
+
+    @functools.wraps(function)
+    def wrapper(model: VAE, *args: Any, **kwargs: Any) -> Any:
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            return function(model, *args, **kwargs)
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    return wrapper
+
+
 def _placement(model: VAE, device: torch.device | str | None) -> tuple[torch.device, torch.dtype]:
     """Where and in which floating-point type the model computes."""
     p = next(model.parameters())
@@ -137,10 +155,9 @@ def _placement(model: VAE, device: torch.device | str | None) -> tuple[torch.dev
 def _prepare(
     model: VAE, eps: Tensor, device: torch.device | str | None, chunk_size: int | None
 ) -> tuple[torch.device, torch.dtype, Tensor, int]:
-    """Device, dtype, the draws moved there, and the rows per chunk; puts the model in eval mode."""
+    """Device, dtype, the draws moved there, and the rows per chunk."""
     device, dtype = _placement(model, device)
     rows = chunk_size or chunk_rows(eps.shape[0], _per_row_elements(model))
-    model.eval()
     return device, dtype, eps.to(device=device, dtype=dtype), rows
 
 
@@ -215,6 +232,7 @@ def _per_row_elements(model: VAE) -> int:
 
 
 @torch.no_grad()
+@in_eval_mode
 def importance_sampled_log_likelihood(
     model: VAE,
     x: Tensor,
@@ -304,6 +322,7 @@ def _probe(
     return start, (mu, logvar), after - path[0]
 
 
+@in_eval_mode
 def probe_gains(
     model: VAE,
     x: Tensor,
@@ -446,6 +465,7 @@ def refine_proposal(
 
 
 @torch.no_grad()
+@in_eval_mode
 def evidence_lower_bound(
     model: VAE,
     x: Tensor,
@@ -465,6 +485,7 @@ def evidence_lower_bound(
 
 
 @torch.no_grad()
+@in_eval_mode
 def posterior_means(
     model: VAE,
     x: Tensor,
@@ -476,7 +497,6 @@ def posterior_means(
 ) -> np.ndarray:
     """Posterior means μ(x) (μ(x, c) for a conditional model), float64 of shape (n, latent_dim)."""
     device, dtype = _placement(model, device)
-    model.eval()
     out = np.zeros((x.shape[0], model.latent_dim))
     for where, xb, mb, cb in _chunks(x, chunk_size, device, dtype, mask, condition):
         out[where] = model.encode(xb, mb, cb)[0].double().cpu().numpy()
@@ -484,6 +504,7 @@ def posterior_means(
 
 
 @torch.no_grad()
+@in_eval_mode
 def per_feature_log_likelihood(
     model: VAE,
     x: Tensor,

@@ -14,6 +14,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from vaeguard import storage
+from vaeguard.detector import decision, labels, previous_fit_kept_on_failure
 from vaeguard.estimators import VAEAnomalyDetector, storable_params
 from vaeguard.presets import PresetMixin
 
@@ -173,7 +174,14 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, series: Any, y: Any = None) -> VAETimeSeriesDetector:
-        """Train on a series of shape (T,) or (T, C) (or a Series/DataFrame with a time index)."""
+        """Train on a series of shape (T,) or (T, C) (or a Series/DataFrame with a time index).
+
+        A fit that fails leaves the detector as it was (a fitted one stays usable).
+        """
+        with previous_fit_kept_on_failure(self):
+            return self._fit(series)
+
+    def _fit(self, series: Any) -> VAETimeSeriesDetector:
         values, _ = _as_series_array(series)
         self.n_channels_ = values.shape[1]
         self.window_ = auto_window(values) if self.window == "auto" else int(self.window)
@@ -232,13 +240,13 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
 
     def decision_function(self, series: Any) -> np.ndarray | pd.Series:
         """Per-step ``score_samples - offset_``; negative = anomalous."""
-        return self.score_samples(series) - self.offset_
+        return decision(self.score_samples(series), self.offset_)
 
     def predict(self, series: Any) -> np.ndarray | pd.Series:
         """Per-step +1 (normal) or −1 (anomalous: a score below ``offset_``), as the table detector."""
-        decision = self.decision_function(series)
-        out = np.where(np.asarray(decision) < 0, -1, 1)
-        return pd.Series(out, index=decision.index, name="label") if isinstance(decision, pd.Series) else out
+        values = self.decision_function(series)
+        out = labels(values)
+        return pd.Series(out, index=values.index, name="label") if isinstance(values, pd.Series) else out
 
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write the fitted detector to an HDF5 model file atomically; returns its SHA-256 fingerprint.

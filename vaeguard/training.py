@@ -543,6 +543,8 @@ def _train_loop(
                 if not all(ok or not on for ok, on in zip(torch.isfinite(norms).tolist(), active, strict=True)):
                     raise diverged("the gradients", norms, epoch)
                 optimizer.step()
+                if terms is not None and hasattr(config.regularizer, "update"):
+                    config.regularizer.update(terms, step)  # e.g. FactorVAE's discriminator, after the VAE's step
                 total += loss.detach().double() * rows.shape[1]
                 step += 1
             monitored = (total / n).tolist()

@@ -6,8 +6,9 @@ the batch, its posterior parameters, one reparameterised code per row, the
 reconstruction and per-dimension KL terms, the KL weight of the schedule and the size of
 the data set. Each penalty is scaled by the schedule's KL weight, so annealing acts on
 the regularised KL as a whole. A regularizer that needs a network of its own (FactorVAE's
-discriminator) owns it and updates it inside ``penalty`` — only where gradients are
-enabled: the validation loss evaluates penalties under ``torch.no_grad()``.
+discriminator) owns it and trains it in ``update(terms, step)``, which the training loop
+calls after each optimisation step of the VAE; ``penalty`` itself changes nothing, so the
+validation loss can evaluate it freely.
 
 References: Higgins et al. 2017 (β-VAE); Chen et al. 2018, "Isolating Sources of
 Disentanglement in VAEs" (β-TCVAE, its minibatch-weighted and -stratified estimators);
@@ -134,8 +135,8 @@ class FactorVAE:
     The discriminator D (an MLP owned by this object) learns to tell codes of the batch
     from codes whose dimensions were shuffled independently across the batch; by the
     density-ratio trick TC ≈ E[log D(z) / (1 − D(z))], and the penalty is γ·TC. D is
-    trained here, one Adam step per minibatch on detached codes, so it never pushes on
-    the VAE; the VAE gets the penalty's gradient through z.
+    trained by :meth:`update`, one Adam step per minibatch on detached codes after the
+    VAE's step, so it never pushes on the VAE; the VAE gets the penalty's gradient through z.
 
     Parameters
     ----------
@@ -178,23 +179,29 @@ class FactorVAE:
         return logits[:, 0] - logits[:, 1]
 
     def penalty(self, terms: TrainingTerms, step: int) -> Tensor:
-        z = terms.z
+        """γ · KL weight · the batch's mean TC estimate; changes nothing (the training loop calls :meth:`update`)."""
         if self.discriminator is None:
-            self._build(z.shape[1], z, terms.generator)
+            self._build(terms.z.shape[1], terms.z, terms.generator)
+        return self.gamma * terms.kl_weight * self.total_correlation(terms.z).mean()
+
+    def update(self, terms: TrainingTerms, step: int) -> None:
+        """One Adam step of the discriminator on the batch's codes (detached), after the VAE's own step.
+
+        Class 0: the batch's codes; class 1: the same codes with each dimension shuffled
+        independently across the batch (samples of Π_d q(z_d)).
+        """
+        if self.discriminator is None:
+            self._build(terms.z.shape[1], terms.z, terms.generator)
         assert self.discriminator is not None and self.optimizer is not None
-        tc = self.total_correlation(z).mean()
-        if not torch.is_grad_enabled():  # evaluation (validation): no update
-            return self.gamma * terms.kl_weight * tc
-        # train D: class 0 = codes of the batch, class 1 = codes with their dimensions shuffled
-        joint = z.detach()
+        joint = terms.z.detach()
         shuffled = permute_dimensions(joint, terms.generator)
-        logits = self.discriminator(torch.cat([joint, shuffled]))
-        labels = torch.cat([torch.zeros(len(joint)), torch.ones(len(shuffled))]).long().to(z.device)
-        loss = nn.functional.cross_entropy(logits, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with torch.enable_grad():
+            logits = self.discriminator(torch.cat([joint, shuffled]))
+            labels = torch.cat([torch.zeros(len(joint)), torch.ones(len(shuffled))]).long().to(joint.device)
+            loss = nn.functional.cross_entropy(logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         self.optimizer.step()
-        return self.gamma * terms.kl_weight * tc
 
 
 @hookimpl
