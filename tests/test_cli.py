@@ -3,6 +3,7 @@
 import json
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from vaeguard import hookimpl
@@ -80,3 +81,37 @@ def test_a_broken_plugin_is_one_line_and_exit_code_2(monkeypatch):
     assert result.exit_code == 2
     assert "plugin 'broken-plugin' failed in vaeguard_register_likelihoods: cannot import torch_extras" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (["--explain"], "--explain"),
+        (["--resume"], "--resume"),
+        (["--on-bad-row", "skip"], "--on-bad-row"),
+        (["--chunk-rows", "500"], "--chunk-rows"),
+        (["--progress"], "--progress/--no-progress"),
+        (["--explain", "--resume"], "--explain, --resume are"),
+    ],
+)
+def test_score_with_dask_refuses_each_option_it_would_not_honour(tmp_path, options, named):
+    """Under --engine dask an option works as locally or is refused with one line (exit 2), never ignored."""
+    model = tmp_path / "m.h5"
+    model.write_bytes(b"not read: refused before the model is opened")
+    result = CliRunner().invoke(
+        cli, ["score", str(model), "part-*.csv", "-o", str(tmp_path / "out.csv"), "--engine", "dask", *options]
+    )
+    assert result.exit_code == 2, result.output
+    assert named in result.stderr and "not available with --engine dask" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_score_with_dask_accepts_the_defaults_spelled_out(tmp_path):
+    """--on-bad-row error is what a Dask job does (a bad row stops it): accepted, like every default."""
+    model = tmp_path / "m.h5"
+    model.write_bytes(b"x")
+    result = CliRunner().invoke(
+        cli,
+        ["score", str(model), str(tmp_path / "none-*.csv"), "-o", "o.csv", "--engine", "dask", "--on-bad-row", "error"],
+    )
+    assert "not available with --engine dask" not in result.stderr

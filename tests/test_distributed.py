@@ -57,7 +57,7 @@ def test_score_command_with_the_dask_engine(setup, tmp_path):
     runner = CliRunner()
     parts = str(tmp_path / "part-*.parquet")
     distributed_run = runner.invoke(
-        cli, ["score", str(d / "m.h5"), parts, "-o", str(tmp_path / "dask.csv"), "--engine", "dask"]
+        cli, ["score", str(d / "m.h5"), parts, "-o", str(tmp_path / "dask.csv"), "--engine", "dask", "--device", "cpu"]
     )
     assert distributed_run.exit_code == 0, distributed_run.output
     local_run = runner.invoke(cli, ["score", str(d / "m.h5"), str(tmp_path / "all.parquet"), "-o",

@@ -202,6 +202,37 @@ def _check_named(frame: Any, names: list[str], source: Any) -> None:
         raise click.UsageError(f"{source} has no column(s) {', '.join(map(repr, missing))}; its columns: {shown}")
 
 
+#: ``vaeguard score`` options the Dask engine does not implement: option name → (flag, the value it may keep).
+LOCAL_ONLY_OPTIONS = {
+    "explain": ("--explain", False),
+    "resume": ("--resume", False),
+    "on_bad_row": ("--on-bad-row", "error"),
+    "chunk_rows": ("--chunk-rows", None),
+    "progress": ("--progress/--no-progress", None),
+}
+
+
+def _refuse_local_only_options() -> None:
+    """One line (exit 2) for any option given with ``--engine dask`` that the Dask engine would not honour.
+
+    Under Dask each partition is scored whole (no chunks to resume, no progress bar) and a
+    row that cannot be scored stops the job, as ``--on-bad-row error`` does locally.
+    """
+    ctx = click.get_current_context()
+    given = [
+        flag
+        for name, (flag, allowed) in LOCAL_ONLY_OPTIONS.items()
+        if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+        and (allowed is None or ctx.params[name] != allowed)
+    ]
+    if given:
+        raise click.UsageError(
+            f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not available with --engine dask "
+            "(partitions are scored whole, and a bad row stops the job); use --engine local for "
+            f"{'it' if len(given) == 1 else 'them'}"
+        )
+
+
 @cli.command(name="score")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.argument("data")
@@ -262,9 +293,12 @@ def score_command(
       vaeguard score model.h5 'parts/*.parquet' -o scores.parquet --engine dask --scheduler local
     """
     if engine == "dask":
+        _refuse_local_only_options()
         from vaeguard.distributed import score_files
 
-        rows = score_files(model, data, output, scheduler=scheduler, id_column=id_column, n_samples=n_samples)
+        rows = score_files(
+            model, data, output, scheduler=scheduler, id_column=id_column, n_samples=n_samples, device=device
+        )
         click.echo(f"scored {rows} rows with dask into {output}", err=True)
         return
     from vaeguard.batch import check_columns, score_chunk

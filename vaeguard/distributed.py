@@ -128,11 +128,13 @@ def score_files(
     id_column: str | None = None,
     n_samples: int | None = None,
     n_workers: int | None = None,
+    device: str = "cpu",
 ) -> int:
     """Score CSV or Parquet files matching ``pattern`` on a Dask cluster into one .csv/.parquet ``output``.
 
-    ``scheduler`` is a scheduler address or "local" (a ``LocalCluster``). The output is
-    written to a temporary name and renamed when complete. Returns the number of rows.
+    ``scheduler`` is a scheduler address or "local" (a ``LocalCluster``); ``device`` is where
+    each worker scores ("auto": CUDA where the worker has it). The output is written to a
+    temporary name and renamed when complete. Returns the number of rows.
     """
     dd = _require_dask()
     from dask.distributed import Client, LocalCluster
@@ -154,7 +156,7 @@ def score_files(
     )
     try:
         with Client(cluster or scheduler):
-            scores = score_dask(model_path, ddf, id_column=id_column, n_samples=n_samples)
+            scores = score_dask(model_path, ddf, id_column=id_column, n_samples=n_samples, device=device)
             return _write_dask(scores, output)
     finally:
         if cluster is not None:
