@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -128,3 +129,24 @@ def test_fingerprint_covers_names_shapes_and_values():
     assert base != storage.fingerprint({"k": 1}, {"v": np.zeros((2, 3))})
     assert base == storage.fingerprint({"k": 1}, {"w": np.zeros((2, 3))})
     assert vaeguard.__version__
+
+
+def test_atomic_write_replaces_the_target_whole_or_leaves_it_as_it_was(tmp_path):
+    """The one temp-file-and-rename routine every writer uses (model files, tables, reports, .npz, pictures)."""
+    import pytest
+
+    from vaeguard.storage import atomic_write
+
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+
+    def half_then_fail(tmp):
+        with open(tmp, "w") as handle:
+            handle.write("half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, half_then_fail)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    atomic_write(target, lambda tmp: Path(tmp).write_text("new"))
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]

@@ -16,6 +16,7 @@ import click
 from vaeguard import __version__
 from vaeguard.detector import decision, is_outlier
 from vaeguard.plugins import PluginError, PluginRegistry, get_plugin_manager, register_commands
+from vaeguard.storage import atomic_write
 
 
 class UserError(click.ClickException):
@@ -193,6 +194,17 @@ def fit_command(
 
 def _show(progress: bool | None) -> bool:
     return sys.stderr.isatty() if progress is None else progress
+
+
+def _write_npz(path: str, **arrays: Any) -> None:
+    """A compressed .npz written atomically (numpy would add ".npz" to a temporary name, so it gets a handle)."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+
+    atomic_write(path, write)
 
 
 def _check_named(frame: Any, names: list[str], source: Any) -> None:
@@ -465,10 +477,7 @@ def report_command(model: str, data: str, output: str, max_rows: int, device: st
         check_columns(det, [str(c) for c in frame.columns], str(source))
     page = build_report(det, frame, title=f"vaeguard report: {Path(model).name} on {source.path.name}",
                         rows_in_file=total)  # fmt: skip
-    target = Path(output)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, target)
+    atomic_write(output, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     click.echo(f"wrote {output} ({len(page) / 1e6:.1f} MB)", err=True)
 
 
@@ -533,7 +542,6 @@ def decompress_command(model: str, compressed: str, output: str, progress: bool 
     """
     from pathlib import Path
 
-    import numpy as np
     import pandas as pd
 
     from vaeguard.compression import decompress, read_header
@@ -546,9 +554,7 @@ def decompress_command(model: str, compressed: str, output: str, progress: bool 
     if isinstance(restored, pd.DataFrame):
         write_table(restored, output)
     elif output.endswith(".npz"):
-        tmp = f"{output}.tmp.npz"
-        np.savez_compressed(tmp, data=restored)
-        os.replace(tmp, output)
+        _write_npz(output, data=restored)
     elif restored.ndim == 2:
         write_table(pd.DataFrame(restored, columns=_columns_of(det)), output)
     else:
@@ -609,9 +615,7 @@ def sample_command(
     if images:
         if not output.endswith(".npz"):
             raise click.UsageError("an image model's samples go to a .npz file")
-        tmp = f"{output}.tmp.npz"
-        np.savez_compressed(tmp, images=drawn)
-        os.replace(tmp, output)
+        _write_npz(output, images=drawn)
     else:
         frame = drawn if isinstance(drawn, pd.DataFrame) else pd.DataFrame(drawn, columns=_columns_of(det))
         if condition is not None:  # the rows say what they were drawn under
@@ -630,8 +634,7 @@ def sample_command(
         )
         for name, (fig, _) in latent_pictures(det, base[0], base[1], seed=seed, condition=condition).items():
             path = f"{png_prefix}-{name}.png"
-            fig.savefig(f"{path}.tmp.png", format="png")
-            os.replace(f"{path}.tmp.png", path)
+            atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, format="png"))
             click.echo(f"wrote {path}", err=True)
 
 

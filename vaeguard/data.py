@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -13,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from vaeguard.storage import atomic_write
 
 #: File suffixes per format.
 FORMATS = {
@@ -237,18 +238,12 @@ def _take(data: pd.DataFrame | np.ndarray, rows: np.ndarray) -> pd.DataFrame | n
 
 
 def write_table(frame: pd.DataFrame, path: str | os.PathLike[str]) -> None:
-    """Write a frame to .csv or .parquet atomically (a temporary file renamed at the end)."""
+    """Write a frame to .csv or .parquet atomically (:func:`vaeguard.storage.atomic_write`)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        if _output_format(path) == "parquet":
-            frame.to_parquet(tmp, index=False)
-        else:
-            frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    if _output_format(path) == "parquet":
+        atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+    else:
+        atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def _output_format(path: Path) -> str:
@@ -342,9 +337,7 @@ class ResumableWriter:
             "parts": self._parts,
             "extra": self.extra,
         }
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.state_path)
+        atomic_write(self.state_path, lambda tmp: Path(tmp).write_text(json.dumps(state)))
 
     def finish(self) -> None:
         """Move the complete output to its final name."""
@@ -354,19 +347,21 @@ class ResumableWriter:
             import pyarrow.parquet as pq
 
             parts = sorted(self.partial.glob("part-*.parquet"))
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            writer = None
-            try:
-                for part in parts:
-                    table = pq.read_table(part)
-                    writer = writer or pq.ParquetWriter(tmp, table.schema)
-                    writer.write_table(table)
-            finally:
-                if writer is not None:
-                    writer.close()
-            if writer is None:
+            if not parts:
                 raise DataError("no rows were scored: nothing to write")
-            os.replace(tmp, self.path)
+
+            def join(tmp: str) -> None:
+                writer = None
+                try:
+                    for part in parts:
+                        table = pq.read_table(part)
+                        writer = writer or pq.ParquetWriter(tmp, table.schema)
+                        writer.write_table(table)
+                finally:
+                    if writer is not None:
+                        writer.close()
+
+            atomic_write(self.path, join)
             shutil.rmtree(self.partial)
         self.state_path.unlink(missing_ok=True)
 
