@@ -64,10 +64,10 @@ def stray_text_case() -> dict:
 
 
 def constant_series_case() -> dict:
-    from vaeguard import VAETimeSeriesDetector
+    from vaeguard import VAEAnomalyDetector, VAETimeSeriesDetector
 
     flat = np.full(300, 3.0)
-    det = VAETimeSeriesDetector(random_state=0, estimator_params={"epochs": 5}).fit(flat)
+    det = VAETimeSeriesDetector(random_state=0, estimator=VAEAnomalyDetector(**{"epochs": 5})).fit(flat)
     spiked = flat.copy()
     spiked[150] = 4.0
     labels = det.predict(spiked)

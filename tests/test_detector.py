@@ -28,7 +28,7 @@ def test_predict_follows_the_rule_in_both_detectors():
     det = VAEAnomalyDetector(**FAST, random_state=0).fit(X)
     np.testing.assert_array_equal(det.predict(X), labels(det.score_samples(X) - det.offset_))
     series = np.sin(np.arange(400) / 5) + 0.05 * np.random.default_rng(1).normal(size=400)
-    ts = VAETimeSeriesDetector(window=16, estimator_params=FAST, random_state=0).fit(series)
+    ts = VAETimeSeriesDetector(window=16, estimator=VAEAnomalyDetector(**FAST), random_state=0).fit(series)
     np.testing.assert_array_equal(ts.predict(series), labels(ts.score_samples(series) - ts.offset_))
 
 
@@ -70,7 +70,7 @@ def test_a_failed_time_series_refit_leaves_the_detector_intact():
     from vaeguard.timeseries import VAETimeSeriesDetector
 
     series = np.sin(np.arange(400) / 5) + 0.05 * np.random.default_rng(1).normal(size=400)
-    ts = VAETimeSeriesDetector(window=16, estimator_params=FAST, random_state=0).fit(series)
+    ts = VAETimeSeriesDetector(window=16, estimator=VAEAnomalyDetector(**FAST), random_state=0).fit(series)
     before = ts.score_samples(series)
     with pytest.raises(ValueError, match="fewer than window"):
         ts.fit(np.stack([series[:10], series[:10]], axis=1))  # two channels, too short: fails after n_channels_

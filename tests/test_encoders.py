@@ -53,7 +53,9 @@ def test_temporal_family_through_the_estimators():
 
     t = np.arange(800)
     series = np.c_[np.sin(t / 7), np.cos(t / 11)]
-    det = VAETimeSeriesDetector(window=64, stride=8, encoder="temporal", estimator_params={"epochs": 2}, random_state=0)
+    det = VAETimeSeriesDetector(
+        window=64, stride=8, encoder="temporal", estimator=VAEAnomalyDetector(**{"epochs": 2}), random_state=0
+    )
     scores = det.fit(series).score_samples(series)
     assert scores.shape == (800,) and np.isfinite(scores).all()
     assert det.window_model_.encoder == "temporal" and det.window_model_.encoder_params == {"channels": 2}

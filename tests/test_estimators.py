@@ -402,7 +402,9 @@ def test_auto_trim_fraction_trains_tables_with_a_fifth_and_images_with_a_tenth_t
     VAEAnomalyDetector(**FAST, n_models=1, random_state=0).fit(rng.normal(size=(100, 3)))
     VAEAnomalyDetector(**FAST, random_state=0).fit(rng.integers(0, 2, size=(40, 8, 8)).astype(np.float32))
     VAEAnomalyDetector(**FAST, n_models=1, trim_fraction=0.05, random_state=0).fit(rng.normal(size=(100, 3)))
-    VAETimeSeriesDetector(window=16, estimator_params=FAST, random_state=0).fit(np.sin(np.arange(400) / 5))
+    VAETimeSeriesDetector(window=16, estimator=VAEAnomalyDetector(**FAST), random_state=0).fit(
+        np.sin(np.arange(400) / 5)
+    )
     assert seen == [estimators.TABLE_TRIM_FRACTION, estimators.IMAGE_TRIM_FRACTION, 0.05, 0.1]
     assert estimators.TABLE_TRIM_FRACTION == 0.2 and estimators.IMAGE_TRIM_FRACTION == 0.1
 

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from vaeguard import VAEAnomalyDetector
 from vaeguard.timeseries import VAETimeSeriesDetector, auto_window, dominant_period
 
 FAST = {"epochs": 30, "hidden_dims": [32], "n_importance_samples": 8}
@@ -17,7 +18,9 @@ def sine(n: int, period: int = 40, seed: int = 0, channels: int = 1) -> np.ndarr
 
 @pytest.fixture(scope="module")
 def fitted():
-    return VAETimeSeriesDetector(window=40, stride=2, estimator_params=FAST, random_state=0).fit(sine(1500)[:, 0])
+    return VAETimeSeriesDetector(window=40, stride=2, estimator=VAEAnomalyDetector(**FAST), random_state=0).fit(
+        sine(1500)[:, 0]
+    )
 
 
 def test_every_step_gets_a_score_and_a_planted_anomaly_is_found(fitted):
@@ -33,7 +36,7 @@ def test_every_step_gets_a_score_and_a_planted_anomaly_is_found(fitted):
 def test_pandas_input_keeps_the_index():
     index = pd.date_range("2026-01-01", periods=600, freq="min")
     frame = pd.DataFrame(sine(600, channels=2), index=index, columns=["a", "b"])
-    det = VAETimeSeriesDetector(window=40, stride=4, estimator_params=FAST, random_state=0).fit(frame)
+    det = VAETimeSeriesDetector(window=40, stride=4, estimator=VAEAnomalyDetector(**FAST), random_state=0).fit(frame)
     scores = det.score_samples(frame)
     assert isinstance(scores, pd.Series) and scores.index.equals(index)
     assert det.predict(frame).index.equals(index)
@@ -53,7 +56,9 @@ def test_automatic_window_is_the_period():
     assert dominant_period(sine(2000, period=50)) == pytest.approx(50, abs=1)
     assert auto_window(sine(2000, period=5)) == 64  # clipped to the minimum: a window needs some context
     assert auto_window(np.random.default_rng(0).normal(size=(500, 1))) in range(64, 513)
-    det = VAETimeSeriesDetector(estimator_params={**FAST, "epochs": 2}, random_state=0).fit(sine(1000, period=90))
+    det = VAETimeSeriesDetector(estimator=VAEAnomalyDetector(**{**FAST, "epochs": 2}), random_state=0).fit(
+        sine(1000, period=90)
+    )
     assert det.window_ == pytest.approx(90, abs=1)
 
 
@@ -87,7 +92,10 @@ def test_the_detector_round_trips_through_a_model_file(fitted, tmp_path):
     assert (again.window_, again.n_channels_, again.offset_) == (fitted.window_, fitted.n_channels_, fitted.offset_)
     series = sine(300, seed=5)[:, 0]
     assert np.array_equal(again.score_samples(series), fitted.score_samples(series))
-    assert again.get_params() == fitted.get_params()
+    def values(det):  # the nested estimator compares by its parameters (estimator__*), not by identity
+        return {k: v for k, v in det.get_params().items() if k != "estimator"}
+
+    assert values(again) == values(fitted)
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError):
         load(path)
@@ -95,13 +103,15 @@ def test_the_detector_round_trips_through_a_model_file(fitted, tmp_path):
 
 def test_latent_options_reach_the_window_model():
     params = {**FAST, "epochs": 5, "regularizer": "tc", "regularizer_params": {"beta": 6}, "free_bits": 0.1}
-    det = VAETimeSeriesDetector(window=40, stride=4, estimator_params=params, random_state=0).fit(sine(800)[:, 0])
+    det = VAETimeSeriesDetector(window=40, stride=4, estimator=VAEAnomalyDetector(**params), random_state=0).fit(
+        sine(800)[:, 0]
+    )
     inner = det.window_model_
     assert inner.regularizer == "tc" and inner.free_bits == 0.1
     assert inner.active_units_ == int((inner.latent_variance_ > 0.01).sum())
     assert np.isfinite(det.score_samples(sine(300, seed=1)[:, 0])).all()
     with pytest.raises(ValueError, match="the time-series detector takes no conditions"):
-        VAETimeSeriesDetector(estimator_params={**FAST, "conditional": True}).fit(sine(300)[:, 0])
+        VAETimeSeriesDetector(estimator=VAEAnomalyDetector(**{**FAST, "conditional": True})).fit(sine(300)[:, 0])
 
 
 def test_the_threshold_flags_a_tied_group_and_never_a_constant_series():
@@ -118,9 +128,75 @@ def test_the_threshold_flags_a_tied_group_and_never_a_constant_series():
 def test_a_constant_series_flags_nothing_and_a_departure_from_it_is_flagged():
     # Every window alike: no step is below the others (was: all 300 of 300 flagged).
     flat = np.full(300, 3.0)
-    det = VAETimeSeriesDetector(random_state=0, estimator_params={"epochs": 5}).fit(flat)
+    det = VAETimeSeriesDetector(random_state=0, estimator=VAEAnomalyDetector(**{"epochs": 5})).fit(flat)
     assert (det.predict(flat) == 1).all()
     spiked = flat.copy()
     spiked[150] = 4.0
     labels = det.predict(spiked)
     assert labels[150] == -1 and labels[: 150 - det.window_ + 1].tolist() == [1] * (150 - det.window_ + 1)
+
+
+def test_the_window_model_is_a_nested_estimator_that_scikit_learn_tunes():
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV
+
+    det = VAETimeSeriesDetector(window=40, stride=4, estimator=VAEAnomalyDetector(**FAST), random_state=0)
+    assert det.get_params()["estimator__latent_dim"] == "auto"
+    assert clone(det).set_params(estimator__latent_dim=3).get_params()["estimator__latent_dim"] == 3
+
+    def mean_score(estimator, X, y=None):
+        return float(np.mean(estimator.score_samples(X)))
+
+    search = GridSearchCV(det, {"estimator__latent_dim": [2, 3]}, scoring=mean_score, cv=2).fit(sine(800)[:, 0])
+    assert search.best_estimator_.window_model_.latent_dim_ == search.best_params_["estimator__latent_dim"]
+    # the window defaults apply where the estimator says "auto", and its own choices are kept
+    fitted = search.best_estimator_.window_model_
+    assert fitted.n_models == 1 and fitted.trim_fraction == 0.1 and fitted.random_state == 0
+
+
+def test_the_window_model_survives_the_model_file(tmp_path):
+    from vaeguard import load
+
+    det = VAETimeSeriesDetector(window=40, stride=4, estimator=VAEAnomalyDetector(**FAST, latent_dim=3), random_state=0)
+    det.fit(sine(800)[:, 0])
+    det.save(tmp_path / "ts.h5")
+    back = load(tmp_path / "ts.h5")
+    assert back.get_params()["estimator__latent_dim"] == 3
+    np.testing.assert_array_equal(back.score_samples(sine(300)[:, 0]), det.score_samples(sine(300)[:, 0]))
+
+
+def test_estimator_params_is_a_deprecated_alias():
+    with pytest.warns(FutureWarning, match="estimator_params is deprecated"):
+        det = VAETimeSeriesDetector(window=40, stride=4, estimator_params={**FAST, "latent_dim": 3}, random_state=0)
+        det.fit(sine(600)[:, 0])
+    assert det.window_model_.latent_dim_ == 3
+
+
+def test_a_plugin_encoder_works_in_the_time_series_detector():
+    """Any registered encoder family is accepted by name (was: only mlp and temporal)."""
+    from vaeguard import hookimpl
+    from vaeguard.components.encoders import mlp
+    from vaeguard.plugins import get_plugin_manager
+
+    calls = []
+
+    class WindowPlugin:
+        @staticmethod
+        @hookimpl
+        def vaeguard_register_encoders(register):
+            def family(input_shape, latent_dim, n_params, **options):
+                calls.append(input_shape)
+                return mlp(input_shape, latent_dim, n_params, hidden_dims=[16])
+
+            register("window-test-mlp", family)
+
+    pm = get_plugin_manager()
+    pm.register(WindowPlugin, name="window-test-plugin")
+    try:
+        det = VAETimeSeriesDetector(
+            window=40, stride=4, encoder="window-test-mlp", estimator=VAEAnomalyDetector(**FAST)
+        )
+        det.fit(sine(600)[:, 0])
+        assert calls and det.window_model_.model_spec_["encoder"] == "window-test-mlp"
+    finally:
+        pm.unregister(name="window-test-plugin")
