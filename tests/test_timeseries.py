@@ -92,6 +92,7 @@ def test_the_detector_round_trips_through_a_model_file(fitted, tmp_path):
     assert (again.window_, again.n_channels_, again.offset_) == (fitted.window_, fitted.n_channels_, fitted.offset_)
     series = sine(300, seed=5)[:, 0]
     assert np.array_equal(again.score_samples(series), fitted.score_samples(series))
+
     def values(det):  # the nested estimator compares by its parameters (estimator__*), not by identity
         return {k: v for k, v in det.get_params().items() if k != "estimator"}
 
