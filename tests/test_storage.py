@@ -150,3 +150,35 @@ def test_atomic_write_replaces_the_target_whole_or_leaves_it_as_it_was(tmp_path)
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
     atomic_write(target, lambda tmp: Path(tmp).write_text("new"))
     assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    # permissions as open() gives a new file (not mkstemp's owner-only 0o600), or the replaced file's
+    mask = os.umask(0)
+    os.umask(mask)
+    fresh = tmp_path / "fresh.txt"
+    atomic_write(fresh, lambda tmp: Path(tmp).write_text("x"))
+    assert fresh.stat().st_mode & 0o777 == 0o666 & ~mask
+    target.chmod(0o640)
+    atomic_write(target, lambda tmp: Path(tmp).write_text("newer"))
+    assert target.stat().st_mode & 0o777 == 0o640
+
+
+def test_model_files_written_by_an_earlier_version_still_load_and_score_the_same():
+    """Fixtures written by the code named in tests/data/written_by.txt (make_model_files.py): a table
+    mixture with lattice and categorical columns, and a time-series detector. Any later change of the
+    file format or of scoring must keep reading them and giving the same scores (float64 CPU
+    scoring: to rounding)."""
+    import sys
+
+    from vaeguard import load
+
+    data = Path(__file__).parent / "data"
+    sys.path.insert(0, str(data))
+    try:
+        from make_model_files import series, table
+    finally:
+        sys.path.remove(str(data))
+    expected = np.load(data / "model-file-scores-0.1.npz")
+    det = load(data / "table-0.1.h5")
+    assert len(det.models_) == 3 and det.offset_ == float(expected["table_offset"])
+    np.testing.assert_allclose(det.score_samples(table().iloc[:50]), expected["table"], rtol=1e-9, atol=1e-9)
+    ts = load(data / "series-0.1.h5")
+    np.testing.assert_allclose(ts.score_samples(series()[:200]), expected["series"], rtol=1e-9, atol=1e-9)

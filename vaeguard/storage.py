@@ -45,12 +45,24 @@ def _versions() -> dict[str, str]:
     return {"vaeguard": __version__, "torch": torch.__version__, "numpy": np.__version__}
 
 
+def _new_file_mode() -> int:
+    """The permissions ``open()`` would give a new file under the process's umask (e.g. 0o644)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
-    """Call ``write(tmp_path)``, then rename the temporary file onto ``path`` (same folder)."""
+    """Call ``write(tmp_path)``, then rename the temporary file onto ``path`` (same folder).
+
+    The file gets the permissions of the one it replaces, or those ``open()`` gives a new
+    file (``mkstemp`` alone would leave it readable by its owner only).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
     try:
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode())
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
