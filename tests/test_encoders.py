@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from vaeguard.components.encoders import default_hidden_dims, default_latent_dim, mlp
+from vaeguard.components.encoders import default_hidden_dims, mlp
+from vaeguard.estimators import default_latent_dim
 
 
 def test_mlp_shapes_and_mirrored_decoder():

@@ -478,7 +478,7 @@ def test_a_model_file_that_declares_more_models_than_it_may_is_refused(tmp_path)
     from vaeguard import storage
 
     det, _ = _mixture()
-    config, arrays = det._model_file_contents()
+    config, arrays = det.model_file_contents()
     for declared in (0, 1000):
         config["fitted"]["n_models_"] = declared
         storage.write_model_file(tmp_path / "crafted.h5", config, arrays)
@@ -498,7 +498,7 @@ def test_each_model_keeps_its_probe_threshold_in_the_model_file(tmp_path):
     assert len(det.probe_thresholds_) == 3 and min(det.probe_thresholds_) >= PROBE_GAIN
     det.save(tmp_path / "m.h5")
     assert load(tmp_path / "m.h5").probe_thresholds_ == det.probe_thresholds_
-    config, arrays = det._model_file_contents()
+    config, arrays = det.model_file_contents()
     config["fitted"].pop("probe_thresholds_")  # a file from before the thresholds: one nat each
     storage.write_model_file(tmp_path / "old.h5", config, arrays)
     assert load(tmp_path / "old.h5")._probe_threshold_of(2) == PROBE_GAIN

@@ -12,8 +12,9 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 from vaeguard.compression import compress, decompress
-from vaeguard.estimators import VAEAnomalyDetector, load
+from vaeguard.estimators import VAEAnomalyDetector
 from vaeguard.hookspecs import hookimpl
+from vaeguard.persistence import load
 from vaeguard.timeseries import VAETimeSeriesDetector
 
 __all__ = [

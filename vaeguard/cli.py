@@ -84,7 +84,7 @@ def _progress(total: int | None, show: bool, unit: str = "rows") -> Any:
 
 
 def _load_model(path: str, device: str = "auto") -> Any:
-    from vaeguard.estimators import load
+    from vaeguard.persistence import load
 
     return load(path, device=device)
 

@@ -36,7 +36,7 @@ MAGIC = b"VGZ1"
 
 def _estimator(model: Any) -> Any:
     if isinstance(model, (str, os.PathLike)):
-        from vaeguard.estimators import load
+        from vaeguard.persistence import load
 
         model = load(model, device="cpu")
     if not hasattr(model, "model_"):
@@ -48,7 +48,7 @@ def _estimator(model: Any) -> Any:
 
 def model_fingerprint(det: Any) -> str:
     """The SHA-256 of the estimator's model file (computed the same way for a model not saved yet)."""
-    return det.fingerprint_ or storage.fingerprint(*det._model_file_contents())
+    return det.fingerprint_ or storage.fingerprint(*det.model_file_contents())
 
 
 def data_digest(X: Any) -> str:

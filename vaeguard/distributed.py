@@ -31,7 +31,7 @@ def _require_dask() -> Any:
 @functools.lru_cache(maxsize=4)
 def _worker_model(path: str, fingerprint: str, device: str) -> Any:
     """The model, loaded once per worker process (and checked against the fingerprint the client saw)."""
-    from vaeguard.estimators import load
+    from vaeguard.persistence import load
 
     det = load(path, device=device)
     if det.fingerprint_ != fingerprint:
@@ -86,7 +86,7 @@ def score_dask(
         Where each worker scores.
     """
     _require_dask()
-    from vaeguard.estimators import load
+    from vaeguard.persistence import load
 
     path = str(Path(model_path).resolve())
     det = load(path, device="cpu")

@@ -1,4 +1,4 @@
-"""scikit-learn style estimators: :class:`VAEAnomalyDetector` and :func:`load`."""
+"""scikit-learn style detection on tables and images: :class:`VAEAnomalyDetector` (read by :func:`vaeguard.load`)."""
 
 from __future__ import annotations
 
@@ -21,14 +21,13 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from vaeguard import storage
-from vaeguard.components.encoders import default_latent_dim
-from vaeguard.components.likelihoods import Likelihood
 from vaeguard.conditions import ConditionEncoder
 from vaeguard.detector import decision, labels, previous_fit_kept_on_failure
 from vaeguard.generation import AGGREGATE_ROWS, AggregatePosterior, LatentSpaceMixin
 from vaeguard.metrics import ACTIVE_UNIT_VARIANCE
 from vaeguard.model import VAE
 from vaeguard.objectives import kl_per_dimension
+from vaeguard.parts import Likelihood
 from vaeguard.plugins import build_part, get_part
 from vaeguard.preprocessing import (
     IMPOSSIBLE_VALUE_NATS,
@@ -70,6 +69,11 @@ SMALL_TABLE_MODELS = 3
 #: ``trim_fraction="auto"``: the share of each minibatch left out of the loss, for tables and for images.
 TABLE_TRIM_FRACTION = 0.2
 IMAGE_TRIM_FRACTION = 0.1
+
+
+def default_latent_dim(n_inputs: int) -> int:
+    """Latent size from the input width: about d/4, clipped to [2, 32]."""
+    return int(min(32, max(2, math.ceil(n_inputs / 4))))
 
 
 def auto_trim_fraction(images: bool) -> float:
@@ -1265,12 +1269,12 @@ class VAEAnomalyDetector(
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write the fitted model to an HDF5 model file atomically; returns its SHA-256 fingerprint."""
         check_is_fitted(self)
-        config, arrays = self._model_file_contents()
+        config, arrays = self.model_file_contents()
         self.fingerprint_ = storage.write_model_file(path, config, arrays)
         return self.fingerprint_
 
-    def _model_file_contents(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """The JSON configuration and the named arrays that :meth:`save` writes."""
+    def model_file_contents(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """What :meth:`save` writes: the JSON configuration and the named arrays (:mod:`vaeguard.storage`)."""
         config = {
             "estimator": type(self).__name__,
             "params": storable_params(self),
@@ -1320,9 +1324,13 @@ class VAEAnomalyDetector(
         return config, arrays
 
     @classmethod
-    def _from_file(
+    def from_model_file_contents(
         cls, config: dict[str, Any], arrays: dict[str, np.ndarray], digest: str, device: str
     ) -> VAEAnomalyDetector:
+        """The fitted detector from a model file's verified contents (:func:`vaeguard.persistence.load` calls it).
+
+        ``digest`` is the file's SHA-256 (``fingerprint_``); ``device`` where the networks go.
+        """
         est = cls(**config["params"])
         spec = config["model"]
         fitted = config["fitted"]
@@ -1544,43 +1552,3 @@ def _chw(image_shape: tuple[int, ...]) -> tuple[int, int, int]:
 
 def _is_numeric_dtype(dtype: Any) -> bool:
     return bool(pd.api.types.is_numeric_dtype(dtype)) and not pd.api.types.is_complex_dtype(dtype)
-
-
-def load(path: str | os.PathLike[str], *, device: str = "auto") -> Any:
-    """Load a fitted estimator (either kind) from a model file written by ``save``.
-
-    The file is verified against its SHA-256 first; nothing in it is unpickled or
-    executed, and parts are looked up among the installed plugins by name (a missing
-    plugin is a ``ValueError`` naming it).
-
-    Parameters
-    ----------
-    path : str or PathLike
-    device : str, default="auto"
-        Where to put the model.
-
-    Raises
-    ------
-    ValueError
-        For a truncated, altered or foreign file, or a part no installed plugin provides.
-    """
-    from vaeguard.timeseries import VAETimeSeriesDetector
-
-    estimators = {"VAEAnomalyDetector": VAEAnomalyDetector, "VAETimeSeriesDetector": VAETimeSeriesDetector}
-    config, arrays, digest = storage.read_model_file(path)
-    name = config.get("estimator")
-    if name not in estimators:
-        raise ValueError(f"{str(path)!r} holds an unknown estimator {name!r}; known: {', '.join(estimators)}")
-    spec = config.get("window_model", config).get("model", {})
-    for kind, key in (("encoders", "encoder"), ("likelihoods", "likelihood")):
-        try:
-            get_part(kind, spec.get(key))
-        except ValueError as exc:
-            raise ValueError(
-                f"{str(path)!r} needs the {key} {spec.get(key)!r}, which no installed plugin provides "
-                f"(install the plugin that registers it): {exc}"
-            ) from exc
-    try:
-        return estimators[name]._from_file(config, arrays, digest, device)
-    except KeyError as exc:
-        raise ValueError(f"{str(path)!r} lacks the entry {exc} that a model file must have") from exc

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vaeguard.components.likelihoods import Likelihood, soft_clamp
+from vaeguard.parts import Likelihood, soft_clamp
 
 #: Bounds on the posterior log-variance log σ²_q.
 LOGVAR_MIN = -14.0

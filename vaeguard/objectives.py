@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vaeguard.components.likelihoods import standard_normal_log_prob
 from vaeguard.model import VAE
+from vaeguard.parts import standard_normal_log_prob
 
 
 def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:

@@ -274,7 +274,7 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
         :func:`vaeguard.load` reads it back.
         """
         check_is_fitted(self)
-        window_config, arrays = self.window_model_._model_file_contents()
+        window_config, arrays = self.window_model_.model_file_contents()
         params = self.get_params(deep=False)
         params["random_state"] = storable_params(self)["random_state"]
         if self.estimator is not None:  # stored as its own parameters; load rebuilds it
@@ -289,15 +289,16 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
         return self.fingerprint_
 
     @classmethod
-    def _from_file(
+    def from_model_file_contents(
         cls, config: dict[str, Any], arrays: dict[str, np.ndarray], digest: str, device: str
     ) -> VAETimeSeriesDetector:
+        """The fitted detector from a model file's verified contents (:func:`vaeguard.persistence.load` calls it)."""
         params = dict(config["params"])
         if isinstance(params.get("estimator"), dict):
             params["estimator"] = VAEAnomalyDetector(**params["estimator"])
         det = cls(**params)
         fitted = config["fitted"]
-        det.window_model_ = VAEAnomalyDetector._from_file(config["window_model"], arrays, digest, device)
+        det.window_model_ = VAEAnomalyDetector.from_model_file_contents(config["window_model"], arrays, digest, device)
         det.window_ = int(fitted["window_"])
         det.n_channels_ = int(fitted["n_channels_"])
         det.offset_ = float(fitted["offset_"])

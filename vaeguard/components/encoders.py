@@ -18,11 +18,6 @@ def default_hidden_dims(n_inputs: int) -> list[int]:
     return [width, width]
 
 
-def default_latent_dim(n_inputs: int) -> int:
-    """Latent size from the input width: about d/4, clipped to [2, 32]."""
-    return int(min(32, max(2, math.ceil(n_inputs / 4))))
-
-
 class MLPEncoder(nn.Module):
     """``(batch, *input_shape) → (batch, 2·latent_dim)``: means, then log-variances.
 

@@ -18,24 +18,14 @@ from torch import Tensor, nn
 from torch.distributions import Bernoulli, Categorical, Distribution, Normal
 
 from vaeguard.hookspecs import hookimpl
-
-#: Bounds on log σ (standardised units) so that densities never overflow.
-LOG_SCALE_MIN = -6.0
-LOG_SCALE_MAX = 4.0
-
-
-def soft_clamp(x: Tensor, low: float, high: float) -> Tensor:
-    """Smoothly squash ``x`` into ``(low, high)``; the identity well inside the bounds."""
-    return high - nn.functional.softplus(high - low - nn.functional.softplus(x - low))
-
-
-def soft_clamp_inverse(y: Tensor, low: float, high: float) -> Tensor:
-    """The ``x`` with ``soft_clamp(x, low, high) == y`` for ``low < y < high``."""
-
-    def softplus_inverse(u: Tensor) -> Tensor:
-        return u + torch.log(-torch.expm1(-u))
-
-    return low + softplus_inverse(high - low - softplus_inverse(high - y))
+from vaeguard.parts import (  # noqa: F401 - the contract's names, re-exported for plugins written against them here
+    LOG_SCALE_MAX,
+    LOG_SCALE_MIN,
+    Likelihood,
+    soft_clamp,
+    soft_clamp_inverse,
+    standard_normal_log_prob,
+)
 
 
 def _first_bad_entry(mask: np.ndarray) -> tuple[int, int]:
@@ -61,108 +51,6 @@ def _check_levels(X: np.ndarray, n_levels: int, name: str, where: tuple[str, str
             f"likelihood {name!r} needs integers in [0, {n_levels}); {where[0]} {row}, {where[1]} {col} "
             f"holds {float(value):g}"
         )
-
-
-class Likelihood(nn.Module):
-    """Base class of observation models.
-
-    Subclasses set ``n_params`` (decoder outputs per data element) and ``discrete``
-    (a mass function, data used as given) and implement :meth:`distribution`.
-
-    Parameters
-    ----------
-    event_shape : tuple of int
-        Shape of one sample, e.g. ``(n_features,)``.
-    """
-
-    n_params: ClassVar[int] = 1
-    discrete: ClassVar[bool] = False
-    #: Whether the constructor takes ``bin_widths`` (cell masses for lattice-valued columns).
-    supports_bin_widths: ClassVar[bool] = False
-
-    def __init__(self, event_shape: tuple[int, ...]) -> None:
-        super().__init__()
-        self.event_shape = tuple(int(s) for s in event_shape)
-
-    # -- construction -------------------------------------------------------------------
-    @classmethod
-    def options_from_data(cls, X: np.ndarray) -> dict[str, Any]:
-        """Constructor options read off the training data (e.g. the number of categories)."""
-        return {}
-
-    def config(self) -> dict[str, Any]:
-        """JSON-able constructor arguments (besides ``event_shape``) to rebuild this object."""
-        return {}
-
-    def check_support(self, X: np.ndarray) -> None:
-        """Raise ``ValueError`` naming the first row and column outside the support."""
-
-    @property
-    def param_count(self) -> int:
-        """Decoder outputs per data element."""
-        return self.n_params
-
-    @property
-    def encoder_input_shape(self) -> tuple[int, ...]:
-        """Shape of :meth:`encoder_input` per sample."""
-        return self.event_shape
-
-    def encoder_input(self, x: Tensor) -> Tensor:
-        """What the encoder sees of ``x`` (the data itself unless a subclass encodes it)."""
-        return x
-
-    # -- the distribution --------------------------------------------------------------
-    def param(self, params: Tensor, i: int) -> Tensor:
-        """The ``i``-th parameter slice, shape ``(..., *event_shape)``."""
-        return params.select(-1 - len(self.event_shape), i)
-
-    def distribution(self, params: Tensor) -> Distribution:
-        """Elementwise distribution with batch shape ``(..., *event_shape)``."""
-        raise NotImplementedError
-
-    def per_feature_log_prob(self, x: Tensor, params: Tensor) -> Tensor:
-        """Log density (or mass) of each element, nats, shape ``(..., *event_shape)``."""
-        return self.distribution(params).log_prob(x)
-
-    def log_prob(self, x: Tensor, params: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Log-likelihood summed over the event dimensions, nats, shape ``(...)``.
-
-        ``mask`` (same shape as ``x``, true = observed) restricts the sum to observed
-        entries, which for this factorised model is the exact marginal likelihood.
-        """
-        lp = self.per_feature_log_prob(x, params)
-        if mask is not None:
-            lp = torch.where(mask, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
-        return lp.flatten(start_dim=lp.dim() - len(self.event_shape)).sum(-1)
-
-    def mean(self, params: Tensor) -> Tensor:
-        """Mean of x given the parameters, shape ``(..., *event_shape)``."""
-        return self.distribution(params).mean
-
-    def sample(self, params: Tensor) -> Tensor:
-        """One draw of x per parameter set (uses torch's global generator)."""
-        return self.distribution(params).sample()
-
-    # -- coding ------------------------------------------------------------------------
-    @property
-    def n_symbols(self) -> int | None:
-        """For a mass function over symbols 0 .. K−1 per element: K (lossless codecs use it); None for densities."""
-        return None
-
-    def symbol_probabilities(self, params: Tensor) -> Tensor:
-        """P(x_j = k | params) for every element and symbol k, shape ``(..., *event_shape, n_symbols)``.
-
-        The default evaluates :meth:`per_feature_log_prob` at each symbol; subclasses may
-        compute the table directly.
-        """
-        if self.n_symbols is None:
-            raise ValueError(f"{type(self).__name__} is a density, not a mass function over symbols")
-        shape = params.shape[: params.dim() - len(self.event_shape) - 1] + self.event_shape
-        columns = [
-            self.per_feature_log_prob(torch.full(shape, float(k), dtype=params.dtype, device=params.device), params)
-            for k in range(self.n_symbols)
-        ]
-        return torch.stack(columns, -1).exp()
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -570,11 +458,6 @@ class DiscretizedLogisticLikelihood(Likelihood):
         u = torch.rand_like(loc).clamp(1e-7, 1 - 1e-7)
         value = loc + log_scale.exp() * (torch.log(u) - torch.log1p(-u))
         return torch.round((value + 1.0) * (self.n_levels - 1) / 2.0).clamp(0, self.n_levels - 1)
-
-
-def standard_normal_log_prob(z: Tensor) -> Tensor:
-    """log N(z; 0, I) summed over the last dimension, nats."""
-    return -0.5 * (z.square().sum(-1) + z.shape[-1] * math.log(2 * math.pi))
 
 
 @hookimpl

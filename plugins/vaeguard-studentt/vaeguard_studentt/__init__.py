@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, StudentT
 
 import vaeguard
-from vaeguard.components.likelihoods import LOG_SCALE_MAX, LOG_SCALE_MIN, Likelihood, soft_clamp
+from vaeguard.parts import LOG_SCALE_MAX, LOG_SCALE_MIN, Likelihood, soft_clamp
 
 #: ν is kept within [DF_MIN, DF_MAX]: above 2 the variance exists; near 200 it is Gaussian.
 DF_MIN = 2.1
