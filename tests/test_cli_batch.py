@@ -331,3 +331,38 @@ def test_a_stray_text_cell_in_a_numeric_training_column(workdir, tmp_path):
     scored = run("score", model, str(workdir / "test.csv"), "-o", str(tmp_path / "out.csv"), "--id-column", "key")
     assert scored.exit_code == 0, scored.output
     assert np.isfinite(pd.read_csv(tmp_path / "out.csv")["log_likelihood"]).all()
+
+
+def test_explain_checks_and_scores_a_chunk_once(monkeypatch):
+    """--explain takes the columns' shares from the scoring pass itself: the chunk is validated and
+    run through the networks as often with it as without it."""
+    import vaeguard.scoring as scoring
+    from vaeguard import VAEAnomalyDetector
+    from vaeguard.batch import score_chunk
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(300, 3)), columns=["a", "b", "c"])
+    det = VAEAnomalyDetector(epochs=3, hidden_dims=[16], latent_dim=2, n_importance_samples=8, random_state=0)
+    det.fit(frame)
+    counts = {"validate": 0, "forward": 0}
+    validate, forward = VAEAnomalyDetector._validate_input, scoring.importance_terms
+
+    def counted_validate(self, *args, **kwargs):
+        counts["validate"] += 1
+        return validate(self, *args, **kwargs)
+
+    def counted_forward(*args, **kwargs):
+        counts["forward"] += 1
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(VAEAnomalyDetector, "_validate_input", counted_validate)
+    monkeypatch.setattr(scoring, "importance_terms", counted_forward)
+    plain, _ = score_chunk(det, frame.iloc[:40])
+    without = dict(counts)
+    counts.update(validate=0, forward=0)
+    explained, _ = score_chunk(det, frame.iloc[:40], explain=True)
+    assert counts == without and without["forward"] > 0
+    pd.testing.assert_series_equal(explained["log_likelihood"], plain["log_likelihood"])
+    # the shares are feature_scores' (the first model, the same draws and proposals)
+    top = det.feature_scores(frame.iloc[:40]).to_numpy().argsort(axis=1)[:, :3]
+    assert explained["top_features"].tolist() == [";".join(np.array(["a", "b", "c"])[t]) for t in top]

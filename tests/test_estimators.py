@@ -542,3 +542,11 @@ def test_a_fit_whose_training_scores_are_not_finite_stops_with_a_clear_error(mon
     with pytest.raises(ValueError, match=r"1 training row\(s\) have a non-finite log-likelihood \(first: row 3"):
         det.fit(np.random.default_rng(0).normal(size=(100, 3)))
     assert not hasattr(det, "offset_")
+
+
+def test_feature_scores_come_with_the_log_likelihood_from_one_pass():
+    X = np.random.default_rng(0).normal(size=(200, 3))
+    det = VAEAnomalyDetector(epochs=3, hidden_dims=[16], latent_dim=2, n_importance_samples=8, random_state=0).fit(X)
+    log_px, shares = det.log_likelihood(X[:30], return_feature_scores=True)
+    np.testing.assert_array_equal(log_px, det.score_samples(X[:30]))
+    np.testing.assert_allclose(shares.to_numpy(), det.feature_scores(X[:30]).to_numpy(), rtol=1e-12, atol=1e-12)

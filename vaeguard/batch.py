@@ -147,11 +147,16 @@ def score_chunk(
         subset = features[good] if columns is None else features.loc[good]
         condition = None if conditions is None else conditions[good]
         estimate = det.log_likelihood(
-            subset, n_samples=n_samples, condition=condition, return_std=True, return_diagnostic=True
+            subset,
+            n_samples=n_samples,
+            condition=condition,
+            return_std=True,
+            return_diagnostic=True,
+            return_feature_scores=explain,  # from the same pass: no second check or scoring of the rows
         )
-        log_px[good], std[good], k_hat[good] = (np.asarray(part) for part in estimate)
+        log_px[good], std[good], k_hat[good] = (np.asarray(part) for part in estimate[:3])
         if explain:
-            shares = det.feature_scores(subset, condition=condition).to_numpy()
+            shares = estimate[3].to_numpy()
             order = np.argsort(np.nan_to_num(shares, nan=np.inf), axis=1)[:, :TOP_FEATURES]
             names = np.asarray(columns, dtype=object)
             for i, picks in zip(np.flatnonzero(good), order, strict=True):

@@ -991,7 +991,9 @@ class VAEAnomalyDetector(
         n_samples: int,
         return_std: bool = False,
         condition: torch.Tensor | None = None,
+        per_feature: bool = False,
     ):
+        """The mixture's estimate; with ``per_feature``, the first model's per-element shares from the same pass."""
         eps = common_random_numbers(n_samples, self.latent_dim_, self.score_seed_)
         refine_eps = self._refine_eps()
         members = [
@@ -1005,6 +1007,7 @@ class VAEAnomalyDetector(
                 condition=condition,
                 refine_eps=refine_eps,
                 probe_threshold=self._probe_threshold_of(i),
+                per_feature=per_feature and i == 0,
             )
             for i, m in enumerate(self._mixture_members())
         ]
@@ -1024,6 +1027,7 @@ class VAEAnomalyDetector(
         return_std: bool = False,
         condition: Any = None,
         return_diagnostic: bool = False,
+        return_feature_scores: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, ...]:
         """Importance-sampled estimate of log p(x) per row, in nats, in the data's units.
 
@@ -1055,33 +1059,42 @@ class VAEAnomalyDetector(
             The Pareto k̂ of each row's importance weights (PSIS; Vehtari et al.): above
             0.7 the estimate and its standard error are not to be trusted (more samples,
             ``n_samples``, help; so does a model that fits the row).
+        feature_scores : DataFrame, only when ``return_feature_scores``
+            :meth:`feature_scores` from the same pass (the same validation, draws and forward
+            pass of the first model; no second scoring of the rows).
         """
-        value, std, _, k_hat = self._log_likelihood_of(X, n_samples, return_std or return_diagnostic, condition)
+        value, std, _, k_hat, shares = self._log_likelihood_of(
+            X, n_samples, return_std or return_diagnostic, condition, per_feature=return_feature_scores
+        )
         out = [_per_row(value, X, "log_likelihood")]
         if return_std:
             out.append(_per_row(std, X, "log_likelihood_std"))
         if return_diagnostic:
             out.append(_per_row(k_hat, X, "pareto_k"))
+        if return_feature_scores:
+            out.append(shares)
         return out[0] if len(out) == 1 else tuple(out)
 
     def _log_likelihood_of(
-        self, X: Any, n_samples: int | None, return_std: bool = False, condition: Any = None
-    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]:
-        """(log p(x) in data units, standard errors, observed elements per row, Pareto k̂) for user input ``X``.
+        self, X: Any, n_samples: int | None, return_std: bool = False, condition: Any = None, per_feature: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None, Any]:
+        """(log p(x) in data units, standard errors, observed elements per row, Pareto k̂, feature scores) for ``X``.
 
-        The standard errors and k̂ are None unless ``return_std``.
+        The standard errors and k̂ are None unless ``return_std``; the feature scores (as
+        :meth:`feature_scores` gives them) None unless ``per_feature``.
         """
         check_is_fitted(self)
         k = self.n_importance_samples if n_samples is None else int(n_samples)
         if k < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
         x, mask, c, impossible = self._internal_inputs(X, condition)
-        result = self._log_likelihood_internal(x, mask, k, return_std, condition=c)
+        result = self._log_likelihood_internal(x, mask, k, return_std, condition=c, per_feature=per_feature)
         observed = (
             np.full(x.shape[0], self.n_features_in_) if mask is None else mask.reshape(x.shape[0], -1).sum(1).numpy()
         )
         value = result.value + self._row_nats(mask, impossible, x.shape[0])
-        return value, result.std, observed, result.pareto_k
+        shares = None if not per_feature else self._feature_scores_frame(result.per_feature, impossible, X)
+        return value, result.std, observed, result.pareto_k, shares
 
     def score_samples(self, X: Any, condition: Any = None) -> np.ndarray:
         """Estimated log p(x) per row (nats, data units, K = ``n_importance_samples``); higher = more normal.
@@ -1114,7 +1127,7 @@ class VAEAnomalyDetector(
         entropy coder driven by the model would approach; for densities it is the
         differential analogue (it depends on the data's units).
         """
-        log_px, _, observed, _ = self._log_likelihood_of(X, n_samples, condition=condition)
+        log_px, _, observed, _, _ = self._log_likelihood_of(X, n_samples, condition=condition)
         return _per_row(-log_px / (observed * math.log(2)), X, "bits_per_dim")
 
     def elbo(self, X: Any, n_samples: int | None = None, condition: Any = None) -> np.ndarray:
@@ -1158,7 +1171,6 @@ class VAEAnomalyDetector(
             For images: an array shaped like the images (n_samples, H, W) or
             (n_samples, C, H, W), a map of each pixel's contribution.
         """
-        index = X.index if isinstance(X, pd.DataFrame) else None
         x, mask, c, impossible = self._internal_inputs(X, condition)
         eps = common_random_numbers(self.n_importance_samples, self.latent_dim_, self.score_seed_)
         shares = per_feature_log_likelihood(
@@ -1171,6 +1183,10 @@ class VAEAnomalyDetector(
             refine_eps=self._refine_eps(),
             probe_threshold=self._probe_threshold_of(0),
         )
+        return self._feature_scores_frame(shares, impossible, X)
+
+    def _feature_scores_frame(self, shares: np.ndarray, impossible: np.ndarray | None, X: Any) -> Any:
+        """Internal per-element shares → :meth:`feature_scores`' output (data units, names, images' shape)."""
         shares = shares.reshape(len(shares), -1)
         if self.standardizer_ is not None:
             shares = shares + np.where(self.standardizer_.discrete, 0.0, -np.log(self.standardizer_.scale))
@@ -1180,7 +1196,7 @@ class VAEAnomalyDetector(
             return shares.reshape(len(shares), *self.image_shape_)
         names = getattr(self, "feature_names_in_", None)
         columns = list(names) if names is not None else [f"x{j}" for j in range(self.n_features_in_)]
-        return pd.DataFrame(shares, columns=columns, index=index)
+        return pd.DataFrame(shares, columns=columns, index=X.index if isinstance(X, pd.DataFrame) else None)
 
     def transform(self, X: Any, condition: Any = None) -> np.ndarray:
         """Posterior means E[z|x] (E[z|x, c] for a conditional model), shape (n_samples, latent_dim_)."""

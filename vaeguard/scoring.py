@@ -175,6 +175,8 @@ class LogLikelihood:
     pareto_k: np.ndarray | None = None
     ess: np.ndarray | None = None
     refined: np.ndarray | None = None
+    #: With ``per_feature=True``: each element's share E_{p(z|x)}[log p(x_j|z)], (n, *event_shape), nats.
+    per_feature: np.ndarray | None = None
 
 
 #: Pareto k̂ above which an importance-sampling estimate is unreliable (Vehtari et al., PSIS).
@@ -245,6 +247,7 @@ def importance_sampled_log_likelihood(
     condition: Tensor | None = None,
     refine_eps: Tensor | None = None,
     probe_threshold: float = PROBE_GAIN,
+    per_feature: bool = False,
 ) -> LogLikelihood:
     """Estimate log p(x) for every row, in nats, in the model's internal units.
 
@@ -275,6 +278,9 @@ def importance_sampled_log_likelihood(
     probe_threshold : float, default=PROBE_GAIN
         Rise of a row's ELBO in the probe (nats) above which its proposal is fitted; a
         model's own value comes from its training rows (:func:`probe_threshold`).
+    per_feature : bool, default=False
+        Also fill ``per_feature``: each element's share of the score from the same pass
+        (:func:`per_feature_log_likelihood`), no second forward pass.
 
     Returns
     -------
@@ -290,14 +296,18 @@ def importance_sampled_log_likelihood(
     tail = np.zeros(x.shape[0]) if return_std else None
     ess = np.zeros(x.shape[0]) if return_std else None
     refined = np.zeros(x.shape[0], bool)
+    shares = np.zeros((x.shape[0], *model.likelihood.event_shape)) if per_feature else None
     if refine_eps is not None:
         refine_eps = refine_eps.to(device=device, dtype=dtype)
     chunks = _chunks_with_proposals(model, x, rows, device, dtype, mask, condition, refine_eps, probe_threshold, k)
     for where, xb, mb, cb, proposal, redo in chunks:
         if redo is not None:
             refined[where] = redo
-        logw = importance_terms(model, xb, eps, mb, cb, proposal=proposal)[0].double()  # (K, rows), float64
+        logw, per = importance_terms(model, xb, eps, mb, cb, proposal=proposal)
+        logw = logw.double()  # (K, rows), float64
         value[where] = (torch.logsumexp(logw, 0) - math.log(k)).cpu().numpy()
+        if shares is not None:
+            shares[where] = _posterior_shares(logw, per, mb)
         if std is not None:
             w = (logw - logw.max(0, keepdim=True).values).exp()
             mean = w.mean(0)
@@ -306,7 +316,7 @@ def importance_sampled_log_likelihood(
             log_weights = logw.cpu().numpy()
             tail[where] = pareto_k(log_weights)
             ess[where] = effective_sample_size(log_weights)
-    return LogLikelihood(value, std, tail, ess, refined)
+    return LogLikelihood(value, std, tail, ess, refined, shares)
 
 
 def _probe(
@@ -525,17 +535,24 @@ def per_feature_log_likelihood(
     elements it is the expected reconstruction term; the remainder of log p(x) belongs to
     the latent code, not to any one element. Missing entries (``mask`` False) are NaN.
     """
-    device, dtype, eps, rows = _prepare(model, eps, device, chunk_size)
-    out = np.zeros((x.shape[0], *model.likelihood.event_shape))
-    if refine_eps is not None:
-        refine_eps = refine_eps.to(device=device, dtype=dtype)
-    k = eps.shape[0]
-    chunks = _chunks_with_proposals(model, x, rows, device, dtype, mask, condition, refine_eps, probe_threshold, k)
-    for where, xb, mb, cb, proposal, _ in chunks:
-        logw, per = importance_terms(model, xb, eps, mb, cb, proposal=proposal)
-        weights = torch.softmax(logw.double(), 0)  # (K, rows)
-        share = (weights.reshape(*weights.shape, *([1] * (per.dim() - 2))) * per.double()).sum(0)
-        if mb is not None:
-            share = torch.where(mb, share, torch.full_like(share, float("nan")))
-        out[where] = share.cpu().numpy()
-    return out
+    return importance_sampled_log_likelihood(
+        model,
+        x,
+        eps,
+        mask=mask,
+        chunk_size=chunk_size,
+        device=device,
+        condition=condition,
+        refine_eps=refine_eps,
+        probe_threshold=probe_threshold,
+        per_feature=True,
+    ).per_feature
+
+
+def _posterior_shares(logw: Tensor, per: Tensor, mask: Tensor | None) -> np.ndarray:
+    """Σ_k w̃_k · log p(x_j|z_k) per element, w̃ the self-normalised weights of ``logw`` (K, rows); NaN if missing."""
+    weights = torch.softmax(logw, 0)  # (K, rows)
+    share = (weights.reshape(*weights.shape, *([1] * (per.dim() - 2))) * per.double()).sum(0)
+    if mask is not None:
+        share = torch.where(mask, share, torch.full_like(share, float("nan")))
+    return share.cpu().numpy()
