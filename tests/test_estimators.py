@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
@@ -550,3 +551,32 @@ def test_feature_scores_come_with_the_log_likelihood_from_one_pass():
     log_px, shares = det.log_likelihood(X[:30], return_feature_scores=True)
     np.testing.assert_array_equal(log_px, det.score_samples(X[:30]))
     np.testing.assert_allclose(shares.to_numpy(), det.feature_scores(X[:30]).to_numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_scoring_copies_the_networks_once_and_again_only_when_they_change(monkeypatch):
+    import pickle
+
+    X = np.random.default_rng(0).normal(size=(200, 3))
+    det = VAEAnomalyDetector(epochs=3, hidden_dims=[16], latent_dim=2, n_importance_samples=8, random_state=0).fit(X)
+    first = det.score_samples(X[:20])
+    copies = []
+    real_deepcopy = copy.deepcopy
+
+    def counted(obj, *args, **kwargs):
+        if isinstance(obj, torch.nn.Module):
+            copies.append(obj)
+        return real_deepcopy(obj, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", counted)
+    for _ in range(3):
+        np.testing.assert_array_equal(det.score_samples(X[:20]), first)
+    assert copies == []  # the copies made at fit serve every later call
+    with torch.no_grad():
+        for p in det.model_.parameters():
+            p.mul_(1.5)  # changed in place: the copy must follow
+    changed = det.score_samples(X[:20])
+    assert len(copies) == 1 and not np.allclose(changed, first)
+    monkeypatch.undo()
+    again = pickle.loads(pickle.dumps(det))
+    assert "_scoring_copies" not in vars(again)
+    np.testing.assert_array_equal(again.score_samples(X[:20]), changed)

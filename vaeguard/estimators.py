@@ -541,9 +541,22 @@ class VAEAnomalyDetector(
         on CUDA, float32 keeps the throughput and the scores agree to ~1e-5 nats.
         """
         model = self.model_ if model is None else model
-        if torch.device(self.device_).type == "cpu":
-            return copy.deepcopy(model).double()
-        return model
+        if torch.device(self.device_).type != "cpu":
+            return model
+        # one float64 copy per model, made on first use and kept while the model's parameters
+        # are the same tensors, unchanged in place (their version counters): not a copy per call
+        state = tuple((id(p), p._version) for p in model.parameters())
+        cache = self.__dict__.setdefault("_scoring_copies", {})
+        kept = cache.get(id(model))
+        if kept is None or kept[0] is not model or kept[1] != state:
+            kept = cache[id(model)] = (model, state, copy.deepcopy(model).double())
+        return kept[2]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the float64 scoring copies (remade on first use)."""
+        state = super().__getstate__()
+        state.pop("_scoring_copies", None)
+        return state
 
     def _mixture_members(self) -> list[VAE]:
         """The models of the mixture (files written before ``models_`` existed hold one)."""
@@ -770,6 +783,7 @@ class VAEAnomalyDetector(
             return self._fit(X, y)
 
     def _fit(self, X: Any, y: Any) -> VAEAnomalyDetector:
+        self.__dict__.pop("_scoring_copies", None)  # the copies of the models this fit replaces
         if self.offset is not None and not np.isfinite(self.offset):
             raise ValueError(f"offset must be a finite number of nats, got {self.offset!r}")
         if self.conditional and y is None:
