@@ -39,7 +39,7 @@ def vaeguard_register_likelihoods(register: Register) -> None:
     """Register observation models p(x|z).
 
     :param register: call ``register(name, cls)`` for each likelihood. ``cls`` is a
-        :class:`vaeguard.components.likelihoods.Likelihood` subclass: a normalised
+        :class:`vaeguard.parts.Likelihood` subclass: a normalised
         density or mass function whose ``log_prob(x, params, mask=None)`` returns one
         value in nats per sample.
     """
