@@ -366,3 +366,41 @@ def test_explain_checks_and_scores_a_chunk_once(monkeypatch):
     # the shares are feature_scores' (the first model, the same draws and proposals)
     top = det.feature_scores(frame.iloc[:40]).to_numpy().argsort(axis=1)[:, :3]
     assert explained["top_features"].tolist() == [";".join(np.array(["a", "b", "c"])[t]) for t in top]
+
+
+def test_score_file_is_a_library_job_that_resumes_where_it_stopped(tmp_path):
+    """The resumable chunked scoring lives in the library (the CLI only prints): a run stopped after
+    its first chunk continues there and ends with the same file as a run that never stopped."""
+    from vaeguard import VAEAnomalyDetector
+    from vaeguard.batch import score_file
+    from vaeguard.data import Source
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(250, 3)), columns=["a", "b", "c"])
+    frame.to_csv(tmp_path / "in.csv", index=False)
+    det = VAEAnomalyDetector(epochs=3, hidden_dims=[16], latent_dim=2, n_importance_samples=8, random_state=0)
+    det.fit(frame)
+    det.save(tmp_path / "m.h5")  # the run's settings name the model by its fingerprint
+    source = Source.parse(str(tmp_path / "in.csv"))
+    whole = score_file(det, source, str(tmp_path / "whole.parquet"), chunk_rows=100)
+    assert (whole.rows, whole.skipped, whole.resumed_from) == (250, 0, 0)
+
+    class Stop(Exception):
+        pass
+
+    done = []
+
+    def stop_after_first_chunk(rows):
+        done.append(rows)
+        if sum(done) >= 100:
+            raise Stop
+
+    with pytest.raises(Stop):
+        score_file(det, source, str(tmp_path / "out.parquet"), chunk_rows=100, progress=stop_after_first_chunk)
+    assert not (tmp_path / "out.parquet").exists()  # nothing under the final name until complete
+    messages = []
+    again = score_file(det, source, str(tmp_path / "out.parquet"), chunk_rows=100, resume=True, notify=messages.append)
+    assert again.resumed_from == 100 and again.rows == 250 and messages == ["resuming after row 100"]
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "out.parquet"), pd.read_parquet(tmp_path / "whole.parquet")
+    )

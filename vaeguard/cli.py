@@ -313,63 +313,33 @@ def score_command(
         )
         click.echo(f"scored {rows} rows with dask into {output}", err=True)
         return
-    from vaeguard.batch import check_columns, score_chunk
-    from vaeguard.data import ResumableWriter, Source, count_rows, iter_chunks
+    from vaeguard.batch import score_file
+    from vaeguard.data import Source, count_rows
 
     det = _load_model(model, device)
     source = Source.parse(data)
     show = _show(progress)
     total = count_rows(source) if show else None  # a pass over the file, only for the ETA
-    settings = {
-        "model": det.fingerprint_,
-        "data": [str(source), source.path.stat().st_size, source.path.stat().st_mtime_ns],
-        "chunk_rows": chunk_rows,
-        "id_column": id_column,
-        "explain": explain,
-        "n_samples": n_samples,
-        "on_bad_row": on_bad_row,
-    }
-    writer = None if output == "-" else ResumableWriter(output, settings)
-    start = 0
-    skipped = 0
-    if writer is not None:
-        if resume and writer.resume():
-            start, skipped = writer.rows_done, int(writer.extra.get("skipped", 0))
-            click.echo(f"resuming after row {start}", err=True)
-        else:
-            writer.start()
-    first = True
     with _progress(total, show) as bar:
-        bar.update(start)
-        for chunk in iter_chunks(source, chunk_rows, start_row=start):
-            if first and hasattr(chunk, "columns"):
-                check_columns(det, [str(c) for c in chunk.columns], str(source))
-                if id_column is not None and id_column not in chunk.columns:
-                    raise click.UsageError(f"{source} has no column {id_column!r} for --id-column")
-            results, bad = score_chunk(
-                det,
-                chunk,
-                row_offset=start,
-                id_column=id_column,
-                n_samples=n_samples,
-                explain=explain,
-                on_bad_row=on_bad_row,
-            )
-            skipped += bad
-            start += len(chunk)
-            if writer is None:
-                results.to_csv(sys.stdout, index=False, header=first)
-            else:
-                writer.write(results, len(chunk), skipped=skipped)
-            first = False
-            bar.update(len(chunk))
-    if writer is not None:
-        writer.finish()
-    if skipped:
+        run = score_file(
+            det,
+            source,
+            None if output == "-" else output,
+            chunk_rows=chunk_rows,
+            id_column=id_column,
+            n_samples=n_samples,
+            explain=explain,
+            on_bad_row=on_bad_row,
+            resume=resume,
+            progress=bar.update,
+            notify=lambda message: click.echo(message, err=True),
+            stream=sys.stdout,
+        )
+    if run.skipped:
         verb = "left out" if on_bad_row == "skip" else "given NaN scores"
-        click.echo(f"{skipped} row(s) could not be scored and were {verb} (--on-bad-row {on_bad_row})", err=True)
-    if writer is not None:
-        click.echo(f"scored {start} rows into {output}", err=True)
+        click.echo(f"{run.skipped} row(s) could not be scored and were {verb} (--on-bad-row {on_bad_row})", err=True)
+    if output != "-":
+        click.echo(f"scored {run.rows} rows into {output}", err=True)
 
 
 @cli.command(name="evaluate")
