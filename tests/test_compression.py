@@ -134,7 +134,7 @@ def test_lock_step_streams_round_trip_and_cost_their_initial_bits(binary_model, 
     words = np.frombuffer(payload, dtype="<u4").copy()
     words[0] += 1  # a stack length that no longer adds up
     with pytest.raises(ValueError, match="stack lengths do not add up"):
-        codec.decode(binary_model, words.tobytes(), len(held_out))
+        codec.decode(binary_model.coding_model(), words.tobytes(), len(held_out))
     with pytest.raises(ValueError, match=r"streams must be an integer in \[1, 4096\]"):
         compress(binary_model, few, codec_params={"streams": 0})
 
@@ -323,3 +323,43 @@ def test_integer_codes_round_trip(codes):
     if len(codes) == 2000:  # N(3, 10²) rounded: log2(10·√(2πe)) bits per value, plus 1 + 8 bytes and 8 per column
         bound = codes.size * math.log2(10 * math.sqrt(2 * math.pi * math.e))
         assert 8 * len(payload) < 1.01 * bound + 8 * (1 + 8 + 8 * 5) + 32
+
+
+def test_a_codec_sees_a_coding_model_not_the_estimator(binary_model, digits):
+    """Codecs get the public CodingModel (network, latent size, likelihood, element scales), not the estimator."""
+    from vaeguard import hookimpl
+    from vaeguard.parts import CodingModel
+    from vaeguard.plugins import get_plugin_manager
+
+    seen = []
+
+    class RawCodec:
+        lossless = True
+
+        def params(self):
+            return {}
+
+        def encode(self, model, x):
+            seen.append(model)
+            return x.numpy().astype(np.uint8).tobytes(), {}
+
+        def decode(self, model, payload, n):
+            seen.append(model)
+            shape = (n, *model.network.likelihood.event_shape)
+            return torch.from_numpy(np.frombuffer(payload, dtype=np.uint8).reshape(shape).astype(np.float64))
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def vaeguard_register_codecs(register):
+            register("raw-test", RawCodec)
+
+    pm = get_plugin_manager()
+    pm.register(Plugin, name="raw-codec-test")
+    try:
+        bits = (digits[1][:6] >= 8).astype(np.uint8)
+        assert np.array_equal(decompress(binary_model, compress(binary_model, bits, codec="raw-test")), bits)
+    finally:
+        pm.unregister(name="raw-codec-test")
+    assert len(seen) == 2 and all(isinstance(m, CodingModel) for m in seen)
+    assert seen[0].network is binary_model.model_ and seen[0].latent_dim == binary_model.latent_dim_

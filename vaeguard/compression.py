@@ -104,7 +104,7 @@ def compress(
     if mask is not None:
         row = int(np.flatnonzero(~mask.reshape(len(mask), -1).numpy().all(axis=1))[0])
         raise ValueError(f"row {row} has missing values; only complete data can be compressed")
-    payload, info = coder.encode(det, x, **_with_progress(coder.encode, progress))
+    payload, info = coder.encode(det.coding_model(), x, **_with_progress(coder.encode, progress))
     frame = isinstance(X, pd.DataFrame)
     original = X if frame else np.asarray(X)
     header = {
@@ -163,7 +163,9 @@ def decompress(model: Any, data: bytes, progress: Callable[[int], None] | None =
         )
     coder = build_part("codecs", header["codec"], header["codec_params"], "parameters")
     try:
-        x = coder.decode(det, payload, int(header["n_samples"]), **_with_progress(coder.decode, progress))
+        x = coder.decode(
+            det.coding_model(), payload, int(header["n_samples"]), **_with_progress(coder.decode, progress)
+        )
     except (ValueError, RuntimeError, OverflowError, IndexError) as exc:
         raise ValueError(f"the compressed data is truncated or altered: it could not be decoded ({exc})") from exc
     out = det._from_internal(x.numpy())

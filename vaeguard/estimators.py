@@ -27,7 +27,7 @@ from vaeguard.generation import AGGREGATE_ROWS, AggregatePosterior, LatentSpaceM
 from vaeguard.metrics import ACTIVE_UNIT_VARIANCE
 from vaeguard.model import VAE
 from vaeguard.objectives import kl_per_dimension
-from vaeguard.parts import Likelihood
+from vaeguard.parts import CodingModel, Likelihood
 from vaeguard.plugins import build_part, get_part
 from vaeguard.preprocessing import (
     IMPOSSIBLE_VALUE_NATS,
@@ -1272,6 +1272,12 @@ class VAEAnomalyDetector(
         if isinstance(out, pd.DataFrame) and isinstance(X, pd.DataFrame):
             out.index = X.index
         return out
+
+    def coding_model(self) -> CodingModel:
+        """What a codec sees of this fitted model: the first network, latent size, likelihood and element scales."""
+        check_is_fitted(self)
+        scale = None if self.standardizer_ is None else np.asarray(self.standardizer_.scale, dtype=np.float64)
+        return CodingModel(self.model_, self.latent_dim_, self.model_spec_["likelihood"], scale)
 
     def _from_internal(self, x: np.ndarray) -> np.ndarray | pd.DataFrame:
         """Model-space values (n, *event_shape) back in the user's units, dtype and form."""

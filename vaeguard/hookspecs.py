@@ -66,10 +66,11 @@ def vaeguard_register_codecs(register: Register) -> None:
     """Register latent-code compression codecs.
 
     :param register: call ``register(name, factory)``; ``factory(**params)`` returns an
-        object with ``encode(det, x) -> (payload: bytes, info: dict)``,
-        ``decode(det, payload, n) -> x``, ``params() -> dict`` (the settings the container
-        records, passed back to ``factory`` to decode) and a ``lossless`` attribute. ``det``
-        is the fitted estimator, ``x`` a tensor of ``n`` samples in the model's units
+        object with ``encode(model, x) -> (payload: bytes, info: dict)``,
+        ``decode(model, payload, n) -> x``, ``params() -> dict`` (the settings the container
+        records, passed back to ``factory`` to decode) and a ``lossless`` attribute. ``model``
+        is a :class:`vaeguard.parts.CodingModel` (the network, latent size, likelihood name
+        and element scales of the fitted detector), ``x`` a tensor of ``n`` samples in the model's units
         ``(n, *event_shape)``; ``info`` (JSON) goes into the container's header. ``encode``
         and ``decode`` may take a keyword ``progress``: a callable told the number of
         samples done since its last call.

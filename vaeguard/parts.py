@@ -10,6 +10,7 @@ imports a built-in part.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -141,3 +142,19 @@ class Likelihood(nn.Module):
 def standard_normal_log_prob(z: Tensor) -> Tensor:
     """log N(z; 0, I) summed over the last dimension, nats."""
     return -0.5 * (z.square().sum(-1) + z.shape[-1] * math.log(2 * math.pi))
+
+
+@dataclass(frozen=True)
+class CodingModel:
+    """What a codec sees of a fitted model (``encode(model, x)``, ``decode(model, payload, n)``).
+
+    ``network``: the VAE (the first model of a mixture) whose ``encode``/``decode``/``likelihood``
+    the codec uses; ``latent_dim``: the size of z; ``likelihood``: the likelihood's registered
+    name (for messages); ``element_scale``: per element of a sample, the factor from the model's
+    units to the data's (standardised table columns; None: 1), e.g. to weigh squared errors.
+    """
+
+    network: nn.Module
+    latent_dim: int
+    likelihood: str
+    element_scale: np.ndarray | None = None

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from vaeguard.hookspecs import hookimpl
+from vaeguard.parts import CodingModel
 
 #: Probabilities are rounded to multiples of this before the coder quantises them.
 PROBABILITY_GRID = 2.0**-40
@@ -34,10 +35,10 @@ MARGINAL_SEED = 20261126
 
 
 @contextlib.contextmanager
-def coding_model(det: Any) -> Iterator[Any]:
-    """A float64 CPU copy of the estimator's network, evaluated with one thread, for computing coder probabilities."""
+def coding_model(det: CodingModel) -> Iterator[Any]:
+    """A float64 CPU copy of the network, run with one thread (restored after), for the coder's probabilities."""
     threads = torch.get_num_threads()
-    model = copy.deepcopy(det.model_).to("cpu").double().eval()
+    model = copy.deepcopy(det.network).to("cpu").double().eval()
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
@@ -148,16 +149,16 @@ class BitsBackCodec:
         return np.random.default_rng(INITIAL_SEED).integers(1, 2**32, size=words, dtype=np.uint64).astype(np.uint32)
 
     @staticmethod
-    def check_model(det: Any) -> None:
-        """Raise ``ValueError`` unless the estimator models discrete data the coder can code symbol by symbol."""
-        if getattr(det.model_.likelihood, "n_symbols", None) is None:
+    def check_model(det: CodingModel) -> None:
+        """Raise ``ValueError`` unless the model is of discrete data the coder can code symbol by symbol."""
+        if getattr(det.network.likelihood, "n_symbols", None) is None:
             raise ValueError(
                 f"codec 'bitsback' is lossless only for discrete data (binary or 8-bit images, categorical tables); "
-                f"this model's likelihood {det.model_spec_['likelihood']!r} is a density"
+                f"this model's likelihood {det.likelihood!r} is a density"
             )
 
     def encode(
-        self, det: Any, x: torch.Tensor, progress: Callable[[int], None] = _no_progress
+        self, det: CodingModel, x: torch.Tensor, progress: Callable[[int], None] = _no_progress
     ) -> tuple[bytes, dict[str, Any]]:
         """Compress the model-space symbols ``x`` (n, *event_shape): ``(payload, info)``.
 
@@ -168,7 +169,7 @@ class BitsBackCodec:
         self.check_model(det)
         categorical = constriction.stream.model.Categorical(perfect=False)
         prior = constriction.stream.model.Uniform(self.buckets.count)
-        seed = self._seed(det.latent_dim_)
+        seed = self._seed(det.latent_dim)
         steps = stream_rows(x.shape[0], self.streams)
         coders = [constriction.stream.stack.AnsCoder(seed) for _ in steps[0]]
         initial = sum(c.num_bits() for c in coders)
@@ -188,7 +189,9 @@ class BitsBackCodec:
         payload = head + b"".join(w.tobytes() for w in stacks)
         return payload, {"initial_bits": int(initial), "net_bits": int(words * 32 - initial)}
 
-    def decode(self, det: Any, payload: bytes, n: int, progress: Callable[[int], None] = _no_progress) -> torch.Tensor:
+    def decode(
+        self, det: CodingModel, payload: bytes, n: int, progress: Callable[[int], None] = _no_progress
+    ) -> torch.Tensor:
         """The ``n`` samples' symbols, float64 (n, *event_shape); checks every stack ends at its random seed."""
         constriction = _constriction()
         self.check_model(det)
@@ -196,12 +199,12 @@ class BitsBackCodec:
         prior = constriction.stream.model.Uniform(self.buckets.count)
         steps = stream_rows(n, self.streams)
         coders = [constriction.stream.stack.AnsCoder(words) for words in self._stacks(payload, len(steps[0]))]
-        event_shape = det.model_.likelihood.event_shape
+        event_shape = det.network.likelihood.event_shape
         out = torch.zeros((n, *event_shape), dtype=torch.float64)
         size = math.prod(event_shape)
         with coding_model(det) as model:
             for rows in reversed(steps):
-                z = [coders[s].decode(prior, det.latent_dim_) for s in range(len(rows))]
+                z = [coders[s].decode(prior, det.latent_dim) for s in range(len(rows))]
                 tables = _symbol_tables(model, self.buckets.codes(np.stack(z)))
                 for s, row in enumerate(rows):
                     symbols = coders[s].decode(categorical, tables[s])
@@ -214,7 +217,7 @@ class BitsBackCodec:
                         np.asarray(z[s], dtype=np.int32), categorical, self.buckets.posterior(mu[s], logvar[s])
                     )
                 progress(len(rows))
-        seed = self._seed(det.latent_dim_)
+        seed = self._seed(det.latent_dim)
         if not all(np.array_equal(c.get_compressed(), seed) for c in coders):
             raise ValueError("the compressed data is damaged: decoding did not end at the stacks' initial words")
         return out
@@ -291,12 +294,11 @@ class LatentCodec:
         return {"step": self.step, "refine_steps": self.refine_steps}
 
     @staticmethod
-    def _weights(det: Any, size: int) -> torch.Tensor:
+    def _weights(det: CodingModel, size: int) -> torch.Tensor:
         """Squared error weight per element: model units → the data's units (standardised columns)."""
-        standardizer = getattr(det, "standardizer_", None)
-        if standardizer is None:
+        if det.element_scale is None:
             return torch.ones(size, dtype=torch.float64)
-        return torch.from_numpy(np.asarray(standardizer.scale, dtype=np.float64)) ** 2
+        return torch.from_numpy(np.asarray(det.element_scale, dtype=np.float64)) ** 2
 
     def _objective(self, model: Any, x: torch.Tensor, w: torch.Tensor, lam: float) -> Any:
         """D(z) + λ·R(z) per sample, with R from a Gaussian (center, spread) of the code in z units."""
@@ -377,17 +379,17 @@ class LatentCodec:
         return q.numpy().astype(np.int32), steps.numpy()
 
     def encode(
-        self, det: Any, x: torch.Tensor, progress: Callable[[int], None] = _no_progress
+        self, det: CodingModel, x: torch.Tensor, progress: Callable[[int], None] = _no_progress
     ) -> tuple[bytes, dict[str, Any]]:
         with coding_model(det) as model:
             codes, steps = self._codes(model, x.double(), self._weights(det, math.prod(x.shape[1:])), progress)
         return encode_integer_codes(codes, steps[None]), {}
 
-    def decode(self, det: Any, payload: bytes, n: int) -> torch.Tensor:
-        codes, (steps,) = decode_integer_codes(payload, n, det.latent_dim_, side_rows=1)
+    def decode(self, det: CodingModel, payload: bytes, n: int) -> torch.Tensor:
+        codes, (steps,) = decode_integer_codes(payload, n, det.latent_dim, side_rows=1)
         with coding_model(det) as model:
             if not codes.any():  # nothing was sent about any sample
-                mean = self._marginal_mean(model, det.latent_dim_)
+                mean = self._marginal_mean(model, det.latent_dim)
                 return mean.expand(n, *mean.shape).clone()
             z = torch.from_numpy(codes.astype(np.float64) * steps)
             return model.likelihood.mean(model.decode(z))
