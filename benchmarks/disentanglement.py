@@ -55,7 +55,7 @@ EVAL_IMAGES = 5000
 def reconstruction_term(det: VAEAnomalyDetector, images: np.ndarray, seed: int) -> float:
     """Mean E_q[log p(x|z)] (one draw per image), nats per image."""
     model = det._scoring_model()
-    x, _ = det._to_internal(det._validate_input(images, reset=False))
+    x = det.to_model_space(images).x
     x = x.to(det.device_, next(model.parameters()).dtype)
     g = torch.Generator().manual_seed(seed)
     total = 0.0

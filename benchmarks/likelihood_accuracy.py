@@ -82,7 +82,8 @@ def evaluate(name: str, n_normal: int, missing: int = 0, seed: int = 0) -> dict:
     if missing:
         for i in range(len(Xe)):
             Xe[i, rng.choice(X.shape[1], missing, replace=False)] = np.nan
-    x, mask = det._to_internal(det._validate_input(Xe, reset=False))
+    inputs = det.to_model_space(Xe)
+    x, mask = inputs.x, inputs.mask
     model = det._scoring_model(det.model_)
     eps = common_random_numbers(det.n_importance_samples, 2, det.score_seed_)
     t0 = time.perf_counter()

@@ -66,7 +66,7 @@ def accuracy(det, X: np.ndarray, y: np.ndarray, seed: int) -> dict:
 
     rng = np.random.default_rng(seed)
     rows = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:ACCURACY_ROWS] for c in (1, 0)])
-    x = det._internal_inputs(X[rows], None)[0]
+    x = det.to_model_space(X[rows]).x
     model = det._scoring_model(det.model_)
     model.eval()
     widen = 2 * math.log(scoring.PROPOSAL_WIDTH)
@@ -104,7 +104,8 @@ def run_task(task: tuple[Path, int]) -> dict:
         del det._refine_eps
         t, default_scores = _timed(lambda: det.score_samples(X_te))
         default_s.append(t)
-    x, mask, c, _ = det._internal_inputs(X_te, None)
+    inputs = det.to_model_space(X_te)
+    x, mask, c = inputs.x, inputs.mask, inputs.condition
     diagnosed = det._log_likelihood_internal(x, mask, det.n_importance_samples, return_std=True, condition=c)
     from sklearn.metrics import roc_auc_score
 

@@ -227,7 +227,7 @@ def test_latent_payload_is_the_documented_codes_and_steps(level_model, digits):
     model = level_model._scoring_model().double()
     with torch.no_grad():
         mean = model.likelihood.mean(model.decode(torch.from_numpy(codes * steps))).numpy()
-    assert np.array_equal(decompress(level_model, blob), level_model._from_internal(mean))
+    assert np.array_equal(decompress(level_model, blob), level_model.from_model_space(mean))
 
 
 def test_latent_dimensions_the_decoder_ignores_cost_nothing(level_model, digits):
@@ -276,9 +276,9 @@ def test_an_all_zero_code_decodes_to_the_models_mean(level_model, digits):
     with torch.no_grad():
         expected = torch.cat([model.likelihood.mean(model.decode(part)) for part in z.split(8192)]).mean(0).numpy()
         at_zero = model.likelihood.mean(model.decode(torch.zeros(1, z.shape[1], dtype=torch.float64))).numpy()
-    assert np.abs(level_model._from_internal(expected[None])[0] - back[0]).max() <= 1  # pixel levels, rounded
+    assert np.abs(level_model.from_model_space(expected[None])[0] - back[0]).max() <= 1  # pixel levels, rounded
     error = ((back - held_out) ** 2).mean()
-    assert error < ((level_model._from_internal(at_zero) - held_out) ** 2).mean()
+    assert error < ((level_model.from_model_space(at_zero) - held_out) ** 2).mean()
     assert error < 1.05 * ((train.mean(0).round() - held_out) ** 2).mean()  # as good as the data's mean image
 
 

@@ -580,3 +580,27 @@ def test_scoring_copies_the_networks_once_and_again_only_when_they_change(monkey
     again = pickle.loads(pickle.dumps(det))
     assert "_scoring_copies" not in vars(again)
     np.testing.assert_array_equal(again.score_samples(X[:20]), changed)
+
+
+def test_model_space_round_trips_a_mixed_table():
+    """to_model_space / from_model_space: the public way (for codecs, benchmarks, plugins) between the
+    data and the networks' units; categories, lattices and names come back as they went in."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        {
+            "size": rng.normal(5, 2, 200),
+            "count": rng.integers(0, 6, 200),
+            "colour": rng.choice(["red", "blue"], 200),
+        }
+    )
+    det = VAEAnomalyDetector(epochs=2, hidden_dims=[8], latent_dim=2, n_models=1, random_state=0).fit(frame)
+    inputs = det.to_model_space(frame.iloc[:20])
+    assert inputs.mask is None and inputs.impossible is None and inputs.condition is None
+    back = det.from_model_space(inputs.x.numpy())
+    assert (
+        list(back.columns) == ["size", "count", "colour"] and back["colour"].tolist() == frame["colour"][:20].tolist()
+    )
+    np.testing.assert_allclose(back[["size", "count"]].to_numpy(float), frame[["size", "count"]][:20].to_numpy(float))
+    odd = frame.iloc[:3].astype({"count": float})
+    odd.loc[odd.index[1], "count"] = 2.5  # off the count's lattice
+    assert det.to_model_space(odd).impossible[1].tolist() == [False, True, False]

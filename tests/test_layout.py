@@ -74,3 +74,26 @@ def test_the_contract_is_importable_on_its_own():
     from vaeguard.components.likelihoods import Likelihood  # the old place still names the same class
 
     assert Likelihood is parts.Likelihood
+
+
+#: Names under which modules hold a detector or its networks.
+HOLDERS = {"det", "est", "estimator", "detector", "model", "window_model_", "model_", "models_"}
+
+
+def test_no_module_reaches_into_a_detectors_private_parts():
+    """Outside estimators.py (and the mixins it is made of, which use ``self``), modules use a detector's
+    public interface: to_model_space / from_model_space, coding_model, model_file_contents, ..."""
+    offenders = []
+    for name, path in _modules().items():
+        if name == "vaeguard.estimators":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+                continue
+            holder = node.value
+            label = (
+                holder.id if isinstance(holder, ast.Name) else holder.attr if isinstance(holder, ast.Attribute) else ""
+            )
+            if label in HOLDERS:
+                offenders.append(f"{name}:{node.lineno} {label}.{node.attr}")
+    assert not offenders, offenders

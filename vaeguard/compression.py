@@ -99,8 +99,14 @@ def compress(
     """
     det = _estimator(model)
     coder = build_part("codecs", codec, codec_params, "parameters")
-    values = det._validate_input(X, reset=False)
-    x, mask = det._to_internal(values)
+    inputs = det.to_model_space(X)
+    x, mask = inputs.x, inputs.mask
+    if coder.lossless and inputs.impossible is not None:
+        row, col = (int(i) for i in np.argwhere(inputs.impossible)[0])
+        raise ValueError(
+            f"row {row}, element {col} holds a value the model gives no probability (off its lattice, levels or "
+            "support): lossless coding would change it; refit with discrete_columns that cover it"
+        )
     if mask is not None:
         row = int(np.flatnonzero(~mask.reshape(len(mask), -1).numpy().all(axis=1))[0])
         raise ValueError(f"row {row} has missing values; only complete data can be compressed")
@@ -168,7 +174,7 @@ def decompress(model: Any, data: bytes, progress: Callable[[int], None] | None =
         )
     except (ValueError, RuntimeError, OverflowError, IndexError) as exc:
         raise ValueError(f"the compressed data is truncated or altered: it could not be decoded ({exc})") from exc
-    out = det._from_internal(x.numpy())
+    out = det.from_model_space(x.numpy())
     if header["kind"] == "frame":
         out = out if isinstance(out, pd.DataFrame) else pd.DataFrame(out)
         out.columns = header["columns"]

@@ -52,6 +52,25 @@ from vaeguard.scoring import (
 )
 from vaeguard.training import KL_SCHEDULES, TrainingConfig, TrainingHistory, train, train_models
 
+
+@dataclasses.dataclass(frozen=True)
+class ModelInputs:
+    """Rows as a fitted model's networks see them (:meth:`VAEAnomalyDetector.to_model_space`).
+
+    ``x`` (n, *event_shape) float64 in the model's units (standardised, coded, pixel
+    levels), ``mask`` (bool, like ``x``; True = observed) or None when nothing is
+    missing, ``condition`` (n, condition_dim) for a conditional model or None,
+    ``impossible`` (n, n_features) the values the model gives no probability (off a
+    lattice, below a bound, off the pixel levels) or None, ``values`` the validated input.
+    """
+
+    x: torch.Tensor
+    mask: torch.Tensor | None
+    condition: torch.Tensor | None
+    impossible: np.ndarray | None
+    values: np.ndarray
+
+
 #: Optimisation steps the automatic epoch count aims at (early stopping usually ends sooner).
 AUTO_STEPS = 3000
 #: Training rows scored to set ``offset_``; larger training sets use a random subsample. The
@@ -712,10 +731,8 @@ class VAEAnomalyDetector(
         ``impossible`` is the (n, d) mask of values the model gives no probability
         (:meth:`_impossible_entries`), None when there are none; a warning names them.
         """
-        check_is_fitted(self)
-        values = self._validate_input(X, reset=False)
-        x, mask = self._to_internal(values)
-        impossible = self._impossible_entries(values)
+        inputs = self.to_model_space(X, condition)
+        x, mask, impossible, values = inputs.x, inputs.mask, inputs.impossible, inputs.values
         if impossible is not None:
             row, col = (int(i) for i in np.argwhere(impossible)[0])
             value = float(values.reshape(len(values), -1)[row, col])
@@ -736,7 +753,21 @@ class VAEAnomalyDetector(
                 UserWarning,
                 stacklevel=3,
             )
-        return x, mask, self._condition_tensor(condition, x.shape[0]), impossible
+        return x, mask, inputs.condition, impossible
+
+    def to_model_space(self, X: Any, condition: Any = None) -> ModelInputs:
+        """``X`` (and a conditional model's ``condition``) as the networks see it, checked against the fit.
+
+        The rows are validated as :meth:`score_samples` validates them (errors name the row
+        and column); values off a column's lattice or outside its support are marked in
+        ``impossible`` (no warning here: what they mean is the caller's to say).
+        """
+        check_is_fitted(self)
+        values = self._validate_input(X, reset=False)
+        x, mask = self._to_internal(values)
+        return ModelInputs(
+            x, mask, self._condition_tensor(condition, x.shape[0]), self._impossible_entries(values), values
+        )
 
     def _impossible_entries(
         self, X: np.ndarray, standardizer: Standardizer | None = None, pixels: PixelLevels | None = None
@@ -1258,7 +1289,7 @@ class VAEAnomalyDetector(
             dtype = next(self.model_.parameters()).dtype
             params = self.model_.decode(z.to(device, dtype), None if c is None else c.to(device, dtype))
             x = self.model_.likelihood.sample(params).double().cpu().numpy()
-        return self._from_internal(x)
+        return self.from_model_space(x)
 
     @torch.no_grad()
     def reconstruct(self, X: Any, condition: Any = None) -> np.ndarray | pd.DataFrame:
@@ -1279,7 +1310,7 @@ class VAEAnomalyDetector(
         scale = None if self.standardizer_ is None else np.asarray(self.standardizer_.scale, dtype=np.float64)
         return CodingModel(self.model_, self.latent_dim_, self.model_spec_["likelihood"], scale)
 
-    def _from_internal(self, x: np.ndarray) -> np.ndarray | pd.DataFrame:
+    def from_model_space(self, x: np.ndarray) -> np.ndarray | pd.DataFrame:
         """Model-space values (n, *event_shape) back in the user's units, dtype and form."""
         if self.image_shape_ is not None:
             if self.pixel_levels_ is not None:

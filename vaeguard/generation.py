@@ -116,7 +116,7 @@ class LatentSpaceMixin:
             zt = torch.from_numpy(z).to(self.device_, dtype)
             params = model.decode(zt, None if c is None else c.to(self.device_, dtype))
             mean = model.likelihood.mean(params).double().cpu().numpy()
-        return self._from_internal(mean)
+        return self.from_model_space(mean)
 
     def _codes_of(self, X: Any, name: str, condition: Any = None) -> np.ndarray:
         codes = np.asarray(self.transform(X, condition=condition))
