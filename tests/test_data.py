@@ -124,3 +124,25 @@ def test_parquet_output_is_joined_from_its_parts(tmp_path, table):
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "w.parquet"), table)
     with pytest.raises(DataError, match=r"\.csv or \.parquet"):
         ResumableWriter(tmp_path / "x.json", {})
+
+
+def test_parquet_parts_are_joined_one_at_a_time_into_csv_or_parquet(tmp_path, monkeypatch):
+    """How Dask's and the resumable writer's parts become one file: never the whole table in memory at once."""
+    import pandas as pd
+
+    from vaeguard.data import join_parquet_parts
+
+    parts = []
+    for i in range(3):
+        frame = pd.DataFrame({"id": range(i * 4, i * 4 + 4), "score": [0.5 * i] * 4})
+        frame["flag"] = pd.array([True, False, None, True], dtype="boolean")
+        frame.to_parquet(tmp_path / f"part-{i}.parquet", index=False)
+        parts.append(tmp_path / f"part-{i}.parquet")
+    whole = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    monkeypatch.setattr(pd, "concat", lambda *a, **k: (_ for _ in ()).throw(AssertionError("concatenated")))
+    assert join_parquet_parts(parts, tmp_path / "out.parquet") == 12
+    assert join_parquet_parts(parts, tmp_path / "out.csv") == 12
+    monkeypatch.undo()
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out.parquet"), whole)
+    back = pd.read_csv(tmp_path / "out.csv", dtype={"flag": "boolean"})
+    pd.testing.assert_frame_equal(back, whole)

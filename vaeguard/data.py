@@ -246,6 +246,39 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike[str]) -> None:
         atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
+def join_parquet_parts(parts: list[Path], path: str | os.PathLike[str]) -> int:
+    """Join Parquet part files into one .csv or .parquet at ``path``, one part in memory at a time; the row count.
+
+    The output is written atomically (:func:`vaeguard.storage.atomic_write`).
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    kind = _output_format(path)
+    if not parts:
+        raise DataError("no rows were scored: nothing to write")
+    rows = 0
+
+    def join(tmp: str) -> None:
+        nonlocal rows
+        writer = None
+        try:
+            for i, part in enumerate(parts):
+                table = pq.read_table(part)
+                rows += table.num_rows
+                if kind == "parquet":
+                    writer = writer or pq.ParquetWriter(tmp, table.schema)
+                    writer.write_table(table)
+                else:
+                    table.to_pandas().to_csv(tmp, index=False, header=i == 0, mode="w" if i == 0 else "a")
+        finally:
+            if writer is not None:
+                writer.close()
+
+    atomic_write(path, join)
+    return rows
+
+
 def _output_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
@@ -344,24 +377,7 @@ class ResumableWriter:
         if self.format == "csv":
             os.replace(self.partial, self.path)
         else:
-            import pyarrow.parquet as pq
-
-            parts = sorted(self.partial.glob("part-*.parquet"))
-            if not parts:
-                raise DataError("no rows were scored: nothing to write")
-
-            def join(tmp: str) -> None:
-                writer = None
-                try:
-                    for part in parts:
-                        table = pq.read_table(part)
-                        writer = writer or pq.ParquetWriter(tmp, table.schema)
-                        writer.write_table(table)
-                finally:
-                    if writer is not None:
-                        writer.close()
-
-            atomic_write(self.path, join)
+            join_parquet_parts(sorted(self.partial.glob("part-*.parquet")), self.path)
             shutil.rmtree(self.partial)
         self.state_path.unlink(missing_ok=True)
 

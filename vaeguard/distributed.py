@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from vaeguard.batch import check_columns, score_chunk
-from vaeguard.data import DataError, write_table
+from vaeguard.data import DataError, join_parquet_parts
 
 
 def _require_dask() -> Any:
@@ -164,15 +164,13 @@ def score_files(
 
 
 def _write_dask(scores: Any, output: str) -> int:
-    """Write each partition to a part file in a temporary folder, then join them into ``output``."""
+    """Write each partition to a part file in a temporary folder, then join them into ``output`` part by part."""
     target = Path(output)
     parts_dir = target.with_name(f".{target.name}.parts")
     shutil.rmtree(parts_dir, ignore_errors=True)
     parts_dir.mkdir()
     try:
         scores.to_parquet(str(parts_dir), write_index=False, name_function=lambda i: f"part-{i:06d}.parquet")
-        frame = pd.concat([pd.read_parquet(p) for p in sorted(parts_dir.glob("part-*.parquet"))], ignore_index=True)
-        write_table(frame, target)
-        return len(frame)
+        return join_parquet_parts(sorted(parts_dir.glob("part-*.parquet")), target)
     finally:
         shutil.rmtree(parts_dir, ignore_errors=True)
