@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -13,12 +13,15 @@ import pandas as pd
 from vaeguard.data import DataError, ResumableWriter, Source, iter_chunks
 from vaeguard.detector import decision, is_outlier
 
+if TYPE_CHECKING:  # for type hints only: this module reaches the estimator lazily
+    from vaeguard.estimators import VAEAnomalyDetector
+
 #: How many of the most unlikely columns ``explain`` names per row.
 TOP_FEATURES = 3
 ON_BAD_ROW = ("error", "skip", "nan")
 
 
-def feature_columns(det: Any) -> list[str] | None:
+def feature_columns(det: VAEAnomalyDetector) -> list[str] | None:
     """The columns a fitted table model reads (its training column names), or None for an image model."""
     if getattr(det, "image_shape_", None) is not None:
         return None
@@ -26,7 +29,7 @@ def feature_columns(det: Any) -> list[str] | None:
     return [str(c) for c in names] if names is not None else [f"x{j}" for j in range(det.n_features_in_)]
 
 
-def condition_columns(det: Any) -> list[str] | None:
+def condition_columns(det: VAEAnomalyDetector) -> list[str] | None:
     """The columns a conditional table model reads its conditions from (the names of ``y`` in fit), else None.
 
     Refuses a conditional image model: the command line has no place for its conditions.
@@ -39,7 +42,7 @@ def condition_columns(det: Any) -> list[str] | None:
     return list(encoder.columns)
 
 
-def check_columns(det: Any, columns: list[str], source: str) -> None:
+def check_columns(det: VAEAnomalyDetector, columns: list[str], source: str) -> None:
     """Raise ``DataError`` when ``columns`` lack any of the model's feature (or condition) columns."""
     needed = feature_columns(det)
     if needed is None:
@@ -58,7 +61,7 @@ def check_columns(det: Any, columns: list[str], source: str) -> None:
 Problem = tuple[int, str, Any, str]  # (row in the chunk, column, value, why)
 
 
-def _bad_entries(det: Any, features: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, list[Problem]]:
+def _bad_entries(det: VAEAnomalyDetector, features: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, list[Problem]]:
     """(features with numeric columns as numbers, bad-row mask, the first problem of each kind, by row)."""
     coder = getattr(det, "column_coder_", None)
     vocabularies = dict(zip(coder.columns, coder.vocabularies, strict=True)) if coder is not None else {}
@@ -96,7 +99,7 @@ def _bad_entries(det: Any, features: pd.DataFrame) -> tuple[pd.DataFrame, np.nda
 
 
 def score_chunk(
-    det: Any,
+    det: VAEAnomalyDetector,
     chunk: pd.DataFrame | np.ndarray,
     *,
     row_offset: int = 0,
@@ -194,7 +197,7 @@ class ScoreRun:
 
 
 def score_file(
-    det: Any,
+    det: VAEAnomalyDetector,
     source: Source,
     output: str | None,
     *,

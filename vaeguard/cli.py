@@ -9,7 +9,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -17,6 +17,9 @@ from vaeguard import __version__
 from vaeguard.detector import decision, is_outlier
 from vaeguard.plugins import PluginError, PluginRegistry, get_plugin_manager, register_commands
 from vaeguard.storage import atomic_write
+
+if TYPE_CHECKING:  # for type hints only: this module reaches the estimator lazily
+    from vaeguard.estimators import VAEAnomalyDetector
 
 
 class UserError(click.ClickException):
@@ -608,7 +611,7 @@ def sample_command(
             click.echo(f"wrote {path}", err=True)
 
 
-def _parse_conditions(det: Any, conditions: tuple[str, ...]) -> Any:
+def _parse_conditions(det: VAEAnomalyDetector, conditions: tuple[str, ...]) -> Any:
     """``--condition`` values as a one-row frame of the model's condition columns (None for other models)."""
     import pandas as pd
 
@@ -641,7 +644,7 @@ def _parse_conditions(det: Any, conditions: tuple[str, ...]) -> Any:
     return frame
 
 
-def _columns_of(det: Any) -> list[str]:
+def _columns_of(det: VAEAnomalyDetector) -> list[str]:
     from vaeguard.batch import feature_columns
 
     return feature_columns(det) or []

@@ -23,13 +23,16 @@ import json
 import os
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from vaeguard import storage
 from vaeguard.plugins import build_part
+
+if TYPE_CHECKING:  # for type hints only: this module reaches the estimator lazily
+    from vaeguard.estimators import VAEAnomalyDetector
 
 MAGIC = b"VGZ1"
 
@@ -46,7 +49,7 @@ def _estimator(model: Any) -> Any:
     return model
 
 
-def model_fingerprint(det: Any) -> str:
+def model_fingerprint(det: VAEAnomalyDetector) -> str:
     """The SHA-256 of the estimator's model file (computed the same way for a model not saved yet)."""
     return det.fingerprint_ or storage.fingerprint(*det.model_file_contents())
 

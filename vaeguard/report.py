@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -13,6 +13,9 @@ import pandas as pd
 from vaeguard.batch import condition_columns, feature_columns, score_chunk
 from vaeguard.data import DataError
 from vaeguard.scoring import PARETO_K_RELIABLE
+
+if TYPE_CHECKING:  # for type hints only: this module reaches the estimator lazily
+    from vaeguard.estimators import VAEAnomalyDetector
 
 #: Rows listed in the "most anomalous" table.
 TOP_ROWS = 20
@@ -121,7 +124,7 @@ TRAVERSAL_DIMS = 8
 
 
 def latent_pictures(
-    det: Any, base: np.ndarray, other: np.ndarray, seed: int = 0, condition: Any = None
+    det: VAEAnomalyDetector, base: np.ndarray, other: np.ndarray, seed: int = 0, condition: Any = None
 ) -> dict[str, tuple[Any, str]]:
     """Figures of an image model's latent space: ``{name: (figure, alt text)}``.
 
@@ -154,7 +157,7 @@ def latent_pictures(
     }
 
 
-def build_report(det: Any, data: pd.DataFrame | np.ndarray, *, title: str, rows_in_file: int) -> str:
+def build_report(det: VAEAnomalyDetector, data: pd.DataFrame | np.ndarray, *, title: str, rows_in_file: int) -> str:
     """The report's HTML, one page with every image embedded.
 
     Sections: a summary of the model and data, the histogram of log-likelihoods with the
