@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -45,24 +45,34 @@ def _versions() -> dict[str, str]:
     return {"vaeguard": __version__, "torch": torch.__version__, "numpy": np.__version__}
 
 
-def _new_file_mode() -> int:
-    """The permissions ``open()`` would give a new file under the process's umask (e.g. 0o644)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+def _temporary_beside(path: Path) -> str:
+    """A new, empty file in ``path``'s folder, created as ``open()`` creates files (mode 0o666 less the umask).
+
+    Unlike ``tempfile.mkstemp`` (owner-only 0o600) the process's umask applies, without
+    reading it through ``os.umask``, which would change it for every thread for a moment.
+    """
+    folder = path.parent or Path(".")
+    for _ in range(100):
+        tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {str(path)!r}")
 
 
 def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
     """Call ``write(tmp_path)``, then rename the temporary file onto ``path`` (same folder).
 
     The file gets the permissions of the one it replaces, or those ``open()`` gives a new
-    file (``mkstemp`` alone would leave it readable by its owner only).
+    file (not ``mkstemp``'s owner-only ones).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
+    tmp = _temporary_beside(path)
     try:
-        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
