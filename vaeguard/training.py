@@ -15,10 +15,8 @@ from torch import Tensor, nn
 from vaeguard.model import VAE
 from vaeguard.objectives import (
     TrainingTerms,
-    encode_and_decode,
     free_bits_kl,
     iwae_objective,
-    kl_per_dimension,
     training_terms,
 )
 
@@ -243,6 +241,25 @@ def make_optimizer(parameters: list[Tensor], config: TrainingConfig) -> torch.op
     return torch.optim.Adam(parameters, lr=config.learning_rate, weight_decay=config.weight_decay, **options)
 
 
+def per_row_objective(
+    model: VAE,
+    xb: Tensor,
+    eps: Tensor,
+    mb: Tensor | None,
+    cb: Tensor | None,
+    weight: float,
+    config: TrainingConfig,
+    n: int,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, TrainingTerms | None]:
+    """The loss each row of a batch contributes ``(batch,)`` (−ELBO with the KL weight and free bits, or −IWAE),
+    and the ELBO's terms (None for IWAE) that a regularizer's penalty reads."""
+    if config.objective == "iwae":
+        return -iwae_objective(model, xb, eps, mb, kl_weight=weight, condition=cb), None
+    terms = training_terms(model, xb, eps, mb, kl_weight=weight, dataset_size=n, generator=generator, condition=cb)
+    return terms.kl_weight * free_bits_kl(terms.kl, config.free_bits) - terms.recon, terms
+
+
 class _OneModel:
     """One model trained on its own: the member interface of :func:`_train_loop` for M = 1."""
 
@@ -276,12 +293,8 @@ class _OneModel:
         xb, eps = xb[0], eps[0]
         mb = None if mb is None else mb[0]
         cb = None if cb is None else cb[0]
-        if config.objective == "iwae":
-            return -iwae_objective(self.model, xb, eps, mb, kl_weight=weight, condition=cb)[None], None
-        terms = training_terms(
-            self.model, xb, eps, mb, kl_weight=weight, dataset_size=n, generator=generator, condition=cb
-        )
-        return (terms.kl_weight * free_bits_kl(terms.kl, config.free_bits) - terms.recon)[None], terms
+        per_row, terms = per_row_objective(self.model, xb, eps, mb, cb, weight, config, n, generator)
+        return per_row[None], terms
 
     def clip_gradients(self, max_norm: float) -> Tensor:
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)[None]
@@ -318,14 +331,10 @@ class _MemberObjective(nn.Module):
     def __init__(self, model: VAE, config: TrainingConfig) -> None:
         super().__init__()
         self.model = model
-        self.objective, self.free_bits = config.objective, config.free_bits
+        self.config = config
 
     def forward(self, xb: Tensor, eps: Tensor, mb: Tensor | None, cb: Tensor | None, *, kl_weight: float) -> Tensor:
-        if self.objective == "iwae":
-            return -iwae_objective(self.model, xb, eps, mb, kl_weight=kl_weight, condition=cb)
-        mu, logvar, _, params = encode_and_decode(self.model, xb, eps, mb, cb)
-        recon = self.model.likelihood.log_prob(xb, params, mb).mean(0)
-        return kl_weight * free_bits_kl(kl_per_dimension(mu, logvar), self.free_bits) - recon
+        return per_row_objective(self.model, xb, eps, mb, cb, kl_weight, self.config, xb.shape[0], None)[0]
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
