@@ -334,34 +334,36 @@ def test_a_stray_text_cell_in_a_numeric_training_column(workdir, tmp_path):
 
 
 def test_explain_checks_and_scores_a_chunk_once(monkeypatch):
-    """--explain takes the columns' shares from the scoring pass itself: the chunk is validated and
-    run through the networks as often with it as without it."""
+    """A chunk is checked once (row by row, by the input space; not again by the estimator), and --explain
+    takes the columns' shares from the scoring pass itself: as many checks and network passes with it as
+    without it."""
     import vaeguard.scoring as scoring
     from vaeguard import VAEAnomalyDetector
     from vaeguard.batch import score_chunk
+    from vaeguard.inputs import InputSpace
 
     rng = np.random.default_rng(0)
     frame = pd.DataFrame(rng.normal(size=(300, 3)), columns=["a", "b", "c"])
     det = VAEAnomalyDetector(epochs=3, hidden_dims=[16], latent_dim=2, n_importance_samples=8, random_state=0)
     det.fit(frame)
     counts = {"validate": 0, "forward": 0}
-    validate, forward = VAEAnomalyDetector._validate_input, scoring.importance_terms
+    check_rows, validate, forward = InputSpace.check_rows, InputSpace.validate, scoring.importance_terms
 
-    def counted_validate(self, *args, **kwargs):
-        counts["validate"] += 1
-        return validate(self, *args, **kwargs)
+    def counted(function, key):
+        def wrapper(*args, **kwargs):
+            counts[key] += 1
+            return function(*args, **kwargs)
 
-    def counted_forward(*args, **kwargs):
-        counts["forward"] += 1
-        return forward(*args, **kwargs)
+        return wrapper
 
-    monkeypatch.setattr(VAEAnomalyDetector, "_validate_input", counted_validate)
-    monkeypatch.setattr(scoring, "importance_terms", counted_forward)
+    monkeypatch.setattr(InputSpace, "check_rows", counted(check_rows, "validate"))
+    monkeypatch.setattr(InputSpace, "validate", counted(validate, "validate"))
+    monkeypatch.setattr(scoring, "importance_terms", counted(forward, "forward"))
     plain, _ = score_chunk(det, frame.iloc[:40])
     without = dict(counts)
     counts.update(validate=0, forward=0)
     explained, _ = score_chunk(det, frame.iloc[:40], explain=True)
-    assert counts == without and without["forward"] > 0
+    assert counts == without and without["validate"] == 1 and without["forward"] > 0
     pd.testing.assert_series_equal(explained["log_likelihood"], plain["log_likelihood"])
     # the shares are feature_scores' (the first model, the same draws and proposals)
     top = det.feature_scores(frame.iloc[:40]).to_numpy().argsort(axis=1)[:, :3]

@@ -97,3 +97,25 @@ def test_no_module_reaches_into_a_detectors_private_parts():
             if label in HOLDERS:
                 offenders.append(f"{name}:{node.lineno} {label}.{node.attr}")
     assert not offenders, offenders
+
+
+def test_mixins_use_only_their_hosts_public_interface():
+    """A mixin (latent-space generation, presets) calls its own private helpers and its host's public
+    methods and fitted attributes, never the host's private ones."""
+    offenders = []
+    for name, path in _modules().items():
+        for cls in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(cls, ast.ClassDef) and cls.name.endswith("Mixin")):
+                continue
+            own = {item.name for item in cls.body if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))}
+            for node in ast.walk(cls):
+                if (
+                    isinstance(node, ast.Attribute)
+                    and isinstance(node.value, ast.Name)
+                    and node.value.id == "self"
+                    and node.attr.startswith("_")
+                    and not node.attr.startswith("__")
+                    and node.attr not in own
+                ):
+                    offenders.append(f"{name}:{node.lineno} {cls.name} uses self.{node.attr}")
+    assert not offenders, offenders

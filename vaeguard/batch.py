@@ -23,10 +23,8 @@ ON_BAD_ROW = ("error", "skip", "nan")
 
 def feature_columns(det: VAEAnomalyDetector) -> list[str] | None:
     """The columns a fitted table model reads (its training column names), or None for an image model."""
-    if getattr(det, "image_shape_", None) is not None:
-        return None
-    names = getattr(det, "feature_names_in_", None)
-    return [str(c) for c in names] if names is not None else [f"x{j}" for j in range(det.n_features_in_)]
+    space = det.input_space_
+    return None if space.images else space.columns
 
 
 def condition_columns(det: VAEAnomalyDetector) -> list[str] | None:
@@ -34,12 +32,10 @@ def condition_columns(det: VAEAnomalyDetector) -> list[str] | None:
 
     Refuses a conditional image model: the command line has no place for its conditions.
     """
-    encoder = getattr(det, "condition_encoder_", None)
-    if encoder is None:
-        return None
-    if getattr(det, "image_shape_", None) is not None:
+    space = det.input_space_
+    if space.condition_columns is not None and space.images:
         raise DataError("this image model is conditional: score it from Python, with condition=")
-    return list(encoder.columns)
+    return space.condition_columns
 
 
 def check_columns(det: VAEAnomalyDetector, columns: list[str], source: str) -> None:
@@ -56,46 +52,6 @@ def check_columns(det: VAEAnomalyDetector, columns: list[str], source: str) -> N
             f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''} that the model was trained on; "
             f"its columns are {', '.join(map(repr, columns[:10]))}{' ...' if len(columns) > 10 else ''}"
         )
-
-
-Problem = tuple[int, str, Any, str]  # (row in the chunk, column, value, why)
-
-
-def _bad_entries(det: VAEAnomalyDetector, features: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, list[Problem]]:
-    """(features with numeric columns as numbers, bad-row mask, the first problem of each kind, by row)."""
-    coder = getattr(det, "column_coder_", None)
-    vocabularies = dict(zip(coder.columns, coder.vocabularies, strict=True)) if coder is not None else {}
-    bad = np.zeros(len(features), bool)
-    problems: list[Problem] = []
-    clean = {}
-    for name in features.columns:
-        column = features[name]
-        vocab = vocabularies.get(str(name))
-        if vocab is not None:
-            clean[name] = column
-            if det.handle_unknown == "error":
-                unknown = column.notna().to_numpy() & ~column.astype(str).isin(vocab).to_numpy()
-                if unknown.any():
-                    i = int(np.flatnonzero(unknown)[0])
-                    problems.append((i, name, column.iloc[i], "a category never seen in training"))
-                    bad |= unknown
-            continue
-        numbers = pd.to_numeric(column, errors="coerce").astype(np.float64)
-        not_number = numbers.isna().to_numpy() & column.notna().to_numpy()
-        infinite = np.isinf(numbers.to_numpy())
-        for mask, why in ((not_number, "not a number"), (infinite, "infinite")):
-            if mask.any():
-                i = int(np.flatnonzero(mask)[0])
-                problems.append((i, name, column.iloc[i], why))
-                bad |= mask
-        clean[name] = numbers.where(~infinite)
-    clean_frame = pd.DataFrame(clean, index=features.index)
-    empty = clean_frame.isna().all(axis=1).to_numpy() & ~bad
-    if empty.any():
-        problems.append((int(np.flatnonzero(empty)[0]), "", None, "has no observed values (all missing)"))
-        bad |= empty
-    problems.sort()
-    return clean_frame, bad, problems
 
 
 def score_chunk(
@@ -125,37 +81,29 @@ def score_chunk(
     rows = np.arange(row_offset, row_offset + len(chunk))
     columns = feature_columns(det)
     conditioned = condition_columns(det)
-    conditions = None
-    if columns is None:  # images: the chunk is an array of them
+    if columns is None:  # images: the chunk is an array of them, checked as a whole
         if explain:
             raise DataError("--explain names columns of tables; this is an image model")
         ids = rows
-        features: Any = chunk
         bad = np.zeros(len(chunk), bool)
+        inputs = det.to_model_space(chunk) if len(chunk) else None
     else:
         ids = chunk[id_column].to_numpy() if id_column is not None else rows
-        features, bad, problems = _bad_entries(det, chunk[columns])
-        if conditioned is not None:  # a conditional model reads each row's conditions from its columns
-            conditions = chunk[conditioned].reset_index(drop=True)
-            bad_conditions, condition_problems = det.condition_encoder_.problems(conditions)
-            bad |= bad_conditions
-            problems += [(i, c, v, f"a condition: {why}") for i, c, v, why in condition_problems]
-            problems.sort(key=lambda problem: problem[0])
-        if problems and on_bad_row == "error":
-            i, column, value, why = problems[0]
+        conditions = None if conditioned is None else chunk[conditioned]
+        checked = det.input_space_.check_rows(chunk, conditions)  # the one check of these rows
+        bad, inputs = checked.bad, checked.inputs
+        if checked.problems and on_bad_row == "error":
+            i, column, value, why = checked.problems[0]
             where = f"row {rows[i]}" + (f" (id {ids[i]!r})" if id_column is not None else "")
             what = f"column {column!r} holds {value!r}, {why}" if column else why
             raise DataError(f"{where}: {what}; fix the data or pass --on-bad-row skip|nan")
     good = ~bad
     log_px, std, k_hat = (np.full(len(chunk), np.nan) for _ in range(3))
     top: list[str] = [""] * len(chunk)
-    if good.any():
-        subset = features[good] if columns is None else features.loc[good]
-        condition = None if conditions is None else conditions[good]
+    if inputs is not None:
         estimate = det.log_likelihood(
-            subset,
+            inputs,
             n_samples=n_samples,
-            condition=condition,
             return_std=True,
             return_diagnostic=True,
             return_feature_scores=explain,  # from the same pass: no second check or scoring of the rows

@@ -18,26 +18,19 @@ from scipy.special import logsumexp
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, OutlierMixin, TransformerMixin, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from vaeguard import storage
 from vaeguard.conditions import ConditionEncoder
 from vaeguard.detector import decision, labels, previous_fit_kept_on_failure
 from vaeguard.generation import AGGREGATE_ROWS, AggregatePosterior, LatentSpaceMixin
+from vaeguard.inputs import InputSpace, ModelInputs
 from vaeguard.metrics import ACTIVE_UNIT_VARIANCE
 from vaeguard.model import VAE
 from vaeguard.objectives import kl_per_dimension
 from vaeguard.parts import CodingModel, Likelihood
 from vaeguard.plugins import build_part, get_part
-from vaeguard.preprocessing import (
-    IMPOSSIBLE_VALUE_NATS,
-    ColumnCoder,
-    ColumnLattice,
-    PixelLevels,
-    Standardizer,
-    column_types,
-    scale_free_moments,
-)
+from vaeguard.preprocessing import ColumnCoder, PixelLevels, Standardizer, scale_free_moments
 from vaeguard.presets import PresetMixin
 from vaeguard.scoring import (
     PROBE_GAIN,
@@ -51,25 +44,6 @@ from vaeguard.scoring import (
     probe_threshold,
 )
 from vaeguard.training import KL_SCHEDULES, TrainingConfig, TrainingHistory, train, train_models
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelInputs:
-    """Rows as a fitted model's networks see them (:meth:`VAEAnomalyDetector.to_model_space`).
-
-    ``x`` (n, *event_shape) float64 in the model's units (standardised, coded, pixel
-    levels), ``mask`` (bool, like ``x``; True = observed) or None when nothing is
-    missing, ``condition`` (n, condition_dim) for a conditional model or None,
-    ``impossible`` (n, n_features) the values the model gives no probability (off a
-    lattice, below a bound, off the pixel levels) or None, ``values`` the validated input.
-    """
-
-    x: torch.Tensor
-    mask: torch.Tensor | None
-    condition: torch.Tensor | None
-    impossible: np.ndarray | None
-    values: np.ndarray
-
 
 #: Optimisation steps the automatic epoch count aims at (early stopping usually ends sooner).
 AUTO_STEPS = 3000
@@ -142,6 +116,19 @@ def auto_epochs(n: int, batch_size: int) -> int:
     """Epochs for about :data:`AUTO_STEPS` steps, within [10, 300]."""
     steps_per_epoch = math.ceil(n / batch_size)
     return int(min(300, max(10, math.ceil(AUTO_STEPS / steps_per_epoch))))
+
+
+def _input_space_part(name: str, doc: str, *, absent: bool = False) -> property:
+    """A read-only fitted attribute that is part ``name`` of ``input_space_`` (``absent``: missing when None)."""
+
+    def read(self: Any) -> Any:
+        space = self.__dict__.get("input_space_")
+        value = None if space is None else getattr(space, name)
+        if space is None or (absent and value is None):
+            raise AttributeError(f"{type(self).__name__} has no {name} (not fitted, or not fitted on such data)")
+        return value
+
+    return property(read, doc=doc)
 
 
 class VAEAnomalyDetector(
@@ -432,125 +419,19 @@ class VAEAnomalyDetector(
         self.verbose = verbose
 
     # -- input ---------------------------------------------------------------------------
-    def _column_name(self, col: int) -> str:
-        names = getattr(self, "feature_names_in_", None)
-        return repr(str(names[col])) if names is not None else str(col)
-
-    def _validate_input(self, X: Any, *, reset: bool) -> np.ndarray:
-        """Validated float64 array (n, d), or (n, C, H, W) for images; ValueErrors name the row and column at fault.
-
-        With ``reset`` (in fit), a DataFrame with categorical columns sets ``column_coder_``;
-        later calls code their categories with it. Image input sets ``image_shape_``.
-        """
-        shape = image_input_shape(X)
-        if reset:
-            self.image_shape_ = shape
-        if getattr(self, "image_shape_", None) is not None:
-            return self._validate_images(X, shape, reset=reset)
-        if not reset and shape is not None:
-            raise ValueError(
-                f"the model was fitted on a table of {self.n_features_in_} columns; got images of shape {np.shape(X)}"
-            )
-        if reset:
-            self.column_coder_ = ColumnCoder.fit(X) if ColumnCoder.needed(X) else None
-        if getattr(self, "column_coder_", None) is not None:
-            if not isinstance(X, pd.DataFrame):
-                raise ValueError("this model was fitted on a DataFrame with categorical columns: pass a DataFrame")
-            X = self.column_coder_.encode(X, self.handle_unknown)
-        elif hasattr(X, "dtypes") and hasattr(X, "columns"):
-            bad = [str(c) for c, t in zip(X.columns, X.dtypes, strict=True) if not _is_numeric_dtype(t)]
-            if bad:
-                raise ValueError(
-                    f"column(s) {', '.join(repr(b) for b in bad)} are not numeric; "
-                    "but the model was fitted on numeric columns only"
-                )
-        X = validate_data(self, X, reset=reset, dtype=np.float64, ensure_all_finite=False)
-        infinite = np.isinf(X)
-        if infinite.any():
-            row, col = (int(i) for i in np.argwhere(infinite)[0])
-            more = f" ({int(infinite.sum()) - 1} more infinite entries)" if infinite.sum() > 1 else ""
-            raise ValueError(
-                f"X contains inf at row {row}, column {self._column_name(col)}{more}; "
-                "remove infinite values first (NaN marks a missing value)"
-            )
-        missing = np.isnan(X)
-        if missing.all(axis=1).any():
-            row = int(np.flatnonzero(missing.all(axis=1))[0])
-            raise ValueError(f"row {row} has no observed values (all NaN): there is nothing to score")
-        if reset and missing.all(axis=0).any():
-            col = int(np.flatnonzero(missing.all(axis=0))[0])
-            raise ValueError(f"column {self._column_name(col)} has no observed values (all NaN) to learn from")
-        return X
-
-    def _validate_images(self, X: Any, shape: tuple[int, ...] | None, *, reset: bool) -> np.ndarray:
-        """Images of shape ``shape`` (per image) as float64 (n, C, H, W); fit remembers their dtype for outputs."""
-        images = np.asarray(X)
-        if not reset and shape != self.image_shape_:
-            got = "a table" if shape is None else f"images of shape {shape}"
-            raise ValueError(f"the model was fitted on images of shape {self.image_shape_}; got {got}")
-        if images.dtype != np.bool_ and not _is_numeric_dtype(images.dtype):
-            raise ValueError(f"images must hold numbers or booleans, not {images.dtype}")
-        if images.shape[0] < (2 if reset else 1):
-            need = "fit needs at least 2" if reset else "nothing to score"
-            raise ValueError(f"got {images.shape[0]} image(s); {need}")
-        values = images.astype(np.float64).reshape(images.shape[0], *_chw(self.image_shape_))
-        infinite = np.isinf(values)
-        if infinite.any():
-            i, c, y, x = (int(v) for v in np.argwhere(infinite)[0])
-            raise ValueError(
-                f"image {i}, pixel (channel {c}, row {y}, column {x}) is infinite; NaN marks a missing pixel"
-            )
-        empty = np.isnan(values).reshape(len(values), -1).all(axis=1)
-        if empty.any():
-            raise ValueError(f"image {int(np.flatnonzero(empty)[0])} has no observed pixels (all NaN)")
-        if reset:
-            self.image_dtype_ = images.dtype.str
-            self.n_features_in_ = math.prod(self.image_shape_)
-            if hasattr(self, "feature_names_in_"):
-                del self.feature_names_in_
-            self.column_coder_ = None
-        return values
-
-    def _to_internal(
-        self,
-        X: np.ndarray,
-        standardizer: Standardizer | None = None,
-        likelihood: Likelihood | None = None,
-        pixels: PixelLevels | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The model's view of ``X``: a float64 tensor with missing entries set to 0, and the mask.
-
-        Continuous likelihoods get standardised data (lattice columns at their nearest
-        lattice point); discrete ones are checked against their support (images as their
-        pixel levels, an impossible level moved to the nearest possible one). The mask (bool, True = observed) is
-        None when nothing is missing. Uses the fitted ``standardizer_``, ``pixel_levels_``
-        and likelihood unless others are given (during fit).
-        """
-        if likelihood is None:
-            standardizer, likelihood = self.standardizer_, self.model_.likelihood
-            pixels = getattr(self, "pixel_levels_", None)
-        if standardizer is not None:
-            Z = standardizer.transform(X.reshape(X.shape[0], -1)).reshape(X.shape)
-            too_big = np.abs(Z.reshape(Z.shape[0], -1)) > 1e30
-            if too_big.any():
-                row, col = (int(i) for i in np.argwhere(too_big)[0])
-                raise ValueError(
-                    f"row {row}, column {self._column_name(col)} holds {X.reshape(X.shape[0], -1)[row, col]!r}, "
-                    "too far from the training data to be scored in float32"
-                )
-        else:
-            Z = X if pixels is None else pixels.to_levels(X)
-            likelihood.check_support(Z)
-        missing = np.isnan(Z)
-        if not missing.any():
-            return torch.tensor(Z, dtype=torch.float64), None
-        return torch.tensor(np.where(missing, 0.0, Z), dtype=torch.float64), torch.from_numpy(~missing)
-
-    def _log_jacobian_rows(self, mask: torch.Tensor | None, n_rows: int) -> np.ndarray:
-        """Per-row nats that turn internal log-densities into the data's units (observed entries only)."""
-        if self.standardizer_ is None:
-            return np.zeros(n_rows)
-        return self.standardizer_.log_jacobian_rows(None if mask is None else mask.numpy().reshape(n_rows, -1), n_rows)
+    # -- the fitted input space's parts, under the names scikit-learn and earlier versions give them --------
+    n_features_in_ = _input_space_part("n_features", "Number of features (columns, or pixels × channels) seen in fit.")
+    feature_names_in_ = _input_space_part(
+        "feature_names", "Names of the columns seen in fit (a DataFrame with string column names only).", absent=True
+    )
+    image_shape_ = _input_space_part("image_shape", "Shape of one training image, (H, W) or (C, H, W); else None.")
+    image_dtype_ = _input_space_part("image_dtype", "The training images' dtype (samples come back in it); else None.")
+    column_coder_ = _input_space_part("column_coder", "Codes a DataFrame's categorical columns; None without them.")
+    standardizer_ = _input_space_part(
+        "standardizer", "Centre, scale and lattices of a continuous model's columns; None for discrete likelihoods."
+    )
+    pixel_levels_ = _input_space_part("pixel_levels", "The pixel levels of discrete images; None otherwise.")
+    condition_encoder_ = _input_space_part("condition_encoder", "Codes a conditional model's conditions; else None.")
 
     def _scoring_model(self, model: VAE | None = None) -> VAE:
         """A model (default ``model_``) as scoring uses it: a float64 copy on the CPU, float32 on an accelerator.
@@ -582,11 +463,12 @@ class VAEAnomalyDetector(
         return getattr(self, "models_", None) or [self.model_]
 
     # -- fitting -------------------------------------------------------------------------
-    def _lattice_request(self, d: int) -> bool | np.ndarray:
+    def _lattice_request(self, space: InputSpace) -> bool | np.ndarray:
         """``discrete_columns`` as ``Standardizer.fit`` takes it: True/False, or a mask of the named columns."""
         if isinstance(self.discrete_columns, str):
             return self.discrete_columns == "auto"
-        names = [str(c) for c in getattr(self, "feature_names_in_", [])]
+        d = space.n_features
+        names = [] if space.feature_names is None else space.columns
         mask = np.zeros(d, bool)
         for item in self.discrete_columns:
             if isinstance(item, (Integral, np.integer)) and not isinstance(item, bool) and 0 <= item < d:
@@ -598,27 +480,13 @@ class VAEAnomalyDetector(
                 raise ValueError(f"discrete_columns names {item!r}, which is not a column of X; {known}")
         return mask
 
-    def _column_types(self, standardizer: Standardizer | None, likelihood_name: str) -> pd.DataFrame:
-        """``column_types_`` for a table modelled with ``standardizer`` (None: a discrete likelihood for all)."""
-        names = [str(c) for c in getattr(self, "feature_names_in_", [])] or [
-            f"x{j}" for j in range(self.n_features_in_)
-        ]
-        d = len(names)
-        if standardizer is None:
-            why = f"likelihood {likelihood_name!r} for every column"
-            return column_types([ColumnLattice(likelihood_name, 0.0, 0.0, np.nan, why)] * d, names)
-        if standardizer.columns is None:  # a model file that did not record the reasons
-            kinds = ["lattice" if lattice else "continuous" for lattice in standardizer.discrete]
-            return column_types(standardizer.lattices(kinds, ["not recorded in the model file"] * d), names)
-        return column_types(standardizer.columns, names)
-
-    def _table_likelihood(self, X: np.ndarray) -> tuple[str, Likelihood, Standardizer | None]:
+    def _table_likelihood(self, X: np.ndarray, space: InputSpace) -> tuple[str, Likelihood, Standardizer | None]:
         """The likelihood for a table (its registered name and the object) and the standardizer, if any."""
         d = X.shape[1]
         name = "diag_gaussian" if self.likelihood == "auto" else self.likelihood
         lik_cls = get_part("likelihoods", name)
-        coder = self.column_coder_
-        names = [self._column_name(j) for j in range(d)]
+        coder = space.column_coder
+        names = [space.column_name(j) for j in range(d)]
         categorical = coder is not None and coder.categorical.any()
         if categorical and name not in ("diag_gaussian", "mixed"):
             raise ValueError(
@@ -627,7 +495,7 @@ class VAEAnomalyDetector(
             )
         if lik_cls.discrete and not categorical:
             return name, lik_cls((d,), **lik_cls.options_from_data(X)), None
-        lattices = self._lattice_request(d) if categorical or lik_cls.supports_bin_widths else False
+        lattices = self._lattice_request(space) if categorical or lik_cls.supports_bin_widths else False
         standardizer = Standardizer.fit(
             X, detect_lattice=lattices, categorical=coder.categorical if categorical else None, names=names
         )
@@ -641,10 +509,12 @@ class VAEAnomalyDetector(
             return "mixed", get_part("likelihoods", "mixed")((d,), **options), standardizer
         return name, lik_cls((d,), **options), standardizer
 
-    def _image_likelihood(self, X: np.ndarray) -> tuple[str, Likelihood, Standardizer | None, PixelLevels | None]:
+    def _image_likelihood(
+        self, X: np.ndarray, space: InputSpace
+    ) -> tuple[str, Likelihood, Standardizer | None, PixelLevels | None]:
         """The likelihood for images ``X`` (n, C, H, W), with the standardizer or the pixel levels it reads."""
         event_shape = X.shape[1:]
-        pixels = PixelLevels.fit(X, self.image_dtype_)
+        pixels = PixelLevels.fit(X, space.image_dtype)
         name = self.likelihood
         if name == "auto":
             name = "diag_gaussian" if pixels is None else "discretized_logistic"
@@ -709,87 +579,31 @@ class VAEAnomalyDetector(
             raise ValueError(f"encoder {encoder!r} does not accept these options: {exc}") from exc
         return VAE(enc, dec, likelihood, latent_dim, mask_input=mask_input, condition_dim=condition_dim)
 
-    def _condition_tensor(self, condition: Any, n_rows: int) -> torch.Tensor | None:
-        """The condition vectors (n_rows, width) of a conditional model's ``condition``; None for other models."""
-        encoder = getattr(self, "condition_encoder_", None)
-        if encoder is None:
+    def _model_inputs(self, X: Any, condition: Any = None) -> ModelInputs:
+        """User input ``X`` (or :class:`ModelInputs` already made by :meth:`to_model_space` or a job's row check)
+        in model space; a warning names values the model gives no probability."""
+        check_is_fitted(self)
+        if isinstance(X, ModelInputs):
             if condition is not None:
-                raise ValueError("this model was fitted without conditions (conditional=False): it takes no condition")
-            return None
-        if condition is None:
-            raise ValueError(
-                "this model is conditional (conditional=True): pass condition= with one condition per sample, "
-                "or one condition for all"
-            )
-        return torch.from_numpy(encoder.transform(condition, n_rows))
-
-    def _internal_inputs(
-        self, X: Any, condition: Any = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, np.ndarray | None]:
-        """(x, mask, conditions, impossible) of user input ``X`` and its ``condition`` for a fitted model.
-
-        ``impossible`` is the (n, d) mask of values the model gives no probability
-        (:meth:`_impossible_entries`), None when there are none; a warning names them.
-        """
-        inputs = self.to_model_space(X, condition)
-        x, mask, impossible, values = inputs.x, inputs.mask, inputs.impossible, inputs.values
-        if impossible is not None:
-            row, col = (int(i) for i in np.argwhere(impossible)[0])
-            value = float(values.reshape(len(values), -1)[row, col])
-            if self.image_shape_ is not None:
-                c, y, x_ = np.unravel_index(col, _chw(self.image_shape_))
-                first = f"image {row}, pixel (channel {c}, row {y}, column {x_}) holds {value:g}"
-                where = "off the pixel levels"
-            else:
-                count = impossible.sum(axis=0)
-                first = f"row {row}, column {self._column_name(col)} holds {value:g}"
-                where = "off their column's lattice or below its lower bound: " + ", ".join(
-                    f"{self._column_name(j)} ({int(count[j])})" for j in np.flatnonzero(count)[:5]
-                )
-            warnings.warn(
-                f"{int(impossible.sum())} value(s) are impossible under the model, {where}; first: {first}. Each is "
-                f"scored as the nearest lattice point (or level), {IMPOSSIBLE_VALUE_NATS:g} nats less likely "
-                "(column_types_ lists each column's lattice; discrete_columns changes it)",
-                UserWarning,
-                stacklevel=3,
-            )
-        return x, mask, inputs.condition, impossible
+                raise ValueError("ModelInputs carry their conditions: pass condition=None with them")
+            inputs = X
+        else:
+            inputs = self.input_space_.encode(X, condition)
+        message = self.input_space_.impossible_message(inputs)
+        if message is not None:
+            warnings.warn(message, UserWarning, stacklevel=4)
+        return inputs
 
     def to_model_space(self, X: Any, condition: Any = None) -> ModelInputs:
         """``X`` (and a conditional model's ``condition``) as the networks see it, checked against the fit.
 
         The rows are validated as :meth:`score_samples` validates them (errors name the row
         and column); values off a column's lattice or outside its support are marked in
-        ``impossible`` (no warning here: what they mean is the caller's to say).
+        ``impossible`` (no warning here: what they mean is the caller's to say). The
+        scoring methods take the result in place of ``X``.
         """
         check_is_fitted(self)
-        values = self._validate_input(X, reset=False)
-        x, mask = self._to_internal(values)
-        return ModelInputs(
-            x, mask, self._condition_tensor(condition, x.shape[0]), self._impossible_entries(values), values
-        )
-
-    def _impossible_entries(
-        self, X: np.ndarray, standardizer: Standardizer | None = None, pixels: PixelLevels | None = None
-    ) -> np.ndarray | None:
-        """Mask (n, d) of the entries of validated ``X`` off their lattice or outside its support; None if none."""
-        if standardizer is None and pixels is None:
-            standardizer, pixels = self.standardizer_, getattr(self, "pixel_levels_", None)
-        flat = X.reshape(X.shape[0], -1)
-        if standardizer is not None:
-            impossible = standardizer.impossible(flat)
-        elif pixels is not None:
-            impossible = pixels.impossible(flat)
-        else:
-            return None
-        return impossible if impossible.any() else None
-
-    def _row_nats(self, mask: torch.Tensor | None, impossible: np.ndarray | None, n_rows: int) -> np.ndarray:
-        """Per-row nats added to the model's log-likelihood: the log-Jacobian and the impossible values' cost."""
-        nats = self._log_jacobian_rows(mask, n_rows)
-        if impossible is not None:
-            nats = nats - IMPOSSIBLE_VALUE_NATS * impossible.sum(axis=1)
-        return nats
+        return self.input_space_.encode(X, condition)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any = None) -> VAEAnomalyDetector:
@@ -819,29 +633,27 @@ class VAEAnomalyDetector(
             raise ValueError(f"offset must be a finite number of nats, got {self.offset!r}")
         if self.conditional and y is None:
             raise ValueError("conditional=True needs the conditions: fit(X, y) with one condition per row")
-        X = self._validate_input(X, reset=True)
-        n, d = X.shape[0], self.n_features_in_
+        observed, X = InputSpace.observe(X, owner=type(self).__name__, handle_unknown=self.handle_unknown)
+        n, d = X.shape[0], observed.n_features
         conditions = ConditionEncoder.fit(y, n) if self.conditional else None
-        c = None if conditions is None else torch.from_numpy(conditions.transform(y, n))
         if self.hidden_dims != "auto" and (
             not self.hidden_dims or not all(isinstance(h, Integral) and h > 0 for h in self.hidden_dims)
         ):
             raise ValueError(
                 f"hidden_dims must be 'auto' or a non-empty list of positive integers, got {self.hidden_dims!r}"
             )
-        images = self.image_shape_ is not None
+        images = observed.images
         if images:
-            likelihood_name, likelihood, standardizer, pixels = self._image_likelihood(X)
+            likelihood_name, likelihood, standardizer, pixels = self._image_likelihood(X, observed)
         else:
-            likelihood_name, likelihood, standardizer = self._table_likelihood(X)
+            likelihood_name, likelihood, standardizer = self._table_likelihood(X, observed)
             pixels = None
-        encoder = self.encoder if self.encoder != "auto" else ("conv" if images else "mlp")
-        x, mask = self._to_internal(X, standardizer, likelihood, pixels)
-        impossible = (
-            self._impossible_entries(X, standardizer, pixels)
-            if standardizer is not None or pixels is not None
-            else None
+        space = observed.with_model(
+            standardizer=standardizer, pixel_levels=pixels, support=likelihood, condition_encoder=conditions
         )
+        encoder = self.encoder if self.encoder != "auto" else ("conv" if images else "mlp")
+        inputs = space.to_model(X, y if conditions is not None else None)
+        x, mask, c = inputs.x, inputs.mask, inputs.condition
         mask_input = mask is not None
         rng = check_random_state(self.random_state)
         fit_seed, score_seed = (int(s) for s in rng.randint(0, 2**31 - 1, size=2))
@@ -906,9 +718,8 @@ class VAEAnomalyDetector(
         fitted = list(zip(models, histories, generators, strict=True))
         model, history, generator = fitted[0]  # the first model's generator draws the offset's subsample below
         # Fitted state is set only once training has succeeded.
-        self.standardizer_ = standardizer
-        self.pixel_levels_ = pixels
-        self.column_types_ = None if images else self._column_types(standardizer, likelihood_name)
+        self.input_space_ = space
+        self.column_types_ = space.column_types(likelihood_name)
         self.model_ = model
         self.models_ = models
         self.model_spec_ = {
@@ -922,7 +733,6 @@ class VAEAnomalyDetector(
             "mask_input": mask_input,
             "condition_dim": 0 if conditions is None else conditions.width,
         }
-        self.condition_encoder_ = conditions
         self.latent_dim_ = int(latent_dim)
         self.score_seed_ = score_seed
         self.device_ = str(device)
@@ -937,11 +747,11 @@ class VAEAnomalyDetector(
             self.offset_ = float(self.offset)
             return self
         if n > OFFSET_ROWS:  # the percentile of a large random subsample is as good and far cheaper
-            keep = torch.randperm(n, generator=generator)[:OFFSET_ROWS]
-            x, mask, c = x[keep], (None if mask is None else mask[keep]), (None if c is None else c[keep])
-            impossible = None if impossible is None else impossible[keep.numpy()]
-        train_scores = self._log_likelihood_internal(x, mask, self.n_importance_samples, condition=c).value
-        train_scores = train_scores + self._row_nats(mask, impossible, x.shape[0])
+            inputs = inputs.rows(torch.randperm(n, generator=generator)[:OFFSET_ROWS])
+        train_scores = self._log_likelihood_internal(
+            inputs.x, inputs.mask, self.n_importance_samples, condition=inputs.condition
+        ).value
+        train_scores = train_scores + space.row_nats(inputs)
         broken = ~np.isfinite(train_scores)
         if broken.any():
             self.__dict__.pop("offset_", None)  # no model with a threshold that flags nothing (or everything)
@@ -1132,13 +942,20 @@ class VAEAnomalyDetector(
         k = self.n_importance_samples if n_samples is None else int(n_samples)
         if k < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-        x, mask, c, impossible = self._internal_inputs(X, condition)
-        result = self._log_likelihood_internal(x, mask, k, return_std, condition=c, per_feature=per_feature)
+        inputs = self._model_inputs(X, condition)
+        x, mask = inputs.x, inputs.mask
+        result = self._log_likelihood_internal(
+            x, mask, k, return_std, condition=inputs.condition, per_feature=per_feature
+        )
         observed = (
             np.full(x.shape[0], self.n_features_in_) if mask is None else mask.reshape(x.shape[0], -1).sum(1).numpy()
         )
-        value = result.value + self._row_nats(mask, impossible, x.shape[0])
-        shares = None if not per_feature else self._feature_scores_frame(result.per_feature, impossible, X)
+        value = result.value + self.input_space_.row_nats(inputs)
+        shares = (
+            None
+            if not per_feature
+            else self.input_space_.feature_shares(result.per_feature, inputs.impossible, _index_of(X))
+        )
         return value, result.std, observed, result.pareto_k, shares
 
     def score_samples(self, X: Any, condition: Any = None) -> np.ndarray:
@@ -1184,14 +1001,16 @@ class VAEAnomalyDetector(
         because each ELBO_m bounds log p_m(x).
         """
         k = self.n_importance_samples if n_samples is None else int(n_samples)
-        x, mask, c, impossible = self._internal_inputs(X, condition)
+        inputs = self._model_inputs(X, condition)
         eps = common_random_numbers(k, self.latent_dim_, self.score_seed_)
         bounds = [
-            evidence_lower_bound(self._scoring_model(m), x, eps, mask=mask, device=self.device_, condition=c)
+            evidence_lower_bound(
+                self._scoring_model(m), inputs.x, eps, mask=inputs.mask, device=self.device_, condition=inputs.condition
+            )
             for m in self._mixture_members()
         ]
         value = log_mean_exp(np.stack(bounds))
-        return _per_row(value + self._row_nats(mask, impossible, x.shape[0]), X, "elbo")
+        return _per_row(value + self.input_space_.row_nats(inputs), X, "elbo")
 
     def feature_scores(self, X: Any, condition: Any = None) -> pd.DataFrame:
         """Which columns make each row unlikely: per-column log-likelihood contributions.
@@ -1216,37 +1035,52 @@ class VAEAnomalyDetector(
             For images: an array shaped like the images (n_samples, H, W) or
             (n_samples, C, H, W), a map of each pixel's contribution.
         """
-        x, mask, c, impossible = self._internal_inputs(X, condition)
+        inputs = self._model_inputs(X, condition)
         eps = common_random_numbers(self.n_importance_samples, self.latent_dim_, self.score_seed_)
         shares = per_feature_log_likelihood(
             self._scoring_model(),
-            x,
+            inputs.x,
             eps,
-            mask=mask,
+            mask=inputs.mask,
             device=self.device_,
-            condition=c,
+            condition=inputs.condition,
             refine_eps=self._refine_eps(),
             probe_threshold=self._probe_threshold_of(0),
         )
-        return self._feature_scores_frame(shares, impossible, X)
-
-    def _feature_scores_frame(self, shares: np.ndarray, impossible: np.ndarray | None, X: Any) -> Any:
-        """Internal per-element shares → :meth:`feature_scores`' output (data units, names, images' shape)."""
-        shares = shares.reshape(len(shares), -1)
-        if self.standardizer_ is not None:
-            shares = shares + np.where(self.standardizer_.discrete, 0.0, -np.log(self.standardizer_.scale))
-        if impossible is not None:
-            shares = shares - IMPOSSIBLE_VALUE_NATS * impossible
-        if self.image_shape_ is not None:
-            return shares.reshape(len(shares), *self.image_shape_)
-        names = getattr(self, "feature_names_in_", None)
-        columns = list(names) if names is not None else [f"x{j}" for j in range(self.n_features_in_)]
-        return pd.DataFrame(shares, columns=columns, index=X.index if isinstance(X, pd.DataFrame) else None)
+        return self.input_space_.feature_shares(shares, inputs.impossible, _index_of(X))
 
     def transform(self, X: Any, condition: Any = None) -> np.ndarray:
         """Posterior means E[z|x] (E[z|x, c] for a conditional model), shape (n_samples, latent_dim_)."""
-        x, mask, c, _ = self._internal_inputs(X, condition)
-        return posterior_means(self._scoring_model(), x, mask=mask, device=self.device_, condition=c)
+        inputs = self._model_inputs(X, condition)
+        return posterior_means(
+            self._scoring_model(), inputs.x, mask=inputs.mask, device=self.device_, condition=inputs.condition
+        )
+
+    def inverse_transform(self, Z: Any, condition: Any = None) -> np.ndarray | pd.DataFrame:
+        """The decoder's mean at codes ``Z`` (n, latent_dim), in the data's units and form.
+
+        The inverse of :meth:`transform` up to the model's reconstruction error: rows of a
+        table (a DataFrame for a model fitted on one), or images of the training shape and
+        dtype. Discrete values are rounded to their levels. A conditional model decodes
+        under ``condition`` (one per code, or one for all): codes from
+        ``transform(X, condition=a)`` decoded with ``condition=b`` carry the samples' style
+        over to condition b.
+        """
+        check_is_fitted(self)
+        z = np.asarray(Z, dtype=np.float64)
+        if z.ndim != 2 or z.shape[1] != self.latent_dim_:
+            raise ValueError(f"codes must have shape (n, {self.latent_dim_}), got {z.shape}")
+        if not np.isfinite(z).all():
+            row, col = (int(i) for i in np.argwhere(~np.isfinite(z))[0])
+            raise ValueError(f"code {row}, dimension {col} is {z[row, col]}")
+        c = self.input_space_.condition_tensor(condition, len(z))
+        model = self._scoring_model()
+        with torch.no_grad():
+            dtype = next(model.parameters()).dtype
+            zt = torch.from_numpy(z).to(self.device_, dtype)
+            params = model.decode(zt, None if c is None else c.to(self.device_, dtype))
+            mean = model.likelihood.mean(params).double().cpu().numpy()
+        return self.from_model_space(mean)
 
     @torch.no_grad()
     def sample(
@@ -1270,7 +1104,7 @@ class VAEAnomalyDetector(
         check_is_fitted(self)
         if not isinstance(n_samples, Integral) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-        c = self._condition_tensor(condition, int(n_samples))
+        c = self.input_space_.condition_tensor(condition, int(n_samples))
         if source not in ("prior", "aggregate"):
             raise ValueError(f"source must be 'prior' or 'aggregate', got {source!r}")
         aggregate = getattr(self, "aggregate_posterior_", None)
@@ -1312,19 +1146,8 @@ class VAEAnomalyDetector(
 
     def from_model_space(self, x: np.ndarray) -> np.ndarray | pd.DataFrame:
         """Model-space values (n, *event_shape) back in the user's units, dtype and form."""
-        if self.image_shape_ is not None:
-            if self.pixel_levels_ is not None:
-                images = self.pixel_levels_.to_values(x)
-            else:
-                images = self.standardizer_.inverse_transform(x.reshape(len(x), -1))
-                images = self.standardizer_.to_support(images).astype(np.dtype(self.image_dtype_))
-            return images.reshape(len(x), *self.image_shape_)
-        if self.standardizer_ is not None:
-            x = self.standardizer_.to_support(self.standardizer_.inverse_transform(x))
-        if self.column_coder_ is not None:
-            return self.column_coder_.decode(x)
-        names = getattr(self, "feature_names_in_", None)
-        return x if names is None else pd.DataFrame(x, columns=list(names))
+        check_is_fitted(self)
+        return self.input_space_.from_model(x)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -1426,7 +1249,7 @@ class VAEAnomalyDetector(
                 raise ValueError(f"the model file's weights do not fit the network it describes: {exc}") from exc
             models.append(model.to(est.device_).eval())
         est.model_, est.models_ = models[0], models
-        est.standardizer_ = None
+        standardizer = None
         if "standardizer.center" in arrays:
             st = Standardizer(
                 arrays["standardizer.center"],
@@ -1438,26 +1261,26 @@ class VAEAnomalyDetector(
             records = fitted.get("column_types_")
             if records is not None:
                 st.columns = st.lattices([str(r["kind"]) for r in records], [str(r["reason"]) for r in records])
-            est.standardizer_ = st
-        est.image_shape_ = None if fitted.get("image_shape_") is None else tuple(fitted["image_shape_"])
-        if fitted.get("image_dtype_") is not None:
-            est.image_dtype_ = str(fitted["image_dtype_"])
-        levels = fitted.get("pixel_levels_")
-        est.pixel_levels_ = None if levels is None else PixelLevels(**levels)
+            standardizer = st
+        levels, coder, conditions = (fitted.get(k) for k in ("pixel_levels_", "column_coder_", "condition_encoder_"))
+        est.input_space_ = InputSpace(
+            cls.__name__,
+            int(fitted["n_features_in_"]),
+            np.asarray(fitted["feature_names_in_"], dtype=object) if fitted.get("feature_names_in_") else None,
+            image_shape=None if fitted.get("image_shape_") is None else tuple(fitted["image_shape_"]),
+            image_dtype=None if fitted.get("image_dtype_") is None else str(fitted["image_dtype_"]),
+            column_coder=None if coder is None else ColumnCoder(coder["columns"], coder["vocabularies"]),
+            handle_unknown=est.handle_unknown,
+            standardizer=standardizer,
+            pixel_levels=None if levels is None else PixelLevels(**levels),
+            support=models[0].likelihood,
+            condition_encoder=None if conditions is None else ConditionEncoder(**conditions),
+        )
         est.offset_ = float(fitted["offset_"])
         est.threshold_rule_ = dict(fitted["threshold_rule_"])
-        coder = fitted.get("column_coder_")
-        est.column_coder_ = None if coder is None else ColumnCoder(coder["columns"], coder["vocabularies"])
-        conditions = fitted.get("condition_encoder_")
-        est.condition_encoder_ = None if conditions is None else ConditionEncoder(**conditions)
         est.score_seed_ = int(fitted["score_seed_"])
         est.latent_dim_ = int(fitted["latent_dim_"])
-        est.n_features_in_ = int(fitted["n_features_in_"])
-        if fitted.get("feature_names_in_"):
-            est.feature_names_in_ = np.asarray(fitted["feature_names_in_"], dtype=object)
-        est.column_types_ = (
-            None if est.image_shape_ is not None else est._column_types(est.standardizer_, spec["likelihood"])
-        )
+        est.column_types_ = est.input_space_.column_types(spec["likelihood"])
         est.history_ = TrainingHistory(
             list(arrays["history.train_loss"]),
             list(arrays["history.validation_loss"]),
@@ -1566,56 +1389,11 @@ def storable_params(estimator: BaseEstimator) -> dict[str, Any]:
     return params
 
 
+def _index_of(X: Any) -> pd.Index | None:
+    """The row index of ``X`` when it is a DataFrame (results keep it), else None."""
+    return X.index if isinstance(X, pd.DataFrame) else None
+
+
 def _per_row(values: np.ndarray, X: Any, name: str) -> np.ndarray | pd.Series:
     """``values`` as a Series with the index of ``X`` when ``X`` is a DataFrame; else as they are."""
     return pd.Series(values, index=X.index, name=name) if isinstance(X, pd.DataFrame) else values
-
-
-def image_input_shape(X: Any) -> tuple[int, ...] | None:
-    """The shape of one image, ``(H, W)`` or ``(C, H, W)``, when ``X`` is a batch of images; None for a table.
-
-    Images are arrays of shape (n, H, W) or (n, C, H, W), or a list of equally shaped 2-D
-    or 3-D arrays. Raises ``ValueError`` for images of mixed sizes, more than four
-    dimensions, or sides shorter than 2 pixels.
-    """
-    if isinstance(X, (pd.DataFrame, pd.Series)) or hasattr(X, "tocsr"):
-        return None
-    if isinstance(X, (list, tuple)) and X and all(hasattr(im, "shape") for im in X):
-        shapes = [tuple(np.shape(im)) for im in X]
-        if len({len(sh) for sh in shapes}) == 1 and len(shapes[0]) >= 2:
-            differs = [i for i, sh in enumerate(shapes) if sh != shapes[0]]
-            if differs:
-                i = differs[0]
-                raise ValueError(
-                    f"images of mixed sizes: image 0 has shape {shapes[0]}, image {i} has shape {shapes[i]}; "
-                    "resize or pad them to one size first"
-                )
-            return shapes[0]
-        return None
-    shape = np.shape(X) if hasattr(X, "shape") else None
-    if shape is None:
-        try:
-            shape = np.shape(np.asarray(X, dtype=object))
-        except ValueError:
-            return None
-    if len(shape) <= 2:
-        return None
-    if len(shape) > 4:
-        raise ValueError(f"images must have shape (n, H, W) or (n, C, H, W); got {len(shape)} dimensions {shape}")
-    if len(shape) == 4 and shape[1] > 4 and shape[3] in (1, 3, 4):
-        raise ValueError(
-            f"images of shape {shape} look channels-last (n, H, W, C); vaeguard reads (n, C, H, W): "
-            "pass np.moveaxis(X, -1, 1)"
-        )
-    if min(shape[-2:]) < 2:
-        raise ValueError(f"images must be at least 2×2 pixels; got shape {shape}")
-    return tuple(int(v) for v in shape[1:])
-
-
-def _chw(image_shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """``(C, H, W)`` of an image shape ``(H, W)`` or ``(C, H, W)``."""
-    return (1, *image_shape) if len(image_shape) == 2 else tuple(image_shape)  # type: ignore[return-value]
-
-
-def _is_numeric_dtype(dtype: Any) -> bool:
-    return bool(pd.api.types.is_numeric_dtype(dtype)) and not pd.api.types.is_complex_dtype(dtype)

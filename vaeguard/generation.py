@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.utils.validation import check_is_fitted
 
 #: Most mixture components of the aggregate posterior (fewer for small data: one per 200 rows).
@@ -90,33 +89,8 @@ def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 class LatentSpaceMixin:
-    """Estimator methods that decode chosen latent codes; the host provides the fitted model."""
-
-    def inverse_transform(self, Z: Any, condition: Any = None) -> np.ndarray | pd.DataFrame:
-        """The decoder's mean at codes ``Z`` (n, latent_dim), in the data's units and form.
-
-        The inverse of :meth:`transform` up to the model's reconstruction error: rows of a
-        table (a DataFrame for a model fitted on one), or images of the training shape and
-        dtype. Discrete values are rounded to their levels. A conditional model decodes
-        under ``condition`` (one per code, or one for all): codes from
-        ``transform(X, condition=a)`` decoded with ``condition=b`` carry the samples' style
-        over to condition b.
-        """
-        check_is_fitted(self)
-        z = np.asarray(Z, dtype=np.float64)
-        if z.ndim != 2 or z.shape[1] != self.latent_dim_:
-            raise ValueError(f"codes must have shape (n, {self.latent_dim_}), got {z.shape}")
-        if not np.isfinite(z).all():
-            row, col = (int(i) for i in np.argwhere(~np.isfinite(z))[0])
-            raise ValueError(f"code {row}, dimension {col} is {z[row, col]}")
-        c = self._condition_tensor(condition, len(z))
-        model = self._scoring_model()
-        with torch.no_grad():
-            dtype = next(model.parameters()).dtype
-            zt = torch.from_numpy(z).to(self.device_, dtype)
-            params = model.decode(zt, None if c is None else c.to(self.device_, dtype))
-            mean = model.likelihood.mean(params).double().cpu().numpy()
-        return self.from_model_space(mean)
+    """Estimator methods that decode chosen latent codes, through the host's public ``transform`` (codes of
+    samples) and ``inverse_transform`` (samples of codes)."""
 
     def _codes_of(self, X: Any, name: str, condition: Any = None) -> np.ndarray:
         codes = np.asarray(self.transform(X, condition=condition))
