@@ -153,17 +153,21 @@ def test_progress_is_told_of_every_sample(binary_model, level_model, digits):
     assert sum(told) == 45
 
 
-def test_codecs_without_progress_are_called_without_it():
+def test_codecs_are_told_of_progress_only_when_they_declare_it():
     from vaeguard.compression import _with_progress
+    from vaeguard.parts import declare
 
-    def encode(det, x):
-        return b"", {}
+    class Quiet:
+        def encode(self, det, x):
+            return b"", {}
 
-    def encode_with(det, x, progress=None):
-        return b"", {}
+    @declare(reports_progress=True)
+    class Chatty:
+        def encode(self, det, x, progress=None):
+            return b"", {}
 
-    assert _with_progress(encode, print) == {} and _with_progress(encode_with, None) == {}
-    assert _with_progress(encode_with, print) == {"progress": print}
+    assert _with_progress(Quiet(), print) == {} and _with_progress(Chatty(), None) == {}
+    assert _with_progress(Chatty(), print) == {"progress": print}
 
 
 def test_refusals_name_the_problem(binary_model, digits):

@@ -18,7 +18,6 @@ recorded SHA-256 (the bitsback decoder also checks that its stack ends where it 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import struct
@@ -29,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from vaeguard import storage
+from vaeguard.parts import declares
 from vaeguard.plugins import build_part
 
 if TYPE_CHECKING:  # for type hints only: this module reaches the estimator lazily
@@ -65,9 +65,9 @@ def data_digest(X: Any) -> str:
     return h.hexdigest()
 
 
-def _with_progress(method: Callable[..., Any], progress: Callable[[int], None] | None) -> dict[str, Any]:
-    """``{"progress": progress}`` if the codec's ``method`` takes it (the keyword is optional for plugins)."""
-    if progress is None or "progress" not in inspect.signature(method).parameters:
+def _with_progress(codec: Any, progress: Callable[[int], None] | None) -> dict[str, Any]:
+    """``{"progress": progress}`` for a codec that declares ``reports_progress`` (the keyword is optional)."""
+    if progress is None or not declares(codec, "reports_progress"):
         return {}
     return {"progress": progress}
 
@@ -113,7 +113,7 @@ def compress(
     if mask is not None:
         row = int(np.flatnonzero(~mask.reshape(len(mask), -1).numpy().all(axis=1))[0])
         raise ValueError(f"row {row} has missing values; only complete data can be compressed")
-    payload, info = coder.encode(det.coding_model(), x, **_with_progress(coder.encode, progress))
+    payload, info = coder.encode(det.coding_model(), x, **_with_progress(coder, progress))
     frame = isinstance(X, pd.DataFrame)
     original = X if frame else np.asarray(X)
     header = {
@@ -172,9 +172,7 @@ def decompress(model: Any, data: bytes, progress: Callable[[int], None] | None =
         )
     coder = build_part("codecs", header["codec"], header["codec_params"], "parameters")
     try:
-        x = coder.decode(
-            det.coding_model(), payload, int(header["n_samples"]), **_with_progress(coder.decode, progress)
-        )
+        x = coder.decode(det.coding_model(), payload, int(header["n_samples"]), **_with_progress(coder, progress))
     except (ValueError, RuntimeError, OverflowError, IndexError) as exc:
         raise ValueError(f"the compressed data is truncated or altered: it could not be decoded ({exc})") from exc
     out = det.from_model_space(x.numpy())

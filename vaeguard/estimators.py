@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import math
 import os
 import warnings
@@ -28,7 +27,7 @@ from vaeguard.inputs import InputSpace, ModelInputs
 from vaeguard.metrics import ACTIVE_UNIT_VARIANCE
 from vaeguard.model import VAE
 from vaeguard.objectives import kl_per_dimension
-from vaeguard.parts import CodingModel, Likelihood
+from vaeguard.parts import CodingModel, Likelihood, declares
 from vaeguard.plugins import build_part, get_part
 from vaeguard.preprocessing import ColumnCoder, PixelLevels, Standardizer, scale_free_moments
 from vaeguard.presets import PresetMixin
@@ -564,10 +563,10 @@ class VAEAnomalyDetector(
         if hidden_dims is not None:
             options["hidden_dims"] = list(hidden_dims)
         if condition_dim:
-            if "condition_dim" not in inspect.signature(family).parameters:
+            if not declares(family, "takes_conditions"):
                 raise ValueError(
-                    f"encoder {encoder!r} cannot build a conditional VAE (its family takes no condition_dim); "
-                    "the built-in 'mlp' and 'conv' can"
+                    f"encoder {encoder!r} cannot build a conditional VAE (its family does not declare "
+                    "takes_conditions: vaeguard.parts.declare); the built-in 'mlp' and 'conv' can"
                 )
             options["condition_dim"] = int(condition_dim)
         input_shape = likelihood.encoder_input_shape

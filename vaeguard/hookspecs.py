@@ -12,14 +12,20 @@ from typing import Any
 
 import pluggy
 
+from vaeguard.parts import Codec, EncoderFamily, Likelihood, Regularizer
+
 hookspec = pluggy.HookspecMarker("vaeguard")
 hookimpl = pluggy.HookimplMarker("vaeguard")
 
 Register = Callable[[str, Any], None]
+RegisterEncoders = Callable[[str, EncoderFamily], None]
+RegisterLikelihoods = Callable[[str, type[Likelihood]], None]
+RegisterRegularizers = Callable[[str, Callable[..., Regularizer]], None]
+RegisterCodecs = Callable[[str, Callable[..., Codec]], None]
 
 
 @hookspec
-def vaeguard_register_encoders(register: Register) -> None:
+def vaeguard_register_encoders(register: RegisterEncoders) -> None:
     """Register network families (an encoder and its mirrored decoder).
 
     :param register: call ``register(name, family)`` for each family. ``family`` is a
@@ -27,15 +33,16 @@ def vaeguard_register_encoders(register: Register) -> None:
         ``(encoder, decoder)`` pair of ``torch.nn.Module`` s: ``encoder(x)`` maps a batch
         ``(batch, *input_shape)`` to ``(batch, 2 * latent_dim)`` (means, then
         log-variances) and ``decoder(z)`` maps ``(batch, latent_dim)`` to
-        ``(batch, n_params, *input_shape)``. A family that supports conditional VAEs
+        ``(batch, n_params, *input_shape)`` (:class:`vaeguard.parts.EncoderFamily`). A family
+        that supports conditional VAEs declares it (``@vaeguard.parts.declare(takes_conditions=True)``),
         accepts the option ``condition_dim`` (m > 0) and returns networks called as
         ``encoder(x, c)`` and ``decoder(z, c)`` with c of shape ``(batch, m)``; a family
-        without the option is refused for conditional models with a clear message.
+        that does not declare it is refused for conditional models with a clear message.
     """
 
 
 @hookspec
-def vaeguard_register_likelihoods(register: Register) -> None:
+def vaeguard_register_likelihoods(register: RegisterLikelihoods) -> None:
     """Register observation models p(x|z).
 
     :param register: call ``register(name, cls)`` for each likelihood. ``cls`` is a
@@ -46,7 +53,7 @@ def vaeguard_register_likelihoods(register: Register) -> None:
 
 
 @hookspec
-def vaeguard_register_regularizers(register: Register) -> None:
+def vaeguard_register_regularizers(register: RegisterRegularizers) -> None:
     """Register disentanglement regularizers.
 
     :param register: call ``register(name, factory)``; ``factory(**params)`` returns an
@@ -62,7 +69,7 @@ def vaeguard_register_regularizers(register: Register) -> None:
 
 
 @hookspec
-def vaeguard_register_codecs(register: Register) -> None:
+def vaeguard_register_codecs(register: RegisterCodecs) -> None:
     """Register latent-code compression codecs.
 
     :param register: call ``register(name, factory)``; ``factory(**params)`` returns an
@@ -71,9 +78,10 @@ def vaeguard_register_codecs(register: Register) -> None:
         records, passed back to ``factory`` to decode) and a ``lossless`` attribute. ``model``
         is a :class:`vaeguard.parts.CodingModel` (the network, latent size, likelihood name
         and element scales of the fitted detector), ``x`` a tensor of ``n`` samples in the model's units
-        ``(n, *event_shape)``; ``info`` (JSON) goes into the container's header. ``encode``
-        and ``decode`` may take a keyword ``progress``: a callable told the number of
-        samples done since its last call.
+        ``(n, *event_shape)``; ``info`` (JSON) goes into the container's header
+        (:class:`vaeguard.parts.Codec`). A codec declared with
+        ``@vaeguard.parts.declare(reports_progress=True)`` takes a keyword ``progress`` in
+        ``encode`` and ``decode``: a callable told the number of samples done since its last call.
     """
 
 

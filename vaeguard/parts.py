@@ -1,7 +1,9 @@
 """The contract between vaeguard's core and its parts: what a plugin implements and may import.
 
-A likelihood subclasses :class:`Likelihood`; encoder families, regularizers and codecs are
-described by their hook specifications (:mod:`vaeguard.hookspecs`). The core and the
+A likelihood subclasses :class:`Likelihood`; an encoder family, a regularizer and a codec
+follow the protocols :class:`EncoderFamily`, :class:`Regularizer` and :class:`Codec`, and
+declare what they can do beyond the minimum with :func:`declare` (the core reads the
+declaration with :func:`declares`; it never guesses from a signature). The core and the
 built-in parts (:mod:`vaeguard.components`) import these names from here, as third-party
 plugins do (``plugins/vaeguard-studentt`` is the worked example); nothing in the core
 imports a built-in part.
@@ -10,13 +12,99 @@ imports a built-in part.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
+
+#: What a part may declare it can do (:func:`declare`); a part that declares nothing can do none of it.
+CAPABILITIES = {
+    "takes_conditions": "an encoder family whose networks read a condition vector: it accepts the option "
+    "condition_dim (m > 0) and returns networks called as encoder(x, c) and decoder(z, c), c of shape (batch, m)",
+    "reports_progress": "a codec whose encode and decode take a keyword progress: a callable told the number "
+    "of samples done since its last call",
+}
+
+Part = TypeVar("Part")
+
+
+def declare(**capabilities: bool) -> Callable[[Part], Part]:
+    """Mark a part (a class or a function) with what it can do, e.g. ``@declare(takes_conditions=True)``.
+
+    The names are those of :data:`CAPABILITIES`; an unknown name is refused, so a typo does
+    not pass silently.
+    """
+    unknown = sorted(set(capabilities) - set(CAPABILITIES))
+    if unknown:
+        raise ValueError(f"unknown capability {unknown[0]!r}; parts declare {', '.join(sorted(CAPABILITIES))}")
+
+    def mark(part: Part) -> Part:
+        for name, value in capabilities.items():
+            setattr(part, name, bool(value))
+        return part
+
+    return mark
+
+
+def declares(part: Any, capability: str) -> bool:
+    """Whether ``part`` (a registered class, function or object) declared ``capability`` (:func:`declare`)."""
+    if capability not in CAPABILITIES:
+        raise ValueError(f"unknown capability {capability!r}")
+    return getattr(part, capability, False) is True
+
+
+@runtime_checkable
+class EncoderFamily(Protocol):
+    """A network family: ``family(input_shape, latent_dim, n_params, **options) -> (encoder, decoder)``.
+
+    ``encoder(x)`` maps ``(batch, *input_shape)`` to ``(batch, 2 * latent_dim)`` (means, then
+    log-variances); ``decoder(z)`` maps ``(batch, latent_dim)`` to ``(batch, n_params,
+    *output_shape)``. Options the core passes: ``output_shape``, ``hidden_dims`` (when the
+    user gives them), the user's ``encoder_params``, and ``condition_dim`` to a family that
+    declares ``takes_conditions``.
+    """
+
+    def __call__(
+        self, input_shape: tuple[int, ...], latent_dim: int, n_params: int, **options: Any
+    ) -> tuple[nn.Module, nn.Module]: ...
+
+
+@runtime_checkable
+class Regularizer(Protocol):
+    """A disentanglement regularizer, built as ``factory(**regularizer_params)``.
+
+    ``penalty(terms, step)`` returns a scalar tensor in nats per sample added to the
+    minibatch's mean −ELBO (``step`` −1: the validation loss, under ``torch.no_grad()``: it must
+    change nothing). One that trains a network of its own also defines ``update(terms, step)``,
+    which the training loop calls after each optimisation step of the VAE.
+    """
+
+    def penalty(self, terms: Any, step: int) -> Tensor: ...
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """A latent-code compression codec, built as ``factory(**codec_params)``.
+
+    ``encode(model, x) -> (payload, info)`` for ``x`` (n, *event_shape) in the model's units;
+    ``decode(model, payload, n) -> x``; ``params()`` the settings the container records (passed
+    back to the factory to decode); ``lossless`` whether decode gives ``x`` back exactly.
+    ``model`` is a :class:`CodingModel`. A codec that declares ``reports_progress`` takes a
+    keyword ``progress`` in both methods.
+    """
+
+    lossless: bool
+
+    def encode(self, model: CodingModel, x: Tensor) -> tuple[bytes, dict[str, Any]]: ...
+
+    def decode(self, model: CodingModel, payload: bytes, n: int) -> Tensor: ...
+
+    def params(self) -> dict[str, Any]: ...
+
 
 #: Bounds on log σ (standardised units) so that densities never overflow.
 LOG_SCALE_MIN = -6.0

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from vaeguard.hookspecs import hookimpl
-from vaeguard.parts import CodingModel
+from vaeguard.parts import CodingModel, declare
 
 #: Probabilities are rounded to multiples of this before the coder quantises them.
 PROBABILITY_GRID = 2.0**-40
@@ -106,6 +106,7 @@ class LatentBuckets:
         return self.centres[torch.from_numpy(np.asarray(buckets, dtype=np.int64))]
 
 
+@declare(reports_progress=True)
 class BitsBackCodec:
     """Lossless bits-back coding (BB-ANS) of discrete data under a VAE.
 
@@ -234,6 +235,7 @@ class BitsBackCodec:
         return np.split(words[count:], np.cumsum(lengths)[:-1])
 
 
+@declare(reports_progress=True)
 class LatentCodec:
     """Lossy coding through the latent code: quantised codes, entropy coded; decoded by the decoder's mean.
 
@@ -385,14 +387,18 @@ class LatentCodec:
             codes, steps = self._codes(model, x.double(), self._weights(det, math.prod(x.shape[1:])), progress)
         return encode_integer_codes(codes, steps[None]), {}
 
-    def decode(self, det: CodingModel, payload: bytes, n: int) -> torch.Tensor:
+    def decode(
+        self, det: CodingModel, payload: bytes, n: int, progress: Callable[[int], None] = _no_progress
+    ) -> torch.Tensor:
         codes, (steps,) = decode_integer_codes(payload, n, det.latent_dim, side_rows=1)
         with coding_model(det) as model:
             if not codes.any():  # nothing was sent about any sample
                 mean = self._marginal_mean(model, det.latent_dim)
-                return mean.expand(n, *mean.shape).clone()
-            z = torch.from_numpy(codes.astype(np.float64) * steps)
-            return model.likelihood.mean(model.decode(z))
+                out = mean.expand(n, *mean.shape).clone()
+            else:
+                out = model.likelihood.mean(model.decode(torch.from_numpy(codes.astype(np.float64) * steps)))
+        progress(n)  # one decoder pass for all samples
+        return out
 
     def _marginal_mean(self, model: Any, latent_dim: int) -> torch.Tensor:
         """E_p(z)[f(z)] under the N(0, I) prior (f: the decoder's mean), one sample's shape, float64."""

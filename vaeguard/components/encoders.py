@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from vaeguard.hookspecs import hookimpl
+from vaeguard.parts import declare
 
 
 def default_hidden_dims(n_inputs: int) -> list[int]:
@@ -69,6 +70,7 @@ def with_condition(h: Tensor, condition: Tensor | None) -> Tensor:
     return h if condition is None else torch.cat([h, condition], dim=-1)
 
 
+@declare(takes_conditions=True)
 def mlp(
     input_shape: tuple[int, ...],
     latent_dim: int,
@@ -318,6 +320,7 @@ class ConvDecoder(nn.Module):
         return self.net(with_condition(z, condition)).reshape(z.shape[0], self.n_params, *self.image_shape)
 
 
+@declare(takes_conditions=True)
 def conv(
     input_shape: tuple[int, ...],
     latent_dim: int,
