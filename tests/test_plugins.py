@@ -111,3 +111,35 @@ def test_entry_point_plugins_load_with_their_distribution(monkeypatch):
     assert "studentt" not in PluginRegistry(make_plugin_manager()).names("likelihoods")
     monkeypatch.setenv("VAEGUARD_LOAD_PLUGINS", "studentt")
     assert "studentt" in PluginRegistry(make_plugin_manager()).names("likelihoods")
+
+
+def test_a_broken_plugin_does_not_stop_lookups_of_other_parts():
+    """Only the listing of every part fails; a lookup finds a healthy plugin's part, and a lookup that
+    fails names the broken plugin as a possible provider."""
+    reg = fresh()
+    reg.pm.register(Broken(), name="broken-plugin")
+    assert reg.get("encoders", "mlp") is not None
+    with pytest.raises(ValueError, match="a broken plugin may provide it: plugin 'broken-plugin' failed"):
+        reg.get("encoders", "fancy")
+
+
+def test_an_entry_point_that_fails_to_load_is_recorded_not_raised(monkeypatch):
+    import pluggy
+
+    def fail(self, group, name=None):
+        raise ImportError("no module named 'missing_dependency'")
+
+    monkeypatch.setattr(pluggy.PluginManager, "load_setuptools_entrypoints", fail)
+    reg = PluginRegistry(make_plugin_manager())
+    assert reg.get("likelihoods", "diag_gaussian") is not None
+    with pytest.raises(ValueError, match=r"plugin 'studentt' from vaeguard-studentt failed to load: no module"):
+        reg.get("likelihoods", "studentt")
+    with pytest.raises(PluginError, match="plugin 'studentt'"):
+        reg.names("likelihoods")
+
+
+def test_a_plugin_disabled_by_the_environment_is_named_as_disabled(monkeypatch):
+    monkeypatch.setenv("VAEGUARD_LOAD_PLUGINS", "")
+    reg = PluginRegistry(make_plugin_manager())
+    with pytest.raises(ValueError, match="installed but disabled by VAEGUARD_LOAD_PLUGINS: studentt"):
+        reg.get("likelihoods", "studentt")

@@ -100,7 +100,7 @@ def test_missing_plugin_is_named_and_nothing_is_imported(tmp_path, data, monkeyp
     path = tmp_path / "t.h5"
     VAEAnomalyDetector(**FAST, likelihood="studentt", random_state=0).fit(data).save(path)
     monkeypatch.setattr(plugins, "_GLOBAL_PM", plugins.make_plugin_manager(load_entrypoints=False))
-    with pytest.raises(ValueError, match="needs the likelihood 'studentt', which no installed plugin provides"):
+    with pytest.raises(ValueError, match="needs the likelihood 'studentt', which no loaded plugin provides"):
         load(path)
 
 

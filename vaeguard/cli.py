@@ -86,10 +86,21 @@ def _progress(total: int | None, show: bool, unit: str = "rows") -> Any:
     return tqdm(total=total, unit=unit, unit_scale=True, disable=not show, file=sys.stderr, dynamic_ncols=True)
 
 
+#: Environment variables holding the key that signs model files written by ``fit``, and the keys whose
+#: signatures every command that reads a model file accepts (whitespace-separated). Unset: no signing, no check.
+SIGNING_KEY_VARIABLE = "VAEGUARD_SIGNING_KEY"
+TRUSTED_KEYS_VARIABLE = "VAEGUARD_TRUSTED_KEYS"
+
+
+def _trusted_keys() -> list[str] | None:
+    keys = os.environ.get(TRUSTED_KEYS_VARIABLE, "").split()
+    return keys or None
+
+
 def _load_model(path: str, device: str = "auto") -> Any:
     from vaeguard.persistence import load
 
-    return load(path, device=device)
+    return load(path, device=device, trusted_keys=_trusted_keys())
 
 
 def _parse_param(values: tuple[str, ...]) -> dict[str, Any]:
@@ -187,7 +198,7 @@ def fit_command(
         settings["conditional"] = True
     det = VAEAnomalyDetector.from_config(preset, **settings) if preset else VAEAnomalyDetector(**settings)
     det.fit(frame, conditions)
-    digest = det.save(output)
+    digest = det.save(output, signing_key=os.environ.get(SIGNING_KEY_VARIABLE) or None)
     click.echo(
         f"wrote {output} (sha256 {digest[:12]}): {len(frame)} rows, {det.n_features_in_} features, "
         f"latent_dim={det.latent_dim_}, threshold {det.offset_:.3f} nats ({det.threshold_rule_['rule']})",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -557,7 +558,10 @@ class VAEAnomalyDetector(
         hidden_dims: list[int] | None,
         mask_input: bool = False,
         condition_dim: int = 0,
+        networks_on: str | None = None,
     ) -> VAE:
+        """The VAE of ``encoder``'s family around ``likelihood``; ``networks_on="meta"`` builds the networks
+        without memory (shapes only: what a model file's arrays must match before anything is allocated)."""
         family = get_part("encoders", encoder)
         options = {**(self.encoder_params or {}), "output_shape": likelihood.event_shape}
         if hidden_dims is not None:
@@ -573,7 +577,8 @@ class VAEAnomalyDetector(
         if mask_input:  # the mask is appended to the flattened input
             input_shape = (math.prod(input_shape) + math.prod(likelihood.event_shape),)
         try:
-            enc, dec = family(input_shape, latent_dim, likelihood.param_count, **options)
+            with torch.device(networks_on) if networks_on else contextlib.nullcontext():
+                enc, dec = family(input_shape, latent_dim, likelihood.param_count, **options)
         except TypeError as exc:
             raise ValueError(f"encoder {encoder!r} does not accept these options: {exc}") from exc
         return VAE(enc, dec, likelihood, latent_dim, mask_input=mask_input, condition_dim=condition_dim)
@@ -1155,11 +1160,16 @@ class VAEAnomalyDetector(
         return tags
 
     # -- persistence ---------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str]) -> str:
-        """Write the fitted model to an HDF5 model file atomically; returns its SHA-256 fingerprint."""
+    def save(self, path: str | os.PathLike[str], signing_key: bytes | str | None = None) -> str:
+        """Write the fitted model to an HDF5 model file atomically; returns its SHA-256 fingerprint.
+
+        With ``signing_key`` (at least 16 bytes, e.g. ``secrets.token_hex(32)``) the file is also
+        signed (HMAC-SHA256), so that ``vaeguard.load(path, trusted_keys=[key])`` can tell it was
+        written by a holder of the key; the plain SHA-256 only shows that it is intact.
+        """
         check_is_fitted(self)
         config, arrays = self.model_file_contents()
-        self.fingerprint_ = storage.write_model_file(path, config, arrays)
+        self.fingerprint_ = storage.write_model_file(path, config, arrays, signing_key=signing_key)
         return self.fingerprint_
 
     def model_file_contents(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -1231,21 +1241,24 @@ class VAEAnomalyDetector(
             raise ValueError(f"the model file declares {n_models} models; 1 to {MAX_STORED_MODELS} are allowed")
         est.model_spec_ = spec
         est.device_ = str(resolve_device(device))
+        architecture = (
+            spec["encoder"],
+            spec["latent_dim"],
+            spec["hidden_dims"],
+            spec.get("mask_input", False),
+            spec.get("condition_dim", 0),
+        )
+        encoder, latent_dim, hidden, mask_input, condition_dim = architecture
+        # the networks' shapes first, without memory: a file's arrays must match them before any is allocated
+        needed = est._build_model(
+            encoder, copy.deepcopy(likelihood), latent_dim, hidden, mask_input, condition_dim, networks_on="meta"
+        ).state_dict()
         models = []
         for prefix in ["model.", *(f"member{i}." for i in range(1, n_models))]:
-            model = est._build_model(
-                spec["encoder"],
-                copy.deepcopy(likelihood),
-                spec["latent_dim"],
-                spec["hidden_dims"],
-                spec.get("mask_input", False),
-                spec.get("condition_dim", 0),
-            )
-            state = {k[len(prefix) :]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith(prefix)}
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as exc:
-                raise ValueError(f"the model file's weights do not fit the network it describes: {exc}") from exc
+            state = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+            _check_weights(prefix, state, {k: tuple(v.shape) for k, v in needed.items()})
+            model = est._build_model(encoder, copy.deepcopy(likelihood), latent_dim, hidden, mask_input, condition_dim)
+            model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
             models.append(model.to(est.device_).eval())
         est.model_, est.models_ = models[0], models
         standardizer = None
@@ -1297,6 +1310,31 @@ class VAEAnomalyDetector(
 
 #: The most models a model file may hold (a guard against crafted files).
 MAX_STORED_MODELS = 64
+
+
+def _check_weights(prefix: str, state: dict[str, np.ndarray], needed: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a model file whose arrays under ``prefix`` are not exactly the network's (names and shapes)."""
+    missing, extra = sorted(set(needed) - set(state)), sorted(set(state) - set(needed))
+    problem = None
+    if missing:
+        problem = f"it lacks the array {prefix}{missing[0]}" + (
+            f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        )
+    elif extra:
+        problem = f"it holds the array {prefix}{extra[0]}, which the network does not have"
+    else:
+        for name, shape in needed.items():
+            if tuple(state[name].shape) != shape:
+                problem = f"array {prefix}{name} has shape {tuple(state[name].shape)}; the network needs {shape}"
+                break
+            if state[name].dtype.kind not in "biuf":
+                problem = f"array {prefix}{name} has dtype {state[name].dtype}, not numbers"
+                break
+            if state[name].dtype.kind == "f" and not np.isfinite(state[name]).all():
+                problem = f"array {prefix}{name} holds non-finite values"
+                break
+    if problem is not None:
+        raise ValueError(f"the model file's weights do not fit the network it describes: {problem}")
 
 
 def _stored_probe_thresholds(value: Any, n_models: int) -> list[float] | None:

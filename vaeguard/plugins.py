@@ -4,6 +4,12 @@ Built-ins are ordinary plugins registered through the same hooks as third-party
 packages, which declare ``[project.entry-points.vaeguard] name = "module"``. Set the
 environment variable ``VAEGUARD_LOAD_PLUGINS`` to a comma-separated list of entry-point
 names to load only those (an empty value loads none).
+
+A plugin that fails to load, or fails while registering its parts, does not stop the
+others: a lookup that finds its part among the healthy plugins succeeds (loading a model
+file needs only the parts it names), and a lookup that does not find it names the plugins
+that failed and those installed but left out by ``VAEGUARD_LOAD_PLUGINS``. Listing every
+part (``vaeguard plugins``) still raises :class:`PluginError` for a broken plugin.
 """
 
 from __future__ import annotations
@@ -81,19 +87,36 @@ def make_plugin_manager(*, load_entrypoints: bool = True) -> pluggy.PluginManage
     return pm
 
 
+@dataclass
+class Unloaded:
+    """Entry-point plugins a manager holds no parts from: ``failed`` (name → why) and ``disabled`` (names
+    installed but left out by ``VAEGUARD_LOAD_PLUGINS``)."""
+
+    failed: dict[str, str] = field(default_factory=dict)
+    disabled: list[str] = field(default_factory=list)
+
+
+def unloaded(pm: pluggy.PluginManager) -> Unloaded:
+    """The plugins of ``pm`` that failed to load or were disabled (none for a manager built elsewhere)."""
+    return getattr(pm, "vaeguard_unloaded", None) or Unloaded()
+
+
 def _load_entrypoints(pm: pluggy.PluginManager) -> None:
     from importlib.metadata import entry_points
 
     wanted = os.environ.get("VAEGUARD_LOAD_PLUGINS")
     allowed = None if wanted is None else {w.strip() for w in wanted.split(",") if w.strip()}
+    record = Unloaded()
+    pm.vaeguard_unloaded = record
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if allowed is not None and ep.name not in allowed:
+            record.disabled.append(ep.name)
             continue
         try:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
-        except Exception as exc:  # name the broken plugin instead of a bare traceback
+        except Exception as exc:  # recorded: the other plugins still serve, and a lookup names this one
             dist = ep.dist.name if ep.dist is not None else "unknown distribution"
-            raise PluginError(f"plugin {ep.name!r} from {dist} failed to load: {exc}") from exc
+            record.failed[ep.name] = f"plugin {ep.name!r} from {dist} failed to load: {exc}"
 
 
 _GLOBAL_PM: pluggy.PluginManager | None = None
@@ -125,49 +148,77 @@ class PluginRegistry:
     def __init__(self, pm: pluggy.PluginManager | None = None) -> None:
         self.pm = pm if pm is not None else get_plugin_manager()
 
-    def _collect(self, kind: str) -> dict[str, PartEntry]:
+    def _collect(self, kind: str) -> tuple[dict[str, PartEntry], list[str]]:
+        """(the parts of one kind by name, the failures of plugins whose registration broke).
+
+        A plugin's parts count only when its whole registration succeeded; a name two
+        plugins register is a failure of the second.
+        """
         hook_name, noun = PART_KINDS[kind]
         entries: dict[str, PartEntry] = {}
+        failures: list[str] = []
         hook = getattr(self.pm.hook, hook_name)
         # In registration order: built-ins first.
         for impl in hook.get_hookimpls():
+            mine: dict[str, PartEntry] = {}
 
-            def register(name: str, factory: Any, _plugin: str = impl.plugin_name) -> None:
+            def register(name: str, factory: Any, _plugin: str = impl.plugin_name, _mine: dict = mine) -> None:
                 if not isinstance(name, str) or not name:
                     raise PluginError(f"plugin {_plugin!r} registered a {noun} with an invalid name {name!r}")
-                if name in entries:
+                if name in entries or name in _mine:
+                    first = entries[name].plugin if name in entries else _plugin
                     raise PluginError(
-                        f"{noun} {name!r} is registered twice: by plugin {entries[name].plugin!r} "
-                        f"and by plugin {_plugin!r}"
+                        f"{noun} {name!r} is registered twice: by plugin {first!r} and by plugin {_plugin!r}"
                     )
-                entries[name] = PartEntry(name, factory, _plugin)
+                _mine[name] = PartEntry(name, factory, _plugin)
 
             try:
                 impl.function(register=register)
-            except PluginError:
-                raise
+            except PluginError as exc:
+                failures.append(str(exc))
+                continue
             except Exception as exc:
-                raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {exc}") from exc
-        return entries
+                failures.append(f"plugin {impl.plugin_name!r} failed in {hook_name}: {exc}")
+                continue
+            entries.update(mine)
+        return entries, failures
 
     def entries(self, kind: str) -> dict[str, PartEntry]:
-        """All parts of one kind (``"encoders"``, ``"likelihoods"``, ...), by name."""
+        """All parts of one kind (``"encoders"``, ``"likelihoods"``, ...), by name; a ``PluginError`` names a
+        plugin that failed to load or to register its parts."""
         if kind not in PART_KINDS:
             raise ValueError(f"unknown kind of part {kind!r}; known kinds: {', '.join(PART_KINDS)}")
-        return self._collect(kind)
+        entries, failures = self._collect(kind)
+        failures = [*unloaded(self.pm).failed.values(), *failures]
+        if failures:
+            raise PluginError(failures[0])
+        return entries
 
     def names(self, kind: str) -> list[str]:
         """Sorted names of the parts of one kind."""
         return sorted(self.entries(kind))
 
     def get(self, kind: str, name: str) -> Any:
-        """The factory registered under ``name``; a ``ValueError`` lists the known names."""
-        entries = self.entries(kind)
-        if name not in entries:
-            noun = PART_KINDS[kind][1]
-            known = ", ".join(sorted(entries)) or "(none)"
-            raise ValueError(f"unknown {noun} {name!r}; known {kind}: {known}")
-        return entries[name].factory
+        """The factory registered under ``name`` by a healthy plugin (a broken one elsewhere does not matter).
+
+        A ``ValueError`` lists the known names and, where they may be the cause, the plugins
+        that failed to load or register and those disabled by ``VAEGUARD_LOAD_PLUGINS``.
+        """
+        if kind not in PART_KINDS:
+            raise ValueError(f"unknown kind of part {kind!r}; known kinds: {', '.join(PART_KINDS)}")
+        entries, failures = self._collect(kind)
+        if name in entries:
+            return entries[name].factory
+        noun = PART_KINDS[kind][1]
+        known = ", ".join(sorted(entries)) or "(none)"
+        message = f"unknown {noun} {name!r}; known {kind}: {known}"
+        record = unloaded(self.pm)
+        if record.disabled:
+            message += f"; installed but disabled by VAEGUARD_LOAD_PLUGINS: {', '.join(record.disabled)}"
+        broken = [*record.failed.values(), *failures]
+        if broken:
+            message += f"; a broken plugin may provide it: {'; '.join(broken)}"
+        raise ValueError(message)
 
     def commands_by_plugin(self) -> dict[str, list[str]]:
         """Which click commands each plugin adds, found by letting it add them to a scratch group."""

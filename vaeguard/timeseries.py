@@ -268,10 +268,11 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
         out = labels(values)
         return pd.Series(out, index=values.index, name="label") if isinstance(values, pd.Series) else out
 
-    def save(self, path: str | os.PathLike[str]) -> str:
+    def save(self, path: str | os.PathLike[str], signing_key: bytes | str | None = None) -> str:
         """Write the fitted detector to an HDF5 model file atomically; returns its SHA-256 fingerprint.
 
-        :func:`vaeguard.load` reads it back.
+        :func:`vaeguard.load` reads it back; ``signing_key`` signs the file as
+        :meth:`VAEAnomalyDetector.save` does.
         """
         check_is_fitted(self)
         window_config, arrays = self.window_model_.model_file_contents()
@@ -285,7 +286,7 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
             "fitted": {"window_": self.window_, "n_channels_": self.n_channels_, "offset_": self.offset_},
             "window_model": window_config,
         }
-        self.fingerprint_ = storage.write_model_file(path, config, arrays)
+        self.fingerprint_ = storage.write_model_file(path, config, arrays, signing_key=signing_key)
         return self.fingerprint_
 
     @classmethod
