@@ -367,3 +367,85 @@ def test_a_codec_sees_a_coding_model_not_the_estimator(binary_model, digits):
         pm.unregister(name="raw-codec-test")
     assert len(seen) == 2 and all(isinstance(m, CodingModel) for m in seen)
     assert seen[0].network is binary_model.model_ and seen[0].latent_dim == binary_model.latent_dim_
+
+
+# -- hostile containers (issue 17): every change is caught before decoding, whatever the codec ---------
+def _containers(binary_model, level_model, digits):
+    bits = (digits[1][:12] >= 8).astype(np.uint8)
+    return [
+        (binary_model, compress(binary_model, bits)),
+        (level_model, compress(level_model, digits[1][:12], codec="latent")),
+    ]
+
+
+def _with_header(blob: bytes, change) -> bytes:
+    """``blob`` with its header edited in place by ``change(dict)`` and the container's SHA-256 recomputed (as a
+    deliberate edit would), so that only the header's own checks can catch it."""
+    import hashlib
+    import json
+    import struct
+
+    (length,) = struct.unpack("<I", blob[4:8])
+    header = json.loads(blob[8 : 8 + length])
+    change(header)  # edits the header in place
+    encoded = json.dumps(header).encode()
+    front = blob[:4] + struct.pack("<I", len(encoded)) + encoded + blob[8 + length : 8 + length + 64]
+    payload = blob[8 + length + 96 :]
+    return front + hashlib.sha256(front + payload).digest() + payload
+
+
+def test_any_damage_to_a_container_is_caught_before_decoding(binary_model, level_model, digits):
+    rng = np.random.default_rng(0)
+    for model, blob in _containers(binary_model, level_model, digits):
+        damaged = [blob[:-1], blob[:-4], blob[: len(blob) // 2], blob[:20]]
+        for position in rng.choice(len(blob) - 4, 12, replace=False) + 4:  # a flipped bit anywhere after the magic
+            flipped = bytearray(blob)
+            flipped[position] ^= 1 << int(rng.integers(8))
+            damaged.append(bytes(flipped))
+        for bad in damaged:
+            with pytest.raises(ValueError, match="truncated or altered|header is invalid"):
+                decompress(model, bad)
+
+
+def test_header_fields_are_checked_one_by_one(binary_model, level_model, digits):
+    model, blob = _containers(binary_model, level_model, digits)[0]
+    for key in ("n_samples", "codec_params", "kind", "shape", "info", "codec", "dtype"):
+        with pytest.raises(ValueError, match=f"header is invalid: '{key}' is missing"):
+            decompress(model, _with_header(blob, lambda h, key=key: h.pop(key)))
+    for change, match in [
+        (lambda h: h.update(kind="frame"), "'columns' is missing"),
+        (lambda h: h.update(n_samples=-1), "'n_samples' must be"),
+        (lambda h: h.update(shape=[5, 8, 8]), "does not start with n_samples"),
+        (lambda h: h.update(dtype="O"), "'dtype' must be a numeric dtype"),
+        (lambda h: h.update(extra=1), "'extra' is not a known entry"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            decompress(model, _with_header(blob, change))
+
+
+def test_a_header_cannot_declare_more_samples_than_memory_holds(binary_model, level_model, digits):
+    import time
+
+    model, blob = _containers(binary_model, level_model, digits)[0]
+    crafted = _with_header(blob, lambda h: h.update(n_samples=10**11, shape=[10**11, 8, 8]))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="declares 100000000000 samples .* more than this machine's memory"):
+        decompress(model, crafted)
+    assert time.perf_counter() - start < 5
+
+
+def test_long_headers_and_version_1_containers(level_model):
+    import struct
+
+    rng = np.random.default_rng(0)
+    labels = np.array(["red", "green", "blue"])[rng.integers(0, 3, size=(30, 2))]
+    frame = pd.DataFrame(labels, columns=["a" * 40_000, "b" * 40_000])
+    det = VAEAnomalyDetector(epochs=2, random_state=0, device="cpu").fit(frame)
+    blob = compress(det, frame)  # a header over 65 535 bytes
+    pd.testing.assert_frame_equal(decompress(det, blob).astype(str), frame)
+    # a version 1 container (uint16 header length, no container SHA-256) still decodes
+    images = np.asarray(level_model.sample(3))
+    v2 = compress(level_model, images, codec="latent")
+    (length,) = struct.unpack("<I", v2[4:8])
+    v1 = b"VGZ1" + struct.pack("<H", length) + v2[8 : 8 + length + 64] + v2[8 + length + 96 :]
+    np.testing.assert_array_equal(decompress(level_model, v1), decompress(level_model, v2))

@@ -2,23 +2,28 @@
 
 The container is a documented binary layout, kept small because it is paid for by every file::
 
-    b"VGZ1"                       magic and format version 1
-    uint16, little-endian          length of the header
+    b"VGZ2"                       magic and format version 2
+    uint32, little-endian          length of the header
     header                         compact UTF-8 JSON: codec, codec_params, n_samples, kind
                                    ("array" or "frame"), shape, dtype, columns (frames), info
                                    (what the codec reports, e.g. its initial bits)
     32 bytes                       SHA-256 fingerprint of the model (its model file's digest)
     32 bytes                       SHA-256 of the original data (:func:`data_digest`)
+    32 bytes                       SHA-256 of the container: every byte before it, and the payload
     payload                        the codec's bytes
 
-A damaged or truncated payload is caught when it does not decode to data with the
-recorded SHA-256 (the bitsback decoder also checks that its stack ends where it began).
+Any damage (a flipped bit, a truncation, an edited header), whatever the codec, is caught
+by the container's SHA-256 before anything is decoded; a lossless codec's output is also
+checked against the data's SHA-256. The header is checked field by field (one line naming
+the field) and may not declare more decoded data than this machine's memory holds.
+Version 1 containers (``VGZ1``: a uint16 header length, no container SHA-256) still decode.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Callable
@@ -34,7 +39,9 @@ from vaeguard.plugins import build_part
 if TYPE_CHECKING:  # for type hints only: this module reaches the estimator lazily
     from vaeguard.estimators import VAEAnomalyDetector
 
-MAGIC = b"VGZ1"
+MAGIC = b"VGZ2"
+#: Containers of format version 1 (uint16 header length, no container SHA-256): still read.
+MAGIC_V1 = b"VGZ1"
 
 
 def _estimator(model: Any) -> Any:
@@ -129,28 +136,101 @@ def compress(
     else:
         header["dtype"] = original.dtype.str
     encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    digests = bytes.fromhex(model_fingerprint(det)) + bytes.fromhex(data_digest(original))
-    return MAGIC + struct.pack("<H", len(encoded)) + encoded + digests + payload
+    front = MAGIC + struct.pack("<I", len(encoded)) + encoded
+    front += bytes.fromhex(model_fingerprint(det)) + bytes.fromhex(data_digest(original))
+    return front + hashlib.sha256(front + payload).digest() + payload
+
+
+#: Header entries every container has, and those of an array's and a frame's.
+HEADER_KEYS = {"codec", "codec_params", "n_samples", "kind", "shape", "info"}
+HEADER_KEYS_BY_KIND = {"array": {"dtype"}, "frame": {"columns"}}
+
+
+def _check_header(header: Any) -> dict[str, Any]:
+    """The header's fields, each of the right type and consistent with the others; else one ``ValueError``."""
+
+    def bad(field: str, problem: str) -> ValueError:
+        return ValueError(f"the compressed file's header is invalid: {field} {problem}")
+
+    if not isinstance(header, dict):
+        raise bad("the header", "is not a JSON object")
+    kind = header.get("kind")
+    if "kind" not in header:
+        raise bad("'kind'", "is missing")
+    if kind not in HEADER_KEYS_BY_KIND:
+        raise bad("'kind'", f"must be 'array' or 'frame', got {kind!r}")
+    expected = HEADER_KEYS | HEADER_KEYS_BY_KIND[kind]
+    for key in sorted(expected - set(header)):
+        raise bad(f"{key!r}", "is missing")
+    for key in sorted(set(header) - expected):
+        raise bad(f"{key!r}", "is not a known entry")
+    if not isinstance(header["codec"], str):
+        raise bad("'codec'", "must be text")
+    for key in ("codec_params", "info"):
+        if not isinstance(header[key], dict):
+            raise bad(f"{key!r}", "must be a JSON object")
+    n = header["n_samples"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise bad("'n_samples'", f"must be a whole number ≥ 0, got {n!r}")
+    shape = header["shape"]
+    whole = isinstance(shape, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in shape)
+    if not whole or not shape:
+        raise bad("'shape'", f"must be a list of whole numbers ≥ 0, got {shape!r}")
+    if shape[0] != n:
+        raise bad("'shape'", f"{shape} does not start with n_samples = {n}")
+    if kind == "frame":
+        columns = header["columns"]
+        if not (isinstance(columns, list) and all(isinstance(c, str) for c in columns)):
+            raise bad("'columns'", "must be a list of names")
+        if len(shape) != 2 or len(columns) != shape[1]:
+            raise bad("'columns'", f"name {len(columns)} columns but the shape is {shape}")
+    else:
+        try:
+            dtype = np.dtype(header["dtype"])
+        except TypeError:
+            dtype = np.dtype(object)
+        if dtype.kind not in "biuf":
+            raise bad("'dtype'", f"must be a numeric dtype, got {header['dtype']!r}")
+    return header
 
 
 def read_header(data: bytes) -> tuple[dict[str, Any], bytes]:
     """``(header, payload)`` of a container; the header gains ``model_sha256`` and ``data_sha256`` (hex).
 
-    Raises ``ValueError`` for data that is not a vaeguard container or whose header is cut.
+    Checks the container's SHA-256 (format 2) and the header's fields. Raises ``ValueError``
+    for data that is not a vaeguard container, is truncated or altered, or whose header is invalid.
     """
-    if len(data) < 6 or data[:4] != MAGIC:
-        raise ValueError("not a vaeguard compressed file (it does not start with VGZ1)")
-    (length,) = struct.unpack("<H", data[4:6])
-    end = 6 + length
+    if len(data) < 6 or data[:4] not in (MAGIC, MAGIC_V1):
+        raise ValueError("not a vaeguard compressed file (it does not start with VGZ2 or VGZ1)")
+    version1 = data[:4] == MAGIC_V1
+    start = 6 if version1 else 8
+    if len(data) < start:
+        raise ValueError("the compressed file is truncated or altered")
+    (length,) = struct.unpack("<H" if version1 else "<I", data[4:start])
+    end = start + length
+    digests = 64 if version1 else 96
+    if len(data) < end + digests:
+        raise ValueError("the compressed file is truncated or altered")
+    if not version1:
+        stored = data[end + 64 : end + 96]
+        if hashlib.sha256(data[: end + 64] + data[end + 96 :]).digest() != stored:
+            raise ValueError("the compressed file is truncated or altered: its SHA-256 does not match its contents")
     try:
-        header = json.loads(data[6:end].decode())
+        header = json.loads(data[start:end].decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError("the compressed file's header is truncated or altered") from exc
-    if len(data) < end + 64 or not isinstance(header, dict) or "codec" not in header:
-        raise ValueError("the compressed file is truncated or altered")
+    header = _check_header(header)
     header["model_sha256"] = data[end : end + 32].hex()
     header["data_sha256"] = data[end + 32 : end + 64].hex()
-    return header, data[end + 64 :]
+    return header, data[end + digests :]
+
+
+def _memory_bytes() -> int | None:
+    """This machine's physical memory in bytes, where the system says it (None elsewhere)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def decompress(model: Any, data: bytes, progress: Callable[[int], None] | None = None) -> Any:
@@ -169,6 +249,14 @@ def decompress(model: Any, data: bytes, progress: Callable[[int], None] | None =
         raise ValueError(
             f"this data was compressed with the model {header['model_sha256'][:12]}…, not with this one "
             f"({mine[:12]}…); decompress it with the model file that compressed it"
+        )
+    n = header["n_samples"]
+    decoded = n * math.prod(det.coding_model().network.likelihood.event_shape) * 8  # float64 model-space values
+    memory = _memory_bytes()
+    if memory is not None and decoded > memory:
+        raise ValueError(
+            f"the compressed file declares {n} samples ({decoded / 2**30:.1f} GiB decoded), more than this "
+            f"machine's memory ({memory / 2**30:.1f} GiB): it is altered, or meant for a larger machine"
         )
     coder = build_part("codecs", header["codec"], header["codec_params"], "parameters")
     try:
