@@ -406,3 +406,87 @@ def test_score_file_is_a_library_job_that_resumes_where_it_stopped(tmp_path):
     pd.testing.assert_frame_equal(
         pd.read_parquet(tmp_path / "out.parquet"), pd.read_parquet(tmp_path / "whole.parquet")
     )
+
+
+@pytest.fixture(scope="module")
+def small_job(tmp_path_factory):
+    from vaeguard import VAEAnomalyDetector
+
+    folder = tmp_path_factory.mktemp("job")
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(250, 3)).round(6), columns=["a", "b", "c"])
+    frame.to_csv(folder / "in.csv", index=False)
+    det = VAEAnomalyDetector(epochs=3, hidden_dims=[16], latent_dim=2, n_importance_samples=8, random_state=0)
+    det.fit(frame)
+    det.save(folder / "m.h5")
+    return det, folder
+
+
+def test_a_second_writer_of_the_same_output_is_refused(small_job, tmp_path):
+    from vaeguard.batch import score_file
+    from vaeguard.data import DataError, Source, output_lock
+
+    det, folder = small_job
+    source = Source.parse(str(folder / "in.csv"))
+    out = tmp_path / "out.csv"
+    with output_lock(out):  # another run is writing it
+        with pytest.raises(DataError, match="another run is writing .*out.csv"):
+            score_file(det, source, str(out), chunk_rows=100)
+        assert not out.exists()
+    run = score_file(det, source, str(out), chunk_rows=100)  # free again
+    assert run.rows == 250 and len(pd.read_csv(out)) == 250
+    assert not (tmp_path / "out.csv.lock").exists()
+
+
+def test_a_resume_refuses_an_input_whose_scored_part_changed(small_job, tmp_path):
+    """An edit that keeps the file's size and modification time (cp -p, rsync) is still seen: the partial
+    run recorded a digest of the rows it scored."""
+    from vaeguard.batch import score_file
+    from vaeguard.data import DataError, Source
+
+    det, folder = small_job
+    data = tmp_path / "in.csv"
+    data.write_bytes((folder / "in.csv").read_bytes())
+    source = Source.parse(str(data))
+
+    class Stop(Exception):
+        pass
+
+    def stop(rows):
+        if rows:
+            raise Stop
+
+    with pytest.raises(Stop):
+        score_file(det, source, str(tmp_path / "out.csv"), chunk_rows=100, progress=stop)
+    stat = data.stat()
+    text = data.read_text().splitlines()
+    first = text[1].split(",")
+    first[0] = first[0].replace(first[0][-1], "7" if first[0][-1] != "7" else "8")  # one digit, same length
+    data.write_text("\n".join([text[0], ",".join(first), *text[2:]]) + "\n")
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert data.stat().st_size == stat.st_size and data.stat().st_mtime_ns == stat.st_mtime_ns
+    with pytest.raises(DataError, match="has changed in its first 100 rows"):
+        score_file(det, Source.parse(str(data)), str(tmp_path / "out.csv"), chunk_rows=100, resume=True)
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet", "stdout"])
+def test_an_input_without_rows_gives_the_result_columns_and_no_rows(small_job, tmp_path, suffix):
+    import io
+
+    from vaeguard.batch import score_file
+    from vaeguard.data import Source
+
+    det, _ = small_job
+    (tmp_path / "empty.csv").write_text("a,b,c\n")
+    source = Source.parse(str(tmp_path / "empty.csv"))
+    columns = ["id", "log_likelihood", "decision", "is_outlier", "log_likelihood_std", "pareto_k"]
+    if suffix == "stdout":
+        stream = io.StringIO()
+        score_file(det, source, None, stream=stream)
+        assert stream.getvalue().strip() == ",".join(columns)
+        return
+    out = tmp_path / f"out.{suffix}"
+    run = score_file(det, source, str(out))
+    assert run.rows == 0
+    result = pd.read_csv(out) if suffix == "csv" else pd.read_parquet(out)
+    assert list(result.columns) == columns and len(result) == 0

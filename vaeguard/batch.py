@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
@@ -10,7 +11,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from vaeguard.data import DataError, ResumableWriter, Source, iter_chunks
+from vaeguard.data import DataError, ResumableWriter, Source, chunk_digest, iter_chunks, output_lock
 from vaeguard.detector import decision, is_outlier
 
 if TYPE_CHECKING:  # for type hints only: this module reaches the estimator lazily
@@ -175,11 +176,64 @@ def score_file(
         "n_samples": n_samples,
         "on_bad_row": on_bad_row,
     }
+    with contextlib.ExitStack() as stack:
+        if output is not None:
+            stack.enter_context(output_lock(output))  # one writer per output: a second run is refused at once
+        options = {"id_column": id_column, "n_samples": n_samples, "explain": explain, "on_bad_row": on_bad_row}
+        return _score_file(det, source, output, settings, chunk_rows, options, resume, progress, notify, stream)
+
+
+def _input_prefix_digest(source: Source, chunk_rows: int, rows: int) -> str:
+    """The chained digest (:func:`chunk_digest`) of the first ``rows`` rows of ``source``, read in chunks."""
+    digest, seen = "", 0
+    if rows == 0:
+        return digest
+    for chunk in iter_chunks(source, chunk_rows):
+        digest, seen = chunk_digest(chunk, digest), seen + len(chunk)
+        if seen >= rows:
+            break
+    return digest
+
+
+def empty_results(det: VAEAnomalyDetector, explain: bool = False) -> pd.DataFrame:
+    """The result columns of :func:`score_chunk` with no rows (for an input without rows)."""
+    columns = {
+        "id": pd.Series(dtype=np.int64),
+        "log_likelihood": pd.Series(dtype=np.float64),
+        "decision": pd.Series(dtype=np.float64),
+        "is_outlier": pd.Series(dtype="boolean"),
+        "log_likelihood_std": pd.Series(dtype=np.float64),
+        "pareto_k": pd.Series(dtype=np.float64),
+    }
+    if explain:
+        columns["top_features"] = pd.Series(dtype=object)
+    return pd.DataFrame(columns)
+
+
+def _score_file(
+    det: VAEAnomalyDetector,
+    source: Source,
+    output: str | None,
+    settings: dict[str, Any],
+    chunk_rows: int,
+    options: dict[str, Any],
+    resume: bool,
+    progress: Callable[[int], Any] | None,
+    notify: Callable[[str], Any] | None,
+    stream: IO[str] | None,
+) -> ScoreRun:
     writer = None if output is None else ResumableWriter(output, settings)
     start = skipped = resumed_from = 0
+    digest = ""
     if writer is not None:
         if resume and writer.resume():
             start, skipped = writer.rows_done, int(writer.extra.get("skipped", 0))
+            digest = _input_prefix_digest(source, chunk_rows, start)
+            if digest != writer.extra.get("input_sha256"):
+                raise DataError(
+                    f"{source} has changed in its first {start} rows since the partial run scored them "
+                    "(or the partial output predates this check); run without --resume to start over"
+                )
             resumed_from = start
             if notify is not None:
                 notify(f"resuming after row {start}")
@@ -191,26 +245,25 @@ def score_file(
     for chunk in iter_chunks(source, chunk_rows, start_row=start):
         if first and hasattr(chunk, "columns"):
             check_columns(det, [str(c) for c in chunk.columns], str(source))
-            if id_column is not None and id_column not in chunk.columns:
-                raise DataError(f"{source} has no column {id_column!r} for --id-column")
-        results, bad = score_chunk(
-            det,
-            chunk,
-            row_offset=start,
-            id_column=id_column,
-            n_samples=n_samples,
-            explain=explain,
-            on_bad_row=on_bad_row,
-        )
+            if options["id_column"] is not None and options["id_column"] not in chunk.columns:
+                raise DataError(f"{source} has no column {options['id_column']!r} for --id-column")
+        results, bad = score_chunk(det, chunk, row_offset=start, **options)
         skipped += bad
         start += len(chunk)
+        digest = chunk_digest(chunk, digest)
         if writer is None:
             results.to_csv(stream, index=False, header=first)
         else:
-            writer.write(results, len(chunk), skipped=skipped)
+            writer.write(results, len(chunk), skipped=skipped, input_sha256=digest)
         first = False
         if progress is not None:
             progress(len(chunk))
+    if start == 0:  # an input without rows: the result columns and no rows, whatever the format
+        empty = empty_results(det, options["explain"])
+        if writer is None:
+            empty.to_csv(stream, index=False)
+        else:
+            writer.write(empty, 0, skipped=0, input_sha256=digest)
     if writer is not None:
         writer.finish()
     return ScoreRun(start, skipped, resumed_from)

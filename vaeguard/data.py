@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -286,6 +288,54 @@ def _output_format(path: Path) -> str:
     if suffix in (".csv", ".tsv", ".txt"):
         return "csv"
     raise DataError(f"{str(path)!r}: write results to a .csv or .parquet file (or '-' for stdout)")
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on writing ``path`` (a lock file ``PATH.lock`` beside it) for the block.
+
+    A second run writing the same output while the first holds the lock is refused with a
+    ``DataError`` at once (no waiting, no interleaved rows). The lock file is removed when the
+    block ends; a lock left by a killed run holds no lock and is taken over.
+    """
+    import fcntl
+
+    lock = Path(path).with_name(Path(path).name + ".lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataError(
+                f"another run is writing {str(path)!r} (it holds {str(lock)!r}); wait for it to end or choose "
+                "another output"
+            ) from None
+        try:  # the file may have been removed (and another made) by a run that just finished: lock the current one
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def chunk_digest(chunk: pd.DataFrame | np.ndarray, previous: str = "") -> str:
+    """SHA-256 (hex) chaining ``previous`` with the contents of an input chunk: its column names and values
+    (pandas' row hashes) or an array's dtype, shape and bytes. Equal chains mean equal inputs, chunk by chunk."""
+    h = hashlib.sha256(previous.encode())
+    if isinstance(chunk, pd.DataFrame):
+        h.update(json.dumps([str(c) for c in chunk.columns]).encode())
+        h.update(pd.util.hash_pandas_object(chunk, index=False).to_numpy().tobytes())
+    else:
+        a = np.ascontiguousarray(chunk)
+        h.update(f"{a.dtype.str}{a.shape}".encode() + a.tobytes())
+    return h.hexdigest()
 
 
 class ResumableWriter:
