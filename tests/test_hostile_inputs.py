@@ -285,3 +285,22 @@ def test_the_command_line_signs_and_checks_through_the_environment(table, tmp_pa
     crafted = _crafted_config(table, tmp_path, lambda c: c["fitted"].update(offset_=float("nan")))
     out = runner.invoke(cli, ["score", str(crafted), str(data), "-o", str(tmp_path / "out2.csv")])
     assert out.exit_code == 2 and "fitted.offset_" in out.output and "Traceback" not in out.output
+
+
+def test_the_fuzzing_campaign_ends_in_clear_errors_or_correct_results(tmp_path):
+    """benchmarks/fuzz.py (crafted model files, containers and tables, each under a time and an
+    address-space limit, in its own process): no traceback, no silent wrong result, no hang, no blow-up."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = (tmp_path / "fuzz.md").read_text()
+    total = re.search(r"\| \*\*all\*\* \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|", report)
+    cases, clear, handled, *bad = (int(v) for v in total.groups())
+    assert cases > 900 and clear + handled == cases and bad == [0, 0, 0, 0], report[:3000]

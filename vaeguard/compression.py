@@ -157,7 +157,7 @@ def _check_header(header: Any) -> dict[str, Any]:
     kind = header.get("kind")
     if "kind" not in header:
         raise bad("'kind'", "is missing")
-    if kind not in HEADER_KEYS_BY_KIND:
+    if not isinstance(kind, str) or kind not in HEADER_KEYS_BY_KIND:
         raise bad("'kind'", f"must be 'array' or 'frame', got {kind!r}")
     expected = HEADER_KEYS | HEADER_KEYS_BY_KIND[kind]
     for key in sorted(expected - set(header)):

@@ -50,6 +50,10 @@ _FITTED_OPTIONAL = {
     *("column_coder_", "feature_names_in_", "image_shape_", "image_dtype_", "pixel_levels_", "column_types_"),
     *("condition_encoder_", "active_units_", "n_models_", "probe_thresholds_"),
 }
+#: The kinds a table's column may have (``column_types_``).
+COLUMN_KINDS = ("continuous", "lattice", "constant", "categorical")
+#: The largest probe threshold a model file may declare (nats; fitted ones are a few nats).
+MAX_PROBE_THRESHOLD = 1e6
 _THRESHOLD_RULES = {"offset": {"offset"}, "contamination": {"contamination"}, "fpr": {"fpr", "n_normal_rows"}}
 
 
@@ -113,9 +117,15 @@ def _sequence(value: Any, field: str, length: int | None = None, max_length: int
 
 
 def check_params(estimator: type, params: Any, field: str = "params") -> None:
-    """A detector's constructor arguments: known names, and values its constraints accept."""
-    known = set(estimator().get_params(deep=False))
-    _mapping(params, field, set(), known)
+    """A detector's constructor arguments: known names, values its constraints accept, finite numbers, and
+    true/false only where the default is."""
+    defaults = estimator().get_params(deep=False)
+    _mapping(params, field, set(), set(defaults))
+    for name, value in params.items():
+        if isinstance(value, bool) and not isinstance(defaults[name], bool):
+            raise _fail(f"{field}.{name}", f"must not be {value} (a boolean where the parameter takes another type)")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _fail(f"{field}.{name}", f"must be a finite number, got {value!r}")
     constraints = {k: v for k, v in getattr(estimator, "_parameter_constraints", {}).items() if k in params}
     try:
         validate_parameter_constraints(constraints, params, caller_name=estimator.__name__)
@@ -131,7 +141,7 @@ def check_params(estimator: type, params: Any, field: str = "params") -> None:
     bounded = {"latent_dim": "latent_dim", "n_importance_samples": "importance_samples", "n_models": "models"}
     for name, limit in bounded.items():
         value = params.get(name)
-        if isinstance(value, Integral) and not isinstance(value, bool):
+        if value is not None and not isinstance(value, str):  # "auto" is checked by the constraints above
             _integer(value, f"{field}.{name}", 1, LIMITS[limit])
 
 
@@ -184,12 +194,16 @@ def _check_fitted(fitted: Any, spec: dict[str, Any], arrays: dict[str, np.ndarra
     _number(fitted["offset_"], f"{field}.offset_")
     rule = fitted["threshold_rule_"]
     _mapping(rule, f"{field}.threshold_rule_", {"rule"}, {key for keys in _THRESHOLD_RULES.values() for key in keys})
-    if rule["rule"] not in _THRESHOLD_RULES:
+    if not isinstance(rule["rule"], str) or rule["rule"] not in _THRESHOLD_RULES:
         known = ", ".join(_THRESHOLD_RULES)
         raise _fail(f"{field}.threshold_rule_.rule", f"must be one of {known}, got {rule['rule']!r}")
     _mapping(rule, f"{field}.threshold_rule_", {"rule", *_THRESHOLD_RULES[rule["rule"]]})
     for key in _THRESHOLD_RULES[rule["rule"]]:
-        _number(rule[key], f"{field}.threshold_rule_.{key}")
+        value = _number(rule[key], f"{field}.threshold_rule_.{key}")
+        if key in ("contamination", "fpr") and not 0 < value < 1:
+            raise _fail(f"{field}.threshold_rule_.{key}", f"must be in (0, 1), got {value!r}")
+        if key == "n_normal_rows" and (value < 1 or value != int(value)):
+            raise _fail(f"{field}.threshold_rule_.{key}", f"must be a whole number ≥ 1, got {value!r}")
     _integer(fitted["score_seed_"], f"{field}.score_seed_", 0, 2**32 - 1)
     if _integer(fitted["latent_dim_"], f"{field}.latent_dim_", 1) != spec["latent_dim"]:
         raise _fail(
@@ -248,12 +262,41 @@ def _check_fitted(fitted: Any, spec: dict[str, Any], arrays: dict[str, np.ndarra
     if kinds is not None:
         for i, record in enumerate(_sequence(kinds, f"{field}.column_types_", length=n)):
             _mapping(record, f"{field}.column_types_[{i}]", {"kind", "reason"})
-            _text(record["kind"], f"{field}.column_types_[{i}].kind")
+            if record["kind"] not in COLUMN_KINDS:
+                raise _fail(f"{field}.column_types_[{i}].kind", f"must be one of {', '.join(COLUMN_KINDS)}")
             _text(record["reason"], f"{field}.column_types_[{i}].reason")
     conditions = fitted.get("condition_encoder_")
     if conditions is not None:
         _check_conditions(conditions, f"{field}.condition_encoder_")
+    thresholds = fitted.get("probe_thresholds_")
+    if isinstance(thresholds, list):
+        for i, value in enumerate(thresholds):
+            if isinstance(value, Real) and not isinstance(value, bool) and value > MAX_PROBE_THRESHOLD:
+                raise _fail(f"{field}.probe_thresholds_[{i}]", f"must be at most {MAX_PROBE_THRESHOLD:g} nats")
     _check_standardizer(arrays, n)
+    _check_latent_arrays(arrays, spec["latent_dim"])
+
+
+def _check_latent_arrays(arrays: dict[str, np.ndarray], k: int) -> None:
+    """The latent space's summaries: per-dimension variances and KLs (k,) ≥ 0, and the aggregate posterior's
+    mixture (weights (m,) ≥ 0 summing to 1, means (m, k), covariances (m, k, k)), all finite."""
+    shapes = {"latent.variance": (k,), "latent.kl_per_dimension": (k,)}
+    weights = arrays.get("aggregate.weights")
+    if any(name.startswith("aggregate.") for name in arrays):
+        m = weights.shape[0] if weights is not None and weights.ndim == 1 else -1
+        shapes |= {"aggregate.weights": (m,), "aggregate.means": (m, k), "aggregate.covariances": (m, k, k)}
+    for name, shape in shapes.items():
+        if name not in arrays:
+            if name.startswith("aggregate."):
+                raise _fail(f"arrays/{name}", "is missing")
+            continue
+        a = arrays[name]
+        if a.shape != shape or a.dtype.kind not in "biuf" or not np.isfinite(a).all():
+            raise _fail(f"arrays/{name}", f"must hold finite numbers of shape {shape}, got {a.dtype} {a.shape}")
+        if name != "aggregate.means" and name != "aggregate.covariances" and (a < 0).any():
+            raise _fail(f"arrays/{name}", "must not be negative")
+    if weights is not None and not math.isclose(float(weights.sum()), 1.0, rel_tol=1e-6):
+        raise _fail("arrays/aggregate.weights", f"must sum to 1, not {float(weights.sum())!r}")
 
 
 def _check_conditions(value: Any, field: str) -> None:
@@ -315,7 +358,7 @@ def check_model_file(config: Any, arrays: dict[str, np.ndarray], detectors: dict
     if not isinstance(config, dict):
         raise _fail("the configuration", f"must be a JSON object, got {type(config).__name__}")
     name = config.get("estimator")
-    if name not in detectors:
+    if not isinstance(name, str) or name not in detectors:
         raise _fail("estimator", f"is {name!r}; known: {', '.join(detectors)}")
     if "window_model" in config or name != "VAEAnomalyDetector":
         _mapping(config, "", _SERIES_KEYS)

@@ -195,8 +195,9 @@ def _checked_datasets(path: Path, f: Any) -> dict[str, Any]:
         link = group.get(name, getlink=True)
         if not isinstance(link, h5py.HardLink):
             kind = type(link).__name__.replace("Link", " link").lower()
+            kind = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
             where = "to another place or file; only data stored in the file itself is read"
-            raise _refuse(path, f"array {name!r} is a {kind} ({where})")
+            raise _refuse(path, f"array {name!r} is {kind} ({where})")
         ds = group[name]
         if not isinstance(ds, h5py.Dataset):
             raise _refuse(path, f"'arrays/{name}' is not a dataset")
