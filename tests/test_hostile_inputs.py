@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -304,3 +305,63 @@ def test_the_fuzzing_campaign_ends_in_clear_errors_or_correct_results(tmp_path):
     total = re.search(r"\| \*\*all\*\* \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|", report)
     cases, clear, handled, *bad = (int(v) for v in total.groups())
     assert cases > 900 and clear + handled == cases and bad == [0, 0, 0, 0], report[:3000]
+
+
+def _hostile_cells():
+    from hypothesis import strategies as st
+
+    words = ["", "n/a", "NA", "  ", "text", "1,5", "0x10", "1e400", "-1e400", "1e-400", "\ufeff1", "a\nb", "ünï", '"']
+    return st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True).map(repr),
+        st.integers(-(10**30), 10**30).map(str),
+        st.sampled_from(words),
+        st.floats(-1e6, 1e6).map(lambda v: f"{v:.6g}"),
+    )
+
+
+def test_hostile_csv_cells_end_in_a_score_or_a_marked_row(table, tmp_path_factory):
+    """Property: whatever the cells (huge, tiny, non-finite, text in numbers, BOM, quoted newlines, none),
+    `score_file --on-bad-row nan` answers every row, finite or NaN, and a row of plain numbers gets the score
+    the API gives those numbers."""
+    import csv
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from vaeguard.batch import score_file
+    from vaeguard.data import DataError, Source
+
+    det = VAEAnomalyDetector(**FAST).fit(pd.DataFrame(table[1], columns=["a", "b", "c", "d"]))
+    folder = tmp_path_factory.mktemp("cells")
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.lists(_hostile_cells(), min_size=4, max_size=4), min_size=0, max_size=6))
+    def check(rows):
+        path = folder / "in.csv"
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["a", "b", "c", "d"])
+            writer.writerows(rows)
+        try:
+            run = score_file(det, Source.parse(str(path)), str(folder / "out.csv"), on_bad_row="nan")
+        except DataError as exc:  # a file-level problem: one line naming the file
+            assert str(path) in str(exc) and "\n" not in str(exc)
+            return
+        out = pd.read_csv(folder / "out.csv")
+        assert run.rows == len(rows) == len(out)
+        scores = out["log_likelihood"].to_numpy(dtype=float)
+        for row, score in zip(rows, scores, strict=True):
+            try:
+                values = [float(cell) for cell in row]
+            except ValueError:
+                continue
+            if (
+                all(np.isfinite(values))
+                and all(abs(v) < 1e15 for v in values)
+                and all(c.strip() == c and c for c in row)
+            ):
+                expected = det.score_samples(pd.DataFrame([values], columns=["a", "b", "c", "d"]))[0]
+                assert np.isclose(score, expected, rtol=1e-9, atol=1e-9), (row, score, expected)
+        assert np.all(np.isfinite(scores) | out["is_outlier"].isna().to_numpy())
+
+    check()

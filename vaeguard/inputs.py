@@ -45,6 +45,7 @@ Problem = tuple[int, str, Any, str]
 
 #: Standardised values beyond this cannot be scored in float32 (their squares overflow).
 MAX_STANDARDISED = 1e30
+TOO_FAR = "too far from the training data to be scored in float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,14 +284,24 @@ class InputSpace:
             bad_conditions, condition_problems = self.condition_encoder.problems(conditions)
             bad |= bad_conditions
             problems += [(i, c, v, f"a condition: {why}") for i, c, v, why in condition_problems]
-        problems.sort(key=lambda problem: problem[0])
         good = ~bad
+        values = np.empty((0, self.n_features))
+        if good.any():
+            kept = frame.loc[good]
+            if coder is not None:
+                kept = coder.encode(kept, self.handle_unknown)  # codes only: the rows were checked above
+            values = kept.to_numpy(dtype=np.float64)
+            far = self._too_far(values)
+            if far is not None:  # values the networks cannot take in float32: those rows, not the chunk
+                rows = np.flatnonzero(good)
+                i, j = (int(v) for v in np.argwhere(far)[0])
+                problems.append((int(rows[i]), self.columns[j], features[self.columns[j]].iloc[rows[i]], TOO_FAR))
+                bad[rows[far.any(axis=1)]] = True
+                values = values[~far.any(axis=1)]
+                good = ~bad
+        problems.sort(key=lambda problem: problem[0])
         if not good.any():
             return RowCheck(bad, problems, None)
-        frame = frame.loc[good]
-        if coder is not None:
-            frame = coder.encode(frame, self.handle_unknown)  # codes only: the rows were checked above
-        values = frame.to_numpy(dtype=np.float64)
         condition = None if conditions is None else conditions[good].reset_index(drop=True)
         return RowCheck(bad, problems, self.to_model(values, condition))
 
@@ -308,12 +319,11 @@ class InputSpace:
         flat = values.reshape(n, -1)
         if self.standardizer is not None:
             Z = self.standardizer.transform(flat).reshape(values.shape)
-            too_big = np.abs(Z.reshape(n, -1)) > MAX_STANDARDISED
-            if too_big.any():
-                row, col = (int(i) for i in np.argwhere(too_big)[0])
+            far = self._too_far(flat)
+            if far is not None:
+                row, col = (int(i) for i in np.argwhere(far)[0])
                 raise ValueError(
-                    f"row {row}, column {self.column_name(col)} holds {flat[row, col]!r}, "
-                    "too far from the training data to be scored in float32"
+                    f"row {row}, column {self.column_name(col)} holds {float(flat[row, col])!r}, {TOO_FAR}"
                 )
             impossible = self.standardizer.impossible(flat)
         else:
@@ -442,6 +452,14 @@ class InputSpace:
         if not unseen and not missing:
             message += "Feature names must be in the same order as they were in fit.\n"
         raise ValueError(message)
+
+    def _too_far(self, flat: np.ndarray) -> np.ndarray | None:
+        """Mask (n, d) of values whose standardised magnitude exceeds :data:`MAX_STANDARDISED`; None if none."""
+        if self.standardizer is None:
+            return None
+        with np.errstate(over="ignore", invalid="ignore"):
+            far = np.abs(self.standardizer.transform(flat)) > MAX_STANDARDISED
+        return far if far.any() else None
 
     def _check_values(self, values: np.ndarray) -> None:
         """No infinite value; no row with nothing observed."""
