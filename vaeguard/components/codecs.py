@@ -4,7 +4,8 @@ A codec turns a fitted estimator's model of the data into a compressor. Every pr
 the entropy coder sees is computed the same way on both sides: on the CPU, in float64,
 with one thread, one sample at a time, and rounded to a grid of 2⁻⁴⁰ — so the bits do
 not depend on batch sizes, thread counts or the device the model was trained on.
-Entropy coding uses ``constriction``'s ANS coder (``perfect=False`` on both sides).
+Entropy coding uses ``constriction``'s ANS coder (fast approximate table quantisation, ``perfect=False``,
+on both sides unless ``exact_tables``).
 """
 
 from __future__ import annotations
@@ -129,21 +130,34 @@ class BitsBackCodec:
         code (latent_dim × latent_bits / 32, plus 2).
     streams : int, default=1
         Stacks coded in lock step.
+    exact_tables : bool, default=False
+        Quantise each probability table exactly (``constriction``'s ``perfect=True``): the net
+        size then approaches the discretised-latent −ELBO itself, about 0.3 bits per 8 × 8
+        binary image less than the fast approximate tables, at some 40 times the time
+        (quality log C20).
     """
 
     lossless = True
 
-    def __init__(self, latent_bits: int = 12, initial_words: int | None = None, streams: int = 1) -> None:
+    def __init__(
+        self, latent_bits: int = 12, initial_words: int | None = None, streams: int = 1, exact_tables: bool = False
+    ) -> None:
         self.buckets = LatentBuckets(latent_bits)
         if initial_words is not None and int(initial_words) < 1:
             raise ValueError(f"initial_words must be a positive integer, got {initial_words!r}")
         if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= 4096:
             raise ValueError(f"streams must be an integer in [1, 4096], got {streams!r}")
+        if not isinstance(exact_tables, bool):
+            raise ValueError(f"exact_tables must be true or false, got {exact_tables!r}")
         self.initial_words = None if initial_words is None else int(initial_words)
         self.streams = int(streams)
+        self.exact_tables = exact_tables
 
     def params(self) -> dict[str, Any]:
-        return {"latent_bits": self.buckets.bits, "initial_words": self.initial_words, "streams": self.streams}
+        params = {"latent_bits": self.buckets.bits, "initial_words": self.initial_words, "streams": self.streams}
+        if self.exact_tables:  # containers of the fast tables keep the parameters they always had
+            params["exact_tables"] = True
+        return params
 
     def _seed(self, latent_dim: int) -> np.ndarray:
         words = self.initial_words or math.ceil(latent_dim * self.buckets.bits / 32) + 2
@@ -168,7 +182,7 @@ class BitsBackCodec:
         """
         constriction = _constriction()
         self.check_model(det)
-        categorical = constriction.stream.model.Categorical(perfect=False)
+        categorical = constriction.stream.model.Categorical(perfect=self.exact_tables)
         prior = constriction.stream.model.Uniform(self.buckets.count)
         seed = self._seed(det.latent_dim)
         steps = stream_rows(x.shape[0], self.streams)
@@ -196,7 +210,7 @@ class BitsBackCodec:
         """The ``n`` samples' symbols, float64 (n, *event_shape); checks every stack ends at its random seed."""
         constriction = _constriction()
         self.check_model(det)
-        categorical = constriction.stream.model.Categorical(perfect=False)
+        categorical = constriction.stream.model.Categorical(perfect=self.exact_tables)
         prior = constriction.stream.model.Uniform(self.buckets.count)
         steps = stream_rows(n, self.streams)
         coders = [constriction.stream.stack.AnsCoder(words) for words in self._stacks(payload, len(steps[0]))]
