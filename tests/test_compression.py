@@ -290,7 +290,9 @@ def test_latent_codes_are_fitted_below_the_posterior_means_floor(level_model, di
         return float(((back - held_out) ** 2).mean())
 
     plain = min(error(step, 0) for step in (0.4, 0.1))
-    assert error(0.4, 200) < 0.85 * plain and error(0.1, 200) < 0.85 * plain
+    # model seeds 0–3 give 0.78–0.83 (step 0.4) and 0.71–0.75 (step 0.1) × plain: 0.85 had a 0.02 margin on
+    # seed 3 (issue 17's audit); the property is "below the floor", asked here with room for other CPUs
+    assert error(0.4, 200) < 0.95 * plain and error(0.1, 200) < 0.95 * plain
 
 
 def test_latent_codec_edge_cases(level_model, digits):
