@@ -318,9 +318,10 @@ class InputSpace:
         n = values.shape[0]
         flat = values.reshape(n, -1)
         if self.standardizer is not None:
-            Z = self.standardizer.transform(flat).reshape(values.shape)
-            far = self._too_far(flat)
-            if far is not None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                Z = self.standardizer.transform(flat).reshape(values.shape)
+                far = np.abs(Z.reshape(n, -1)) > MAX_STANDARDISED
+            if far.any():
                 row, col = (int(i) for i in np.argwhere(far)[0])
                 raise ValueError(
                     f"row {row}, column {self.column_name(col)} holds {float(flat[row, col])!r}, {TOO_FAR}"
