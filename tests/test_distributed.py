@@ -69,3 +69,16 @@ def test_score_command_with_the_dask_engine(setup, tmp_path):
     missing = runner.invoke(cli, ["score", str(d / "m.h5"), str(tmp_path / "nothing-*.csv"), "-o", "x.csv",
                                   "--engine", "dask"])  # fmt: skip
     assert missing.exit_code == 2 and "no files match" in missing.stderr
+
+
+def test_a_second_dask_writer_of_the_same_output_is_refused(setup, client, tmp_path):
+    from vaeguard.data import DataError, output_lock
+    from vaeguard.distributed import _write_dask, score_dask
+
+    d, frame, _ = setup
+    scores = score_dask(d / "m.h5", dd.from_pandas(frame, npartitions=2))
+    out = tmp_path / "out.parquet"
+    with output_lock(out), pytest.raises(DataError, match="another run is writing"):
+        _write_dask(scores, str(out))
+    assert not out.exists()
+    assert _write_dask(scores, str(out)) == len(frame) and len(pd.read_parquet(out)) == len(frame)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from vaeguard.batch import check_columns, score_chunk
-from vaeguard.data import DataError, join_parquet_parts
+from vaeguard.data import DataError, join_parquet_parts, output_lock
 
 
 def _require_dask() -> Any:
@@ -167,10 +167,11 @@ def _write_dask(scores: Any, output: str) -> int:
     """Write each partition to a part file in a temporary folder, then join them into ``output`` part by part."""
     target = Path(output)
     parts_dir = target.with_name(f".{target.name}.parts")
-    shutil.rmtree(parts_dir, ignore_errors=True)
-    parts_dir.mkdir()
-    try:
-        scores.to_parquet(str(parts_dir), write_index=False, name_function=lambda i: f"part-{i:06d}.parquet")
-        return join_parquet_parts(sorted(parts_dir.glob("part-*.parquet")), target)
-    finally:
+    with output_lock(target):  # one writer per output, as for local scoring
         shutil.rmtree(parts_dir, ignore_errors=True)
+        parts_dir.mkdir()
+        try:
+            scores.to_parquet(str(parts_dir), write_index=False, name_function=lambda i: f"part-{i:06d}.parquet")
+            return join_parquet_parts(sorted(parts_dir.glob("part-*.parquet")), target)
+        finally:
+            shutil.rmtree(parts_dir, ignore_errors=True)
