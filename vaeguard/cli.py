@@ -144,6 +144,14 @@ def _parse_param(values: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--seed", type=int, default=0, show_default=True, help="random_state of the model and the sampling.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--progress/--no-progress", default=None, help="Training progress on stderr (default: on a terminal).")
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Train across N processes on this machine (PyTorch DDP: gloo on CPU, NCCL with one GPU per process); "
+    "--param batch_size is then the global batch. Rank 0 writes the model file.",
+)
 @user_errors
 def fit_command(
     data: str,
@@ -157,6 +165,7 @@ def fit_command(
     seed: int,
     device: str,
     progress: bool | None,
+    nproc_per_node: int,
 ) -> None:
     """Train a model on DATA (CSV, Parquet, FILE.h5:/DATASET or FILE.npz:ARRAY) and write it to a model file.
 
@@ -166,15 +175,59 @@ def fit_command(
       vaeguard fit train.parquet -o model.h5 --id-column id --config tabular-fast
       vaeguard fit digits.npz:images -o digits.h5 --param epochs=100
       vaeguard fit sales.csv -o sales.h5 --condition-columns shop,weekday
+      vaeguard fit big.parquet -o big.h5 --nproc-per-node 4     (or: torchrun --nproc-per-node 4 -m vaeguard fit ...)
     """
+    options = dict(click.get_current_context().params)
+    del options["nproc_per_node"]
+    options["progress"] = _show(progress)
+    if nproc_per_node == 1:
+        _fit_to_file(**options)
+        return
+    from vaeguard.ddp import DistributedError, launch
+
+    _parse_param(params)  # a malformed --param is one line here, not one per process
+    try:
+        launch(fit_worker, (options,), nproc_per_node)
+    except DistributedError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def fit_worker(options: dict[str, Any]) -> None:
+    """One process of ``vaeguard fit --nproc-per-node N``: the fit of :func:`fit_command` as one rank."""
+    import torch.distributed
+
+    try:
+        _fit_to_file(**options)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _fit_to_file(
+    data: str,
+    output: str,
+    preset: str | None,
+    columns: str | None,
+    id_column: str | None,
+    condition_columns: str | None,
+    max_rows: int,
+    params: tuple[str, ...],
+    seed: int,
+    device: str,
+    progress: bool,
+) -> None:
+    """Read DATA, fit, write the model file (in a process group: every rank fits, rank 0 reports and writes)."""
     import pandas as pd
 
     from vaeguard.data import Source, read_all
-    from vaeguard.estimators import VAEAnomalyDetector
+    from vaeguard.ddp import current_group
+    from vaeguard.estimators import VAEAnomalyDetector, resolve_device
 
     source = Source.parse(data)
     frame, total = read_all(source, max_rows=max_rows, seed=seed)
-    if len(frame) < total:
+    group = current_group(resolve_device(device))  # under torchrun: join its group (NCCL for CUDA, else gloo)
+    main_rank = group is None or group.is_main
+    if len(frame) < total and main_rank:
         click.echo(f"{source}: {total} rows; training on a random sample of {len(frame)} (--max-rows)", err=True)
     conditioned = [c.strip() for c in condition_columns.split(",")] if condition_columns else []
     conditions = None
@@ -193,11 +246,13 @@ def fit_command(
         frame = frame[features]
     elif columns or id_column or conditioned:
         raise click.UsageError("--columns, --id-column and --condition-columns are for tables; this file holds images")
-    settings = {"random_state": seed, "device": device, "verbose": _show(progress), **_parse_param(params)}
+    settings = {"random_state": seed, "device": device, "verbose": progress, **_parse_param(params)}
     if conditions is not None:
         settings["conditional"] = True
     det = VAEAnomalyDetector.from_config(preset, **settings) if preset else VAEAnomalyDetector(**settings)
     det.fit(frame, conditions)
+    if not main_rank:
+        return
     digest = det.save(output, signing_key=os.environ.get(SIGNING_KEY_VARIABLE) or None)
     click.echo(
         f"wrote {output} (sha256 {digest[:12]}): {len(frame)} rows, {det.n_features_in_} features, "

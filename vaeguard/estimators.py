@@ -22,6 +22,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from vaeguard import storage
 from vaeguard.conditions import ConditionEncoder
+from vaeguard.ddp import current_group
 from vaeguard.detector import decision, labels, previous_fit_kept_on_failure
 from vaeguard.generation import AGGREGATE_ROWS, AggregatePosterior, LatentSpaceMixin
 from vaeguard.inputs import InputSpace, ModelInputs
@@ -167,7 +168,8 @@ class VAEAnomalyDetector(
         Maximum epochs; "auto" aims at about 3000 optimisation steps (10 to 300 epochs).
         Early stopping on a validation split usually ends sooner.
     batch_size : int or "auto", default="auto"
-        Minibatch size; "auto" is n/32 rounded to a power of two within [32, 512].
+        Minibatch size; "auto" is n/32 rounded to a power of two within [32, 512]. In a
+        fit across processes (torchrun) it is the global batch, shared among the ranks.
     learning_rate : float, default=1e-3
         Adam's step size.
     n_importance_samples : int, default=64
@@ -255,7 +257,8 @@ class VAEAnomalyDetector(
         ``condition=`` (:meth:`score_samples` scores log p(x|c); :meth:`sample` draws from
         p(x|c)). False: ``y`` is ignored, as scikit-learn's detectors do.
     device : str, default="auto"
-        "auto" (CUDA when present), "cpu", "cuda", "cuda:N".
+        "auto" (CUDA when present), "cpu", "cuda", "cuda:N". In a fit across processes,
+        "auto" and "cuda" mean each rank's GPU (its local rank).
     random_state : int, RandomState instance or None, default=None
         Seeds initialisation, shuffling, the validation split and the importance
         samples: the same seed gives the same scores on the same device.
@@ -680,6 +683,9 @@ class VAEAnomalyDetector(
             iwae_samples=int(self.iwae_samples),
         )
         device = resolve_device(self.device)
+        group = current_group(device)  # inside a torchrun job: train across its processes
+        if group is not None:
+            device = group.device(device)
         condition_dim = 0 if c is None else conditions.width
 
         def build_one(seed: int) -> VAE:
@@ -704,6 +710,7 @@ class VAEAnomalyDetector(
                 verbose=bool(self.verbose),
                 mask=mask,
                 condition=c,
+                group=group,
             )
         else:
             histories = [
@@ -716,6 +723,7 @@ class VAEAnomalyDetector(
                     verbose=bool(self.verbose),
                     mask=mask,
                     condition=c,
+                    group=group,
                 )
                 for member, generator, regularizer in zip(models, generators, regularizers, strict=True)
             ]

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vaeguard.ddp import ProcessGroup
 from vaeguard.model import VAE
 from vaeguard.objectives import (
     TrainingTerms,
@@ -121,6 +122,22 @@ def validation_loss(
     trimming starts.
     """
     config = config or TrainingConfig()
+    per_row, penalty = _validation_rows(model, x_val, val_eps, chunk, mask, config, generator, condition)
+    return best_rows(per_row, config.trim_fraction).mean().item() + penalty / x_val.shape[0]
+
+
+@torch.no_grad()
+def _validation_rows(
+    model: VAE,
+    x_val: Tensor,
+    val_eps: Tensor,
+    chunk: int,
+    mask: Tensor | None,
+    config: TrainingConfig,
+    generator: torch.Generator | None,
+    condition: Tensor | None,
+) -> tuple[Tensor, float]:
+    """Each validation row's objective ``(rows,)``, and the regularizer's penalty summed over its chunks."""
     if config.regularizer is not None:
         chunk = max(2, config.batch_size)
     generator = generator or torch.Generator().manual_seed(0)
@@ -139,7 +156,9 @@ def validation_loss(
         per_row.append((free_bits_kl(terms.kl, config.free_bits) - terms.recon).detach())
         if config.regularizer is not None and xb.shape[0] > 1:
             penalty += config.regularizer.penalty(terms, -1).item() * xb.shape[0]
-    return best_rows(torch.cat(per_row), config.trim_fraction).mean().item() + penalty / x_val.shape[0]
+    if not per_row:
+        return x_val.new_zeros(0), penalty
+    return torch.cat(per_row), penalty
 
 
 def kl_weight_at(step: int, total_steps: int, config: TrainingConfig) -> float:
@@ -179,6 +198,7 @@ def train(
     verbose: bool = False,
     mask: Tensor | None = None,
     condition: Tensor | None = None,
+    group: ProcessGroup | None = None,
 ) -> TrainingHistory:
     """Fit ``model`` to the rows of ``x`` by maximising the ELBO; returns the history.
 
@@ -190,12 +210,15 @@ def train(
     Randomness (split, shuffles, reparameterisation noise) comes from ``generator`` (a
     CPU generator), so the same seed gives the same model on the same device.
 
+    With ``group`` (see :mod:`vaeguard.ddp`) every rank of the group calls this with the
+    same ``x`` and seed, and each computes its share of every batch.
+
     Raises
     ------
     TrainingDivergedError
         When the loss or the gradients become NaN or infinite.
     """
-    return _train_loop(_OneModel(model), x, config, [generator], device, verbose, mask, condition)[0]
+    return _train_loop(_OneModel(model), x, config, [generator], device, verbose, mask, condition, group)[0]
 
 
 def train_models(
@@ -208,6 +231,7 @@ def train_models(
     verbose: bool = False,
     mask: Tensor | None = None,
     condition: Tensor | None = None,
+    group: ProcessGroup | None = None,
 ) -> list[TrainingHistory]:
     """Fit each of ``models`` to ``x`` as :func:`train` would with its own generator; their histories.
 
@@ -224,10 +248,12 @@ def train_models(
     stacked = _StackedModels.build(models, x, config, device, mask, condition) if len(models) > 1 else None
     if stacked is None:
         return [
-            train(m, x, config, generator=g, device=device, verbose=verbose, mask=mask, condition=condition)
+            train(
+                m, x, config, generator=g, device=device, verbose=verbose, mask=mask, condition=condition, group=group
+            )
             for m, g in zip(models, generators, strict=True)
         ]
-    return _train_loop(stacked, x, config, generators, device, verbose, mask, condition)
+    return _train_loop(stacked, x, config, generators, device, verbose, mask, condition, group)
 
 
 def make_optimizer(parameters: list[Tensor], config: TrainingConfig) -> torch.optim.Optimizer:
@@ -315,6 +341,19 @@ class _OneModel:
                 self.model, x_val[0], val_eps[0], mask=mask, config=config, generator=generator, condition=cond
             )
         ]
+
+    def validation_rows(
+        self, x_val: Tensor, val_eps: Tensor, m_val: Tensor | None, c_val: Tensor | None, config: TrainingConfig
+    ) -> Tensor:
+        """Each validation row's objective ``(1, rows)`` (no regularizer: see :func:`validation_loss`)."""
+        mask = None if m_val is None else m_val[0]
+        cond = None if c_val is None else c_val[0]
+        per_row, _ = _validation_rows(self.model, x_val[0], val_eps[0], VALIDATION_CHUNK, mask, config, None, cond)
+        return per_row[None]
+
+    @property
+    def modules(self) -> list[VAE]:
+        return [self.model]
 
     def snapshot(self, member: int) -> dict[str, Tensor]:
         return copy.deepcopy(self.model.state_dict())
@@ -432,7 +471,6 @@ class _StackedModels:
             g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
         return norms
 
-    @torch.no_grad()
     def validation(
         self,
         x_val: Tensor,
@@ -442,6 +480,14 @@ class _StackedModels:
         config: TrainingConfig,
         generator: torch.Generator,
     ) -> list[float]:
+        per_row = self.validation_rows(x_val, val_eps, m_val, c_val, config)
+        return best_rows(per_row, config.trim_fraction).mean(1).tolist()
+
+    @torch.no_grad()
+    def validation_rows(
+        self, x_val: Tensor, val_eps: Tensor, m_val: Tensor | None, c_val: Tensor | None, config: TrainingConfig
+    ) -> Tensor:
+        """Each model's objective on each of its validation rows ``(M, rows)``."""
         per_row = []
         for start in range(0, x_val.shape[1], VALIDATION_CHUNK):
             part = slice(start, start + VALIDATION_CHUNK)
@@ -454,7 +500,11 @@ class _StackedModels:
                     1.0,
                 )
             )
-        return best_rows(torch.cat(per_row, 1), config.trim_fraction).mean(1).tolist()
+        return torch.cat(per_row, 1) if per_row else x_val.new_zeros(self.count, 0)
+
+    @property
+    def modules(self) -> list[VAE]:
+        return self.models
 
     def snapshot(self, member: int) -> dict[str, Tensor]:
         return {k.removeprefix("model."): v[member].detach().clone() for k, v in self.params.items()}
@@ -476,8 +526,19 @@ def _train_loop(
     verbose: bool,
     mask: Tensor | None,
     condition: Tensor | None,
+    group: ProcessGroup | None = None,
 ) -> list[TrainingHistory]:
-    """The training loop for M models at once (M = 1: one model); each keeps its own randomness and stopping."""
+    """The training loop for M models at once (M = 1: one model); each keeps its own randomness and stopping.
+
+    With ``group``, this rank computes its share of every batch and of the validation rows
+    (:mod:`vaeguard.ddp`); the gradients and the objectives are summed over the ranks.
+    """
+    if group is not None and config.regularizer is not None:
+        raise ValueError(
+            "a regularizer cannot be trained across processes yet (its penalty is a statistic of the whole "
+            "batch, and FactorVAE's discriminator keeps its own optimiser); train it in one process"
+        )
+    verbose = verbose and (group is None or group.is_main)
     members.to(device)
     count = members.count
     x = x.to(torch.get_default_dtype())
@@ -489,12 +550,14 @@ def _train_loop(
     x = x.to(device)
     mask = None if mask is None else mask.to(device)
     condition = None if condition is None else condition.to(device)
-    x_val = x[val_idx]
-    m_val = None if mask is None else mask[val_idx]
-    c_val = None if condition is None else condition[val_idx]
     draws = config.iwae_samples if config.objective == "iwae" else 1
     n, n_val = train_idx.shape[1], val_idx.shape[1]
     val_eps = torch.stack([torch.randn(draws, n_val, members.latent_dim, generator=g) for g in generators]).to(device)
+    if group is not None:  # this rank's share of the validation rows (and of their draws)
+        val_idx, val_eps = val_idx[:, group.share(n_val)], val_eps[:, :, group.share(n_val)]
+    x_val = x[val_idx]
+    m_val = None if mask is None else mask[val_idx]
+    c_val = None if condition is None else condition[val_idx]
     batch_size = max(1, min(config.batch_size, n))
     steps_per_epoch = math.ceil(n / batch_size)
     total_steps = config.epochs * steps_per_epoch
@@ -531,36 +594,49 @@ def _train_loop(
             total = torch.zeros(count, dtype=torch.float64, device=device)
             for start in range(0, n, batch_size):
                 rows = order[:, start : start + batch_size]
-                xb = x[rows]
-                mb = None if mask is None else mask[rows]
-                cb = None if condition is None else condition[rows]
+                batch_rows = rows.shape[1]
                 eps = torch.stack(
-                    [torch.randn(draws, rows.shape[1], members.latent_dim, generator=g) for g in generators]
+                    [torch.randn(draws, batch_rows, members.latent_dim, generator=g) for g in generators]
                 ).to(device)
                 weight = kl_weight_at(step, total_steps, config)
-                per_row, terms = members.per_row_loss(xb, eps, mb, cb, weight, config, n, generators[0])
-                if step >= warmup_steps:
-                    per_row = best_rows(per_row, config.trim_fraction)
-                loss = per_row.mean(-1)
-                if terms is not None and config.regularizer is not None:
-                    loss = loss + config.regularizer.penalty(terms, step)
-                if not all(ok or not on for ok, on in zip(torch.isfinite(loss).tolist(), active, strict=True)):
-                    raise diverged("the training loss", loss, epoch)
                 optimizer.zero_grad(set_to_none=True)
-                loss.sum().backward()
+                if group is None:
+                    xb = x[rows]
+                    mb = None if mask is None else mask[rows]
+                    cb = None if condition is None else condition[rows]
+                    per_row, terms = members.per_row_loss(xb, eps, mb, cb, weight, config, n, generators[0])
+                    if step >= warmup_steps:
+                        per_row = best_rows(per_row, config.trim_fraction)
+                    loss = per_row.mean(-1)
+                    if terms is not None and config.regularizer is not None:
+                        loss = loss + config.regularizer.penalty(terms, step)
+                    if not all(ok or not on for ok, on in zip(torch.isfinite(loss).tolist(), active, strict=True)):
+                        raise diverged("the training loss", loss, epoch)
+                    loss.sum().backward()
+                else:
+                    terms = None  # no regularizer across processes
+                    trim = config.trim_fraction if step >= warmup_steps else 0.0
+                    data = (x, mask, condition)
+                    loss = _rank_step(members, data, rows, eps, weight, config, n, generators, group, trim)
+                    if not all(ok or not on for ok, on in zip(torch.isfinite(loss).tolist(), active, strict=True)):
+                        raise diverged("the training loss", loss, epoch)
                 norms = members.clip_gradients(config.max_grad_norm)
                 if not all(ok or not on for ok, on in zip(torch.isfinite(norms).tolist(), active, strict=True)):
                     raise diverged("the gradients", norms, epoch)
                 optimizer.step()
                 if terms is not None and hasattr(config.regularizer, "update"):
                     config.regularizer.update(terms, step)  # e.g. FactorVAE's discriminator, after the VAE's step
-                total += loss.detach().double() * rows.shape[1]
+                total += loss.detach().double() * batch_rows
                 step += 1
             monitored = (total / n).tolist()
             train_losses = monitored
-            if n_val:
+            if n_val and group is None:
                 members.set_training(False)
                 monitored = members.validation(x_val, val_eps, m_val, c_val, config, generators[0])
+            elif n_val:  # every rank's validation rows, so that the ranks decide alike when to stop
+                members.set_training(False)
+                per_row = group.gather_columns(members.validation_rows(x_val, val_eps, m_val, c_val, config), n_val)
+                monitored = best_rows(per_row, config.trim_fraction).mean(1).tolist()
             in_warmup = step < warmup_steps
             for i in range(count):
                 if not active[i]:
@@ -585,4 +661,57 @@ def _train_loop(
         if bar is not None:
             bar.close()
     members.restore(best_states)
+    if group is not None:  # the ranks hold the same weights; rank 0's make that exact, whatever the rounding
+        group.broadcast_parameters([t for m in members.modules for t in m.state_dict().values()])
     return histories
+
+
+def _rank_step(
+    members: _OneModel | _StackedModels,
+    data: tuple[Tensor, Tensor | None, Tensor | None],
+    rows: Tensor,
+    eps: Tensor,
+    weight: float,
+    config: TrainingConfig,
+    n: int,
+    generators: list[torch.Generator],
+    group: ProcessGroup,
+    trim: float,
+) -> Tensor:
+    """This rank's share of one step: its rows' loss, backward, then the gradients summed over the ranks.
+
+    The rows trimmed are those one process would trim from the whole batch: the ranks
+    exchange their rows' losses (a few numbers per row) and each keeps its rows among the
+    batch's best ``1 − trim``. Each rank divides the sum of its kept rows' losses by the
+    number kept over all ranks, so that the summed gradient is the gradient of the global
+    batch's mean loss (what one process computes from the whole batch). ``data`` is
+    ``(x, mask, condition)``. Returns that mean ``(M,)``.
+    """
+    x, mask, condition = data
+    count = rows.shape[1]
+    share = group.share(count)
+    local = rows[:, share]
+    per_row = None
+    if local.shape[1]:
+        xb = x[local]
+        mb = None if mask is None else mask[local]
+        cb = None if condition is None else condition[local]
+        per_row, _ = members.per_row_loss(xb, eps[:, :, share], mb, cb, weight, config, n, generators[0])
+    n_keep = count - int(trim * count)
+    keep = None
+    if n_keep < count:  # the batch's best rows, chosen from every rank's losses
+        mine = per_row.detach() if per_row is not None else x.new_zeros(members.count, 0)
+        every = group.gather_columns(mine, count)
+        chosen = torch.zeros_like(every, dtype=torch.bool)
+        chosen.scatter_(1, torch.topk(every, n_keep, dim=-1, largest=False).indices, True)
+        keep = chosen[:, share]
+    if per_row is not None:
+        loss = (per_row if keep is None else torch.where(keep, per_row, 0.0)).sum(-1) / n_keep
+        loss.sum().backward()
+    else:  # a last batch with fewer rows than ranks: nothing to add here, but the sum still needs this rank
+        loss = torch.zeros(members.count, device=x.device)
+    params = members.parameters()
+    summed = group.sum([p.grad for p in params] + [loss.detach()], like=[*params, loss])
+    for p, g in zip(params, summed[:-1], strict=True):
+        p.grad = g
+    return summed[-1]
