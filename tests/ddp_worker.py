@@ -3,7 +3,8 @@
 MODE "train": two stacked models and one single model trained by the training loop on
 the same rows and seeds; every rank writes its final weights and histories to
 OUT/rank{R}.pt. MODE "fit": the estimator fitted on probabilistic-PCA data; rank 0
-writes the held-out scores to OUT/scores.npy.
+writes the held-out scores to OUT/scores.npy. MODE "shards": each rank passes other rows;
+each writes the error it got to OUT/rank{R}.txt.
 """
 
 from __future__ import annotations
@@ -65,9 +66,28 @@ def run_fit(out: Path) -> None:
         np.save(out / "scores.npy", det.score_samples(ppca(1000, seed=2)[0]))
 
 
+def run_shards(out: Path) -> None:
+    """Each rank passes its own slice of the rows: a mistake that must be refused, not trained on."""
+    group = current_group()
+    config = TrainingConfig(epochs=1, batch_size=64)
+    try:
+        train(
+            small_vae(0),
+            rows()[group.rank :: 2],
+            config,
+            generator=torch.Generator(),
+            device=torch.device("cpu"),
+            group=group,
+        )
+    except ValueError as exc:
+        (out / f"rank{group.rank}.txt").write_text(str(exc))
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     if mode == "train":
         run_train(out, int(sys.argv[3]))
+    elif mode == "shards":
+        run_shards(out)
     else:
         run_fit(out)

@@ -89,6 +89,13 @@ def test_a_fit_across_processes_reaches_the_single_process_likelihood(tmp_path):
     assert abs(across.mean() - truth.mean()) < 0.5
 
 
+def test_ranks_that_hold_different_rows_are_refused(tmp_path):
+    torchrun(2, "shards", str(tmp_path))
+    for rank in (0, 1):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "every process must fit the same rows" in message and "rank 1 holds 150 rows" in message
+
+
 def test_a_regularizer_is_refused_across_processes():
     group = ProcessGroup(rank=0, world_size=2, local_rank=0, backend="gloo")
     config = TrainingConfig(epochs=1, regularizer=object())

@@ -20,7 +20,9 @@ scores, the latent statistics) every rank computes for itself from identical wei
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import hashlib
 import logging
 import os
 import signal
@@ -93,6 +95,32 @@ class ProcessGroup:
             _collective(torch.distributed.broadcast, t.data, 0)
 
 
+def same_rows(group: ProcessGroup, tensors: Sequence[Tensor | None]) -> None:
+    """Raise unless every rank holds the same training rows (each rank trains on its share of the one set).
+
+    A script that hands each rank its own slice of the data would otherwise train on a
+    mix of shares silently; the ranks compare the SHA-256 of their rows.
+    """
+    digest = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            digest.update(str(tuple(t.shape)).encode())
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    mine = (digest.hexdigest(), tuple(tensors[0].shape))
+    every: list[Any] = [None] * group.world_size
+    try:
+        torch.distributed.all_gather_object(every, mine)
+    except RuntimeError as exc:
+        raise DistributedError(f"another training process stopped or stopped answering ({exc})") from exc
+    differ = [r for r, theirs in enumerate(every) if theirs[0] != every[0][0]]
+    if differ:
+        raise ValueError(
+            f"every process must fit the same rows (each trains on its share of every batch): rank {differ[0]} "
+            f"holds {every[differ[0]][1][0]} rows that differ from rank 0's {every[0][1][0]}; "
+            "pass the whole data set on every rank"
+        )
+
+
 def _collective(op: Callable[..., Any], *args: Any) -> None:
     try:
         op(*args)
@@ -120,6 +148,9 @@ def current_group(device: torch.device | None = None) -> ProcessGroup | None:
             torch.distributed.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
         except Exception as exc:
             raise DistributedError(f"could not join the process group of this torchrun job: {exc}") from exc
+        # a group left for the interpreter's teardown can abort the process ("terminate called
+        # without an active exception") after a fit that succeeded: the group formed here is closed here
+        atexit.register(_close_group)
     world = torch.distributed.get_world_size()
     if world <= 1:
         return None
@@ -129,6 +160,11 @@ def current_group(device: torch.device | None = None) -> ProcessGroup | None:
         local_rank=int(os.environ.get("LOCAL_RANK", torch.distributed.get_rank())),
         backend=str(torch.distributed.get_backend()),
     )
+
+
+def _close_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def launch(entrypoint: Callable[..., Any], args: tuple[Any, ...], nproc_per_node: int) -> dict[int, Any]:

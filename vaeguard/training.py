@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vaeguard.ddp import ProcessGroup
+from vaeguard.ddp import ProcessGroup, same_rows
 from vaeguard.model import VAE
 from vaeguard.objectives import (
     TrainingTerms,
@@ -68,12 +69,17 @@ class TrainingConfig:
 
 @dataclass
 class TrainingHistory:
-    """Per-epoch mean −ELBO (nats per sample, internal units) and the epoch kept."""
+    """Per-epoch mean −ELBO (nats per sample, internal units) and the epoch kept.
+
+    ``epoch_seconds`` holds the wall time (s) from the start of training to the end of
+    each epoch (in this session only: model files do not keep it).
+    """
 
     train_loss: list[float] = field(default_factory=list)
     validation_loss: list[float] = field(default_factory=list)
     best_epoch: int = -1
     stopped_early: bool = False
+    epoch_seconds: list[float] = field(default_factory=list)
 
 
 def split_validation(n: int, config: TrainingConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -539,6 +545,8 @@ def _train_loop(
             "batch, and FactorVAE's discriminator keeps its own optimiser); train it in one process"
         )
     verbose = verbose and (group is None or group.is_main)
+    if group is not None:
+        same_rows(group, [x, mask, condition])
     members.to(device)
     count = members.count
     x = x.to(torch.get_default_dtype())
@@ -586,6 +594,7 @@ def _train_loop(
         )
 
     bar = _progress(config.epochs, verbose)
+    started = time.perf_counter()
     try:
         for epoch in range(config.epochs):
             members.set_training(True)
@@ -643,6 +652,7 @@ def _train_loop(
                     continue
                 history = histories[i]
                 history.train_loss.append(train_losses[i])
+                history.epoch_seconds.append(time.perf_counter() - started)
                 if n_val:
                     history.validation_loss.append(monitored[i])
                 if monitored[i] < best_loss[i] or in_warmup:
