@@ -27,19 +27,12 @@ def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, **kwargs)
 
 
+def torchrun_command(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+
+
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    done = run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(nproc),
-            str(WORKER),
-            *args,
-        ]
-    )
+    done = run([*torchrun_command(nproc), str(WORKER), *args])
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -124,19 +117,7 @@ def test_the_command_line_trains_across_processes_and_rank_0_writes_the_file(tab
     if launcher == "option":
         done = run(vaeguard_cli(*fit, "--nproc-per-node", "2"))
     else:  # the documented alternative: torchrun starts `python -m vaeguard fit` on every rank
-        done = run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node",
-                "2",
-                "-m",
-                "vaeguard",
-                *fit,
-            ]
-        )
+        done = run([*torchrun_command(2), "-m", "vaeguard", *fit])
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("wrote ") == 1  # one report, by rank 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.h5"]  # no temporary or second file

@@ -180,6 +180,31 @@ def test_chunking_bounds_memory_and_handles_empty_input(lg):
     assert chunk_rows(10**9, 10**9, budget=1 << 20) == 1
 
 
+def test_chunks_are_sized_by_the_networks_working_memory_not_only_the_output():
+    # An 8 × 8 image decoder ends in a 3 × 3 convolution of 16 channels: on the CPU in float64
+    # it unfolds its input into 16 · 9 columns per output pixel, 9216 values per evaluation,
+    # 72 times the 128 outputs. Chunks sized by the outputs alone reached 3 GB for 1297 digits.
+    from vaeguard.components.encoders import conv
+    from vaeguard.components.likelihoods import DiscretizedLogisticLikelihood
+    from vaeguard.scoring import MIN_ROW_ELEMENTS, _per_row_elements
+
+    torch.manual_seed(0)
+    lik = DiscretizedLogisticLikelihood((1, 8, 8), n_levels=17)
+    enc, dec = conv((1, 8, 8), 4, lik.param_count)
+    vae = VAE(enc, dec, lik, 4).double()
+    last = [m for m in vae.decoder.modules() if isinstance(m, nn.Conv2d)][-1]
+    unfolded = last.in_channels * math.prod(last.kernel_size) * 8 * 8
+    assert _per_row_elements(vae) >= unfolded + last.in_channels * 64 > 50 * lik.param_count * 64
+    table = VAE(*mlp_pair(5), GaussianLikelihood((5,)), 2)
+    assert _per_row_elements(table) == MIN_ROW_ELEMENTS  # small tables: as before
+
+
+def mlp_pair(d: int) -> tuple[nn.Module, nn.Module]:
+    from vaeguard.components.encoders import mlp
+
+    return mlp((d,), 2, 1, hidden_dims=[16])
+
+
 def test_missing_entries_give_the_exact_marginal_of_the_observed_part(lg):
     # p(x_o) = N(b_o, (WWᵀ + σ²I)_oo): the factorised likelihood summed over observed entries
     X = lg.sample(30, seed=5)

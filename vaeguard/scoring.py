@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -224,13 +225,53 @@ def effective_sample_size(log_weights: np.ndarray) -> np.ndarray:
     return w.sum(0) ** 2 / np.square(w).sum(0)
 
 
-#: Floor on the per-row size used for chunking, standing in for the hidden activations.
+#: Floor on the per-row size used for chunking, standing in for small networks' fixed costs.
 MIN_ROW_ELEMENTS = 512
+#: Each model's working memory per decoder evaluation, in elements (see :func:`_per_row_elements`).
+_ROW_ELEMENTS: weakref.WeakKeyDictionary[VAE, int] = weakref.WeakKeyDictionary()
 
 
 def _per_row_elements(model: VAE) -> int:
+    """Elements one decoder evaluation (one draw for one row) holds at its peak; chunks are sized by it.
+
+    Measured once per model by decoding one code with a hook on every layer: the largest
+    layer's input plus output plus, for a convolution, its unfolded input (the column
+    buffer that CPU convolutions without a direct kernel build, e.g. in float64: 9
+    times the input of a 3 × 3 convolution), and the likelihood's parameters. Sizing by the
+    parameters alone let an 8 × 8 image model's chunks reach 3 GB.
+    """
+    known = _ROW_ELEMENTS.get(model)
+    if known is not None:
+        return known
     lik = model.likelihood
-    return max(MIN_ROW_ELEMENTS, lik.param_count * math.prod(lik.event_shape))
+    peak = lik.param_count * math.prod(lik.event_shape)
+
+    def measure(module: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        nonlocal peak
+        given = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+        if given is None or not isinstance(output, Tensor):
+            return
+        elements = given.numel() + output.numel()
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            kernel = math.prod(module.kernel_size)
+            if module.transposed:  # columns of the output's channels for every input position
+                elements += module.out_channels * kernel * math.prod(given.shape[2:])
+            else:  # the input's channels for every output position
+                elements += module.in_channels * kernel * math.prod(output.shape[2:])
+        peak = max(peak, elements)
+
+    p = next(model.parameters())
+    code = torch.zeros(1, model.latent_dim, dtype=p.dtype, device=p.device)
+    condition = torch.zeros(1, model.condition_dim, dtype=p.dtype, device=p.device) if model.condition_dim else None
+    hooks = [m.register_forward_hook(measure) for m in model.decoder.modules()]
+    try:
+        with torch.no_grad():
+            model.decode(code, condition)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    _ROW_ELEMENTS[model] = result = max(MIN_ROW_ELEMENTS, peak)
+    return result
 
 
 @torch.no_grad()
