@@ -195,14 +195,17 @@ def test_chunks_are_sized_by_the_networks_working_memory_not_only_the_output():
     last = [m for m in vae.decoder.modules() if isinstance(m, nn.Conv2d)][-1]
     unfolded = last.in_channels * math.prod(last.kernel_size) * 8 * 8
     assert _per_row_elements(vae) >= unfolded + last.in_channels * 64 > 50 * lik.param_count * 64
-    table = VAE(*mlp_pair(5), GaussianLikelihood((5,)), 2)
-    assert _per_row_elements(table) == MIN_ROW_ELEMENTS  # small tables: as before
+    # a table's network: its widest layer's input and output, or the floor
+    table = VAE(*mlp_pair(5, hidden=200), GaussianLikelihood((5,)), 2)
+    widest = max(m.in_features + m.out_features for m in table.decoder.modules() if isinstance(m, nn.Linear))
+    assert _per_row_elements(table) == widest == 400
+    assert _per_row_elements(VAE(*mlp_pair(5, hidden=8), GaussianLikelihood((5,)), 2)) == MIN_ROW_ELEMENTS
 
 
-def mlp_pair(d: int) -> tuple[nn.Module, nn.Module]:
+def mlp_pair(d: int, hidden: int) -> tuple[nn.Module, nn.Module]:
     from vaeguard.components.encoders import mlp
 
-    return mlp((d,), 2, 1, hidden_dims=[16])
+    return mlp((d,), 2, 1, hidden_dims=[hidden, hidden])
 
 
 def test_missing_entries_give_the_exact_marginal_of_the_observed_part(lg):

@@ -23,8 +23,12 @@ from torch import Tensor
 from vaeguard.model import VAE
 from vaeguard.objectives import MixtureProposal, Proposal, elbo, importance_terms
 
-#: Elements (K × rows × per-row decoder outputs) one chunk may hold; about 64 MiB of float32.
-CHUNK_ELEMENTS = 1 << 24
+#: Elements (K × rows × per-row working memory) one chunk may hold: 16 MiB of float64, so that the
+#: likelihood's chains of elementwise operations stay in cache. With chunks sized by the decoder's
+#: outputs (floored at 512 per row) and 1 << 24, scoring was 9–15 % slower on campaign, satellite,
+#: Cardiotocography and a 500-column binary table, 40 % slower on 8 × 8 digits and 15 % on a 20-column
+#: table (``benchmarks/results/scoring_memory.md``); scores agree to 1e-12.
+CHUNK_ELEMENTS = 1 << 21
 #: Decoder outputs (draws × rows × per-row outputs) of one gradient step of the probe or a fit.
 PROBE_ELEMENTS = 1 << 21
 
@@ -225,8 +229,8 @@ def effective_sample_size(log_weights: np.ndarray) -> np.ndarray:
     return w.sum(0) ** 2 / np.square(w).sum(0)
 
 
-#: Floor on the per-row size used for chunking, standing in for small networks' fixed costs.
-MIN_ROW_ELEMENTS = 512
+#: Floor on the per-row working memory used for chunking (the measured size of very small networks).
+MIN_ROW_ELEMENTS = 64
 #: Each model's working memory per decoder evaluation, in elements (see :func:`_per_row_elements`).
 _ROW_ELEMENTS: weakref.WeakKeyDictionary[VAE, int] = weakref.WeakKeyDictionary()
 
@@ -305,7 +309,7 @@ def importance_sampled_log_likelihood(
         Also return the delta-method standard error of the estimate,
         ``sd(w) / (√K · mean(w))``, from the K importance weights.
     chunk_size : int, optional
-        Rows per chunk; by default sized so a chunk holds about 64 MiB.
+        Rows per chunk; by default sized by :data:`CHUNK_ELEMENTS` and the network's working memory.
     device : torch.device, optional
         Where to compute; defaults to the model's device.
     condition : Tensor, shape (n, condition_dim), optional
