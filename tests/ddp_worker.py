@@ -64,6 +64,7 @@ def run_fit(out: Path) -> None:
     group = current_group()
     if group is None or group.is_main:
         np.save(out / "scores.npy", det.score_samples(ppca(1000, seed=2)[0]))
+        np.save(out / "offset.npy", np.array([det.offset_]))
 
 
 def run_shards(out: Path) -> None:

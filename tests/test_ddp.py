@@ -80,6 +80,8 @@ def test_a_fit_across_processes_reaches_the_single_process_likelihood(tmp_path):
     _, truth = ppca(1000, seed=2)
     assert abs(across.mean() - single.mean()) < 0.1, (across.mean(), single.mean())
     assert abs(across.mean() - truth.mean()) < 0.5
+    # the threshold: the training rows' scores, each rank scoring its share, then gathered
+    assert np.load(two / "offset.npy")[0] == pytest.approx(np.load(one / "offset.npy")[0], abs=1e-4)
 
 
 def test_ranks_that_hold_different_rows_are_refused(tmp_path):

@@ -14,8 +14,9 @@ trained side by side). ``batch_size`` is therefore the global batch, and the row
 trimmed fit leaves out of a batch are chosen from every rank's losses: a fit on N ranks
 takes the steps one process would take, up to float rounding.
 
-Only the training loop communicates; what a fit computes afterwards (the threshold's
-scores, the latent statistics) every rank computes for itself from identical weights.
+After training, the ranks share the scoring of the training rows that set the threshold
+(each scores its share, then all hold all the scores); the latent statistics every rank
+computes for itself from identical weights.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -88,6 +90,12 @@ class ProcessGroup:
         _collective(torch.distributed.all_gather, parts, padded)
         sizes = [(r + 1) * total // self.world_size - r * total // self.world_size for r in range(self.world_size)]
         return torch.cat([p[:, :size] for p, size in zip(parts, sizes, strict=True)], dim=1)
+
+    def gather_scores(self, scores: np.ndarray, total: int) -> np.ndarray:
+        """Every rank's share of ``total`` per-row float64 values (numpy, ``(share,)``) joined in rank order."""
+        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        mine = torch.as_tensor(np.ascontiguousarray(scores), dtype=torch.float64, device=device)[None]
+        return self.gather_columns(mine, total)[0].cpu().numpy()
 
     def broadcast_parameters(self, tensors: Sequence[Tensor]) -> None:
         """Every rank's ``tensors`` overwritten by rank 0's (in place)."""

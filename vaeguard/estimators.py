@@ -760,10 +760,12 @@ class VAEAnomalyDetector(
             return self
         if n > OFFSET_ROWS:  # the percentile of a large random subsample is as good and far cheaper
             inputs = inputs.rows(torch.randperm(n, generator=generator)[:OFFSET_ROWS])
-        train_scores = self._log_likelihood_internal(
-            inputs.x, inputs.mask, self.n_importance_samples, condition=inputs.condition
-        ).value
-        train_scores = train_scores + space.row_nats(inputs)
+        if group is None:
+            train_scores = self._training_scores(inputs, space)
+        else:  # each rank scores its share of the rows; every rank then holds all the scores
+            share = group.share(len(inputs))
+            mine = self._training_scores(inputs.rows(torch.arange(len(inputs))[share]), space)
+            train_scores = group.gather_scores(mine, len(inputs))
         broken = ~np.isfinite(train_scores)
         if broken.any():
             self.__dict__.pop("offset_", None)  # no model with a threshold that flags nothing (or everything)
@@ -775,6 +777,13 @@ class VAEAnomalyDetector(
         self.threshold_rule_ = {"rule": "contamination", "contamination": float(self.contamination)}
         self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
         return self
+
+    def _training_scores(self, inputs: ModelInputs, space: InputSpace) -> np.ndarray:
+        """log p(x) in the data's units (nats) of the training rows that set the threshold, (rows,)."""
+        value = self._log_likelihood_internal(
+            inputs.x, inputs.mask, self.n_importance_samples, condition=inputs.condition
+        ).value
+        return value + space.row_nats(inputs)
 
     def set_threshold(self, X_normal: Any, fpr: float = 0.01, condition: Any = None) -> VAEAnomalyDetector:
         """Set the threshold so that a fraction ``fpr`` of rows known to be normal is flagged.
