@@ -175,7 +175,8 @@ def fit_command(
       vaeguard fit train.parquet -o model.h5 --id-column id --config tabular-fast
       vaeguard fit digits.npz:images -o digits.h5 --param epochs=100
       vaeguard fit sales.csv -o sales.h5 --condition-columns shop,weekday
-      vaeguard fit big.parquet -o big.h5 --nproc-per-node 4     (or: torchrun --nproc-per-node 4 -m vaeguard fit ...)
+      vaeguard fit big.parquet -o big.h5 --nproc-per-node 4
+      torchrun --standalone --nproc-per-node 4 -m vaeguard fit big.parquet -o big.h5
     """
     options = dict(click.get_current_context().params)
     del options["nproc_per_node"]
