@@ -129,8 +129,21 @@ def test_lock_step_streams_round_trip_and_cost_their_initial_bits(binary_model, 
     words[0] += 1  # a stack length that no longer adds up
     with pytest.raises(ValueError, match="stack lengths do not add up"):
         codec.decode(binary_model.coding_model(), words.tobytes(), len(held_out))
-    with pytest.raises(ValueError, match=r"streams must be an integer in \[1, 4096\]"):
+    with pytest.raises(ValueError, match=r"streams must be .auto. or an integer in \[1, 4096\]"):
         compress(binary_model, few, codec_params={"streams": 0})
+
+
+def test_the_default_number_of_streams_grows_with_the_data_and_keeps_the_net_size(binary_model, digits):
+    from vaeguard.components.codecs import SAMPLES_PER_STREAM
+
+    many = np.tile((digits[1] >= 8).astype(np.uint8), (11, 1, 1))[: 2 * SAMPLES_PER_STREAM + 5]
+    blob = compress(binary_model, many)  # streams="auto": one per SAMPLES_PER_STREAM samples
+    header = read_header(blob)[0]
+    assert header["codec_params"]["streams"] == 2 and np.array_equal(decompress(binary_model, blob), many)
+    one = read_header(compress(binary_model, many, codec_params={"streams": 1}))[0]["info"]
+    # the bound: the net size within 1 % of one stream's (measured: 320 bits less of 119 232)
+    assert abs(header["info"]["net_bits"] - one["net_bits"]) < 0.01 * one["net_bits"]
+    assert read_header(compress(binary_model, many[:50]))[0]["codec_params"]["streams"] == 1
 
 
 def test_progress_is_told_of_every_sample(binary_model, level_model, digits):

@@ -107,6 +107,10 @@ class LatentBuckets:
         return self.centres[torch.from_numpy(np.asarray(buckets, dtype=np.int64))]
 
 
+#: ``streams="auto"``: one stack per this many samples, at most :data:`MAX_AUTO_STREAMS` stacks.
+SAMPLES_PER_STREAM, MAX_AUTO_STREAMS = 2000, 64
+
+
 @declare(reports_progress=True)
 class BitsBackCodec:
     """Lossless bits-back coding (BB-ANS) of discrete data under a VAE.
@@ -128,8 +132,11 @@ class BitsBackCodec:
     initial_words : int or None, default=None
         Random 32-bit words that seed each stack; default: enough for one sample's latent
         code (latent_dim × latent_bits / 32, plus 2).
-    streams : int, default=1
-        Stacks coded in lock step.
+    streams : int or "auto", default="auto"
+        Stacks coded in lock step. "auto": one per :data:`SAMPLES_PER_STREAM` samples (at
+        most :data:`MAX_AUTO_STREAMS`), so that the stacks' initial bits and final words
+        (about 300 bits each) stay below 0.3 bits per sample; :meth:`encode` fixes the
+        number, and the container stores it.
     exact_tables : bool, default=False
         Quantise each probability table exactly (``constriction``'s ``perfect=True``): the net
         size then approaches the discretised-latent −ELBO itself, about 0.3 bits per 8 × 8
@@ -140,18 +147,30 @@ class BitsBackCodec:
     lossless = True
 
     def __init__(
-        self, latent_bits: int = 12, initial_words: int | None = None, streams: int = 1, exact_tables: bool = False
+        self,
+        latent_bits: int = 12,
+        initial_words: int | None = None,
+        streams: int | str = "auto",
+        exact_tables: bool = False,
     ) -> None:
         self.buckets = LatentBuckets(latent_bits)
         if initial_words is not None and int(initial_words) < 1:
             raise ValueError(f"initial_words must be a positive integer, got {initial_words!r}")
-        if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= 4096:
-            raise ValueError(f"streams must be an integer in [1, 4096], got {streams!r}")
+        if streams != "auto" and (
+            isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= 4096
+        ):
+            raise ValueError(f"streams must be 'auto' or an integer in [1, 4096], got {streams!r}")
         if not isinstance(exact_tables, bool):
             raise ValueError(f"exact_tables must be true or false, got {exact_tables!r}")
         self.initial_words = None if initial_words is None else int(initial_words)
-        self.streams = int(streams)
+        self.streams: int | str = streams
         self.exact_tables = exact_tables
+
+    def stream_count(self, n: int) -> int:
+        """The stacks for ``n`` samples: ``streams``, or for "auto" one per :data:`SAMPLES_PER_STREAM` samples."""
+        if self.streams != "auto":
+            return int(self.streams)
+        return max(1, min(MAX_AUTO_STREAMS, n // SAMPLES_PER_STREAM))
 
     def params(self) -> dict[str, Any]:
         params = {"latent_bits": self.buckets.bits, "initial_words": self.initial_words, "streams": self.streams}
@@ -185,6 +204,7 @@ class BitsBackCodec:
         categorical = constriction.stream.model.Categorical(perfect=self.exact_tables)
         prior = constriction.stream.model.Uniform(self.buckets.count)
         seed = self._seed(det.latent_dim)
+        self.streams = self.stream_count(x.shape[0])  # a number from here on: the container stores it
         steps = stream_rows(x.shape[0], self.streams)
         coders = [constriction.stream.stack.AnsCoder(seed) for _ in steps[0]]
         initial = sum(c.num_bits() for c in coders)
@@ -212,7 +232,7 @@ class BitsBackCodec:
         self.check_model(det)
         categorical = constriction.stream.model.Categorical(perfect=self.exact_tables)
         prior = constriction.stream.model.Uniform(self.buckets.count)
-        steps = stream_rows(n, self.streams)
+        steps = stream_rows(n, self.stream_count(n))
         coders = [constriction.stream.stack.AnsCoder(words) for words in self._stacks(payload, len(steps[0]))]
         event_shape = det.network.likelihood.event_shape
         out = torch.zeros((n, *event_shape), dtype=torch.float64)
