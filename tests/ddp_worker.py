@@ -65,6 +65,8 @@ def run_fit(out: Path) -> None:
     if group is None or group.is_main:
         np.save(out / "scores.npy", det.score_samples(ppca(1000, seed=2)[0]))
         np.save(out / "offset.npy", np.array([det.offset_]))
+    if group is not None:
+        group.finish()  # leave together, as the README asks of a torchrun script
 
 
 def run_shards(out: Path) -> None:

@@ -252,14 +252,15 @@ def _fit_to_file(
         settings["conditional"] = True
     det = VAEAnomalyDetector.from_config(preset, **settings) if preset else VAEAnomalyDetector(**settings)
     det.fit(frame, conditions)
-    if not main_rank:
-        return
-    digest = det.save(output, signing_key=os.environ.get(SIGNING_KEY_VARIABLE) or None)
-    click.echo(
-        f"wrote {output} (sha256 {digest[:12]}): {len(frame)} rows, {det.n_features_in_} features, "
-        f"latent_dim={det.latent_dim_}, threshold {det.offset_:.3f} nats ({det.threshold_rule_['rule']})",
-        err=True,
-    )
+    if main_rank:
+        digest = det.save(output, signing_key=os.environ.get(SIGNING_KEY_VARIABLE) or None)
+        click.echo(
+            f"wrote {output} (sha256 {digest[:12]}): {len(frame)} rows, {det.n_features_in_} features, "
+            f"latent_dim={det.latent_dim_}, threshold {det.offset_:.3f} nats ({det.threshold_rule_['rule']})",
+            err=True,
+        )
+    if group is not None:  # leave together: a rank that exits while another still writes can abort in gloo
+        group.finish()
 
 
 def _show(progress: bool | None) -> bool:

@@ -97,6 +97,11 @@ class ProcessGroup:
         mine = torch.as_tensor(np.ascontiguousarray(scores), dtype=torch.float64, device=device)[None]
         return self.gather_columns(mine, total)[0].cpu().numpy()
 
+    def finish(self) -> None:
+        """Wait for every rank, then close the group (the end of a job that succeeded on every rank)."""
+        _collective(torch.distributed.barrier)
+        torch.distributed.destroy_process_group()
+
     def broadcast_parameters(self, tensors: Sequence[Tensor]) -> None:
         """Every rank's ``tensors`` overwritten by rank 0's (in place)."""
         for t in tensors:
