@@ -121,10 +121,7 @@ def same_rows(group: ProcessGroup, tensors: Sequence[Tensor | None]) -> None:
             digest.update(t.detach().cpu().contiguous().numpy().tobytes())
     mine = (digest.hexdigest(), tuple(tensors[0].shape))
     every: list[Any] = [None] * group.world_size
-    try:
-        torch.distributed.all_gather_object(every, mine)
-    except RuntimeError as exc:
-        raise DistributedError(f"another training process stopped or stopped answering ({exc})") from exc
+    _collective(torch.distributed.all_gather_object, every, mine)
     differ = [r for r, theirs in enumerate(every) if theirs[0] != every[0][0]]
     if differ:
         raise ValueError(
