@@ -79,3 +79,11 @@ class LinearGaussian:
         q_var = var * var_scale
         q_means = means + mean_shift * np.sqrt(q_var)
         return 0.5 * (np.log(var / q_var) + q_var / var + (q_means - means) ** 2 / var - 1).sum(-1)
+
+    def log_conditionals(self, X: np.ndarray) -> np.ndarray:
+        """log p(x_j | x_−j) of every element (n, d): the Gaussian conditional, from the precision matrix P:
+        x_j | x_−j ~ N(x_j − (P(x − b))_j / P_jj, 1 / P_jj)."""
+        precision = np.linalg.inv(self.W @ self.W.T + self.sigma**2 * np.eye(self.d))
+        p_jj = np.diag(precision)
+        residual = (X - self.b) @ precision / p_jj
+        return 0.5 * np.log(p_jj / (2 * math.pi)) - 0.5 * p_jj * residual**2

@@ -372,6 +372,50 @@ def test_feature_scores_point_at_the_planted_column():
     assert np.isnan(with_gap.iloc[0, 2]) and np.isfinite(with_gap.drop(columns="c").to_numpy()).all()
 
 
+def test_feature_scores_name_the_planted_column_whatever_the_columns_scales():
+    # Issue 19: raw per-column log-likelihoods mostly reflect each column's units (a column in
+    # thousandths has a density 1e6 times that of one in thousands), so they named the same
+    # wide columns for most rows. Against each column's training median, the planted column
+    # comes first. Six correlated columns scaled 1e-3 ... 1e3, two of them whole numbers
+    # (lattice columns, scored by cell masses), one 6σ shift planted per test row.
+    rng = np.random.default_rng(1)
+    A = rng.normal(size=(6, 6))
+    scales = np.array([1e-3, 1e-2, 1e-1, 1e1, 1e2, 1e3])
+
+    def rows(n):
+        X = (rng.normal(size=(n, 6)) @ A) * scales
+        X[:, 3] = np.round(X[:, 3])  # whole numbers: a lattice column of step 1 (~10 σ-units wide)
+        X[:, 4] = np.round(X[:, 4], -1)  # multiples of 10
+        return X
+
+    X = rows(3000)
+    det = VAEAnomalyDetector(random_state=0).fit(pd.DataFrame(X, columns=list("abcdef")))
+    assert (det.column_types_["kind"].to_numpy()[3:5] == "lattice").all()
+    X_test = rows(300)
+    planted = rng.integers(0, 6, size=300)
+    X_test[np.arange(300), planted] += 6 * X.std(0)[planted]
+    X_test[:, 3], X_test[:, 4] = np.round(X_test[:, 3]), np.round(X_test[:, 4], -1)
+    worst = det.feature_scores(pd.DataFrame(X_test, columns=list("abcdef"))).to_numpy().argmin(axis=1)
+    assert (worst == planted).mean() >= 0.9, (worst == planted).mean()
+    # on normal rows no column is named for its units: each is the worst for about 1/6 of the rows
+    counts = np.bincount(det.feature_scores(pd.DataFrame(rows(600), columns=list("abcdef"))).to_numpy().argmin(1))
+    assert counts.max() < 0.4 * 600, counts
+
+
+def test_feature_baseline_is_the_training_median_and_travels_with_the_model(tmp_path):
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(1500, 4)) @ rng.normal(size=(4, 4)) * [1, 10, 100, 1000]
+    det = VAEAnomalyDetector(random_state=0).fit(X)
+    assert det.feature_baseline_.shape == (4,)
+    # the training rows' scores sit around 0 in every column: the median of the reported values is ~0
+    medians = np.median(det.feature_scores(X).to_numpy(), axis=0)
+    assert np.abs(medians).max() < 0.1, medians
+    det.save(tmp_path / "m.h5")
+    again = load(tmp_path / "m.h5")
+    np.testing.assert_array_equal(again.feature_baseline_, det.feature_baseline_)
+    pd.testing.assert_frame_equal(again.feature_scores(X[:20]), det.feature_scores(X[:20]))
+
+
 # -- a mixture of models (n_models) -------------------------------------------------------
 
 

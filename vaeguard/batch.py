@@ -71,11 +71,11 @@ def score_chunk(
     ``log_likelihood`` (nats), ``decision`` (log-likelihood − ``offset_``),
     ``is_outlier``, ``log_likelihood_std`` (the estimate's standard error, nats) and
     ``pareto_k`` (the reliability diagnostic k̂ of the importance weights: above 0.7 the
-    estimate is not to be trusted), plus ``top_features`` (the columns with the lowest log-likelihood
-    shares, ``;``-separated) with ``explain``. A row that cannot be scored (a value that
-    is not a number, infinite, an unseen category, nothing observed) raises ``DataError``
-    naming its row and column, unless ``on_bad_row`` is "skip" (drop it) or "nan" (NaN
-    scores for it).
+    estimate is not to be trusted), plus ``top_features`` (the columns with the lowest
+    :meth:`~vaeguard.VAEAnomalyDetector.feature_scores`, ``;``-separated) with ``explain``.
+    A row that cannot be scored (a value that is not a number, infinite, an unseen
+    category, nothing observed) raises ``DataError`` naming its row and column, unless
+    ``on_bad_row`` is "skip" (drop it) or "nan" (NaN scores for it).
     """
     if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row must be one of {', '.join(ON_BAD_ROW)}, got {on_bad_row!r}")

@@ -321,7 +321,11 @@ def _refuse_local_only_options() -> None:
 @click.argument("data")
 @click.option("-o", "--output", required=True, help="Results file (.csv or .parquet), or - for CSV on stdout.")
 @click.option("--id-column", help="Copy this column to the output's id column (default: the row number).")
-@click.option("--explain", is_flag=True, help="Add top_features: the 3 columns that make each row least likely.")
+@click.option(
+    "--explain",
+    is_flag=True,
+    help="Add top_features: the 3 columns most unusual for their column, given the rest of the row.",
+)
 @click.option("--n-samples", type=click.IntRange(1), help="K, importance samples per row (default: the model's).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option(

@@ -297,6 +297,11 @@ class VAEAnomalyDetector(
         above which the row gets a proposal fitted to it — the median rise over (up to
         2000) training rows plus one nat (:func:`vaeguard.scoring.probe_threshold`). None
         for convolutional models, which are not probed.
+    feature_baseline_ : ndarray of shape (n_features,) or None
+        Per column (per pixel for images): the median over the training rows scored for the
+        threshold of the column's log-likelihood given the rest of the row, log p(x_j | x_−j)
+        in nats, data units; :meth:`feature_scores` reports each value against it. None for
+        model files written before it existed.
     fingerprint_ : str or None
         SHA-256 of the model file this estimator was saved to or loaded from.
     condition_encoder_ : ConditionEncoder or None
@@ -754,18 +759,20 @@ class VAEAnomalyDetector(
         self.aggregate_posterior_ = AggregatePosterior.fit(means, score_seed) if len(means) > 1 else None
         self.fingerprint_ = None
         self.probe_thresholds_ = self._probe_thresholds(x, mask, c, generator)
+        if n > OFFSET_ROWS:  # the percentile of a large random subsample is as good and far cheaper
+            inputs = inputs.rows(torch.randperm(n, generator=generator)[:OFFSET_ROWS])
+        if group is None:
+            train_scores, conditionals = self._training_scores(inputs, space)
+        else:  # each rank scores its share of the rows; every rank then holds all the scores
+            share = group.share(len(inputs))
+            mine, mine_conditionals = self._training_scores(inputs.rows(torch.arange(len(inputs))[share]), space)
+            train_scores = group.gather_scores(mine, len(inputs))
+            conditionals = group.gather_scores(mine_conditionals, len(inputs))
+        self.feature_baseline_ = _column_medians(conditionals[np.isfinite(train_scores)])
         if self.offset is not None:
             self.threshold_rule_ = {"rule": "offset", "offset": float(self.offset)}
             self.offset_ = float(self.offset)
             return self
-        if n > OFFSET_ROWS:  # the percentile of a large random subsample is as good and far cheaper
-            inputs = inputs.rows(torch.randperm(n, generator=generator)[:OFFSET_ROWS])
-        if group is None:
-            train_scores = self._training_scores(inputs, space)
-        else:  # each rank scores its share of the rows; every rank then holds all the scores
-            share = group.share(len(inputs))
-            mine = self._training_scores(inputs.rows(torch.arange(len(inputs))[share]), space)
-            train_scores = group.gather_scores(mine, len(inputs))
         broken = ~np.isfinite(train_scores)
         if broken.any():
             self.__dict__.pop("offset_", None)  # no model with a threshold that flags nothing (or everything)
@@ -778,12 +785,14 @@ class VAEAnomalyDetector(
         self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
         return self
 
-    def _training_scores(self, inputs: ModelInputs, space: InputSpace) -> np.ndarray:
-        """log p(x) in the data's units (nats) of the training rows that set the threshold, (rows,)."""
-        value = self._log_likelihood_internal(
-            inputs.x, inputs.mask, self.n_importance_samples, condition=inputs.condition
-        ).value
-        return value + space.row_nats(inputs)
+    def _training_scores(self, inputs: ModelInputs, space: InputSpace) -> tuple[np.ndarray, np.ndarray]:
+        """log p(x) in the data's units (nats) of the training rows that set the threshold, (rows,), and their
+        elements' log p(x_j | x_−j) in the data's units from the same pass, (rows, elements)."""
+        result = self._log_likelihood_internal(
+            inputs.x, inputs.mask, self.n_importance_samples, condition=inputs.condition, per_feature=True
+        )
+        conditionals = np.asarray(space.feature_shares(result.per_feature, inputs.impossible), dtype=np.float64)
+        return result.value + space.row_nats(inputs), conditionals.reshape(len(result.value), -1)
 
     def set_threshold(self, X_normal: Any, fpr: float = 0.01, condition: Any = None) -> VAEAnomalyDetector:
         """Set the threshold so that a fraction ``fpr`` of rows known to be normal is flagged.
@@ -972,11 +981,7 @@ class VAEAnomalyDetector(
             np.full(x.shape[0], self.n_features_in_) if mask is None else mask.reshape(x.shape[0], -1).sum(1).numpy()
         )
         value = result.value + self.input_space_.row_nats(inputs)
-        shares = (
-            None
-            if not per_feature
-            else self.input_space_.feature_shares(result.per_feature, inputs.impossible, _index_of(X))
-        )
+        shares = None if not per_feature else self._feature_scores_of(result.per_feature, inputs, X)
         return value, result.std, observed, result.pareto_k, shares
 
     def score_samples(self, X: Any, condition: Any = None) -> np.ndarray:
@@ -1034,14 +1039,20 @@ class VAEAnomalyDetector(
         return _per_row(value + self.input_space_.row_nats(inputs), X, "elbo")
 
     def feature_scores(self, X: Any, condition: Any = None) -> pd.DataFrame:
-        """Which columns make each row unlikely: per-column log-likelihood contributions.
+        """Which columns make each row unlikely, each measured against what is usual for that column.
 
-        Entry (i, j) is E_{p(z|x_i)}[log p(x_ij | z)] in nats, in the data's units (the
-        column's log-Jacobian included; an impossible value's 100 nats charged to its
-        column), estimated with the importance weights of :meth:`score_samples` (the same
-        proposals, fitted to the far-out rows). The most negative entries of a row are the columns that
-        make it anomalous; the row's sum is its expected reconstruction term (the rest of
-        log p(x) is the cost of its latent code). Missing entries are NaN.
+        Entry (i, j) is log p(x_ij | x_i,−j) − b_j in nats: the log-likelihood of the row's
+        value in column j given its other columns, less ``feature_baseline_[j]``, the median
+        of the same quantity over the training rows. 0 is a value as likely as a typical
+        training row's in that column; −20 is e²⁰ times less likely than that. Measured so, a
+        column's units, spread or kind (lattice, categorical, continuous) do not decide which
+        column is named: only how unusual its value is for that column, given the rest of the
+        row — an extreme value, or an ordinary value that does not fit the row's other values.
+        The most negative entries of a row are the columns that make it anomalous. Both
+        log-likelihoods come from the importance sampling of :meth:`score_samples` (the same
+        draws and proposals; first model of a mixture; an impossible value's 100 nats charged
+        to its column): see :func:`vaeguard.scoring.per_feature_log_likelihood`. Missing
+        entries are NaN.
 
         Parameters
         ----------
@@ -1068,7 +1079,22 @@ class VAEAnomalyDetector(
             refine_eps=self._refine_eps(),
             probe_threshold=self._probe_threshold_of(0),
         )
-        return self.input_space_.feature_shares(shares, inputs.impossible, _index_of(X))
+        return self._feature_scores_of(shares, inputs, X)
+
+    def _feature_scores_of(self, conditionals: np.ndarray, inputs: ModelInputs, X: Any) -> Any:
+        """Model-space log p(x_j | x_−j) ``(n, *event)`` as :meth:`feature_scores` reports them: in the data's
+        units and form, less each element's training median (``feature_baseline_``)."""
+        scores = self.input_space_.feature_shares(conditionals, inputs.impossible, _index_of(X))
+        baseline = getattr(self, "feature_baseline_", None)
+        if baseline is None:
+            warnings.warn(
+                "this model file predates the training baseline of feature_scores: the values are log p(x_j | x_-j) "
+                "as they are, not against what is usual for each column; refit the model to compare columns",
+                UserWarning,
+                stacklevel=3,
+            )
+            return scores
+        return scores - baseline.reshape(np.shape(scores)[1:])
 
     def transform(self, X: Any, condition: Any = None) -> np.ndarray:
         """Posterior means E[z|x] (E[z|x, c] for a conditional model), shape (n_samples, latent_dim_)."""
@@ -1229,6 +1255,8 @@ class VAEAnomalyDetector(
             arrays["latent.kl_per_dimension"] = np.asarray(self.kl_per_dimension_, dtype=np.float64)
         if getattr(self, "aggregate_posterior_", None) is not None:
             arrays.update(self.aggregate_posterior_.arrays())
+        if getattr(self, "feature_baseline_", None) is not None:
+            arrays["feature.baseline"] = np.asarray(self.feature_baseline_, dtype=np.float64)
         if self.standardizer_ is not None:
             arrays["standardizer.center"] = self.standardizer_.center
             arrays["standardizer.scale"] = self.standardizer_.scale
@@ -1321,6 +1349,7 @@ class VAEAnomalyDetector(
         est.active_units_ = fitted.get("active_units_")
         est.aggregate_posterior_ = AggregatePosterior.from_arrays(arrays)
         est.probe_thresholds_ = _stored_probe_thresholds(fitted.get("probe_thresholds_"), n_models)
+        est.feature_baseline_ = arrays.get("feature.baseline")
         est.fingerprint_ = digest
         return est
 
@@ -1365,6 +1394,15 @@ def _stored_probe_thresholds(value: Any, n_models: int) -> list[float] | None:
     ):
         raise ValueError(f"the model file's probe_thresholds_ must be {n_models} finite numbers >= 0, got {value!r}")
     return [float(t) for t in value]
+
+
+def _column_medians(values: np.ndarray) -> np.ndarray:
+    """The median of each column of ``values`` (rows, columns) over its finite entries; 0 for a column without one."""
+    finite = np.where(np.isfinite(values), values, np.nan)
+    out = np.zeros(values.shape[1])
+    seen = ~np.isnan(finite).all(axis=0)
+    out[seen] = np.nanmedian(finite[:, seen], axis=0)
+    return out
 
 
 def mixture_estimate(members: list) -> Any:

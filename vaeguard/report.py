@@ -202,6 +202,10 @@ def build_report(det: VAEAnomalyDetector, data: pd.DataFrame | np.ndarray, *, ti
         _histogram(log_px[scored], det.offset_),
         "</section>",
         '<section id="most-anomalous"><h2>The most anomalous rows</h2>',
+        ""
+        if columns is None
+        else '<p class="note">Top features: the columns least likely given the rest of the row, each against '
+        "what is usual for that column in training (<code>feature_scores</code>).</p>",
         _top_rows(results, data, columns),
         "</section>",
         '<section id="latent-map"><h2>Latent map</h2>',

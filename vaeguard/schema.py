@@ -275,6 +275,11 @@ def _check_fitted(fitted: Any, spec: dict[str, Any], arrays: dict[str, np.ndarra
                 raise _fail(f"{field}.probe_thresholds_[{i}]", f"must be at most {MAX_PROBE_THRESHOLD:g} nats")
     _check_standardizer(arrays, n)
     _check_latent_arrays(arrays, spec["latent_dim"])
+    baseline = arrays.get("feature.baseline")
+    if baseline is not None and (
+        baseline.shape != (n,) or baseline.dtype.kind != "f" or not np.isfinite(baseline).all()
+    ):
+        raise _fail("arrays/feature.baseline", f"must hold {n} finite floats, got {baseline.dtype} {baseline.shape}")
 
 
 def _check_latent_arrays(arrays: dict[str, np.ndarray], k: int) -> None:

@@ -180,7 +180,8 @@ class LogLikelihood:
     pareto_k: np.ndarray | None = None
     ess: np.ndarray | None = None
     refined: np.ndarray | None = None
-    #: With ``per_feature=True``: each element's share E_{p(z|x)}[log p(x_j|z)], (n, *event_shape), nats.
+    #: With ``per_feature=True``: each element's conditional log-likelihood log p(x_j | x_−j) given the row's other
+    #: elements, (n, *event_shape), nats (:func:`per_feature_log_likelihood`).
     per_feature: np.ndarray | None = None
 
 
@@ -324,8 +325,8 @@ def importance_sampled_log_likelihood(
         Rise of a row's ELBO in the probe (nats) above which its proposal is fitted; a
         model's own value comes from its training rows (:func:`probe_threshold`).
     per_feature : bool, default=False
-        Also fill ``per_feature``: each element's share of the score from the same pass
-        (:func:`per_feature_log_likelihood`), no second forward pass.
+        Also fill ``per_feature``: each element's log-likelihood given the row's other
+        elements, from the same pass (:func:`per_feature_log_likelihood`), no second forward pass.
 
     Returns
     -------
@@ -352,7 +353,7 @@ def importance_sampled_log_likelihood(
         logw = logw.double()  # (K, rows), float64
         value[where] = (torch.logsumexp(logw, 0) - math.log(k)).cpu().numpy()
         if shares is not None:
-            shares[where] = _posterior_shares(logw, per, mb)
+            shares[where] = _conditional_log_likelihoods(logw, per, mb)
         if std is not None:
             w = (logw - logw.max(0, keepdim=True).values).exp()
             mean = w.mean(0)
@@ -572,13 +573,16 @@ def per_feature_log_likelihood(
     refine_eps: Tensor | None = None,
     probe_threshold: float = PROBE_GAIN,
 ) -> np.ndarray:
-    """Each element's share of the score: E_{p(z|x)}[log p(x_j|z)] in nats, shape (n, *event_shape).
+    """Each element's log-likelihood given the row's other elements, log p(x_j | x_−j), in nats, (n, *event_shape).
 
-    The posterior expectation uses the self-normalised importance weights of
-    :func:`importance_sampled_log_likelihood` (same draws ``eps``, same proposals: with
-    ``refine_eps``, fitted to the rows the encoder serves badly). Summed over the
-    elements it is the expected reconstruction term; the remainder of log p(x) belongs to
-    the latent code, not to any one element. Missing entries (``mask`` False) are NaN.
+    log p(x_j | x_−j) = log p(x) − log p(x_−j): what the element's value costs the row once
+    the rest of the row is known — an unusual value, or a usual value that does not fit
+    the others. Both terms are importance-sampling estimates from the same draws ``eps``
+    and proposals as :func:`importance_sampled_log_likelihood` (with ``refine_eps``, fitted
+    to the rows the encoder serves badly), p(x_−j) with the weights w_k / p(x_j|z_k), so it
+    costs no second forward pass. Where x_j alone makes a row far-out the proposal follows
+    x_j and p(x_−j) is underestimated: the element's value is then an upper bound, still
+    far below the other elements'. Missing entries (``mask`` False) are NaN.
     """
     return importance_sampled_log_likelihood(
         model,
@@ -594,10 +598,11 @@ def per_feature_log_likelihood(
     ).per_feature
 
 
-def _posterior_shares(logw: Tensor, per: Tensor, mask: Tensor | None) -> np.ndarray:
-    """Σ_k w̃_k · log p(x_j|z_k) per element, w̃ the self-normalised weights of ``logw`` (K, rows); NaN if missing."""
-    weights = torch.softmax(logw, 0)  # (K, rows)
-    share = (weights.reshape(*weights.shape, *([1] * (per.dim() - 2))) * per.double()).sum(0)
+def _conditional_log_likelihoods(logw: Tensor, per: Tensor, mask: Tensor | None) -> np.ndarray:
+    """log p̂(x) − log p̂(x_−j) per element from log weights ``logw`` (K, rows) and log p(x_j|z_k) ``per``
+    (K, rows, *event): log Σ_k w_k − log Σ_k w_k / p(x_j|z_k); NaN where missing."""
+    log_w = logw.reshape(*logw.shape, *([1] * (per.dim() - 2)))
+    value = torch.logsumexp(logw, 0).reshape(log_w.shape[1:]) - torch.logsumexp(log_w - per.double(), 0)
     if mask is not None:
-        share = torch.where(mask, share, torch.full_like(share, float("nan")))
-    return share.cpu().numpy()
+        value = torch.where(mask, value, torch.full_like(value, float("nan")))
+    return value.cpu().numpy()
