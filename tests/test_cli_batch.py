@@ -57,6 +57,36 @@ def test_fit_writes_a_model_of_the_named_columns(workdir):
     assert list(small.feature_names_in_) == ["a", "b"] and small.n_importance_samples == 16 and small.epochs == 2
 
 
+def test_fit_refuses_an_id_or_label_column_in_one_line_naming_it(workdir):
+    # issue 19: an id left among the features became 1000 categories; the anomaly labels a feature
+    result = run("fit", str(workdir / "train.csv"), "-o", str(workdir / "ids.h5"), *FAST)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert "column 'key' has 1000 distinct values in 1000 rows" in result.stderr and "--id-column key" in result.stderr
+    assert not (workdir / "ids.h5").exists()
+    result = run("fit", str(workdir / "test.csv"), "-o", str(workdir / "labels.h5"), "--id-column", "key", *FAST)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert "column 'label' looks like the anomaly labels" in result.stderr and "--label-column label" in result.stderr
+
+
+@pytest.mark.parametrize("config", [[], ["--config", "tabular"]])
+def test_fit_with_a_mistyped_param_is_one_line_naming_the_nearest_parameter(workdir, config):
+    result = run("fit", str(workdir / "train.csv"), "-o", str(workdir / "typo.h5"), "--param", "epoch=5", *config)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "--param epoch: no such parameter; did you mean 'epochs'?" in result.stderr
+    assert "preset" not in result.stderr and "Traceback" not in result.output
+
+
+def test_score_says_which_columns_of_the_file_it_ignores(workdir):
+    result = run("score", str(workdir / "m.h5"), str(workdir / "test.csv"), "-o", str(workdir / "ign.csv"),
+                 "--id-column", "key")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "scoring the model's 4 column(s); ignoring 'label'" in result.stderr
+    det = load(workdir / "m.h5")
+    with pytest.raises(ValueError, match=r"(?s)unseen at fit time:\n- key\n- label.*X\[model.feature_names_in_\]"):
+        det.score_samples(pd.read_csv(workdir / "test.csv"))
+
+
 def test_score_writes_the_model_scores_with_ids_and_explanations(workdir):
     out = workdir / "scores.parquet"
     result = run("score", str(workdir / "m.h5"), str(workdir / "test.csv"), "-o", str(out), "--id-column", "key",

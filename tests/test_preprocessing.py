@@ -1,8 +1,10 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from vaeguard import VAEAnomalyDetector
 from vaeguard.preprocessing import Standardizer, find_lattice, lattice_steps
 
 
@@ -139,3 +141,26 @@ def test_pixel_levels_of_floats_come_from_their_lattice():
     odd = np.array([0.0, 0.3, 1.25, np.nan]).reshape(1, 1, 2, 2)
     assert levels.to_levels(odd).ravel().tolist()[:3] == [0, 1, 4]
     assert levels.impossible(odd).ravel().tolist() == [False, True, True, False]
+
+
+def test_check_feature_columns_refuses_ids_and_labels_and_nothing_else():
+    from vaeguard.preprocessing import check_feature_columns
+
+    rng = np.random.default_rng(0)
+    n = 200
+    fine = pd.DataFrame(
+        {
+            "reading": rng.normal(size=n),  # numeric and unique on every row: a measurement, not an id
+            "shop": rng.choice(["north", "south", "east"], n),
+            "label": rng.integers(0, 3, n),  # three values: not the anomaly labels
+            "code": [f"c{i % 40}" for i in range(n)],  # 40 categories in 200 rows: a real category
+        }
+    )
+    check_feature_columns(fine)
+    check_feature_columns(pd.DataFrame({"name": [f"n{i}" for i in range(10)]}))  # too few rows to tell
+    with pytest.raises(ValueError, match=r"column 'customer' has 150 distinct values in 200 rows: it identifies rows"):
+        check_feature_columns(fine.assign(customer=[f"u{i % 150}" for i in range(n)]))
+    with pytest.raises(ValueError, match=r"column 'Is_Anomaly' looks like the anomaly labels"):
+        check_feature_columns(fine.assign(Is_Anomaly=rng.random(n) < 0.1))
+    with pytest.raises(ValueError, match=r"column 'y' looks like the anomaly labels .* --label-column y"):
+        VAEAnomalyDetector(epochs=1).fit(fine.assign(y=rng.integers(0, 2, n)))

@@ -165,7 +165,8 @@ def score_file(
     ``output`` (.csv or .parquet) appears under its name only when complete; with ``resume``
     a stopped run with the same settings continues after its last whole chunk. ``output``
     None writes CSV to ``stream`` instead. ``progress(k)`` is told of every k rows done
-    (first of the rows a resume skips); ``notify(message)`` of a resume.
+    (first of the rows a resume skips); ``notify(message)`` of a resume and of the input's columns
+    that the model does not read (ignored).
     """
     settings = {
         "model": det.fingerprint_,
@@ -247,6 +248,15 @@ def _score_file(
             check_columns(det, [str(c) for c in chunk.columns], str(source))
             if options["id_column"] is not None and options["id_column"] not in chunk.columns:
                 raise DataError(f"{source} has no column {options['id_column']!r} for --id-column")
+            if notify is not None:
+                used = set(feature_columns(det) or []) | set(condition_columns(det) or []) | {options["id_column"]}
+                ignored = [str(c) for c in chunk.columns if c not in used]
+                if ignored:
+                    more = f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
+                    notify(
+                        f"{source}: scoring the model's {len(feature_columns(det) or [])} column(s); ignoring "
+                        f"{', '.join(map(repr, ignored[:5]))}{more}"
+                    )
         results, bad = score_chunk(det, chunk, row_offset=start, **options)
         skipped += bad
         start += len(chunk)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import os
 import sys
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -103,17 +104,31 @@ def _load_model(path: str, device: str = "auto") -> Any:
     return load(path, device=device, trusted_keys=_trusted_keys())
 
 
-def _parse_param(values: tuple[str, ...]) -> dict[str, Any]:
+def _parse_param(values: tuple[str, ...], allowed: Iterable[str] | None = None) -> dict[str, Any]:
+    """``--param KEY=VALUE`` items as a dict (VALUE read as JSON where it is JSON); with ``allowed``, a KEY
+    outside it is a one-line :class:`UserError` that names the nearest allowed keys."""
     params: dict[str, Any] = {}
     for item in values:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--param")
+        if allowed is not None and key not in allowed:
+            names = sorted(allowed)
+            near = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(map(repr, near))}? " if near else ""
+            raise UserError(f"--param {key}: no such parameter; {hint}the parameters are {', '.join(names)}")
         try:
             params[key] = json.loads(raw)
         except json.JSONDecodeError:
             params[key] = raw
     return params
+
+
+def _estimator_params(values: tuple[str, ...]) -> dict[str, Any]:
+    """``vaeguard fit``'s ``--param`` items, checked against the estimator's constructor arguments."""
+    from vaeguard.estimators import VAEAnomalyDetector
+
+    return _parse_param(values, VAEAnomalyDetector._get_param_names())
 
 
 @cli.command(name="fit")
@@ -178,6 +193,7 @@ def fit_command(
       vaeguard fit big.parquet -o big.h5 --nproc-per-node 4
       torchrun --standalone --nproc-per-node 4 -m vaeguard fit big.parquet -o big.h5
     """
+    _estimator_params(params)  # a malformed or unknown --param is one line here (not one per process)
     options = dict(click.get_current_context().params)
     del options["nproc_per_node"]
     options["progress"] = _show(progress)
@@ -186,7 +202,6 @@ def fit_command(
         return
     from vaeguard.ddp import DistributedError, launch
 
-    _parse_param(params)  # a malformed --param is one line here, not one per process
     try:
         launch(fit_worker, (options,), nproc_per_node)
     except DistributedError as exc:
@@ -247,7 +262,7 @@ def _fit_to_file(
         frame = frame[features]
     elif columns or id_column or conditioned:
         raise click.UsageError("--columns, --id-column and --condition-columns are for tables; this file holds images")
-    settings = {"random_state": seed, "device": device, "verbose": progress, **_parse_param(params)}
+    settings = {"random_state": seed, "device": device, "verbose": progress, **_estimator_params(params)}
     if conditions is not None:
         settings["conditional"] = True
     det = VAEAnomalyDetector.from_config(preset, **settings) if preset else VAEAnomalyDetector(**settings)

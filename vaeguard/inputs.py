@@ -37,6 +37,7 @@ from vaeguard.preprocessing import (
     ColumnLattice,
     PixelLevels,
     Standardizer,
+    check_feature_columns,
     column_types,
 )
 
@@ -130,6 +131,8 @@ class InputSpace:
             images = np.asarray(X)
             space = cls(owner, math.prod(shape), image_shape=shape, image_dtype=images.dtype.str)
             return space, space._image_values(images, need=2)
+        if isinstance(X, pd.DataFrame):
+            check_feature_columns(X)
         coder = ColumnCoder.fit(X) if ColumnCoder.needed(X) else None
         names = _get_feature_names(X)
         values = check_array(
@@ -452,6 +455,10 @@ class InputSpace:
                 message += title + "".join(f"- {name}\n" for name in group[:5]) + ("- ...\n" if len(group) > 5 else "")
         if not unseen and not missing:
             message += "Feature names must be in the same order as they were in fit.\n"
+        if unseen and not missing:  # extra columns: scikit-learn's message, and the way out
+            message += (
+                "Select the training columns with X[model.feature_names_in_] (the command line ignores others).\n"
+            )
         raise ValueError(message)
 
     def _too_far(self, flat: np.ndarray) -> np.ndarray | None:

@@ -384,6 +384,48 @@ def _as_numbers(column: pd.Series, name: str) -> pd.Series:
     return numbers
 
 
+#: A text or categorical column with at least this many distinct values, one for at least
+#: :data:`ID_DISTINCT_SHARE` of its rows, identifies rows rather than describing them.
+ID_MIN_DISTINCT, ID_DISTINCT_SHARE = 20, 0.5
+#: Names (lower case) that, on a two-valued column, say "the anomaly labels".
+LABEL_NAMES = frozenset(
+    {"label", "labels", "target", "y", "is_anomaly", "anomaly", "is_outlier", "outlier", "ground_truth", "class_label"}
+)
+
+
+def check_feature_columns(X: pd.DataFrame) -> None:
+    """Refuse, in one line naming the column, the two table mistakes a fit would learn silently.
+
+    - an id left among the features: a text or categorical column with a distinct value on
+      (nearly) every row would become thousands of categories that say nothing about the
+      next row (:data:`ID_MIN_DISTINCT`, :data:`ID_DISTINCT_SHARE`);
+    - the anomaly labels left among the features: a two-valued column named like a label
+      (:data:`LABEL_NAMES`); a model trained on it learns the answer, and scoring unlabelled
+      rows has nothing to read.
+    """
+    for name in X.columns:
+        column = X[name]
+        observed = column[column.notna()]
+        if (
+            not _is_numeric(column.dtype)
+            and not pd.api.types.is_bool_dtype(column.dtype)
+            and not _mostly_numbers(column)
+        ):
+            distinct = observed.astype(str).nunique()
+            if distinct >= ID_MIN_DISTINCT and distinct >= ID_DISTINCT_SHARE * len(observed):
+                raise ValueError(
+                    f"column {str(name)!r} has {distinct} distinct values in {len(observed)} rows: it identifies rows "
+                    "rather than describing them; leave it out of the features (on the command line: "
+                    f"--id-column {name})"
+                )
+        if str(name).strip().lower() in LABEL_NAMES and observed.nunique() == 2:
+            raise ValueError(
+                f"column {str(name)!r} looks like the anomaly labels (two values, named like a label): a model trained "
+                "on it learns the answer; leave it out of the features (evaluate reads it: --label-column "
+                f"{name}), or rename it if it is a feature"
+            )
+
+
 @dataclass
 class ColumnCoder:
     """Codes a DataFrame's categorical and boolean columns as integers, and back.
