@@ -1,6 +1,7 @@
 """Generation and resynthesis: inverse_transform, slerp paths, traversals, attribute vectors, aggregate sampling."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from vaeguard import VAEAnomalyDetector, load
@@ -113,3 +114,27 @@ def test_aggregate_sampling_of_images_survives_save(tmp_path):
     np.testing.assert_array_equal(back.sample(6, random_state=0, source="aggregate"), out)
     with pytest.raises(ValueError, match="source must be 'prior' or 'aggregate'"):
         det.sample(2, source="posterior")
+
+
+def test_sampled_lattice_values_read_as_the_data_does():
+    # issue 19: a price on a 0.01 grid came back as 13.929999999999938, a count as 4.0
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        {
+            "count": rng.poisson(5, 800),
+            "price": np.round(rng.normal(13, 2, 800), 2),
+            "half": np.round(rng.normal(5, 1, 800) * 2) / 2,
+            "x": rng.normal(size=800),
+        }
+    )
+    det = VAEAnomalyDetector(random_state=0, epochs=5).fit(frame)
+    assert list(det.column_types_["kind"]) == ["lattice", "lattice", "lattice", "continuous"]
+    for out in (det.sample(300, random_state=1), det.reconstruct(frame[:50]), det.inverse_transform(np.zeros((5, 2)))):
+        assert out["count"].dtype == np.int64 and out["half"].dtype == np.float64
+        assert all(len(repr(v).split(".")[1]) <= 2 for v in out["price"]), out["price"].tolist()[:10]
+        assert set(out["half"] * 2 % 1) == {0.0}
+    arrays = VAEAnomalyDetector(random_state=0, epochs=5, latent_dim=2).fit(frame.to_numpy(dtype=float))
+    values = arrays.sample(100, random_state=1)[
+        :, 1
+    ].tolist()  # no names: one float array, values on the grid as written
+    assert all(len(repr(v).split(".")[1]) <= 2 for v in values)

@@ -424,8 +424,17 @@ class InputSpace:
         if st is not None:
             x = st.to_support(st.inverse_transform(x))
         if self.column_coder is not None:
-            return self.column_coder.decode(x)
-        return x if self.feature_names is None else pd.DataFrame(x, columns=self.columns)
+            frame = self.column_coder.decode(x)
+        elif self.feature_names is None:
+            return x
+        else:
+            frame = pd.DataFrame(x, columns=self.columns)
+        if st is not None:  # whole-number lattice columns of a table come back as integers
+            numeric = np.ones(x.shape[1], bool) if self.column_coder is None else ~self.column_coder.categorical
+            for j in np.flatnonzero(st.integer_columns() & numeric):
+                if np.isfinite(x[:, j]).all():
+                    frame[self.columns[j]] = x[:, j].astype(np.int64)
+        return frame
 
     # -- helpers -------------------------------------------------------------------------
     def _check_names(self, X: Any) -> None:

@@ -289,12 +289,28 @@ class Standardizer:
         return X
 
     def to_support(self, X: np.ndarray) -> np.ndarray:
-        """The nearest possible values: lattice columns snapped and raised to their lower bound."""
+        """The nearest possible values: lattice columns snapped and raised to their lower bound.
+
+        A lattice of decimal numbers (origin and step with at most :data:`MAX_DECIMALS`
+        decimal places) gives its values rounded to those places, so a price on a 0.01 grid
+        reads 15.06, not origin + k·step's 15.059999999999999.
+        """
         X = self.snap(X)
         if self.lower is not None:
             bounded = np.isfinite(self.lower)
             X[:, bounded] = np.maximum(X[:, bounded], self.lower[bounded])
+        if self.step is not None:
+            for j in np.flatnonzero(self.discrete):
+                places = decimal_places(self.origin[j], self.step[j])
+                if places is not None:
+                    X[:, j] = np.round(X[:, j], places)
         return X
+
+    def integer_columns(self) -> np.ndarray:
+        """Boolean mask (d,) of the lattice columns whose every value is a whole number (whole origin and step)."""
+        if self.step is None:
+            return np.zeros(len(self.center), bool)
+        return self.discrete & (decimal_places_of(self.origin) == 0) & (decimal_places_of(self.step) == 0)
 
     def impossible(self, X: np.ndarray) -> np.ndarray:
         """Boolean mask (n, d) of the values off their column's lattice or below its lower bound (NaN: False)."""
@@ -315,6 +331,29 @@ class Standardizer:
 
     def inverse_transform(self, Z: np.ndarray) -> np.ndarray:
         return np.asarray(Z, dtype=np.float64) * self.scale + self.center
+
+
+#: The most decimal places a lattice's origin and step may have for its values to be given rounded to them.
+MAX_DECIMALS = 12
+
+
+def decimal_places_of(values: np.ndarray) -> np.ndarray:
+    """The fewest decimal places (≤ :data:`MAX_DECIMALS`) that write each value exactly (to 1e-9 of a unit in the
+    last place), −1 where none does (1/3, π)."""
+    values = np.atleast_1d(np.asarray(values, dtype=np.float64))
+    out = np.full(values.shape, -1)
+    for places in range(MAX_DECIMALS, -1, -1):
+        rounded = np.round(values, places)
+        exact = np.abs(values - rounded) <= 1e-9 * 10.0**-places + 4 * np.spacing(np.abs(values))
+        out = np.where(exact, places, out)
+    return out
+
+
+def decimal_places(*values: float) -> int | None:
+    """The decimal places that write all ``values`` exactly, or None where some value needs more than
+    :data:`MAX_DECIMALS`."""
+    places = decimal_places_of(np.array(values))
+    return None if (places < 0).any() else int(places.max())
 
 
 def column_types(columns: list[ColumnLattice], names: list[str]) -> pd.DataFrame:
