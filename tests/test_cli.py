@@ -115,3 +115,44 @@ def test_score_with_dask_accepts_the_defaults_spelled_out(tmp_path):
         ["score", str(model), str(tmp_path / "none-*.csv"), "-o", "o.csv", "--engine", "dask", "--on-bad-row", "error"],
     )
     assert "not available with --engine dask" not in result.stderr
+
+
+def test_version_and_a_commands_help_do_not_import_torch():
+    # issue 19: every call paid 7 s and 376 MB for torch, even --version
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from vaeguard.cli import cli\n"
+        "for args in (['--version'], ['fit', '--help'], ['score', '--help']):\n"
+        "    assert CliRunner().invoke(cli, args).exit_code == 0, args\n"
+        "print(sorted(m for m in ('torch', 'sklearn') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_plugin_commands_are_found_when_named():
+    from vaeguard import cli as cli_module
+
+    class Greeter:
+        @hookimpl
+        def vaeguard_register_commands(self, cli):
+            @cli.command(name="greet-lazily")
+            def greet():
+                click.echo("hello")
+
+    group = cli_module._CommandGroup("vaeguard-test", commands={"version": click.Command("version")})
+    pm = make_plugin_manager(load_entrypoints=False)
+    pm.register(Greeter(), name="greeter")
+    original = cli_module.register_commands
+    cli_module.register_commands = lambda target: original(target, pm)
+    try:
+        assert "greet-lazily" not in group.commands  # nothing loaded yet
+        result = CliRunner().invoke(group, ["greet-lazily"])
+        assert result.exit_code == 0 and result.output == "hello\n"
+        assert "greet-lazily" in group.list_commands(click.Context(group))
+    finally:
+        cli_module.register_commands = original

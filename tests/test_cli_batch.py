@@ -87,6 +87,17 @@ def test_score_says_which_columns_of_the_file_it_ignores(workdir):
         det.score_samples(pd.read_csv(workdir / "test.csv"))
 
 
+def test_jobs_sets_the_models_threads_and_a_bad_value_is_one_line(workdir):
+    result = run("fit", str(workdir / "train.csv"), "-o", str(workdir / "jobs.h5"), "--id-column", "key",
+                 "--jobs", "2", *FAST)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert load(workdir / "jobs.h5").n_jobs == 2
+    result = run("score", str(workdir / "jobs.h5"), str(workdir / "test.csv"), "-o", str(workdir / "j.csv"),
+                 "--jobs", "0")  # fmt: skip
+    assert result.exit_code == 2 and "--jobs: n_jobs must be a non-zero integer or None, got 0" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_score_writes_the_model_scores_with_ids_and_explanations(workdir):
     out = workdir / "scores.parquet"
     result = run("score", str(workdir / "m.h5"), str(workdir / "test.csv"), "-o", str(out), "--id-column", "key",

@@ -76,3 +76,67 @@ def test_a_failed_time_series_refit_leaves_the_detector_intact():
         ts.fit(np.stack([series[:10], series[:10]], axis=1))  # two channels, too short: fails after n_channels_
     assert ts.n_channels_ == 1
     np.testing.assert_array_equal(ts.score_samples(series), before)
+
+
+# -- torch threads (n_jobs) ---------------------------------------------------------------
+
+
+def test_n_jobs_means_what_it_means_in_scikit_learn(monkeypatch):
+    from vaeguard import detector
+
+    monkeypatch.setattr(detector, "available_cpus", lambda: 8)
+    assert detector.threads_for(None) == detector.DEFAULT_THREADS == 1
+    assert [detector.threads_for(n) for n in (1, 3, -1, -2, -8, -20)] == [1, 3, 8, 7, 1, 1]
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="n_jobs must be a non-zero integer or None"):
+            detector.threads_for(bad)
+
+
+def test_a_detector_works_on_its_threads_and_gives_the_callers_back(monkeypatch):
+    import torch
+
+    seen = []
+    original = VAEAnomalyDetector._log_likelihood_internal
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VAEAnomalyDetector, "_log_likelihood_internal", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        X = np.random.default_rng(0).normal(size=(300, 3))
+        det = VAEAnomalyDetector(**FAST, n_jobs=2).fit(X)
+        det.score_samples(X[:10])
+        assert seen and set(seen) == {2} and torch.get_num_threads() == 3
+        seen.clear()
+        det.set_params(n_jobs=None).predict(X[:10])
+        assert set(seen) == {1} and torch.get_num_threads() == 3
+        with pytest.raises(ValueError, match="n_jobs must be"):
+            det.set_params(n_jobs=0).score_samples(X[:10])
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_outer_detector_decides_the_threads_of_its_window_model(monkeypatch):
+    import torch
+
+    from vaeguard import VAETimeSeriesDetector
+
+    seen = []
+    original = VAEAnomalyDetector._log_likelihood_internal
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VAEAnomalyDetector, "_log_likelihood_internal", spy)
+    series = np.sin(np.arange(600) / 5.0) + 0.05 * np.random.default_rng(0).normal(size=600)
+    ts = VAETimeSeriesDetector(window=16, estimator=VAEAnomalyDetector(**FAST), n_jobs=2).fit(series)
+    assert ts.window_model_.n_jobs == 2 and set(seen) == {2}
+    seen.clear()
+    ts.window_model_.set_params(n_jobs=1)
+    ts.score_samples(series)
+    assert set(seen) == {2}

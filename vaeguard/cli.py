@@ -29,7 +29,33 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _CommandGroup(click.Group):
+    """The command group; plugins' commands are added on first need (a name that is not built in, or the
+    list of commands), so that the built-in commands, ``--version`` and ``--help`` of a command do not
+    import every plugin (and torch with them)."""
+
+    plugins_loaded = False
+
+    def load_plugin_commands(self) -> None:
+        if self.plugins_loaded:
+            return
+        self.plugins_loaded = True
+        try:
+            register_commands(self)
+        except Exception as exc:  # a broken plugin must not take every command down
+            click.echo(f"warning: plugin commands not loaded: {exc}", err=True)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            self.load_plugin_commands()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self.load_plugin_commands()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vaeguard")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
 @click.pass_context
@@ -98,10 +124,37 @@ def _trusted_keys() -> list[str] | None:
     return keys or None
 
 
-def _load_model(path: str, device: str = "auto") -> Any:
+def _load_model(path: str, device: str = "auto", jobs: int | None = None) -> Any:
+    """The detector in a model file; ``jobs`` (``--jobs``), where given, replaces its ``n_jobs``."""
     from vaeguard.persistence import load
 
-    return load(path, device=device, trusted_keys=_trusted_keys())
+    det = load(path, device=device, trusted_keys=_trusted_keys())
+    if jobs is not None:
+        det.set_params(n_jobs=jobs)
+    return det
+
+
+def _jobs_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--jobs N``: the estimator's ``n_jobs`` (torch threads) for this command."""
+
+    def checked(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+        from vaeguard.detector import threads_for
+
+        if value is not None:
+            try:
+                threads_for(value)
+            except ValueError as exc:
+                raise UserError(f"--jobs: {exc}") from None
+        return value
+
+    return click.option(
+        "--jobs",
+        type=int,
+        default=None,
+        callback=checked,
+        help="Torch threads (the estimator's n_jobs): 1 unless the model says otherwise; -1 every CPU. More than "
+        "one pays on an idle machine for images and wide tables, and slows everything on a busy one.",
+    )(command)
 
 
 def _parse_param(values: tuple[str, ...], allowed: Iterable[str] | None = None) -> dict[str, Any]:
@@ -167,6 +220,7 @@ def _estimator_params(values: tuple[str, ...]) -> dict[str, Any]:
     help="Train across N processes on this machine (PyTorch DDP: gloo on CPU, NCCL with one GPU per process); "
     "--param batch_size is then the global batch. Rank 0 writes the model file.",
 )
+@_jobs_option
 @user_errors
 def fit_command(
     data: str,
@@ -181,6 +235,7 @@ def fit_command(
     device: str,
     progress: bool | None,
     nproc_per_node: int,
+    jobs: int | None,
 ) -> None:
     """Train a model on DATA (CSV, Parquet, FILE.h5:/DATASET or FILE.npz:ARRAY) and write it to a model file.
 
@@ -231,6 +286,7 @@ def _fit_to_file(
     seed: int,
     device: str,
     progress: bool,
+    jobs: int | None,
 ) -> None:
     """Read DATA, fit, write the model file (in a process group: every rank fits, rank 0 reports and writes)."""
     import pandas as pd
@@ -263,6 +319,8 @@ def _fit_to_file(
     elif columns or id_column or conditioned:
         raise click.UsageError("--columns, --id-column and --condition-columns are for tables; this file holds images")
     settings = {"random_state": seed, "device": device, "verbose": progress, **_estimator_params(params)}
+    if jobs is not None:
+        settings["n_jobs"] = jobs
     if conditions is not None:
         settings["conditional"] = True
     det = VAEAnomalyDetector.from_config(preset, **settings) if preset else VAEAnomalyDetector(**settings)
@@ -307,6 +365,7 @@ LOCAL_ONLY_OPTIONS = {
     "on_bad_row": ("--on-bad-row", "error"),
     "chunk_rows": ("--chunk-rows", None),
     "progress": ("--progress/--no-progress", None),
+    "jobs": ("--jobs", None),
 }
 
 
@@ -366,6 +425,7 @@ def _refuse_local_only_options() -> None:
     help="With --engine dask: a scheduler address, or 'local' for a LocalCluster.",
 )
 @click.option("--progress/--no-progress", default=None, help="Rows/s and ETA on stderr (default: on a terminal).")
+@_jobs_option
 @user_errors
 def score_command(
     model: str,
@@ -381,6 +441,7 @@ def score_command(
     engine: str,
     scheduler: str,
     progress: bool | None,
+    jobs: int | None,
 ) -> None:
     """Score DATA with MODEL in chunks: log-likelihood (nats), its error and k̂, the outlier flag per row.
 
@@ -406,7 +467,7 @@ def score_command(
     from vaeguard.batch import score_file
     from vaeguard.data import Source, count_rows
 
-    det = _load_model(model, device)
+    det = _load_model(model, device, jobs)
     source = Source.parse(data)
     show = _show(progress)
     total = count_rows(source) if show else None  # a pass over the file, only for the ETA
@@ -439,9 +500,10 @@ def score_command(
 @click.option("--n-samples", type=click.IntRange(1), help="K, importance samples per row (default: the model's).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@_jobs_option
 @user_errors
 def evaluate_command(
-    model: str, data: str, label_column: str, n_samples: int | None, device: str, as_json: bool
+    model: str, data: str, label_column: str, n_samples: int | None, device: str, as_json: bool, jobs: int | None
 ) -> None:
     """Measure how well MODEL's scores find the anomalies labelled in DATA.
 
@@ -458,7 +520,7 @@ def evaluate_command(
     from vaeguard.batch import check_columns, score_chunk
     from vaeguard.data import Source, iter_chunks
 
-    det = _load_model(model, device)
+    det = _load_model(model, device, jobs)
     source = Source.parse(data)
     scores, labels = [], []
     offset = 0
@@ -512,8 +574,9 @@ def evaluate_command(
     help="Report on a uniform random sample of this many rows when the file holds more.",
 )
 @click.option("--device", default="auto", show_default=True)
+@_jobs_option
 @user_errors
-def report_command(model: str, data: str, output: str, max_rows: int, device: str) -> None:
+def report_command(model: str, data: str, output: str, max_rows: int, device: str, jobs: int | None) -> None:
     """Write a self-contained HTML report of MODEL on DATA (needs the [plot] extra).
 
     The page holds the histogram of log-likelihoods with the threshold, the most
@@ -530,7 +593,7 @@ def report_command(model: str, data: str, output: str, max_rows: int, device: st
     from vaeguard.data import Source, read_all
     from vaeguard.report import build_report
 
-    det = _load_model(model, device)
+    det = _load_model(model, device, jobs)
     source = Source.parse(data)
     frame, total = read_all(source, max_rows=max_rows)
     if hasattr(frame, "columns"):
@@ -847,9 +910,3 @@ def main() -> None:
     except BrokenPipeError:  # e.g. `vaeguard score ... -o - | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
-
-
-try:
-    register_commands(cli)
-except Exception as exc:  # a broken plugin must not take every command down
-    click.echo(f"warning: plugin commands not loaded: {exc}", err=True)

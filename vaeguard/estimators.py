@@ -23,7 +23,7 @@ from sklearn.utils.validation import check_is_fitted
 from vaeguard import storage
 from vaeguard.conditions import ConditionEncoder
 from vaeguard.ddp import current_group
-from vaeguard.detector import decision, labels, previous_fit_kept_on_failure
+from vaeguard.detector import decision, labels, on_own_threads, previous_fit_kept_on_failure
 from vaeguard.generation import AGGREGATE_ROWS, AggregatePosterior, LatentSpaceMixin
 from vaeguard.inputs import InputSpace, ModelInputs
 from vaeguard.metrics import ACTIVE_UNIT_VARIANCE
@@ -264,6 +264,13 @@ class VAEAnomalyDetector(
         samples: the same seed gives the same scores on the same device.
     verbose : bool or int, default=False
         Show training progress on stderr.
+    n_jobs : int or None, default=None
+        Torch threads for this estimator's work (fit, scoring, sampling, ...), set for each
+        call and restored after it. None: one thread. On an idle 2-CPU machine a second
+        thread saves 0–28 % (the demo's fit nothing, scoring a quarter); on a busy one it
+        makes the same work 1.5–4 times slower than one thread
+        (``benchmarks/results/threads.md``). −1: every available CPU, for an idle machine
+        and large scoring jobs. scikit-learn's name and meaning (−2: all CPUs but one).
 
     Attributes
     ----------
@@ -367,6 +374,7 @@ class VAEAnomalyDetector(
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
+        "n_jobs": [Integral, None],
     }
 
     def __init__(
@@ -398,6 +406,7 @@ class VAEAnomalyDetector(
         device: str = "auto",
         random_state: int | np.random.RandomState | None = None,
         verbose: bool | int = False,
+        n_jobs: int | None = None,
     ) -> None:
         self.latent_dim = latent_dim
         self.hidden_dims = hidden_dims
@@ -425,6 +434,7 @@ class VAEAnomalyDetector(
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
+        self.n_jobs = n_jobs
 
     # -- input ---------------------------------------------------------------------------
     # -- the fitted input space's parts, under the names scikit-learn and earlier versions give them --------
@@ -617,6 +627,7 @@ class VAEAnomalyDetector(
         check_is_fitted(self)
         return self.input_space_.encode(X, condition)
 
+    @on_own_threads
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any = None) -> VAEAnomalyDetector:
         """Train the VAE on the rows of ``X`` (n_samples, n_features).
@@ -794,6 +805,7 @@ class VAEAnomalyDetector(
         conditionals = np.asarray(space.feature_shares(result.per_feature, inputs.impossible), dtype=np.float64)
         return result.value + space.row_nats(inputs), conditionals.reshape(len(result.value), -1)
 
+    @on_own_threads
     def set_threshold(self, X_normal: Any, fpr: float = 0.01, condition: Any = None) -> VAEAnomalyDetector:
         """Set the threshold so that a fraction ``fpr`` of rows known to be normal is flagged.
 
@@ -905,6 +917,7 @@ class VAEAnomalyDetector(
             )
         return result
 
+    @on_own_threads
     def log_likelihood(
         self,
         X: Any,
@@ -984,6 +997,7 @@ class VAEAnomalyDetector(
         shares = None if not per_feature else self._feature_scores_of(result.per_feature, inputs, X)
         return value, result.std, observed, result.pareto_k, shares
 
+    @on_own_threads
     def score_samples(self, X: Any, condition: Any = None) -> np.ndarray:
         """Estimated log p(x) per row (nats, data units, K = ``n_importance_samples``); higher = more normal.
 
@@ -999,15 +1013,18 @@ class VAEAnomalyDetector(
         """
         return self.log_likelihood(X, condition=condition)
 
+    @on_own_threads
     def decision_function(self, X: Any, condition: Any = None) -> np.ndarray:
         """``score_samples(X) - offset_``: negative for outliers, shape (n_samples,)."""
         check_is_fitted(self)
         return _per_row(decision(np.asarray(self.score_samples(X, condition=condition)), self.offset_), X, "decision")
 
+    @on_own_threads
     def predict(self, X: Any, condition: Any = None) -> np.ndarray:
         """+1 for inliers, −1 for outliers (``decision_function < 0``), shape (n_samples,)."""
         return _per_row(labels(self.decision_function(X, condition=condition)), X, "label")
 
+    @on_own_threads
     def bits_per_dim(self, X: Any, n_samples: int | None = None, condition: Any = None) -> np.ndarray:
         """−log₂ p(x) per observed element (bits/dim), shape (n_samples,).
 
@@ -1018,6 +1035,7 @@ class VAEAnomalyDetector(
         log_px, _, observed, _, _ = self._log_likelihood_of(X, n_samples, condition=condition)
         return _per_row(-log_px / (observed * math.log(2)), X, "bits_per_dim")
 
+    @on_own_threads
     def elbo(self, X: Any, n_samples: int | None = None, condition: Any = None) -> np.ndarray:
         """The evidence lower bound per row (nats, data units): E_q[log p(x|z)] − KL(q ‖ p).
 
@@ -1038,6 +1056,7 @@ class VAEAnomalyDetector(
         value = log_mean_exp(np.stack(bounds))
         return _per_row(value + self.input_space_.row_nats(inputs), X, "elbo")
 
+    @on_own_threads
     def feature_scores(self, X: Any, condition: Any = None) -> pd.DataFrame:
         """Which columns make each row unlikely, each measured against what is usual for that column.
 
@@ -1096,6 +1115,7 @@ class VAEAnomalyDetector(
             return scores
         return scores - baseline.reshape(np.shape(scores)[1:])
 
+    @on_own_threads
     def transform(self, X: Any, condition: Any = None) -> np.ndarray:
         """Posterior means E[z|x] (E[z|x, c] for a conditional model), shape (n_samples, latent_dim_)."""
         inputs = self._model_inputs(X, condition)
@@ -1103,6 +1123,7 @@ class VAEAnomalyDetector(
             self._scoring_model(), inputs.x, mask=inputs.mask, device=self.device_, condition=inputs.condition
         )
 
+    @on_own_threads
     def inverse_transform(self, Z: Any, condition: Any = None) -> np.ndarray | pd.DataFrame:
         """The decoder's mean at codes ``Z`` (n, latent_dim), in the data's units and form.
 
@@ -1129,6 +1150,7 @@ class VAEAnomalyDetector(
             mean = model.likelihood.mean(params).double().cpu().numpy()
         return self.from_model_space(mean)
 
+    @on_own_threads
     @torch.no_grad()
     def sample(
         self, n_samples: int = 1, random_state: int | None = None, source: str = "prior", condition: Any = None
@@ -1172,6 +1194,7 @@ class VAEAnomalyDetector(
             x = self.model_.likelihood.sample(params).double().cpu().numpy()
         return self.from_model_space(x)
 
+    @on_own_threads
     @torch.no_grad()
     def reconstruct(self, X: Any, condition: Any = None) -> np.ndarray | pd.DataFrame:
         """The decoder's mean at each sample's posterior mean, in the form of :meth:`sample`.

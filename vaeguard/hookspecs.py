@@ -8,20 +8,21 @@ nothing. The built-in parts are registered through exactly these hooks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from vaeguard.parts import Codec, EncoderFamily, Likelihood, Regularizer
+if TYPE_CHECKING:  # the parts' classes name the contract; importing them here would import torch
+    from vaeguard.parts import Codec, EncoderFamily, Likelihood, Regularizer
 
 hookspec = pluggy.HookspecMarker("vaeguard")
 hookimpl = pluggy.HookimplMarker("vaeguard")
 
 Register = Callable[[str, Any], None]
-RegisterEncoders = Callable[[str, EncoderFamily], None]
-RegisterLikelihoods = Callable[[str, type[Likelihood]], None]
-RegisterRegularizers = Callable[[str, Callable[..., Regularizer]], None]
-RegisterCodecs = Callable[[str, Callable[..., Codec]], None]
+RegisterEncoders = Callable[[str, "EncoderFamily"], None]
+RegisterLikelihoods = Callable[[str, "type[Likelihood]"], None]
+RegisterRegularizers = Callable[[str, Callable[..., "Regularizer"]], None]
+RegisterCodecs = Callable[[str, Callable[..., "Codec"]], None]
 
 
 @hookspec

@@ -15,7 +15,7 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from vaeguard import storage
-from vaeguard.detector import decision, labels, previous_fit_kept_on_failure
+from vaeguard.detector import decision, labels, on_own_threads, previous_fit_kept_on_failure
 from vaeguard.estimators import VAEAnomalyDetector, storable_params
 from vaeguard.presets import PresetMixin
 
@@ -128,6 +128,9 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
     random_state : int or None, default=None
     device : str, default="auto"
     verbose : bool, default=False
+    n_jobs : int or None, default=None
+        Torch threads for the detector's work, as for :class:`VAEAnomalyDetector` (and
+        given to the window model).
 
     Attributes
     ----------
@@ -152,6 +155,7 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
         "random_state": ["random_state"],
         "device": [StrOptions({"auto", "cpu", "cuda"}), str],
         "verbose": ["verbose"],
+        "n_jobs": [Integral, None],
     }
 
     def __init__(
@@ -166,6 +170,7 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
         random_state: int | None = None,
         device: str = "auto",
         verbose: bool = False,
+        n_jobs: int | None = None,
     ) -> None:
         self.window = window
         self.stride = stride
@@ -176,6 +181,7 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
         self.random_state = random_state
         self.device = device
         self.verbose = verbose
+        self.n_jobs = n_jobs
 
     def _windows(self, values: np.ndarray, stride: int, window: int) -> np.ndarray:
         if values.shape[0] < window:
@@ -183,6 +189,7 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
         views = sliding_window_view(values, window, axis=0)[::stride]  # (n, C, window)
         return np.ascontiguousarray(views.transpose(0, 2, 1).reshape(views.shape[0], -1))
 
+    @on_own_threads
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, series: Any, y: Any = None) -> VAETimeSeriesDetector:
         """Train on a series of shape (T,) or (T, C) (or a Series/DataFrame with a time index).
@@ -220,6 +227,7 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
         window_defaults = {"n_models": 1, "trim_fraction": 0.1, "encoder": self.encoder}
         params = {k: v for k, v in window_defaults.items() if model.get_params()[k] == "auto"}
         params |= {"random_state": self.random_state, "device": self.device, "verbose": self.verbose}
+        params["n_jobs"] = self.n_jobs
         model.set_params(**params, **dict(self.estimator_params or {}))
         if model.encoder == "temporal" and not (model.encoder_params or {}).get("channels"):
             model.set_params(encoder_params={**(model.encoder_params or {}), "channels": self.n_channels_})
@@ -246,6 +254,7 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
                 )
             return np.nanmin(covering, axis=1)
 
+    @on_own_threads
     def score_samples(self, series: Any) -> np.ndarray | pd.Series:
         """Per-step scores, shape (T,): nats per value; lower = more anomalous.
 
@@ -258,10 +267,12 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
         scores = self._step_scores(values)
         return pd.Series(scores, index=index, name="score") if index is not None else scores
 
+    @on_own_threads
     def decision_function(self, series: Any) -> np.ndarray | pd.Series:
         """Per-step ``score_samples - offset_``; negative = anomalous."""
         return decision(self.score_samples(series), self.offset_)
 
+    @on_own_threads
     def predict(self, series: Any) -> np.ndarray | pd.Series:
         """Per-step +1 (normal) or −1 (anomalous: a score below ``offset_``), as the table detector."""
         values = self.decision_function(series)
