@@ -177,6 +177,13 @@ def test_bad_files_exit_2_with_one_line(workdir, tmp_path):
     assert debug.exit_code == 2 and "Traceback" in debug.stderr
 
 
+@pytest.mark.parametrize("name", ["scores.txt", "scores.tsv", "scores"])
+def test_an_output_name_that_is_neither_csv_nor_parquet_is_refused(workdir, tmp_path, name):
+    result = run("score", str(workdir / "m.h5"), str(workdir / "test.csv"), "-o", str(tmp_path / name))
+    assert result.exit_code == 2 and "results are written as CSV (.csv) or Parquet" in result.stderr, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_rows_stop_the_run_or_are_skipped_or_get_nan(workdir, tmp_path):
     test = pd.read_csv(workdir / "test.csv")
     test["b"] = test["b"].astype(object)
@@ -187,8 +194,10 @@ def test_bad_rows_stop_the_run_or_are_skipped_or_get_nan(workdir, tmp_path):
     result = run("score", model, bad, "-o", out, "--id-column", "key")
     assert result.exit_code == 2
     assert "row 7 (id 'r1007'): column 'b' holds 'n/a?', not a number" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]  # no empty out.csv.partial left behind
     skipped = run("score", model, bad, "-o", out, "--on-bad-row", "skip")
     assert skipped.exit_code == 0 and "2 row(s) could not be scored and were left out" in skipped.stderr
+    assert "scored 498 rows into" in skipped.stderr  # the rows written, not the rows read
     assert len(pd.read_csv(out)) == 498 and 7 not in pd.read_csv(out)["id"].tolist()
     filled = run("score", model, bad, "-o", out, "--on-bad-row", "nan")
     scores = pd.read_csv(out)
@@ -314,7 +323,7 @@ def test_compress_and_decompress_files(tmp_path):
     restored = run("decompress", str(tmp_path / "b.h5"), str(tmp_path / "b.vgz"), "-o", str(tmp_path / "back.npz"))
     assert restored.exit_code == 0, restored.output
     assert "samples/s" not in restored.stderr  # not a terminal: no progress unless asked
-    assert np.array_equal(np.load(tmp_path / "back.npz")["data"], images)
+    assert np.array_equal(np.load(tmp_path / "back.npz")["images"], images)  # the key sample writes images under
     assert run("fit", str(tmp_path / "bits.npz"), "-o", str(tmp_path / "other.h5"), *FAST, "--seed", "1").exit_code == 0
     wrong = run("decompress", str(tmp_path / "other.h5"), str(tmp_path / "b.vgz"), "-o", str(tmp_path / "x.npz"))
     assert wrong.exit_code == 2 and "compressed with the model" in wrong.stderr

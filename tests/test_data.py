@@ -122,7 +122,7 @@ def test_parquet_output_is_joined_from_its_parts(tmp_path, table):
     pd.testing.assert_frame_equal(pd.read_parquet(out), table)
     write_table(table, tmp_path / "w.parquet")
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "w.parquet"), table)
-    with pytest.raises(DataError, match=r"\.csv or \.parquet"):
+    with pytest.raises(DataError, match=r"CSV \(\.csv\) or Parquet \(\.parquet, \.pq\)"):
         ResumableWriter(tmp_path / "x.json", {})
 
 

@@ -242,6 +242,30 @@ def _score_file(
             writer.start()
     if progress is not None:
         progress(start)
+    try:
+        return _score_chunks(det, source, writer, chunk_rows, options, start, skipped, resumed_from, digest, progress,
+                             notify, stream)  # fmt: skip
+    except BaseException:
+        if writer is not None and writer.rows_done == 0:  # nothing a --resume could use: leave nothing behind
+            writer.discard()
+        raise
+
+
+def _score_chunks(
+    det: VAEAnomalyDetector,
+    source: Source,
+    writer: ResumableWriter | None,
+    chunk_rows: int,
+    options: dict[str, Any],
+    start: int,
+    skipped: int,
+    resumed_from: int,
+    digest: str,
+    progress: Callable[[int], Any] | None,
+    notify: Callable[[str], Any] | None,
+    stream: IO[str] | None,
+) -> ScoreRun:
+    """The chunks of :func:`score_file` from row ``start`` on, written by ``writer`` (or to ``stream``)."""
     first = True
     for chunk in iter_chunks(source, chunk_rows, start_row=start):
         if first and hasattr(chunk, "columns"):

@@ -490,7 +490,8 @@ def score_command(
         verb = "left out" if on_bad_row == "skip" else "given NaN scores"
         click.echo(f"{run.skipped} row(s) could not be scored and were {verb} (--on-bad-row {on_bad_row})", err=True)
     if output != "-":
-        click.echo(f"scored {run.rows} rows into {output}", err=True)
+        written = run.rows - (run.skipped if on_bad_row == "skip" else 0)
+        click.echo(f"scored {written} rows into {output}", err=True)
 
 
 @cli.command(name="evaluate")
@@ -652,7 +653,11 @@ def compress_command(
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.argument("compressed", type=click.Path(exists=True, dir_okay=False))
 @click.option(
-    "-o", "--output", required=True, help="Where to write the data: .npz for arrays, .csv/.parquet for tables."
+    "-o",
+    "--output",
+    required=True,
+    help="Where to write the data: .npz for arrays (key 'images' for images, as sample writes them; 'X' for a "
+    "table's array), .csv/.parquet for tables.",
 )
 @click.option("--progress/--no-progress", default=None, help="Samples/s and ETA on stderr (default: on a terminal).")
 @user_errors
@@ -676,8 +681,8 @@ def decompress_command(model: str, compressed: str, output: str, progress: bool 
         restored = decompress(det, data, progress=bar.update)
     if isinstance(restored, pd.DataFrame):
         write_table(restored, output)
-    elif output.endswith(".npz"):
-        _write_npz(output, data=restored)
+    elif output.endswith(".npz"):  # under the name sample gives images (and tables' arrays are X, as in ADBench)
+        _write_npz(output, **{"images" if restored.ndim > 2 else "X": restored})
     elif restored.ndim == 2:
         write_table(pd.DataFrame(restored, columns=_columns_of(det)), output)
     else:

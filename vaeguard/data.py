@@ -285,9 +285,12 @@ def _output_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
         return "parquet"
-    if suffix in (".csv", ".tsv", ".txt"):
+    if suffix == ".csv":
         return "csv"
-    raise DataError(f"{str(path)!r}: write results to a .csv or .parquet file (or '-' for stdout)")
+    raise DataError(
+        f"{str(path)!r}: results are written as CSV (.csv) or Parquet (.parquet, .pq), chosen by the name's "
+        f"extension; {suffix or 'no extension'!r} is neither (or '-' for CSV on stdout)"
+    )
 
 
 @contextlib.contextmanager
@@ -397,7 +400,7 @@ class ResumableWriter:
 
     def start(self) -> None:
         """Start afresh, discarding any partial output."""
-        self._discard()
+        self.discard()
         if self.format == "parquet":
             self.partial.mkdir(parents=True)
         else:
@@ -435,7 +438,8 @@ class ResumableWriter:
             shutil.rmtree(self.partial)
         self.state_path.unlink(missing_ok=True)
 
-    def _discard(self) -> None:
+    def discard(self) -> None:
+        """Remove the partial output and its progress record."""
         if self.partial.is_dir():
             shutil.rmtree(self.partial)
         else:
