@@ -98,6 +98,18 @@ def test_jobs_sets_the_models_threads_and_a_bad_value_is_one_line(workdir):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_fit_shows_it_is_alive_in_a_log(workdir):
+    # stderr is not a terminal here: a line per tenth of the epochs with the losses, no redrawn bar
+    out = str(workdir / "alive.h5")
+    result = run("fit", str(workdir / "train.csv"), "-o", out, "--id-column", "key", *FAST, "--param", "epochs=20")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("training: ")]
+    assert [line.split(" (")[0] for line in lines] == [f"training: epoch {e}/20" for e in range(2, 21, 2)], lines
+    assert "training loss" in lines[0] and "validation loss" in lines[0] and "\r" not in result.stderr
+    quiet = run("fit", str(workdir / "train.csv"), "-o", out, "--id-column", "key", *FAST, "--no-progress")
+    assert quiet.exit_code == 0 and "training:" not in quiet.stderr
+
+
 def test_score_writes_the_model_scores_with_ids_and_explanations(workdir):
     out = workdir / "scores.parquet"
     result = run("score", str(workdir / "m.h5"), str(workdir / "test.csv"), "-o", str(out), "--id-column", "key",

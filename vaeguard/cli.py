@@ -211,7 +211,11 @@ def _estimator_params(values: tuple[str, ...]) -> dict[str, Any]:
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="random_state of the model and the sampling.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--progress/--no-progress", default=None, help="Training progress on stderr (default: on a terminal).")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Training progress on stderr (default: on): a bar on a terminal, else a line every tenth of the epochs.",
+)
 @click.option(
     "--nproc-per-node",
     type=click.IntRange(1),
@@ -251,7 +255,7 @@ def fit_command(
     _estimator_params(params)  # a malformed or unknown --param is one line here (not one per process)
     options = dict(click.get_current_context().params)
     del options["nproc_per_node"]
-    options["progress"] = _show(progress)
+    options["progress"] = progress is not False  # a bar on a terminal, a line per tenth of the epochs in a log
     if nproc_per_node == 1:
         _fit_to_file(**options)
         return

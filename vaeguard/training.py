@@ -186,9 +186,43 @@ def kl_ramp_steps(total_steps: int, config: TrainingConfig) -> int:
     return max(1, int(config.kl_warmup_fraction * total_steps))
 
 
+class EpochLines:
+    """Training progress for a log: a line on stderr every tenth of the epochs (and at the end), with the losses.
+
+    What ``verbose`` shows where stderr is not a terminal (a job's log, a pipe): a bar
+    redrawn with carriage returns there is one unreadable line, and nothing at all until it ends.
+    """
+
+    def __init__(self, total: int, stream: Any = None) -> None:
+        self.total, self.done, self.losses = total, 0, ""
+        self.every = max(1, math.ceil(total / 10))
+        self.stream = stream if stream is not None else sys.stderr
+        self.started = time.perf_counter()
+
+    def set_postfix(self, **losses: str) -> None:
+        names = {"loss": "training loss", "val": "validation loss"}
+        self.losses = ", ".join(f"{names.get(name, name)} {value}" for name, value in losses.items())
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.done % self.every == 0 or self.done == self.total:
+            self._line(f"epoch {self.done}/{self.total}")
+
+    def close(self) -> None:
+        if self.done % self.every != 0 and self.done != self.total:  # stopped early: say where
+            self._line(f"stopped at epoch {self.done}/{self.total}")
+
+    def _line(self, where: str) -> None:
+        seconds = time.perf_counter() - self.started
+        print(f"training: {where} ({self.losses} nats; {seconds:.1f} s)", file=self.stream, flush=True)
+
+
 def _progress(total: int, verbose: bool):
+    """The progress display of ``verbose`` training: a bar on a terminal or in a notebook, else :class:`EpochLines`."""
     if not verbose:
         return None
+    if not sys.stderr.isatty() and "ipykernel" not in sys.modules:
+        return EpochLines(total)
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="training", unit="epoch", file=sys.stderr, leave=True, dynamic_ncols=True)
