@@ -110,6 +110,39 @@ def test_fit_shows_it_is_alive_in_a_log(workdir):
     assert quiet.exit_code == 0 and "training:" not in quiet.stderr
 
 
+def test_thresholds_from_the_command_line(workdir, tmp_path):
+    train, test = str(workdir / "train.csv"), str(workdir / "test.csv")
+    fit = ("fit", train, "--id-column", "key", *FAST, "--no-progress")
+    assert run(*fit, "-o", str(tmp_path / "c.h5"), "--contamination", "0.02").exit_code == 0
+    assert load(tmp_path / "c.h5").threshold_rule_ == {"rule": "contamination", "contamination": 0.02}
+    assert run(*fit, "-o", str(tmp_path / "o.h5"), "--offset", "-25").exit_code == 0
+    assert load(tmp_path / "o.h5").offset_ == -25.0
+    both = run(*fit, "-o", str(tmp_path / "b.h5"), "--offset", "-25", "--contamination", "0.1")
+    assert both.exit_code == 2 and "give one" in both.stderr and not (tmp_path / "b.h5").exists()
+    # threshold: what set_threshold does, written back to the model file
+    normal = pd.read_csv(test).query("label == 0")
+    normal.to_csv(tmp_path / "normal.csv", index=False)
+    expected = load(tmp_path / "c.h5").set_threshold(normal[["a", "b", "c", "d"]], fpr=0.05)
+    result = run("threshold", str(tmp_path / "c.h5"), str(tmp_path / "normal.csv"), "--fpr", "0.05")
+    assert result.exit_code == 0, result.output
+    again = load(tmp_path / "c.h5")
+    assert again.offset_ == expected.offset_ and again.threshold_rule_ == expected.threshold_rule_
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "normal.csv", "o.h5"]  # nothing else left
+    # evaluate: the thresholds that reach an FPR and a recall, and what they give
+    result = run("evaluate", str(tmp_path / "c.h5"), test, "--label-column", "label", "--fpr", "0.05",
+                 "--recall", "0.5", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    scores = again.score_samples(pd.read_csv(test)[["a", "b", "c", "d"]])
+    y = pd.read_csv(test)["label"].to_numpy() == 1
+    at_fpr = metrics["threshold_for_fpr_0.05"]
+    assert at_fpr["threshold"] == pytest.approx(again.offset_) and at_fpr["fpr"] == pytest.approx(0.05, abs=0.005)
+    at_recall = metrics["threshold_for_recall_0.5"]
+    caught = np.sort(scores[y])
+    assert at_recall["recall"] >= 0.5 and (caught < at_recall["threshold"]).sum() == np.ceil(0.5 * y.sum())
+    assert (scores < at_recall["threshold"]).sum() == at_recall["flagged"]
+
+
 def test_score_writes_the_model_scores_with_ids_and_explanations(workdir):
     out = workdir / "scores.parquet"
     result = run("score", str(workdir / "m.h5"), str(workdir / "test.csv"), "-o", str(out), "--id-column", "key",

@@ -209,6 +209,12 @@ def _estimator_params(values: tuple[str, ...]) -> dict[str, Any]:
     metavar="KEY=VALUE",
     help="A constructor argument, e.g. --param epochs=50 --param likelihood=gaussian (repeatable).",
 )
+@click.option(
+    "--contamination",
+    type=click.FloatRange(0, 0.5, min_open=True),
+    help="The threshold flags this share of the training rows (the estimator's contamination; default 0.1).",
+)
+@click.option("--offset", type=float, help="The threshold itself, in nats of log p(x): rows scoring below are flagged.")
 @click.option("--seed", type=int, default=0, show_default=True, help="random_state of the model and the sampling.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option(
@@ -235,6 +241,8 @@ def fit_command(
     condition_columns: str | None,
     max_rows: int,
     params: tuple[str, ...],
+    contamination: float | None,
+    offset: float | None,
     seed: int,
     device: str,
     progress: bool | None,
@@ -246,13 +254,19 @@ def fit_command(
     \b
     Examples:
       vaeguard fit train.csv -o model.h5
+      vaeguard fit train.csv -o model.h5 --contamination 0.02
       vaeguard fit train.parquet -o model.h5 --id-column id --config tabular-fast
       vaeguard fit digits.npz:images -o digits.h5 --param epochs=100
       vaeguard fit sales.csv -o sales.h5 --condition-columns shop,weekday
       vaeguard fit big.parquet -o big.h5 --nproc-per-node 4
       torchrun --standalone --nproc-per-node 4 -m vaeguard fit big.parquet -o big.h5
     """
-    _estimator_params(params)  # a malformed or unknown --param is one line here (not one per process)
+    settings = _estimator_params(params)  # a malformed or unknown --param is one line here (not one per process)
+    if contamination is not None and offset is not None:
+        raise UserError("--contamination and --offset both set the threshold: give one")
+    for name, value in (("contamination", contamination), ("offset", offset)):
+        if name in settings and value is not None:
+            raise UserError(f"--{name} and --param {name} both given: give one")
     options = dict(click.get_current_context().params)
     del options["nproc_per_node"]
     options["progress"] = progress is not False  # a bar on a terminal, a line per tenth of the epochs in a log
@@ -287,6 +301,8 @@ def _fit_to_file(
     condition_columns: str | None,
     max_rows: int,
     params: tuple[str, ...],
+    contamination: float | None,
+    offset: float | None,
     seed: int,
     device: str,
     progress: bool,
@@ -325,6 +341,10 @@ def _fit_to_file(
     settings = {"random_state": seed, "device": device, "verbose": progress, **_estimator_params(params)}
     if jobs is not None:
         settings["n_jobs"] = jobs
+    if contamination is not None:
+        settings["contamination"] = contamination
+    if offset is not None:
+        settings["offset"] = offset
     if conditions is not None:
         settings["conditional"] = True
     det = VAEAnomalyDetector.from_config(preset, **settings) if preset else VAEAnomalyDetector(**settings)
@@ -498,6 +518,56 @@ def score_command(
         click.echo(f"scored {written} rows into {output}", err=True)
 
 
+@cli.command(name="threshold")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("data")
+@click.option(
+    "--fpr",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    required=True,
+    help="The share of DATA's rows (all normal) that the threshold flags: the false-positive rate.",
+)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Model file to write (default: MODEL, replaced).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@_jobs_option
+@user_errors
+def threshold_command(model: str, data: str, fpr: float, output: str | None, device: str, jobs: int | None) -> None:
+    """Set MODEL's threshold from rows known to be normal: a share FPR of them is flagged.
+
+    What set_threshold does in Python: the threshold becomes the 100·FPR percentile of
+    DATA's log-likelihoods, whatever the training data's contamination. The model file is
+    written atomically (a crash leaves the old one).
+
+    \b
+    Example:
+      vaeguard threshold model.h5 normal.csv --fpr 0.01
+    """
+    from vaeguard.batch import check_columns, condition_columns, feature_columns
+    from vaeguard.data import Source, read_all
+    from vaeguard.estimators import VAEAnomalyDetector
+
+    det = _load_model(model, device, jobs)
+    if not isinstance(det, VAEAnomalyDetector):
+        raise UserError(f"{model} holds a {type(det).__name__}; set its threshold from Python")
+    source = Source.parse(data)
+    frame, _ = read_all(source)
+    columns, conditioned = feature_columns(det), condition_columns(det)
+    conditions = None
+    if columns is not None:
+        check_columns(det, [str(c) for c in frame.columns], str(source))
+        conditions = None if conditioned is None else frame[conditioned]
+        frame = frame[columns]
+    before = det.offset_
+    det.set_threshold(frame, fpr=fpr, condition=conditions)
+    target = output or model
+    digest = det.save(target, signing_key=os.environ.get(SIGNING_KEY_VARIABLE) or None)
+    click.echo(
+        f"wrote {target} (sha256 {digest[:12]}): threshold {before:.3f} -> {det.offset_:.3f} nats, flagging "
+        f"{fpr:.2%} of the {len(frame)} normal rows of {source}",
+        err=True,
+    )
+
+
 @cli.command(name="evaluate")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.argument("data")
@@ -505,19 +575,44 @@ def score_command(
 @click.option("--n-samples", type=click.IntRange(1), help="K, importance samples per row (default: the model's).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option(
+    "--fpr",
+    "target_fpr",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Also print the threshold that flags this share of DATA's normal rows, and what it catches.",
+)
+@click.option(
+    "--recall",
+    "target_recall",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Also print the lowest threshold that flags this share of DATA's anomalies, and its false positives.",
+)
 @_jobs_option
 @user_errors
 def evaluate_command(
-    model: str, data: str, label_column: str, n_samples: int | None, device: str, as_json: bool, jobs: int | None
+    model: str,
+    data: str,
+    label_column: str,
+    n_samples: int | None,
+    device: str,
+    as_json: bool,
+    target_fpr: float | None,
+    target_recall: float | None,
+    jobs: int | None,
 ) -> None:
     """Measure how well MODEL's scores find the anomalies labelled in DATA.
 
     Prints AUROC and average precision of the log-likelihood (lower = more anomalous),
     and precision and recall of is_outlier at the model's threshold.
 
+    With --fpr or --recall it also prints the threshold that would flag that share of the
+    normal rows (or catch that share of the anomalies), with the precision, recall and
+    false-positive rate there; `vaeguard threshold` or --offset at fit sets it.
+
     \b
-    Example:
+    Examples:
       vaeguard evaluate model.h5 test.csv --label-column is_anomaly --json
+      vaeguard evaluate model.h5 test.csv --label-column is_anomaly --fpr 0.01 --recall 0.9
     """
     import numpy as np
     from sklearn.metrics import average_precision_score, roc_auc_score
@@ -555,6 +650,13 @@ def evaluate_command(
         "precision_at_threshold": float(y[flagged].mean()) if flagged.any() else None,
         "recall_at_threshold": float(flagged[y].mean()),
     }
+    targets = {}
+    if target_fpr is not None:
+        targets[f"threshold_for_fpr_{target_fpr:g}"] = threshold_for_fpr(log_px[~y], target_fpr)
+    if target_recall is not None:
+        targets[f"threshold_for_recall_{target_recall:g}"] = threshold_for_recall(log_px[y], target_recall)
+    for name, value in targets.items():
+        metrics[name] = {"threshold": value, **rates_at(log_px, y, value)}
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
         return
@@ -565,6 +667,44 @@ def evaluate_command(
         f"at the threshold {det.offset_:.3f} nats: {metrics['flagged']} flagged, "
         f"precision {'n/a' if precision is None else f'{precision:.3f}'}, recall {metrics['recall_at_threshold']:.3f}"
     )
+    for name in targets:
+        at = metrics[name]
+        goal = name.removeprefix("threshold_for_").replace("_", " ")
+        shown = "n/a" if at["precision"] is None else f"{at['precision']:.3f}"
+        click.echo(
+            f"for {goal}: threshold {at['threshold']:.3f} nats: {at['flagged']} flagged, precision {shown}, "
+            f"recall {at['recall']:.3f}, false-positive rate {at['fpr']:.4f}"
+        )
+
+
+def threshold_for_fpr(normal_scores: Any, fpr: float) -> float:
+    """The threshold that flags a share ``fpr`` of the normal rows: their 100·fpr percentile (set_threshold's rule)."""
+    import numpy as np
+
+    return float(np.percentile(normal_scores, 100.0 * fpr))
+
+
+def threshold_for_recall(anomaly_scores: Any, recall: float) -> float:
+    """The lowest threshold (fewest rows flagged) under which at least a share ``recall`` of the anomalies scores:
+    just above the ⌈recall·n⌉-th lowest anomaly score, as a row is flagged when its score is below the threshold."""
+    import math
+
+    import numpy as np
+
+    ordered = np.sort(np.asarray(anomaly_scores, dtype=np.float64))
+    k = max(1, math.ceil(recall * len(ordered) - 1e-9))
+    return float(np.nextafter(ordered[k - 1], np.inf))
+
+
+def rates_at(log_px: Any, y: Any, threshold: float) -> dict[str, Any]:
+    """Flagged rows, precision (None when none is flagged), recall and false-positive rate at ``threshold``."""
+    flagged = is_outlier(decision(log_px, threshold))
+    return {
+        "flagged": int(flagged.sum()),
+        "precision": float(y[flagged].mean()) if flagged.any() else None,
+        "recall": float(flagged[y].mean()),
+        "fpr": float(flagged[~y].mean()),
+    }
 
 
 @cli.command(name="report")
