@@ -97,6 +97,20 @@ def test_pipeline_clone_gridsearch_and_pickle(blobs, fast_params):
     np.testing.assert_array_equal(again.score_samples(blobs), det.score_samples(blobs))
 
 
+def test_score_is_the_mean_log_likelihood_so_gridsearch_picks_the_better_model():
+    # issue 19: score(X) as GaussianMixture's, so GridSearchCV without scoring= compares held-out likelihoods
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(1200, 2)) @ rng.normal(size=(2, 6)) + 0.1 * rng.normal(size=(1200, 6))
+    search = GridSearchCV(
+        VAEAnomalyDetector(random_state=0, hidden_dims=[32], latent_dim=2, n_models=1), {"epochs": [1, 40]}, cv=2
+    ).fit(X)
+    assert search.best_params_ == {"epochs": 40}  # one epoch leaves the model far from the data
+    det = search.best_estimator_
+    assert det.score(X[:100]) == pytest.approx(float(np.mean(det.score_samples(X[:100]))), rel=1e-12)
+    fold_scores = search.cv_results_["mean_test_score"]
+    assert fold_scores[1] > fold_scores[0] + 1.0  # nats per row
+
+
 def test_dataframe_keeps_feature_names(blobs, fast_params):
     df = pd.DataFrame(blobs, columns=["a", "b", "c", "d"])
     det = VAEAnomalyDetector(**fast_params, random_state=0).fit(df)

@@ -1014,6 +1014,15 @@ class VAEAnomalyDetector(
         return self.log_likelihood(X, condition=condition)
 
     @on_own_threads
+    def score(self, X: Any, y: Any = None, condition: Any = None) -> float:
+        """The mean log-likelihood of the rows of ``X``, nats per row (as ``GaussianMixture.score``).
+
+        Higher is a better model of ``X``, so ``GridSearchCV`` without ``scoring=`` picks the
+        settings with the best held-out likelihood. ``y`` is ignored.
+        """
+        return float(np.mean(np.asarray(self.score_samples(X, condition=condition))))
+
+    @on_own_threads
     def decision_function(self, X: Any, condition: Any = None) -> np.ndarray:
         """``score_samples(X) - offset_``: negative for outliers, shape (n_samples,)."""
         check_is_fitted(self)
