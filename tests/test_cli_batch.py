@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -290,6 +291,37 @@ def test_image_models_from_npz(tmp_path):
     assert scored.exit_code == 0 and len(pd.read_csv(tmp_path / "s.csv")) == 300
     drawn = run("sample", str(tmp_path / "d.h5"), "-n", "4", "-o", str(tmp_path / "s.npz"))
     assert drawn.exit_code == 0 and np.load(tmp_path / "s.npz")["images"].shape == (4, 8, 8)
+
+
+def test_report_with_ids_and_labels_as_a_browser_shows_it(workdir, tmp_path):
+    from browser import chromium, screenshot, what_is_visible
+
+    out = tmp_path / "report.html"
+    result = run("report", str(workdir / "m.h5"), str(workdir / "test.csv"), "-o", str(out), "--id-column", "key",
+                 "--label-column", "label")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    metrics = page.split('id="label-metrics">')[1].split("</p>")[0]
+    auroc = float(metrics.split("AUROC <b>")[1].split("<")[0])
+    assert auroc > 0.9, metrics  # the planted anomalies in column c
+    test = pd.read_csv(workdir / "test.csv")
+    confusion = page.split('<table id="confusion">')[1].split("</table>")[0]
+    counts = [int(c.replace(",", "")) for c in re.findall(r'<td class="num">([\d,]+)</td>', confusion)]
+    assert sum(counts) == len(test) and counts[0] + counts[1] == int(test["label"].sum())
+    most = page.split('id="most-anomalous"')[1].split("</section>")[0]
+    assert "<th>id</th>" in most and most.count("<td>r1") == 20  # rows named by their keys
+    bad = run("report", str(workdir / "m.h5"), str(workdir / "test.csv"), "-o", str(out), "--label-column", "nope")
+    assert bad.exit_code == 2 and "no column(s) 'nope'" in bad.stderr
+    if chromium() is None:
+        pytest.skip("headless Chromium is not installed (Debian: apt-get install chromium): the page was not rendered")
+    seen = what_is_visible(out, tmp_path)
+    assert seen["problems"] == [] and seen["title"].startswith("vaeguard report")
+    assert len(seen["images"]) == 4 and all(i["loaded"] and i["width"] > 100 for i in seen["images"]), seen["images"]
+    shown = {s["id"]: s for s in seen["sections"]}
+    assert list(shown) == ["summary", "score-histogram", "labels", "most-anomalous", "latent-map", "training-curves"]
+    assert all(s["height"] > 50 for s in shown.values()) and shown["labels"]["headings"] == ["Against the labels"]
+    screenshot(out, tmp_path / "report.png")
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_is_one_self_contained_page_with_its_sections(workdir, tmp_path):

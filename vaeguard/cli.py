@@ -718,10 +718,23 @@ def rates_at(log_px: Any, y: Any, threshold: float) -> dict[str, Any]:
     show_default=True,
     help="Report on a uniform random sample of this many rows when the file holds more.",
 )
+@click.option("--id-column", help="Name the rows by this column (default: their row numbers).")
+@click.option(
+    "--label-column", help="The ground truth (non-zero / true = anomaly): adds ROC and PR curves, AUROC, the confusion."
+)
 @click.option("--device", default="auto", show_default=True)
 @_jobs_option
 @user_errors
-def report_command(model: str, data: str, output: str, max_rows: int, device: str, jobs: int | None) -> None:
+def report_command(
+    model: str,
+    data: str,
+    output: str,
+    max_rows: int,
+    id_column: str | None,
+    label_column: str | None,
+    device: str,
+    jobs: int | None,
+) -> None:
     """Write a self-contained HTML report of MODEL on DATA (needs the [plot] extra).
 
     The page holds the histogram of log-likelihoods with the threshold, the most
@@ -729,10 +742,13 @@ def report_command(model: str, data: str, output: str, max_rows: int, device: st
     the training curves, and samples for image models; images are embedded.
 
     \b
-    Example:
+    Examples:
       vaeguard report model.h5 test.csv -o report.html
+      vaeguard report model.h5 test.csv -o report.html --id-column id --label-column is_anomaly
     """
     from pathlib import Path
+
+    import numpy as np
 
     from vaeguard.batch import check_columns
     from vaeguard.data import Source, read_all
@@ -741,10 +757,19 @@ def report_command(model: str, data: str, output: str, max_rows: int, device: st
     det = _load_model(model, device, jobs)
     source = Source.parse(data)
     frame, total = read_all(source, max_rows=max_rows)
+    labels = None
     if hasattr(frame, "columns"):
         check_columns(det, [str(c) for c in frame.columns], str(source))
+        _check_named(frame, [c for c in (id_column, label_column) if c], source)
+        if label_column:
+            label = frame[label_column]
+            if label.isna().any():
+                raise UserError(f"{source}: row {int(np.flatnonzero(label.isna())[0])} has no label")
+            labels = label.astype(bool).to_numpy() if label.dtype == bool else label.to_numpy() != 0
+    elif id_column or label_column:
+        raise click.UsageError("--id-column and --label-column are for tables; this file holds images")
     page = build_report(det, frame, title=f"vaeguard report: {Path(model).name} on {source.path.name}",
-                        rows_in_file=total)  # fmt: skip
+                        rows_in_file=total, id_column=id_column, labels=labels)  # fmt: skip
     atomic_write(output, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     click.echo(f"wrote {output} ({len(page) / 1e6:.1f} MB)", err=True)
 

@@ -77,6 +77,62 @@ def _latent_map(codes: np.ndarray, log_px: np.ndarray) -> str:
     return _embed(fig, "posterior means of the rows, coloured by log-likelihood")
 
 
+def _against_labels(log_px: np.ndarray, y: np.ndarray, offset: float) -> str:
+    """AUROC, average precision, ROC and precision–recall curves, and the confusion at the threshold, of the scored
+    rows against their labels (``y`` True = anomaly)."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    if y.all() or not y.any():
+        return '<p class="note">The labels hold one class only: no curves.</p>'
+    outlyingness = -log_px
+    auroc, ap = roc_auc_score(y, outlyingness), average_precision_score(y, outlyingness)
+    fpr, tpr, _ = roc_curve(y, outlyingness)
+    precision, recall, _ = precision_recall_curve(y, outlyingness)
+    flagged = log_px < offset
+    at_fpr, at_recall = float(flagged[~y].mean()), float(flagged[y].mean())
+    fig = _figure(8.0, 3.6)
+    roc, pr = fig.subplots(1, 2)
+    roc.plot(fpr, tpr, color="#4c72b0", label=f"AUROC {auroc:.3f}")
+    roc.plot([0, 1], [0, 1], color="#bbb", linestyle=":")
+    roc.scatter([at_fpr], [at_recall], color="#c44e52", zorder=3, label="the threshold")
+    roc.set_xlabel("false-positive rate")
+    roc.set_ylabel("recall (true-positive rate)")
+    roc.legend(loc="lower right")
+    pr.plot(recall, precision, color="#4c72b0", label=f"average precision {ap:.3f}")
+    pr.axhline(y.mean(), color="#bbb", linestyle=":", label=f"anomaly share {y.mean():.3f}")
+    if flagged.any():
+        pr.scatter([at_recall], [y[flagged].mean()], color="#c44e52", zorder=3, label="the threshold")
+    pr.set_xlabel("recall")
+    pr.set_ylabel("precision")
+    pr.legend(loc="lower left")
+    counts = {
+        ("anomaly", "flagged"): int((y & flagged).sum()),
+        ("anomaly", "not flagged"): int((y & ~flagged).sum()),
+        ("normal", "flagged"): int((~y & flagged).sum()),
+        ("normal", "not flagged"): int((~y & ~flagged).sum()),
+    }
+    confusion = [
+        '<table id="confusion"><tr><th>at the threshold</th><th>flagged</th><th>not flagged</th></tr>',
+        *(
+            f"<tr><th>{truth} ({int((y if truth == 'anomaly' else ~y).sum()):,} rows)</th>"
+            f'<td class="num">{counts[(truth, "flagged")]:,}</td>'
+            f'<td class="num">{counts[(truth, "not flagged")]:,}</td></tr>'
+            for truth in ("anomaly", "normal")
+        ),
+        "</table>",
+    ]
+    shown = "n/a" if not flagged.any() else f"{y[flagged].mean():.3f}"
+    return "\n".join(
+        [
+            f'<p id="label-metrics">AUROC <b>{auroc:.4f}</b>, average precision <b>{ap:.4f}</b> over '
+            f"{len(y):,} labelled rows ({int(y.sum()):,} anomalies); at the threshold: precision {shown}, "
+            f"recall {at_recall:.3f}, false-positive rate {at_fpr:.4f}.</p>",
+            _embed(fig, "ROC and precision-recall curves of the log-likelihood against the labels"),
+            *confusion,
+        ]
+    )
+
+
 def _training_curves(history: Any) -> str:
     fig = _figure()
     ax = fig.add_subplot()
@@ -157,16 +213,26 @@ def latent_pictures(
     }
 
 
-def build_report(det: VAEAnomalyDetector, data: pd.DataFrame | np.ndarray, *, title: str, rows_in_file: int) -> str:
+def build_report(
+    det: VAEAnomalyDetector,
+    data: pd.DataFrame | np.ndarray,
+    *,
+    title: str,
+    rows_in_file: int,
+    id_column: str | None = None,
+    labels: Any = None,
+) -> str:
     """The report's HTML, one page with every image embedded.
 
     Sections: a summary of the model and data, the histogram of log-likelihoods with the
-    threshold, the most anomalous rows with their top contributing columns (tables), a 2-D
+    threshold, with ``labels`` (one per row, true = anomaly) the ROC and precision–recall
+    curves, AUROC and the confusion at the threshold, the most anomalous rows (by their
+    ``id_column`` values when given) with their top contributing columns (tables), a 2-D
     map of the posterior means, the training curves, and for image models samples (prior and
     aggregate posterior), latent traversals and an interpolation (:func:`latent_pictures`).
     """
     columns = feature_columns(det)
-    results, _ = score_chunk(det, data, explain=columns is not None, on_bad_row="nan")
+    results, _ = score_chunk(det, data, explain=columns is not None, on_bad_row="nan", id_column=id_column)
     log_px = results["log_likelihood"].to_numpy()
     features = data if columns is None else data[columns]
     scored = np.isfinite(log_px)
@@ -201,12 +267,21 @@ def build_report(det: VAEAnomalyDetector, data: pd.DataFrame | np.ndarray, *, ti
         '<section id="score-histogram"><h2>Log-likelihoods and the threshold</h2>',
         _histogram(log_px[scored], det.offset_),
         "</section>",
+        *(
+            []
+            if labels is None
+            else [
+                '<section id="labels"><h2>Against the labels</h2>',
+                _against_labels(log_px[scored], np.asarray(labels, dtype=bool)[scored], det.offset_),
+                "</section>",
+            ]
+        ),
         '<section id="most-anomalous"><h2>The most anomalous rows</h2>',
         ""
         if columns is None
         else '<p class="note">Top features: the columns least likely given the rest of the row, each against '
         "what is usual for that column in training (<code>feature_scores</code>).</p>",
-        _top_rows(results, data, columns),
+        _top_rows(results, data, columns, id_column),
         "</section>",
         '<section id="latent-map"><h2>Latent map</h2>',
         f'<p class="note">Posterior means of {len(keep):,} rows.</p>',
@@ -244,9 +319,11 @@ def build_report(det: VAEAnomalyDetector, data: pd.DataFrame | np.ndarray, *, ti
     return "\n".join(parts)
 
 
-def _top_rows(results: pd.DataFrame, data: Any, columns: list[str] | None) -> str:
+def _top_rows(results: pd.DataFrame, data: Any, columns: list[str] | None, id_column: str | None = None) -> str:
     order = results["log_likelihood"].fillna(np.inf).to_numpy().argsort(kind="stable")[:TOP_ROWS]
-    header = ["row", "log p(x) (nats)", "± (nats)", "k̂", "decision"] + (["top features"] if columns is not None else [])
+    header = ["id" if id_column else "row", "log p(x) (nats)", "± (nats)", "k̂", "decision"] + (
+        ["top features"] if columns is not None else []
+    )
     lines = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     for i in order:
         row = results.iloc[i]
