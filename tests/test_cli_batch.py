@@ -386,6 +386,30 @@ def test_progress_goes_to_stderr_only_when_asked(workdir, tmp_path):
     assert "rows/s" not in quiet.stderr and quiet.stdout.startswith("id,log_likelihood")
 
 
+def test_written_files_follow_the_umask(workdir, tmp_path):
+    # issue 19: model files and .vgz files came out 0600 whatever the umask
+    from sklearn.datasets import load_digits
+
+    np.savez(tmp_path / "bits.npz", images=(load_digits().images[:300] >= 8).astype(np.uint8))
+    before = os.umask(0o027)
+    try:
+        assert run("fit", str(workdir / "train.csv"), "-o", str(tmp_path / "m.h5"), "--id-column", "key",
+                   *FAST).exit_code == 0  # fmt: skip
+        assert (
+            run("score", str(tmp_path / "m.h5"), str(workdir / "test.csv"), "-o", str(tmp_path / "s.csv")).exit_code
+            == 0
+        )
+        assert run("fit", str(tmp_path / "bits.npz"), "-o", str(tmp_path / "b.h5"), *FAST).exit_code == 0
+        assert (
+            run("compress", str(tmp_path / "b.h5"), str(tmp_path / "bits.npz"), "-o", str(tmp_path / "b.vgz")).exit_code
+            == 0
+        )
+    finally:
+        os.umask(before)
+    for name in ("m.h5", "s.csv", "b.h5", "b.vgz"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+
+
 def test_compress_and_decompress_files(tmp_path):
     from sklearn.datasets import load_digits
 

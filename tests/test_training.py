@@ -248,3 +248,19 @@ def test_models_vmap_cannot_run_are_trained_one_after_another():
     for a, b in zip(alone, together, strict=True):
         for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
             assert torch.equal(pa, pb)  # the same code path: bit for bit
+
+
+def test_epoch_lines_say_every_tenth_and_where_training_stopped():
+    import io
+
+    from vaeguard.training import EpochLines
+
+    out = io.StringIO()
+    lines = EpochLines(50, stream=out)
+    for _ in range(12):
+        lines.set_postfix(loss="3.000", val="3.100")
+        lines.update(1)
+    lines.close()
+    said = [line.split(" (")[0] for line in out.getvalue().splitlines()]
+    assert said == ["training: epoch 5/50", "training: epoch 10/50", "training: stopped at epoch 12/50"]
+    assert "training loss 3.000, validation loss 3.100 nats" in out.getvalue()
