@@ -46,14 +46,23 @@ def _embed(fig: Any, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def histogram_range(log_px: np.ndarray, offset: float) -> float:
+    """The left edge of the score histogram: far enough below the threshold to show it and the rows around it
+    (the threshold less four times its distance to the median, or the 0.5th percentile where that is nearer),
+    so that a few far-out rows (thousands of nats down) do not squeeze the bulk into one bar."""
+    median = float(np.median(log_px))
+    return max(float(np.percentile(log_px, 0.5)), min(offset, median) - 4 * max(abs(median - offset), 1.0))
+
+
 def _histogram(log_px: np.ndarray, offset: float) -> str:
     fig = _figure()
     ax = fig.add_subplot()
     finite = log_px[np.isfinite(log_px)]
-    low = np.percentile(finite, 0.5) if len(finite) > 200 else finite.min()
+    low = histogram_range(finite, offset) if len(finite) else 0.0
+    below = int((finite < low).sum())
     ax.hist(np.clip(finite, low, None), bins=60, color="#4c72b0")
     ax.axvline(offset, color="#c44e52", linestyle="--", label=f"threshold {offset:.2f} nats")
-    ax.set_xlabel("log p(x), nats (lowest 0.5 % drawn at the left edge)")
+    ax.set_xlabel(f"log p(x), nats ({below:,} rows below {low:.1f} drawn at the left edge)")
     ax.set_ylabel("rows")
     ax.legend()
     return _embed(fig, "histogram of the log-likelihoods with the threshold")
