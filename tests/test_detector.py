@@ -92,7 +92,9 @@ def test_n_jobs_means_what_it_means_in_scikit_learn(monkeypatch):
             detector.threads_for(bad)
 
 
-def test_a_detector_works_on_its_threads_and_gives_the_callers_back(monkeypatch):
+@pytest.fixture
+def threads_seen(monkeypatch):
+    """The torch thread count at each scoring pass of a VAEAnomalyDetector (a list filled as they run)."""
     import torch
 
     seen = []
@@ -103,6 +105,13 @@ def test_a_detector_works_on_its_threads_and_gives_the_callers_back(monkeypatch)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(VAEAnomalyDetector, "_log_likelihood_internal", spy)
+    return seen
+
+
+def test_a_detector_works_on_its_threads_and_gives_the_callers_back(threads_seen):
+    import torch
+
+    seen = threads_seen
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
@@ -120,19 +129,10 @@ def test_a_detector_works_on_its_threads_and_gives_the_callers_back(monkeypatch)
         torch.set_num_threads(before)
 
 
-def test_the_outer_detector_decides_the_threads_of_its_window_model(monkeypatch):
-    import torch
-
+def test_the_outer_detector_decides_the_threads_of_its_window_model(threads_seen):
     from vaeguard import VAETimeSeriesDetector
 
-    seen = []
-    original = VAEAnomalyDetector._log_likelihood_internal
-
-    def spy(self, *args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(VAEAnomalyDetector, "_log_likelihood_internal", spy)
+    seen = threads_seen
     series = np.sin(np.arange(600) / 5.0) + 0.05 * np.random.default_rng(0).normal(size=600)
     ts = VAETimeSeriesDetector(window=16, estimator=VAEAnomalyDetector(**FAST), n_jobs=2).fit(series)
     assert ts.window_model_.n_jobs == 2 and set(seen) == {2}
