@@ -68,7 +68,7 @@ def _histogram(log_px: np.ndarray, offset: float) -> str:
     return _embed(fig, "histogram of the log-likelihoods with the threshold")
 
 
-def _latent_map(codes: np.ndarray, log_px: np.ndarray) -> str:
+def _latent_map(codes: np.ndarray, log_px: np.ndarray, offset: float) -> str:
     if codes.shape[1] > 2:  # the two directions of largest spread
         centered = codes - codes.mean(axis=0)
         _, _, vt = np.linalg.svd(centered, full_matrices=False)
@@ -79,8 +79,9 @@ def _latent_map(codes: np.ndarray, log_px: np.ndarray) -> str:
         codes, axes = np.column_stack([codes[:, 0], np.zeros(len(codes))]), ("z1", "")
     fig = _figure(6.0, 4.6)
     ax = fig.add_subplot()
-    points = ax.scatter(codes[:, 0], codes[:, 1], c=log_px, s=6, cmap="viridis")
-    fig.colorbar(points, ax=ax, label="log p(x), nats")
+    low = histogram_range(log_px, offset) if len(log_px) else None  # far-out rows take the darkest colour
+    points = ax.scatter(codes[:, 0], codes[:, 1], c=log_px, s=6, cmap="viridis", vmin=low)
+    fig.colorbar(points, ax=ax, label="log p(x), nats (lower: the darkest colour)", extend="min")
     ax.set_xlabel(axes[0])
     ax.set_ylabel(axes[1])
     return _embed(fig, "posterior means of the rows, coloured by log-likelihood")
@@ -294,7 +295,7 @@ def build_report(
         "</section>",
         '<section id="latent-map"><h2>Latent map</h2>',
         f'<p class="note">Posterior means of {len(keep):,} rows.</p>',
-        _latent_map(codes, log_px[keep]),
+        _latent_map(codes, log_px[keep], det.offset_),
         "</section>",
         '<section id="training-curves"><h2>Training</h2>',
         _training_curves(det.history_),
