@@ -164,3 +164,21 @@ def test_check_feature_columns_refuses_ids_and_labels_and_nothing_else():
         check_feature_columns(fine.assign(Is_Anomaly=rng.random(n) < 0.1))
     with pytest.raises(ValueError, match=r"column 'y' looks like the anomaly labels .* --label-column y"):
         VAEAnomalyDetector(epochs=1).fit(fine.assign(y=rng.integers(0, 2, n)))
+
+
+def test_values_rounded_to_significant_figures_are_continuous_not_a_lattice_with_impossible_values():
+    # scikit-learn's breast cancer 'symmetry error' is recorded to 4 significant figures: 0.01513, 0.02348 lie on
+    # a 1e-5 step, 0.007882 (and two more below 0.01) do not. They were "impossible" training values.
+    from sklearn.datasets import load_breast_cancer
+
+    column = load_breast_cancer(as_frame=True).data["symmetry error"].to_numpy()
+    found = find_lattice(column)
+    assert found.kind == "continuous" and "rounded to 4 significant figures" in found.reason
+    rng = np.random.default_rng(0)
+    synthetic = np.array([float(f"{v:.3g}") for v in rng.lognormal(-3, 0.6, 2000)])  # 3 significant figures
+    assert find_lattice(synthetic).kind == "continuous"
+    # a stray value among whole counts, and a lone 0.005 among values to 2 decimals, stay off-lattice (impossible)
+    counts = find_lattice(np.array(list(range(500)) * 4 + [3.5]))
+    assert counts.kind == "lattice" and counts.step == 1 and "1 off it" in counts.reason
+    decimals = find_lattice(np.array([*np.round(np.linspace(0.1, 9.9, 300), 2), 0.005]))
+    assert decimals.kind == "lattice" and decimals.step == pytest.approx(0.01) and "1 off it" in decimals.reason

@@ -93,6 +93,50 @@ def _candidate_steps(values: np.ndarray, smallest: float) -> np.ndarray:
     return np.sort(steps[first])[::-1]  # largest first
 
 
+def significant_figures(values: np.ndarray) -> np.ndarray:
+    """The fewest significant figures (1–15) that write each value exactly as float64 does (0 for 0)."""
+    out = np.zeros(len(values), dtype=int)
+    for i, v in enumerate(np.asarray(values, dtype=np.float64)):
+        if v != 0:
+            out[i] = next((s for s in range(1, 16) if float(f"{v:.{s - 1}e}") == v), 17)
+    return out
+
+
+#: On-lattice values whose significant figures are read to judge a column's rounding (evenly spaced, sorted).
+SIGNIFICANT_FIGURE_SAMPLE = 1000
+
+
+def significant_figures_rounding(distinct: np.ndarray, on_values: np.ndarray) -> int | None:
+    """The significant figures of a column rounded to them rather than to a fixed step, else None.
+
+    A column recorded to a few significant figures (0.01513, 0.007882) lies on the step of
+    its typical values' last digit except for its smallest values, which have more
+    decimals: they are off that step only because they are small. Such a column is
+    continuous, not a lattice with a few impossible values, when the values off the step
+    (1) are all below the decade of the median value on it, (2) are at least half of the
+    distinct values in their own decades, and (3) are written with as many significant
+    figures as the values on the step (at most the most any has, at least one fewer than
+    their median). A stray 3.5 among whole counts fails (2) (1, 2, 3, ... share its decade
+    and are whole), a lone 0.005 among values to two decimals fails (3).
+    """
+    off, on = np.abs(distinct[~on_values]), np.abs(distinct[on_values])
+    on_nonzero = on[on != 0]
+    if off.size == 0 or on_nonzero.size == 0 or (off == 0).any():
+        return None
+    if off.max() >= 10.0 ** np.floor(np.log10(np.median(on_nonzero))):
+        return None
+    low, high = 10.0 ** np.floor(np.log10(off.min())), 10.0 ** (np.floor(np.log10(off.max())) + 1)
+    in_band = int(((on >= low) & (on < high)).sum()) + off.size
+    if off.size < 0.5 * in_band:
+        return None
+    sample = on_nonzero[
+        np.unique(np.linspace(0, on_nonzero.size - 1, min(on_nonzero.size, SIGNIFICANT_FIGURE_SAMPLE)).astype(int))
+    ]
+    on_figures, off_figures = significant_figures(sample), significant_figures(off)
+    most = int(on_figures.max())
+    return most if off_figures.max() <= most and off_figures.min() >= int(np.median(on_figures)) - 1 else None
+
+
 def find_lattice(
     column: np.ndarray, *, forced: bool = False, max_off_share: float = MAX_OFF_LATTICE_SHARE
 ) -> ColumnLattice:
@@ -132,6 +176,16 @@ def find_lattice(
     for step in _candidate_steps(distinct, smallest):
         on, origin, on_values = _on_grid_share(distinct, counts, float(step))
         if n - on <= allowed and (~on_values).sum() <= int(max_off_share * distinct.size):
+            figures = None if forced or on == n else significant_figures_rounding(distinct, on_values)
+            if figures is not None:
+                return ColumnLattice(
+                    "continuous",
+                    0.0,
+                    0.0,
+                    np.nan,
+                    f"values rounded to {figures} significant figures, not to a fixed step: the {n - on} smallest "
+                    f"(e.g. {distinct[~on_values][0]:.6g}) are off the step {float(step):.6g} that the others share",
+                )
             # the step that the extreme values on the lattice span exactly (1, not 0.99999992)
             span = float(distinct[on_values][-1] - origin)
             step = span / round(span / float(step)) if span > 0 else float(step)
