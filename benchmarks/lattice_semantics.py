@@ -54,6 +54,12 @@ def score_rows(name: str, column: np.ndarray, values: list[float]) -> list[dict]
     ]
 
 
+def _symmetry_error() -> np.ndarray:
+    from sklearn.datasets import load_breast_cancer
+
+    return load_breast_cancer(as_frame=True).data["symmetry error"].to_numpy()
+
+
 def decision_rows() -> list[dict]:
     from vaeguard.preprocessing import find_lattice
 
@@ -67,6 +73,10 @@ def decision_rows() -> list[dict]:
         **{f"N(100, 15) to 0.1, n = {n}": np.round(rng.normal(100, 15, size=n), 1) for n in (20, 200, 2000)},
         "N(100, 15) to 0.01, n = 2000": np.round(rng.normal(100, 15, size=2000), 2),
         "N(100, 15) to 0.1 as float32, n = 2000": np.round(rng.normal(100, 15, size=2000), 1).astype(np.float32),
+        "lognormal to 3 significant figures, n = 2000": np.array(
+            [float(f"{v:.3g}") for v in rng.lognormal(-3, 0.6, size=2000)]
+        ),
+        "breast cancer 'symmetry error' (4 significant figures)": _symmetry_error(),
     }
     out = []
     for name, column in cases.items():
