@@ -107,7 +107,7 @@ def score_chunk(
             n_samples=n_samples,
             return_std=True,
             return_diagnostic=True,
-            return_feature_scores=explain,  # from the same pass: no second check or scoring of the rows
+            return_feature_scores=explain,  # the rows are checked once; one more scoring pass per column
         )
         log_px[good], std[good], k_hat[good] = (np.asarray(part) for part in estimate[:3])
         if explain:

@@ -92,12 +92,10 @@ class ProcessGroup:
         return torch.cat([p[:, :size] for p, size in zip(parts, sizes, strict=True)], dim=1)
 
     def gather_scores(self, scores: np.ndarray, total: int) -> np.ndarray:
-        """Every rank's share of ``total`` rows of float64 values (numpy, ``(share,)`` or ``(share, m)``) joined in
-        rank order: ``(total,)`` or ``(total, m)``."""
+        """Every rank's share of ``total`` per-row float64 values (numpy, ``(share,)``) joined in rank order."""
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
-        mine = torch.as_tensor(np.ascontiguousarray(scores), dtype=torch.float64, device=device)
-        joined = self.gather_columns(mine.reshape(len(scores), -1).T.contiguous(), total).T.cpu().numpy()
-        return joined.reshape(total, *np.shape(scores)[1:])
+        mine = torch.as_tensor(np.ascontiguousarray(scores), dtype=torch.float64, device=device)[None]
+        return self.gather_columns(mine, total)[0].cpu().numpy()
 
     def finish(self) -> None:
         """Wait for every rank, then close the group (the end of a job that succeeded on every rank)."""

@@ -581,8 +581,10 @@ def per_feature_log_likelihood(
     and proposals as :func:`importance_sampled_log_likelihood` (with ``refine_eps``, fitted
     to the rows the encoder serves badly), p(x_−j) with the weights w_k / p(x_j|z_k), so it
     costs no second forward pass. Where x_j alone makes a row far-out the proposal follows
-    x_j and p(x_−j) is underestimated: the element's value is then an upper bound, still
-    far below the other elements'. Missing entries (``mask`` False) are NaN.
+    x_j and p(x_−j) is underestimated: the element's value is then an upper bound, by
+    hundreds of nats on thyroid's anomalies, so the estimator scores tables of up to 64
+    columns with a pass per column instead; this estimate serves images (one value per
+    pixel) and wider tables. Missing entries (``mask`` False) are NaN.
     """
     return importance_sampled_log_likelihood(
         model,
