@@ -260,6 +260,7 @@ def test_epoch_lines_say_every_tenth_and_where_training_stopped():
     for _ in range(12):
         lines.set_postfix(loss="3.000", val="3.100")
         lines.update(1)
+    lines.finish()
     lines.close()
     said = [line.split(" (")[0] for line in out.getvalue().splitlines()]
     assert said == ["training: epoch 5/50", "training: epoch 10/50", "training: stopped at epoch 12/50"]

@@ -208,9 +208,13 @@ class EpochLines:
         if self.done % self.every == 0 or self.done == self.total:
             self._line(f"epoch {self.done}/{self.total}")
 
-    def close(self) -> None:
-        if self.done % self.every != 0 and self.done != self.total:  # stopped early: say where
+    def finish(self) -> None:
+        """Training ended normally: where it stopped, if that was before the last epoch's line."""
+        if self.done % self.every != 0 and self.done != self.total:
             self._line(f"stopped at epoch {self.done}/{self.total}")
+
+    def close(self) -> None:
+        """Nothing more to say (a failed fit says nothing here: its error is the message)."""
 
     def _line(self, where: str) -> None:
         seconds = time.perf_counter() - self.started
@@ -701,6 +705,8 @@ def _train_loop(
                 bar.update(1)
             if not any(active):
                 break
+        if isinstance(bar, EpochLines):
+            bar.finish()
     finally:
         if bar is not None:
             bar.close()
