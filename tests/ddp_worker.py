@@ -55,6 +55,8 @@ def run_train(out: Path, epochs: int) -> None:
         },
         out / f"rank{rank}.pt",
     )
+    if group is not None:
+        group.finish()  # leave together: a gloo rank that exits while its peer still works can abort
 
 
 def run_fit(out: Path) -> None:
@@ -84,6 +86,7 @@ def run_shards(out: Path) -> None:
         )
     except ValueError as exc:
         (out / f"rank{group.rank}.txt").write_text(str(exc))
+    group.finish()
 
 
 if __name__ == "__main__":
