@@ -44,7 +44,8 @@ def score_rows(name: str, column: np.ndarray, values: list[float]) -> list[dict]
         {
             "column": name,
             "treated as": f"{kind['kind']}, step {kind['step']:g}"
-            + ("" if np.isnan(kind["lower"]) else f", nothing below {kind['lower']:g}"),
+            + ("" if np.isnan(kind["lower"]) else f", nothing below {kind['lower']:g}")
+            + ("" if np.isnan(kind["upper"]) else f" or above {kind['upper']:g}"),
             "value": f"{v:g}",
             "impossible": bool(bad),
             "log p(row) (nats)": f"{s:.1f}",
@@ -125,12 +126,14 @@ def main() -> None:
         *score_rows("counts 0..20", counts, [-1.0, 0.0, 3.0, 20.0, 3.5, 4.0, 2.5]),
         *score_rows("a 0.5 grid", np.round(rng.normal(5, 1, size=600) * 2) / 2, [5.0, 5.2371, 4.75, 5.25]),
         *score_rows("ratings {1, 3, 5}", rng.choice([1.0, 3.0, 5.0], size=600), [5.0, 6.0, 7.0]),
+        *score_rows("a flag {0, 1} (20 % ones)", (rng.random(600) < 0.2).astype(float), [0.0, 1.0, 2.0, -1.0, 0.5]),
     ]
     parts = [
         "# Lattice columns and impossible values (issue 15, part 2)\n",
-        "Command: `python benchmarks/lattice_semantics.py`. A value off its column's lattice, or below 0 in a "
-        "lattice column whose training values start at 0, is impossible under the model: it is scored as its "
-        "nearest lattice point (halves round up) less 100 nats, with a warning naming the column.\n",
+        "Command: `python benchmarks/lattice_semantics.py`. A value off its column's lattice, below 0 in a "
+        "lattice column whose training values start at 0, or a third value in a two-valued (binary) column, is "
+        "impossible under the model: it is scored as its nearest possible value (halves round up) less 100 nats, "
+        "with a warning naming the column.\n",
         "## Scores (a lattice column beside two N(0, 1) columns, 600 rows, 40 epochs; rows (value, 0, 0))\n",
         *table(scored),
         "\n## The lattice decision (`vaeguard.preprocessing.find_lattice`)\n",

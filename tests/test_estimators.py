@@ -267,6 +267,27 @@ def test_impossible_values_score_as_very_improbable_not_as_a_normal_cell(fast_pa
         np.testing.assert_allclose(again.score_samples(rows), s, atol=1e-9)
 
 
+def test_a_binary_column_scores_its_two_values_samples_them_and_refuses_a_third(fast_params, tmp_path):
+    # a 0/1 flag that follows a continuous column: its two cells carry all its mass, a 2 is
+    # impossible (the upper cell, 100 nats less likely), samples are 0 or 1, and the bounds
+    # survive the model file
+    rng = np.random.default_rng(3)
+    signal = rng.normal(size=800)
+    X = np.column_stack([signal, (signal + 0.3 * rng.normal(size=800) > 0.5).astype(float)])
+    det = VAEAnomalyDetector(**{**fast_params, "epochs": 20}, random_state=0).fit(X)
+    assert det.column_types_.loc["x1", "upper"] == 1 and det.column_types_.loc["x1", "lower"] == 0
+    rows = np.array([[1.5, 1.0], [1.5, 0.0], [1.5, 2.0]])
+    with pytest.warns(UserWarning, match=r"1 value\(s\) are impossible .*outside its bounds: 1 \(1\)"):
+        s = det.score_samples(rows)
+    assert s[0] > s[1]  # the flag follows the signal
+    assert s[2] == pytest.approx(s[0] - 100, abs=1e-6)
+    assert set(np.unique(det.sample(300, random_state=0)[:, 1])) <= {0.0, 1.0}
+    det.save(tmp_path / "m.h5")
+    again = load(tmp_path / "m.h5")
+    pd.testing.assert_frame_equal(again.column_types_, det.column_types_)
+    np.testing.assert_allclose(again.score_samples(rows[:2]), s[:2], atol=1e-9)
+
+
 def test_discrete_columns_can_be_named_and_column_types_say_why(fast_params):
     rng = np.random.default_rng(1)
     X = pd.DataFrame({"n": rng.integers(0, 6, 300), "price": np.round(rng.normal(100, 15, 300), 2)})

@@ -247,3 +247,57 @@ def test_symbol_tables_are_the_masses_the_likelihood_scores(n_levels):
     assert DiagGaussianLikelihood((2,)).n_symbols is None
     with pytest.raises(ValueError, match="density"):
         DiagGaussianLikelihood((2,)).symbol_probabilities(torch.zeros(1, 2, 2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    loc=st.floats(-20, 20),
+    log_scale=st.floats(-3, 2),
+    width=st.sampled_from([2.0**k for k in range(-8, 3)]),
+    floor=st.integers(-80, 80).map(lambda k: k / 8),  # exact in the buffers' float32
+)
+def test_a_two_valued_column_is_a_probit_over_its_two_cells(loc, log_scale, width, floor):
+    # A binary column (floor and ceiling one step apart) beside a count lattice and a
+    # continuous column: its two masses are Φ(±(μ − m)/σ) with m the cells' midpoint, by
+    # the normal CDF, and sum to one; the other columns keep their own terms, in their places.
+    from scipy.stats import norm
+
+    scale = math.exp(log_scale)
+    lik = DiagGaussianLikelihood(
+        (3,),
+        bin_widths=[1.0, width, 0.0],
+        lattice_floor=[0.0, floor, None],
+        lattice_ceiling=[None, floor + width, None],
+    )
+    plain = DiagGaussianLikelihood((3,), bin_widths=[1.0, width, 0.0], lattice_floor=[0.0, floor, None])
+    x = torch.tensor([[2.0, floor, 0.3], [0.0, floor + width, -1.0]], dtype=torch.float64)
+    params = torch.tensor([[loc, loc, loc], [math.log(scale)] * 3], dtype=torch.float64).expand(2, 2, 3)
+    lp = lik.per_feature_log_prob(x, params)
+    scale = lik.loc_scale(params)[1][0, 1].item()  # σ as the likelihood reads it (soft-clamped)
+    expected = norm.logcdf((floor + width / 2 - loc) / scale), norm.logsf((floor + width / 2 - loc) / scale)
+    assert lp[0, 1].item() == pytest.approx(expected[0], rel=1e-6, abs=1e-9)
+    assert lp[1, 1].item() == pytest.approx(expected[1], rel=1e-6, abs=1e-9)
+    assert torch.logsumexp(lp[:, 1], 0).item() == pytest.approx(0.0, abs=1e-6)
+    others = plain.per_feature_log_prob(x, params)
+    torch.testing.assert_close(lp[:, [0, 2]], others[:, [0, 2]])
+
+
+def test_two_cell_columns_keep_finite_gradients_and_the_config_round_trips():
+    lik = DiagGaussianLikelihood(
+        (4,),
+        bin_widths=[0.5, 0.0, 2.0, 1.0],
+        lattice_floor=[-1.0, None, 0.0, 0.0],
+        lattice_ceiling=[-0.5, None, 2.0, None],
+    )
+    again = DiagGaussianLikelihood((4,), **lik.config())
+    params = torch.tensor([[[30.0, 0.0, -30.0, 1.0], [-5.0, 0.0, 3.0, 0.0]]], requires_grad=True)
+    x = torch.tensor([[-1.0, 0.2, 2.0, 3.0]])
+    lp = lik.per_feature_log_prob(x, params)
+    lp.sum().backward()
+    assert torch.isfinite(lp).all() and torch.isfinite(params.grad).all()
+    torch.testing.assert_close(again.per_feature_log_prob(x, params), lp)
+    # a table of flags only (no column gathered): the same terms as those columns beside others
+    flags = DiagGaussianLikelihood((2,), bin_widths=[0.5, 2.0], lattice_floor=[-1.0, 0.0], lattice_ceiling=[-0.5, 2.0])
+    torch.testing.assert_close(flags.per_feature_log_prob(x[:, [0, 2]], params[..., [0, 2]]), lp[..., [0, 2]])
+    with pytest.raises(ValueError, match=r"lattice_ceiling\[0\] = 1.0: a ceiling is given only one lattice step"):
+        DiagGaussianLikelihood((2,), bin_widths=[0.5, 0.0], lattice_floor=[0.0, None], lattice_ceiling=[1.0, None])

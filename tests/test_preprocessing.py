@@ -94,6 +94,22 @@ def test_whole_numbers_from_zero_have_no_negative_values():
     assert st.to_support(np.array([[-1.2], [2.6]])).ravel().tolist() == [0.0, 3.0]
 
 
+def test_a_two_valued_column_is_binary_and_a_third_value_is_impossible():
+    # a flag, a one-hot or bag-of-words indicator: its two values are its only cells, at any two values
+    for low, high in ((0.0, 1.0), (-2.5, 7.0)):
+        flag = find_lattice(np.where(np.random.default_rng(2).random(300) < 0.1, high, low))
+        assert (flag.kind, flag.origin, flag.lower, flag.upper) == ("lattice", low, low, high)
+        assert flag.step == high - low and "a binary column" in flag.reason
+    assert np.isnan(find_lattice(np.array([0.0, 1.0, 2.0, 1.0])).upper)  # three values: a count, unbounded above
+    X = np.array([[0.0, 0.0], [1.0, 1.0], [0.0, 2.0], [1.0, 2.0]])
+    st = Standardizer.fit(X, detect_lattice=True)
+    assert np.isnan(st.upper[1]) and st.upper[0] == 1.0
+    assert st.lattice_ceiling[0] == pytest.approx((1.0 - st.center[0]) / st.scale[0])
+    tests = np.array([[2.0, 3.0], [-1.0, 0.0], [0.5, 0.0], [1.0, 9.0]])
+    assert st.impossible(tests).tolist() == [[True, False], [True, False], [True, False], [False, False]]
+    assert st.to_support(tests)[:, 0].tolist() == [1.0, 0.0, 1.0, 1.0]  # samples stay on the two values
+
+
 def test_named_discrete_columns_override_the_detection():
     rng = np.random.default_rng(2)
     X = np.column_stack([np.round(rng.normal(100, 15, 500), 2), rng.integers(0, 5, 500), rng.normal(size=500)])

@@ -203,11 +203,14 @@ class VAEAnomalyDetector(
         likelihoods that support it: "gaussian", "diag_gaussian", "mixed"). "auto": a
         column is a lattice when all but 1 % of its training values are origin + k·step,
         with the step at least 1/1000 of the column's interquartile range
-        (:func:`vaeguard.preprocessing.find_lattice`). A list names exactly the lattice
+        (:func:`vaeguard.preprocessing.find_lattice`); a column with exactly two values
+        is binary (a flag, a one-hot or bag-of-words indicator): P(the upper value) =
+        Φ((μ − m)/σ) with m their midpoint. A list names exactly the lattice
         columns (names for a DataFrame, positions otherwise); "none": every column
         continuous. :attr:`column_types_` says how each column was treated and why.
-        A value off its column's lattice, or below 0 in a column whose training values
-        are ≥ 0 and include 0, is impossible under the model: it is scored as the
+        A value off its column's lattice, below 0 in a column whose training values
+        are ≥ 0 and include 0, or a third value in a binary column, is impossible
+        under the model: it is scored as the
         nearest lattice point, 100 nats less likely (an impossible value ranks like a
         14 σ outlier), with a warning naming the column. Scores are then densities of
         the continuous columns × masses of the lattice ones.
@@ -326,7 +329,8 @@ class VAEAnomalyDetector(
     column_types_ : DataFrame or None
         For a table: one row per column (index: the column names) with its ``kind``
         ("continuous", "lattice", "categorical" or "constant"), lattice ``step``,
-        ``origin`` and ``lower`` bound (NaN where none) and the ``reason`` in words.
+        ``origin``, ``lower`` and ``upper`` bound (NaN where none; a two-valued column
+        has both: it is binary) and the ``reason`` in words.
         None for images.
     image_shape_ : tuple of int or None
         For a model of images, the shape of one image as given, ``(H, W)`` or ``(C, H, W)``.
@@ -525,9 +529,9 @@ class VAEAnomalyDetector(
         options: dict[str, Any] = {"n_categories": coder.n_categories} if categorical else lik_cls.options_from_data(X)
         if standardizer.discrete.any():
             options["bin_widths"] = standardizer.bin_widths.tolist()
-            floor = standardizer.lattice_floor
-            if floor is not None:
-                options["lattice_floor"] = [None if np.isnan(v) else float(v) for v in floor]
+            for bound, values in (("floor", standardizer.lattice_floor), ("ceiling", standardizer.lattice_ceiling)):
+                if values is not None:
+                    options[f"lattice_{bound}"] = [None if np.isnan(v) else float(v) for v in values]
         if categorical:
             return "mixed", get_part("likelihoods", "mixed")((d,), **options), standardizer
         return name, lik_cls((d,), **options), standardizer
@@ -1336,6 +1340,8 @@ class VAEAnomalyDetector(
                 arrays["standardizer.step"] = self.standardizer_.step
             if self.standardizer_.lower is not None:
                 arrays["standardizer.lower"] = self.standardizer_.lower
+            if self.standardizer_.upper is not None:
+                arrays["standardizer.upper"] = self.standardizer_.upper
         return config, arrays
 
     @classmethod
@@ -1385,6 +1391,7 @@ class VAEAnomalyDetector(
                 arrays.get("standardizer.origin"),
                 arrays.get("standardizer.step"),
                 arrays.get("standardizer.lower"),
+                upper=arrays.get("standardizer.upper"),
             )
             records = fitted.get("column_types_")
             if records is not None:

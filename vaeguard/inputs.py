@@ -387,7 +387,7 @@ class InputSpace:
         else:
             count = impossible.sum(axis=0)
             first = f"row {row}, column {self.column_name(col)} holds {value:g}"
-            where = "off their column's lattice or below its lower bound: " + ", ".join(
+            where = "off their column's lattice or outside its bounds: " + ", ".join(
                 f"{self.column_name(j)} ({int(count[j])})" for j in np.flatnonzero(count)[:5]
             )
         return (

@@ -37,7 +37,9 @@ class ColumnLattice:
     (a density) or "constant". ``lower`` is the smallest possible value of a lattice
     column: 0 for whole numbers whose training values start at 0 (counts, flags), NaN
     (unbounded) otherwise — a min-max scaled column also starts at 0, but its values are
-    not whole numbers, and a value below its training range is merely unusual. ``reason``
+    not whole numbers, and a value below its training range is merely unusual. ``upper``
+    is the largest possible value (NaN: unbounded); only a two-valued column has one: its
+    two values are its only cells (a flag, a one-hot or bag-of-words indicator). ``reason``
     says in words why.
     """
 
@@ -46,6 +48,7 @@ class ColumnLattice:
     origin: float
     lower: float
     reason: str
+    upper: float = np.nan
 
 
 def cell_tolerance(values: np.ndarray, step: float | np.ndarray) -> np.ndarray:
@@ -142,9 +145,11 @@ def find_lattice(
 ) -> ColumnLattice:
     """Whether the training values of one column (NaN = missing) lie on a regular lattice.
 
-    The step Δ is the largest candidate (the smallest and commonest gaps between distinct
-    values, divided by 1..10) such that all but ``max_off_share`` of the values (rounded
-    down; of the rows and of the distinct values) are origin + k·Δ; a lattice must also be coarse, Δ ≥ IQR / 1000 (the
+    A column with exactly two distinct values is a binary lattice: those two values are its
+    only cells (``lower`` and ``upper``). Otherwise the step Δ is the largest candidate (the
+    smallest and commonest gaps between distinct values, divided by 1..10) such that all
+    but ``max_off_share`` of the values (rounded down; of the rows and of the distinct
+    values) are origin + k·Δ; a lattice must also be coarse, Δ ≥ IQR / 1000 (the
     interquartile range; the standard deviation when it is 0), so that neither the sample
     size nor one far-out value (both leave the IQR alone) changes the decision. With
     ``forced`` (the column was named in ``discrete_columns``) any step is accepted.
@@ -155,6 +160,13 @@ def find_lattice(
     if distinct.size < 2:
         what = "no observed value" if distinct.size == 0 else f"one value ({distinct[0]:g}) in every row"
         return ColumnLattice("constant", 0.0, 0.0, np.nan, what)
+    if distinct.size == 2:
+        low, high = (float(v) for v in distinct)
+        why = (
+            f"two values, {low:.6g} ({counts[0]} rows) and {high:.6g} ({counts[1]} rows): a binary column, "
+            "scored by the masses of its two cells; any other value is impossible"
+        )
+        return ColumnLattice("lattice", high - low, low, low, why, upper=high)
     n = int(counts.sum())
     allowed = int(max_off_share * n)
     q25, q75 = np.percentile(values, [25, 75])
@@ -232,6 +244,7 @@ class Standardizer:
     step: np.ndarray | None = None
     lower: np.ndarray | None = None
     columns: list[ColumnLattice] | None = None
+    upper: np.ndarray | None = None
 
     @classmethod
     def fit(
@@ -282,7 +295,16 @@ class Standardizer:
             return cls(center, scale, columns=columns)
         origin = np.array([c.origin for c in columns])
         lower = np.array([c.lower if c.kind == "lattice" else np.nan for c in columns])
-        return cls(center, scale, origin, step, lower if np.isfinite(lower).any() else None, columns)
+        upper = np.array([c.upper if c.kind == "lattice" else np.nan for c in columns])
+        return cls(
+            center,
+            scale,
+            origin,
+            step,
+            lower if np.isfinite(lower).any() else None,
+            columns,
+            upper if np.isfinite(upper).any() else None,
+        )
 
     def lattices(self, kinds: list[str], reasons: list[str]) -> list[ColumnLattice]:
         """Per-column records from this standardizer's arrays, with the given kinds and reasons."""
@@ -290,8 +312,10 @@ class Standardizer:
         step = self.step if self.step is not None else np.zeros(d)
         origin = self.origin if self.origin is not None else np.zeros(d)
         lower = self.lower if self.lower is not None else np.full(d, np.nan)
+        upper = self.upper if self.upper is not None else np.full(d, np.nan)
         return [
-            ColumnLattice(kinds[j], float(step[j]), float(origin[j]), float(lower[j]), reasons[j]) for j in range(d)
+            ColumnLattice(kinds[j], float(step[j]), float(origin[j]), float(lower[j]), reasons[j], float(upper[j]))
+            for j in range(d)
         ]
 
     @property
@@ -310,6 +334,13 @@ class Standardizer:
         if self.lower is None or not np.isfinite(self.lower).any():
             return None
         return (self.lower - self.center) / self.scale
+
+    @property
+    def lattice_ceiling(self) -> np.ndarray | None:
+        """The highest possible cell per column in standardised units (NaN: unbounded), or None if none is bounded."""
+        if self.upper is None or not np.isfinite(self.upper).any():
+            return None
+        return (self.upper - self.center) / self.scale
 
     @property
     def log_jacobian(self) -> float:
@@ -343,21 +374,26 @@ class Standardizer:
         return X
 
     def to_support(self, X: np.ndarray) -> np.ndarray:
-        """The nearest possible values: lattice columns snapped and raised to their lower bound.
+        """The nearest possible values: lattice columns snapped and moved within their bounds.
 
         A lattice of decimal numbers (origin and step with at most :data:`MAX_DECIMALS`
         decimal places) gives its values rounded to those places, so a price on a 0.01 grid
         reads 15.06, not origin + k·step's 15.059999999999999.
         """
-        X = self.snap(X)
-        if self.lower is not None:
-            bounded = np.isfinite(self.lower)
-            X[:, bounded] = np.maximum(X[:, bounded], self.lower[bounded])
+        X = self._within_bounds(self.snap(X))
         if self.step is not None:
             for j in np.flatnonzero(self.discrete):
                 places = decimal_places(self.origin[j], self.step[j])
                 if places is not None:
                     X[:, j] = np.round(X[:, j], places)
+        return X
+
+    def _within_bounds(self, X: np.ndarray) -> np.ndarray:
+        """``X`` (snapped, a copy) with the values of bounded lattice columns moved within their bounds."""
+        for bound, nearer in ((self.lower, np.maximum), (self.upper, np.minimum)):
+            if bound is not None:
+                bounded = np.isfinite(bound)
+                X[:, bounded] = nearer(X[:, bounded], bound[bounded])
         return X
 
     def integer_columns(self) -> np.ndarray:
@@ -367,7 +403,7 @@ class Standardizer:
         return self.discrete & (decimal_places_of(self.origin) == 0) & (decimal_places_of(self.step) == 0)
 
     def impossible(self, X: np.ndarray) -> np.ndarray:
-        """Boolean mask (n, d) of the values off their column's lattice or below its lower bound (NaN: False)."""
+        """Boolean mask (n, d) of the values off their column's lattice or outside its bounds (NaN: False)."""
         X = np.asarray(X, dtype=np.float64)
         out = np.zeros(X.shape, bool)
         if self.step is None or not self.discrete.any():
@@ -377,11 +413,15 @@ class Standardizer:
         bad = np.abs(k - nearest) > cell_tolerance(X[:, d], self.step[d])
         if self.lower is not None:
             bad |= X[:, d] < self.lower[d] - 0.5 * self.step[d]
+        if self.upper is not None:
+            bad |= X[:, d] > self.upper[d] + 0.5 * self.step[d]
         out[:, d] = bad & ~np.isnan(X[:, d])
         return out
 
     def transform(self, X: np.ndarray) -> np.ndarray:
-        return (self.snap(X) - self.center) / self.scale
+        """Standardised values; a lattice value is moved to the nearest possible one (its impossibility is
+        :meth:`impossible`'s to mark)."""
+        return (self._within_bounds(self.snap(X)) - self.center) / self.scale
 
     def inverse_transform(self, Z: np.ndarray) -> np.ndarray:
         return np.asarray(Z, dtype=np.float64) * self.scale + self.center
@@ -411,10 +451,10 @@ def decimal_places(*values: float) -> int | None:
 
 
 def column_types(columns: list[ColumnLattice], names: list[str]) -> pd.DataFrame:
-    """One row per column (index ``names``): kind, step, origin, lower bound and the reason."""
+    """One row per column (index ``names``): kind, step, origin, lower and upper bound, and the reason."""
     frame = pd.DataFrame(
-        [[c.kind, c.step, c.origin, c.lower, c.reason] for c in columns],
-        columns=["kind", "step", "origin", "lower", "reason"],
+        [[c.kind, c.step, c.origin, c.lower, c.upper, c.reason] for c in columns],
+        columns=["kind", "step", "origin", "lower", "upper", "reason"],
         index=pd.Index(names, name="column"),
     )
     continuous = frame["kind"].isin(["continuous", "constant"]).to_numpy()

@@ -323,11 +323,11 @@ def _check_conditions(value: Any, field: str) -> None:
 
 def _check_standardizer(arrays: dict[str, np.ndarray], n: int) -> None:
     """The standardiser's arrays: one value per feature; finite centres, positive finite scales, lattice steps
-    ≥ 0 with finite origins, lower bounds finite or NaN (no bound)."""
+    ≥ 0 with finite origins, lower and upper bounds finite or NaN (no bound)."""
     names = {k for k in arrays if k.startswith("standardizer.")}
     if not names:
         return
-    known = {f"standardizer.{k}" for k in ("center", "scale", "origin", "step", "lower")}
+    known = {f"standardizer.{k}" for k in ("center", "scale", "origin", "step", "lower", "upper")}
     unknown = sorted(names - known)
     if unknown:
         raise _fail(f"arrays/{unknown[0]}", "is not a known array")
@@ -342,7 +342,7 @@ def _check_standardizer(arrays: dict[str, np.ndarray], n: int) -> None:
             raise _fail(f"arrays/{name}", f"must hold {n} numbers, got dtype {a.dtype} and shape {a.shape}")
         values = a.astype(np.float64)
         short = name.split(".", 1)[1]
-        if short == "lower":
+        if short in ("lower", "upper"):
             bad = np.isinf(values)
         elif short in ("scale",):
             bad = ~np.isfinite(values) | (values <= 0)
@@ -353,7 +353,7 @@ def _check_standardizer(arrays: dict[str, np.ndarray], n: int) -> None:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             what = "positive and finite" if short == "scale" else "≥ 0 and finite" if short == "step" else "finite"
-            what = "finite or NaN (no bound)" if short == "lower" else what
+            what = "finite or NaN (no bound)" if short in ("lower", "upper") else what
             raise _fail(f"arrays/{name}", f"entry {i} is {values[i]!r}; it must be {what}")
 
 

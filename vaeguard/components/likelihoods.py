@@ -111,6 +111,12 @@ class _NormalLikelihood(Likelihood):
     lattice_floor : list of float or None, optional
         The lowest cell of each lattice element in the model's units (None: unbounded);
         that cell takes all the mass below it, so the cells of the support sum to one.
+    lattice_ceiling : list of float or None, optional
+        The highest cell of a two-cell lattice element (a binary column: its floor and the
+        cell one step above it, in the model's units; None elsewhere). The two cells split
+        the normal at their midpoint m: P(top) = Φ((μ − m)/σ), one ``log_ndtr`` per
+        element (a probit model of the flag), and a value drawn from the normal and moved
+        to the nearer cell has exactly these masses.
     """
 
     supports_bin_widths: ClassVar[bool] = True
@@ -120,6 +126,7 @@ class _NormalLikelihood(Likelihood):
         event_shape: tuple[int, ...],
         bin_widths: list[float] | None = None,
         lattice_floor: list[float | None] | None = None,
+        lattice_ceiling: list[float | None] | None = None,
     ) -> None:
         super().__init__(event_shape)
         widths = (
@@ -136,6 +143,14 @@ class _NormalLikelihood(Likelihood):
                 raise ValueError("lattice_floor must be finite, and given only for lattice elements (bin_widths > 0)")
             floor = floor.to(torch.get_default_dtype())
         self.register_buffer("lattice_floor", floor, persistent=False)  # rebuilt from the config
+        self.lattice_ceiling = (
+            None if lattice_ceiling is None else [None if v is None else float(v) for v in lattice_ceiling]
+        )
+        self.has_two_cell_columns = lattice_ceiling is not None
+        if lattice_ceiling is not None:
+            layout = _two_cell_layout(self.event_shape, widths, floor, self.lattice_ceiling)
+            for name, t in zip(("two_cell_columns", "other_columns", "column_order"), layout, strict=True):
+                self.register_buffer(name, t, persistent=False)  # rebuilt from the config
 
     def config(self) -> dict[str, Any]:
         if not (self.bin_widths > 0).any():
@@ -143,6 +158,8 @@ class _NormalLikelihood(Likelihood):
         out: dict[str, Any] = {"bin_widths": self.bin_widths.flatten().tolist()}
         if self.lattice_floor is not None:
             out["lattice_floor"] = [None if math.isnan(v) else v for v in self.lattice_floor.flatten().tolist()]
+        if self.lattice_ceiling is not None:
+            out["lattice_ceiling"] = list(self.lattice_ceiling)
         return out
 
     def loc_scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
@@ -157,14 +174,49 @@ class _NormalLikelihood(Likelihood):
         if not (self.bin_widths > 0).any():
             return Normal(loc, scale, validate_args=False).log_prob(x)
         floor = None if self.lattice_floor is None else self.lattice_floor.to(loc.dtype)
-        return discretized_normal_log_prob(x, loc, scale, self.bin_widths.to(loc.dtype), floor)
+        widths = self.bin_widths.to(loc.dtype)
+        if not self.has_two_cell_columns:
+            return discretized_normal_log_prob(x, loc, scale, widths, floor)
+        binary, rest, order = self.two_cell_columns, self.other_columns, self.column_order
+        midpoint = floor + 0.5 * widths
+        if rest.numel() == 0:  # every column binary (a one-hot or bag-of-words table): no gathering
+            t = (loc - midpoint) / scale
+            return torch.special.log_ndtr(torch.where(x > midpoint, t, -t))
+        midpoint = midpoint[binary]
+        t = (loc[..., binary] - midpoint) / scale[..., binary]
+        flags = torch.special.log_ndtr(torch.where(x[..., binary] > midpoint, t, -t))
+        others = discretized_normal_log_prob(
+            x[..., rest], loc[..., rest], scale[..., rest], widths[rest], None if floor is None else floor[rest]
+        )
+        return torch.cat([flags, others], -1)[..., order]
+
+
+def _two_cell_layout(
+    event_shape: tuple[int, ...], widths: Tensor, floor: Tensor | None, ceiling: list[float | None]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(the two-cell columns, the other columns, the order that puts ``cat([two-cell, other])`` back) as index
+    tensors; refuses a ceiling that is not one step above a floor of a table's column."""
+    if len(event_shape) != 1 or len(ceiling) != event_shape[0]:
+        raise ValueError(f"lattice_ceiling is for tables: one entry per column of {event_shape}")
+    binary = [j for j, v in enumerate(ceiling) if v is not None]
+    for j in binary:
+        low = math.nan if floor is None else float(floor[j])
+        step = float(widths[j])
+        if not (step > 0 and math.isfinite(low) and abs(ceiling[j] - low - step) <= 1e-4 * step):
+            raise ValueError(
+                f"lattice_ceiling[{j}] = {ceiling[j]!r}: a ceiling is given only one lattice step above the "
+                f"column's floor (floor {low!r}, step {step!r})"
+            )
+    rest = [j for j in range(event_shape[0]) if ceiling[j] is None]
+    order = torch.argsort(torch.tensor(binary + rest, dtype=torch.long))
+    return torch.tensor(binary, dtype=torch.long), torch.tensor(rest, dtype=torch.long), order
 
 
 class GaussianLikelihood(_NormalLikelihood):
     """Normal with the decoder's mean and a learned σ per feature (shared over samples)."""
 
     def __init__(self, event_shape: tuple[int, ...], **lattice: Any) -> None:
-        """``lattice``: ``bin_widths`` and ``lattice_floor``, as for ``diag_gaussian``."""
+        """``lattice``: ``bin_widths``, ``lattice_floor`` and ``lattice_ceiling``, as for ``diag_gaussian``."""
         super().__init__(event_shape, **lattice)
         self.raw_log_scale = nn.Parameter(torch.zeros(self.event_shape))
 
@@ -298,8 +350,9 @@ class MixedLikelihood(DiagGaussianLikelihood):
         n_categories: list[int],
         bin_widths: list[float] | None = None,
         lattice_floor: list[float | None] | None = None,
+        lattice_ceiling: list[float | None] | None = None,
     ) -> None:
-        super().__init__(event_shape, bin_widths, lattice_floor)
+        super().__init__(event_shape, bin_widths, lattice_floor, lattice_ceiling)
         levels = torch.tensor([int(k) for k in n_categories])
         if levels.shape != self.event_shape or ((levels != 0) & (levels < 2)).any():
             raise ValueError(f"n_categories must give 0 or >= 2 levels for each of {self.event_shape} columns")
