@@ -313,6 +313,29 @@ def test_offset_from_a_subsample_of_large_training_sets(blobs, fast_params, monk
     assert 0.03 <= (det.predict(blobs) == -1).mean() <= 0.2
 
 
+def test_fit_scores_each_training_row_once_and_none_when_the_offset_is_given(blobs, fast_params, monkeypatch):
+    # the threshold's pass also gives the feature baseline's conditionals (rows scored with
+    # others score alike), and a given offset leaves only the baseline's rows to score
+    from vaeguard import estimators
+
+    monkeypatch.setattr(estimators, "FEATURE_BASELINE_ROWS", 50)
+    scored = []
+    internal = VAEAnomalyDetector._log_likelihood_internal
+
+    def counting(self, x, *args, **kwargs):
+        scored.append(len(x))
+        return internal(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(VAEAnomalyDetector, "_log_likelihood_internal", counting)
+    det = VAEAnomalyDetector(**fast_params, random_state=0).fit(blobs)
+    assert sum(scored) == len(blobs) and 50 in scored
+    baseline = det.feature_baseline_
+    scored.clear()
+    given = VAEAnomalyDetector(**fast_params, random_state=0, offset=-5.0).fit(blobs)
+    assert scored == [50] and given.offset_ == -5.0
+    np.testing.assert_array_equal(given.feature_baseline_, baseline)  # the same rows, the same draws
+
+
 def test_device_errors_are_clear(blobs, fast_params):
     import torch
 

@@ -782,18 +782,19 @@ class VAEAnomalyDetector(
         if n > OFFSET_ROWS:  # the percentile of a large random subsample is as good and far cheaper
             inputs = inputs.rows(torch.randperm(n, generator=generator)[:OFFSET_ROWS])
         # every rank computes the same baseline (a few hundred rows; no collective needed)
-        baseline_rows = inputs.rows(torch.randperm(len(inputs), generator=generator)[:FEATURE_BASELINE_ROWS])
-        if group is None:
-            train_scores = self._training_scores(inputs, space)
-        else:  # each rank scores its share of the rows; every rank then holds all the scores
-            share = group.share(len(inputs))
-            mine = self._training_scores(inputs.rows(torch.arange(len(inputs))[share]), space)
-            train_scores = group.gather_scores(mine, len(inputs))
-        if self.offset is not None:
-            self.feature_baseline_ = _column_medians(self._baseline_feature_scores(baseline_rows))
+        baseline_pick = torch.randperm(len(inputs), generator=generator)[:FEATURE_BASELINE_ROWS]
+        if self.offset is not None:  # no threshold to set: only the baseline rows are scored
+            self.feature_baseline_ = _column_medians(self._baseline_feature_scores(inputs.rows(baseline_pick)))
             self.threshold_rule_ = {"rule": "offset", "offset": float(self.offset)}
             self.offset_ = float(self.offset)
             return self
+        if group is None:  # the baseline rows' conditionals come from the pass that scores them for the threshold
+            train_scores, baseline_scores = self._training_scores(inputs, space, baseline_pick)
+        else:  # each rank scores its share of the rows; every rank then holds all the scores
+            share = group.share(len(inputs))
+            mine, _ = self._training_scores(inputs.rows(torch.arange(len(inputs))[share]), space)
+            train_scores = group.gather_scores(mine, len(inputs))
+            baseline_scores = self._baseline_feature_scores(inputs.rows(baseline_pick))
         broken = ~np.isfinite(train_scores)
         if broken.any():
             self.__dict__.pop("offset_", None)  # no model with a threshold that flags nothing (or everything)
@@ -802,17 +803,32 @@ class VAEAnomalyDetector(
                 f"(first: row {int(np.flatnonzero(broken)[0])} of those scored); the values are beyond float64 "
                 "arithmetic once standardised: rescale the extreme column(s) or drop those rows"
             )
-        self.feature_baseline_ = _column_medians(self._baseline_feature_scores(baseline_rows))
+        self.feature_baseline_ = _column_medians(baseline_scores)
         self.threshold_rule_ = {"rule": "contamination", "contamination": float(self.contamination)}
         self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
         return self
 
-    def _training_scores(self, inputs: ModelInputs, space: InputSpace) -> np.ndarray:
-        """log p(x) in the data's units (nats) of the training rows that set the threshold, (rows,)."""
-        value = self._log_likelihood_internal(
-            inputs.x, inputs.mask, self.n_importance_samples, condition=inputs.condition
-        ).value
-        return value + space.row_nats(inputs)
+    def _training_scores(
+        self, inputs: ModelInputs, space: InputSpace, baseline_pick: torch.Tensor | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """log p(x) in the data's units (nats) of the training rows that set the threshold, (rows,), and for the
+        rows ``baseline_pick`` their per-element conditionals (:meth:`_baseline_feature_scores`) from the same
+        scoring pass (a row's score does not depend on the rows scored with it)."""
+        if baseline_pick is None:
+            value = self._log_likelihood_internal(
+                inputs.x, inputs.mask, self.n_importance_samples, condition=inputs.condition
+            ).value
+            return value + space.row_nats(inputs), None
+        others = torch.ones(len(inputs), dtype=torch.bool)
+        others[baseline_pick] = False
+        rest = torch.arange(len(inputs))[others]
+        picked = inputs.rows(baseline_pick)
+        picked_values, shares = self._scores_with_conditionals(picked)
+        value = np.empty(len(inputs))
+        value[baseline_pick.numpy()] = picked_values + space.row_nats(picked)
+        if len(rest):
+            value[rest.numpy()] = self._training_scores(inputs.rows(rest), space)[0]
+        return value, shares
 
     @on_own_threads
     def set_threshold(self, X_normal: Any, fpr: float = 0.01, condition: Any = None) -> VAEAnomalyDetector:
@@ -1146,11 +1162,16 @@ class VAEAnomalyDetector(
         the exact per-column value (thyroid: at most 0.29 nats on the column medians) at the
         cost of one scoring pass instead of one per column (which doubled the fit of small tables).
         """
+        return self._scores_with_conditionals(inputs)[1]
+
+    def _scores_with_conditionals(self, inputs: ModelInputs) -> tuple[np.ndarray, np.ndarray]:
+        """One scoring pass: each row's model-space log p(x) (rows,) and the one-pass estimate of each element's
+        log p(x_j | x_−j) in the data's units (rows, elements)."""
         result = self._log_likelihood_internal(
             inputs.x, inputs.mask, self.n_importance_samples, condition=inputs.condition, per_feature=True
         )
         scores = self.input_space_.feature_shares(result.per_feature, inputs.impossible)
-        return np.asarray(scores, dtype=np.float64).reshape(len(inputs), -1)
+        return result.value, np.asarray(scores, dtype=np.float64).reshape(len(inputs), -1)
 
     def _feature_scores_of(self, conditionals: np.ndarray, inputs: ModelInputs, X: Any) -> Any:
         """Model-space log p(x_j | x_−j) ``(n, *event)`` as :meth:`feature_scores` reports them: in the data's
