@@ -149,7 +149,7 @@ class _NormalLikelihood(Likelihood):
         self.has_two_cell_columns = lattice_ceiling is not None
         if lattice_ceiling is not None:
             layout = _two_cell_layout(self.event_shape, widths, floor, self.lattice_ceiling)
-            for name, t in zip(("two_cell_columns", "other_columns", "column_order"), layout, strict=True):
+            for name, t in zip(("two_cell_columns", "other_columns"), layout, strict=True):
                 self.register_buffer(name, t, persistent=False)  # rebuilt from the config
 
     def config(self) -> dict[str, Any]:
@@ -177,25 +177,34 @@ class _NormalLikelihood(Likelihood):
         widths = self.bin_widths.to(loc.dtype)
         if not self.has_two_cell_columns:
             return discretized_normal_log_prob(x, loc, scale, widths, floor)
-        binary, rest, order = self.two_cell_columns, self.other_columns, self.column_order
-        midpoint = floor + 0.5 * widths
-        if rest.numel() == 0:  # every column binary (a one-hot or bag-of-words table): no gathering
-            t = (loc - midpoint) / scale
-            return torch.special.log_ndtr(torch.where(x > midpoint, t, -t))
-        midpoint = midpoint[binary]
-        t = (loc[..., binary] - midpoint) / scale[..., binary]
-        flags = torch.special.log_ndtr(torch.where(x[..., binary] > midpoint, t, -t))
-        others = discretized_normal_log_prob(
-            x[..., rest], loc[..., rest], scale[..., rest], widths[rest], None if floor is None else floor[rest]
+        binary, rest = self.two_cell_columns, self.other_columns
+        if binary.numel() >= rest.numel():  # mostly flags (one-hot, bag of words): every column as one, then the rest
+            midpoint = torch.nan_to_num(floor + 0.5 * widths)  # finite for the columns computed over
+            out = _two_cell_log_prob(x, loc, scale, midpoint)
+            if rest.numel() == 0:
+                return out
+            others = discretized_normal_log_prob(
+                x[..., rest], loc[..., rest], scale[..., rest], widths[rest], None if floor is None else floor[rest]
+            )
+            return out.index_copy(-1, rest, others)
+        out = discretized_normal_log_prob(x, loc, scale, widths, floor)
+        midpoint = (floor + 0.5 * widths)[binary]
+        return out.index_copy(
+            -1, binary, _two_cell_log_prob(x[..., binary], loc[..., binary], scale[..., binary], midpoint)
         )
-        return torch.cat([flags, others], -1)[..., order]
+
+
+def _two_cell_log_prob(x: Tensor, loc: Tensor, scale: Tensor, midpoint: Tensor) -> Tensor:
+    """log Φ(±(μ − m)/σ): the mass of the cell of ``x`` (above or below the midpoint m) of a two-cell lattice."""
+    t = (loc - midpoint) / scale
+    return torch.special.log_ndtr(torch.where(x > midpoint, t, -t))
 
 
 def _two_cell_layout(
     event_shape: tuple[int, ...], widths: Tensor, floor: Tensor | None, ceiling: list[float | None]
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(the two-cell columns, the other columns, the order that puts ``cat([two-cell, other])`` back) as index
-    tensors; refuses a ceiling that is not one step above a floor of a table's column."""
+) -> tuple[Tensor, Tensor]:
+    """(the two-cell columns, the other columns) as index tensors; refuses a ceiling that is not one step above
+    a floor of a table's column."""
     if len(event_shape) != 1 or len(ceiling) != event_shape[0]:
         raise ValueError(f"lattice_ceiling is for tables: one entry per column of {event_shape}")
     binary = [j for j, v in enumerate(ceiling) if v is not None]
@@ -208,8 +217,7 @@ def _two_cell_layout(
                 f"column's floor (floor {low!r}, step {step!r})"
             )
     rest = [j for j in range(event_shape[0]) if ceiling[j] is None]
-    order = torch.argsort(torch.tensor(binary + rest, dtype=torch.long))
-    return torch.tensor(binary, dtype=torch.long), torch.tensor(rest, dtype=torch.long), order
+    return torch.tensor(binary, dtype=torch.long), torch.tensor(rest, dtype=torch.long)
 
 
 class GaussianLikelihood(_NormalLikelihood):
