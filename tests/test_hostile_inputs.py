@@ -188,6 +188,10 @@ def _crafted_config(table, tmp_path, change):
         (lambda c: c["params"].update(hidden_dims=[0]), r"params\.hidden_dims"),
         (lambda c: c["params"].update(n_importance_samples=10**9), r"params\.n_importance_samples"),
         (lambda c: c["model"]["likelihood_options"].update(surprise=3), "surprise"),
+        (
+            lambda c: c["model"]["likelihood_options"].update(lattice_ceiling=["x"] * c["fitted"]["n_features_in_"]),
+            r"lattice_ceiling\[0\] must be a finite number or None, got 'x'",
+        ),
         (lambda c: c["fitted"].update(offset_=float("nan")), r"fitted\.offset_: must be a finite number"),
         (
             lambda c: c["fitted"].update(pixel_levels_={"origin": 0, "step": 1, "n_levels": 2, "dtype": "u1", "x": 1}),

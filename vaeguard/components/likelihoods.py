@@ -144,7 +144,7 @@ class _NormalLikelihood(Likelihood):
             floor = floor.to(torch.get_default_dtype())
         self.register_buffer("lattice_floor", floor, persistent=False)  # rebuilt from the config
         self.lattice_ceiling = (
-            None if lattice_ceiling is None else [None if v is None else float(v) for v in lattice_ceiling]
+            None if lattice_ceiling is None else _optional_numbers(lattice_ceiling, "lattice_ceiling")
         )
         self.has_two_cell_columns = lattice_ceiling is not None
         if lattice_ceiling is not None:
@@ -198,6 +198,16 @@ def _two_cell_log_prob(x: Tensor, loc: Tensor, scale: Tensor, midpoint: Tensor) 
     """log Φ(±(μ − m)/σ): the mass of the cell of ``x`` (above or below the midpoint m) of a two-cell lattice."""
     t = (loc - midpoint) / scale
     return torch.special.log_ndtr(torch.where(x > midpoint, t, -t))
+
+
+def _optional_numbers(values: Any, name: str) -> list[float | None]:
+    """``values`` as finite floats or None, or a ``ValueError`` naming the first entry that is neither."""
+    out: list[float | None] = []
+    for j, v in enumerate(values):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
+            raise ValueError(f"{name}[{j}] must be a finite number or None, got {v!r}")
+        out.append(None if v is None else float(v))
+    return out
 
 
 def _two_cell_layout(
