@@ -101,6 +101,8 @@ def test_a_two_valued_column_is_binary_and_a_third_value_is_impossible():
         assert (flag.kind, flag.origin, flag.lower, flag.upper) == ("lattice", low, low, high)
         assert flag.step == high - low and "a binary column" in flag.reason
     assert np.isnan(find_lattice(np.array([0.0, 1.0, 2.0, 1.0])).upper)  # three values: a count, unbounded above
+    named = find_lattice(np.array([0.0, 1.0, 1.0, 0.0]), forced=True)  # named in discrete_columns: a count
+    assert named.kind == "lattice" and named.step == 1 and np.isnan(named.upper) and named.lower == 0
     X = np.array([[0.0, 0.0], [1.0, 1.0], [0.0, 2.0], [1.0, 2.0]])
     st = Standardizer.fit(X, detect_lattice=True)
     assert np.isnan(st.upper[1]) and st.upper[0] == 1.0

@@ -205,7 +205,8 @@ class VAEAnomalyDetector(
         with the step at least 1/1000 of the column's interquartile range
         (:func:`vaeguard.preprocessing.find_lattice`); a column with exactly two values
         is binary (a flag, a one-hot or bag-of-words indicator): P(the upper value) =
-        Φ((μ − m)/σ) with m their midpoint. A list names exactly the lattice
+        Φ((μ − m)/σ) with m their midpoint; name it in a list to make it an ordinary
+        lattice (a count that took two values in training). A list names exactly the lattice
         columns (names for a DataFrame, positions otherwise); "none": every column
         continuous. :attr:`column_types_` says how each column was treated and why.
         A value off its column's lattice, below 0 in a column whose training values

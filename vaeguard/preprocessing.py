@@ -146,8 +146,10 @@ def find_lattice(
     """Whether the training values of one column (NaN = missing) lie on a regular lattice.
 
     A column with exactly two distinct values is a binary lattice: those two values are its
-    only cells (``lower`` and ``upper``). Otherwise the step Δ is the largest candidate (the
-    smallest and commonest gaps between distinct values, divided by 1..10) such that all
+    only cells (``lower`` and ``upper``); named in ``discrete_columns`` (``forced``) it is an
+    ordinary lattice instead (a count that happened to take two values). Otherwise the step
+    Δ is the largest candidate (the smallest and commonest gaps between distinct values,
+    divided by 1..10) such that all
     but ``max_off_share`` of the values (rounded down; of the rows and of the distinct
     values) are origin + k·Δ; a lattice must also be coarse, Δ ≥ IQR / 1000 (the
     interquartile range; the standard deviation when it is 0), so that neither the sample
@@ -160,7 +162,7 @@ def find_lattice(
     if distinct.size < 2:
         what = "no observed value" if distinct.size == 0 else f"one value ({distinct[0]:g}) in every row"
         return ColumnLattice("constant", 0.0, 0.0, np.nan, what)
-    if distinct.size == 2:
+    if distinct.size == 2 and not forced:
         low, high = (float(v) for v in distinct)
         why = (
             f"two values, {low:.6g} ({counts[0]} rows) and {high:.6g} ({counts[1]} rows): a binary column, "
