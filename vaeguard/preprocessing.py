@@ -149,9 +149,8 @@ def find_lattice(
     only cells (``lower`` and ``upper``); named in ``discrete_columns`` (``forced``) it is an
     ordinary lattice instead (a count that happened to take two values). Otherwise the step
     Δ is the largest candidate (the smallest and commonest gaps between distinct values,
-    divided by 1..10) such that all
-    but ``max_off_share`` of the values (rounded down; of the rows and of the distinct
-    values) are origin + k·Δ; a lattice must also be coarse, Δ ≥ IQR / 1000 (the
+    divided by 1..10) such that all but ``max_off_share`` of the values (rounded down; of
+    the rows and of the distinct values) are origin + k·Δ; a lattice must also be coarse, Δ ≥ IQR / 1000 (the
     interquartile range; the standard deviation when it is 0), so that neither the sample
     size nor one far-out value (both leave the IQR alone) changes the decision. With
     ``forced`` (the column was named in ``discrete_columns``) any step is accepted.

@@ -146,7 +146,6 @@ class _NormalLikelihood(Likelihood):
         self.lattice_ceiling = (
             None if lattice_ceiling is None else _optional_numbers(lattice_ceiling, "lattice_ceiling")
         )
-        self.has_two_cell_columns = lattice_ceiling is not None
         if lattice_ceiling is not None:
             layout = _two_cell_layout(self.event_shape, widths, floor, self.lattice_ceiling)
             for name, t in zip(("two_cell_columns", "other_columns"), layout, strict=True):
@@ -175,7 +174,7 @@ class _NormalLikelihood(Likelihood):
             return Normal(loc, scale, validate_args=False).log_prob(x)
         floor = None if self.lattice_floor is None else self.lattice_floor.to(loc.dtype)
         widths = self.bin_widths.to(loc.dtype)
-        if not self.has_two_cell_columns:
+        if self.lattice_ceiling is None:
             return discretized_normal_log_prob(x, loc, scale, widths, floor)
         binary, rest = self.two_cell_columns, self.other_columns
         if binary.numel() >= rest.numel():  # mostly flags (one-hot, bag of words): every column as one, then the rest
