@@ -650,18 +650,21 @@ def test_a_column_at_any_magnitude_is_modelled_and_scores_change_by_the_jacobian
 
 
 def test_a_fit_whose_training_scores_are_not_finite_stops_with_a_clear_error(monkeypatch):
-    # Whatever the cause, a model whose threshold would be NaN (flagging nothing) is refused.
+    # Whatever the cause, a model whose threshold would be NaN (flagging nothing) is refused,
+    # naming the row (training row 3, whichever pass scores it)
     real = VAEAnomalyDetector._log_likelihood_internal
+    X = np.random.default_rng(0).normal(size=(100, 3))
 
-    def broken(self, *args, **kwargs):
-        result = real(self, *args, **kwargs)
-        result.value[3] = -np.inf
+    def broken(self, x, *args, **kwargs):
+        result = real(self, x, *args, **kwargs)
+        row_3 = self.input_space_.to_model(X[3:4]).x.to(x.dtype)
+        result.value[(x == row_3).all(dim=1).numpy()] = -np.inf
         return result
 
     monkeypatch.setattr(VAEAnomalyDetector, "_log_likelihood_internal", broken)
     det = VAEAnomalyDetector(random_state=0, epochs=2, n_models=1)
-    with pytest.raises(ValueError, match=r"1 training row\(s\) have a non-finite log-likelihood \(first: row 3"):
-        det.fit(np.random.default_rng(0).normal(size=(100, 3)))
+    with pytest.raises(ValueError, match=r"1 training row\(s\) have a non-finite log-likelihood \(first: row 3 "):
+        det.fit(X)
     assert not hasattr(det, "offset_")
 
 
