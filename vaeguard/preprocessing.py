@@ -295,17 +295,12 @@ class Standardizer:
         if not step.any():
             return cls(center, scale, columns=columns)
         origin = np.array([c.origin for c in columns])
-        lower = np.array([c.lower if c.kind == "lattice" else np.nan for c in columns])
-        upper = np.array([c.upper if c.kind == "lattice" else np.nan for c in columns])
-        return cls(
-            center,
-            scale,
-            origin,
-            step,
-            lower if np.isfinite(lower).any() else None,
-            columns,
-            upper if np.isfinite(upper).any() else None,
-        )
+
+        def bound(side: str) -> np.ndarray | None:  # the lattices' lower or upper bounds, None if there are none
+            values = np.array([getattr(c, side) if c.kind == "lattice" else np.nan for c in columns])
+            return values if np.isfinite(values).any() else None
+
+        return cls(center, scale, origin, step, bound("lower"), columns, bound("upper"))
 
     def lattices(self, kinds: list[str], reasons: list[str]) -> list[ColumnLattice]:
         """Per-column records from this standardizer's arrays, with the given kinds and reasons."""
@@ -332,16 +327,17 @@ class Standardizer:
     @property
     def lattice_floor(self) -> np.ndarray | None:
         """The lowest possible cell per column in standardised units (NaN: unbounded), or None if none is bounded."""
-        if self.lower is None or not np.isfinite(self.lower).any():
-            return None
-        return (self.lower - self.center) / self.scale
+        return self._standardised_bound(self.lower)
 
     @property
     def lattice_ceiling(self) -> np.ndarray | None:
         """The highest possible cell per column in standardised units (NaN: unbounded), or None if none is bounded."""
-        if self.upper is None or not np.isfinite(self.upper).any():
+        return self._standardised_bound(self.upper)
+
+    def _standardised_bound(self, bound: np.ndarray | None) -> np.ndarray | None:
+        if bound is None or not np.isfinite(bound).any():
             return None
-        return (self.upper - self.center) / self.scale
+        return (bound - self.center) / self.scale
 
     @property
     def log_jacobian(self) -> float:
