@@ -23,7 +23,8 @@ WORKER = Path(__file__).parent / "ddp_worker.py"
 
 
 def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # faulthandler: a rank that aborts in C++ (SIGABRT) prints where its Python code was
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, **kwargs)
 
 
@@ -33,7 +34,7 @@ def torchrun_command(nproc: int) -> list[str]:
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     done = run([*torchrun_command(nproc), str(WORKER), *args])
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
     return done
 
 
