@@ -503,31 +503,50 @@ def test_auto_n_models_is_three_for_small_tables_and_one_otherwise():
     assert auto_n_models(100, images=True) == 1
 
 
-def test_auto_trim_fraction_trains_tables_with_a_fifth_and_images_with_a_tenth_trimmed(monkeypatch):
-    """``trim_fraction="auto"`` reaches the training loop as 0.2 for a table, 0.1 for images and
-    for the time-series window model; a number given is passed through unchanged."""
+def test_auto_training_settings_differ_for_tables_and_images(monkeypatch):
+    """The "auto" training settings reach the training loop as a table's, an image's and the
+    time-series window model's (a table): trim_fraction 0.2 / 0.1 (the window model's preset
+    0.1), learning_rate 1e-3 / 3e-3, batch_size n/32 as a power of two within [32, 512] /
+    within [128, 512]; numbers given are passed through unchanged."""
     from conftest import FAST
 
     import vaeguard.estimators as estimators
     from vaeguard.timeseries import VAETimeSeriesDetector
 
-    seen: list[float] = []
+    seen: list[tuple[float, float, int]] = []
     real_train = estimators.train_models
 
     def spy(models, x, config, **kwargs):
-        seen.append(config.trim_fraction)
+        seen.append((config.trim_fraction, config.learning_rate, config.batch_size))
         return real_train(models, x, config, **kwargs)
 
     monkeypatch.setattr(estimators, "train_models", spy)
     rng = np.random.default_rng(0)
     VAEAnomalyDetector(**FAST, n_models=1, random_state=0).fit(rng.normal(size=(100, 3)))
     VAEAnomalyDetector(**FAST, random_state=0).fit(rng.integers(0, 2, size=(40, 8, 8)).astype(np.float32))
-    VAEAnomalyDetector(**FAST, n_models=1, trim_fraction=0.05, random_state=0).fit(rng.normal(size=(100, 3)))
+    VAEAnomalyDetector(**FAST, n_models=1, trim_fraction=0.05, learning_rate=0.02, batch_size=7, random_state=0).fit(
+        rng.normal(size=(100, 3))
+    )
+    VAEAnomalyDetector(**FAST, batch_size=16, random_state=0).fit(rng.integers(0, 2, size=(40, 8, 8)).astype(float))
     VAETimeSeriesDetector(window=16, estimator=VAEAnomalyDetector(**FAST), random_state=0).fit(
         np.sin(np.arange(400) / 5)
     )
-    assert seen == [estimators.TABLE_TRIM_FRACTION, estimators.IMAGE_TRIM_FRACTION, 0.05, 0.1]
+    assert seen == [
+        (estimators.TABLE_TRIM_FRACTION, estimators.TABLE_LEARNING_RATE, 32),
+        (estimators.IMAGE_TRIM_FRACTION, estimators.IMAGE_LEARNING_RATE, 128),
+        (0.05, 0.02, 7),
+        (estimators.IMAGE_TRIM_FRACTION, estimators.IMAGE_LEARNING_RATE, 16),
+        (0.1, estimators.TABLE_LEARNING_RATE, 32),
+    ]
     assert estimators.TABLE_TRIM_FRACTION == 0.2 and estimators.IMAGE_TRIM_FRACTION == 0.1
+    assert (estimators.TABLE_LEARNING_RATE, estimators.IMAGE_LEARNING_RATE) == (1e-3, 3e-3)
+
+
+def test_auto_batch_size_is_n_over_32_as_a_power_of_two_with_a_wider_floor_for_images():
+    from vaeguard.estimators import auto_batch_size
+
+    assert [auto_batch_size(n) for n in (10, 1000, 2000, 8192, 10**6)] == [32, 32, 64, 256, 512]
+    assert [auto_batch_size(n, images=True) for n in (10, 1000, 8192, 10**6)] == [128, 128, 256, 512]
 
 
 def _mixture(n_models=3, n=200, seed=0):

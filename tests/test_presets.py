@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from vaeguard import VAEAnomalyDetector, VAETimeSeriesDetector
@@ -30,6 +31,8 @@ def test_image_preset_is_what_the_defaults_pick_for_images():
     default = VAEAnomalyDetector(**quick).fit(images)
     assert from_preset.model_spec_ == default.model_spec_
     assert from_preset.model_spec_["encoder"] == "conv"
+    # the same training (batch, learning rate, trimming) gives the same weights, so the same scores
+    np.testing.assert_array_equal(from_preset.score_samples(images), default.score_samples(images))
 
 
 def test_from_config_with_overrides_and_a_file(tmp_path):

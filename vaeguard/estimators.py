@@ -67,6 +67,12 @@ SMALL_TABLE_MODELS = 3
 #: ``trim_fraction="auto"``: the share of each minibatch left out of the loss, for tables and for images.
 TABLE_TRIM_FRACTION = 0.2
 IMAGE_TRIM_FRACTION = 0.1
+#: ``learning_rate="auto"``: Adam's step size for tables (and series) and for images.
+TABLE_LEARNING_RATE = 1e-3
+IMAGE_LEARNING_RATE = 3e-3
+#: ``batch_size="auto"``: the smallest automatic minibatch for tables and for images.
+TABLE_MIN_BATCH = 32
+IMAGE_MIN_BATCH = 128
 
 
 def default_latent_dim(n_inputs: int) -> int:
@@ -112,9 +118,22 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def auto_batch_size(n: int) -> int:
-    """n/32 rounded to a power of two, within [32, 512]."""
-    return int(2 ** round(math.log2(min(512, max(32, n / 32)))))
+def auto_batch_size(n: int, images: bool = False) -> int:
+    """n/32 rounded to a power of two, within [32, 512] for tables and [128, 512] for images."""
+    smallest = IMAGE_MIN_BATCH if images else TABLE_MIN_BATCH
+    return int(2 ** round(math.log2(min(512, max(smallest, n / 32)))))
+
+
+def auto_learning_rate(images: bool) -> float:
+    """Adam's step size for ``learning_rate="auto"``: 1e-3 for tables, 3e-3 for images.
+
+    Images take wider minibatches (at least 128) at a 3× step: on the one-class digits the
+    same AUROC or better (8 × 8, seeds 0–2: 0.9897 → 0.9903; 32 × 32: 0.9859 → 0.9935) at
+    0.67× the time on 8 × 8, where each small convolution step is mostly per-operation
+    overhead (quality log I9–I11). Wider batches at 1e-3 lose AUROC (fewer steps); tables
+    gained nothing from the same change (quality log Q29).
+    """
+    return IMAGE_LEARNING_RATE if images else TABLE_LEARNING_RATE
 
 
 def auto_epochs(n: int, batch_size: int) -> int:
@@ -172,10 +191,12 @@ class VAEAnomalyDetector(
         Maximum epochs; "auto" aims at about 3000 optimisation steps (10 to 300 epochs).
         Early stopping on a validation split usually ends sooner.
     batch_size : int or "auto", default="auto"
-        Minibatch size; "auto" is n/32 rounded to a power of two within [32, 512]. In a
-        fit across processes (torchrun) it is the global batch, shared among the ranks.
-    learning_rate : float, default=1e-3
-        Adam's step size.
+        Minibatch size; "auto" is n/32 rounded to a power of two within [32, 512] for tables
+        and time series, within [128, 512] for images. In a fit across processes (torchrun)
+        it is the global batch, shared among the ranks.
+    learning_rate : float or "auto", default="auto"
+        Adam's step size; "auto" is 1e-3 for tables and time series, 3e-3 for images
+        (whose automatic minibatches are wider).
     n_importance_samples : int, default=64
         K, the importance samples per row in :meth:`score_samples`.
     n_models : int or "auto", default="auto"
@@ -365,7 +386,7 @@ class VAEAnomalyDetector(
         "likelihood": [str],
         "epochs": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "batch_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
-        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "learning_rate": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither")],
         "n_importance_samples": [Interval(Integral, 1, None, closed="left")],
         "n_models": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "contamination": [Interval(Real, 0, 0.5, closed="right")],
@@ -397,7 +418,7 @@ class VAEAnomalyDetector(
         likelihood: str = "auto",
         epochs: int | str = "auto",
         batch_size: int | str = "auto",
-        learning_rate: float = 1e-3,
+        learning_rate: float | str = "auto",
         n_importance_samples: int = 64,
         n_models: int | str = "auto",
         contamination: float = 0.1,
@@ -694,12 +715,12 @@ class VAEAnomalyDetector(
         member_seeds = [fit_seed, *(int(s) for s in rng.randint(0, 2**31 - 1, size=n_models - 1))]
         latent_dim = self.latent_dim if self.latent_dim != "auto" else default_latent_dim(d)
         hidden = None if self.hidden_dims == "auto" else list(self.hidden_dims)
-        batch_size = self.batch_size if self.batch_size != "auto" else auto_batch_size(n)
+        batch_size = self.batch_size if self.batch_size != "auto" else auto_batch_size(n, images)
         epochs = self.epochs if self.epochs != "auto" else auto_epochs(n, batch_size)
         config = TrainingConfig(
             epochs=epochs,
             batch_size=batch_size,
-            learning_rate=self.learning_rate,
+            learning_rate=self.learning_rate if self.learning_rate != "auto" else auto_learning_rate(images),
             validation_fraction=self.validation_fraction,
             patience=max(10, epochs // 10),
             trim_fraction=self.trim_fraction if self.trim_fraction != "auto" else auto_trim_fraction(images),
