@@ -49,6 +49,14 @@ def _log_joint(model, x: torch.Tensor, mask: torch.Tensor | None, z: torch.Tenso
     return per_element.flatten(2).sum(-1) - 0.5 * z.square().sum(-1) - math.log(2 * math.pi)
 
 
+def _row_chunks(x: torch.Tensor, mask: torch.Tensor | None, points: int):
+    """(rows, x's rows, their mask) in chunks that keep ``points`` × rows × elements near 2^24 values."""
+    rows = max(1, (1 << 24) // (points * max(1, x[0].numel())))
+    for start in range(0, x.shape[0], rows):
+        where = slice(start, start + rows)
+        yield where, x[where], None if mask is None else mask[where]
+
+
 @torch.no_grad()
 def exact_log_likelihood(model, x: torch.Tensor, mask: torch.Tensor | None, grid: int = GRID) -> np.ndarray:
     """log p(x) per row by quadrature over the 2-D latent space (nats, internal units).
@@ -63,22 +71,18 @@ def exact_log_likelihood(model, x: torch.Tensor, mask: torch.Tensor | None, grid
     axis = torch.linspace(-COARSE_BOX, COARSE_BOX, COARSE_GRID, dtype=torch.float64)
     coarse = torch.cartesian_prod(axis, axis)[:, None, :]  # (G, 1, 2)
     centre, half = torch.empty(x.shape[0], 2, dtype=torch.float64), torch.empty(x.shape[0], 2, dtype=torch.float64)
-    rows = max(1, (1 << 24) // (coarse.shape[0] * max(1, x[0].numel())))
-    for start in range(0, x.shape[0], rows):
-        where = slice(start, start + rows)
-        w = torch.softmax(_log_joint(model, x[where], None if mask is None else mask[where], coarse), 0)  # (G, r)
+    for where, xb, mb in _row_chunks(x, mask, coarse.shape[0]):
+        w = torch.softmax(_log_joint(model, xb, mb, coarse), 0)  # (G, r)
         mean = (w[..., None] * coarse).sum(0)  # (r, 2)
         sd = ((w[..., None] * (coarse - mean).square()).sum(0)).sqrt()
         centre[where], half[where] = mean, (HALF_WIDTH_SD * sd).clamp(min=MIN_HALF_WIDTH)
     unit = torch.linspace(-1.0, 1.0, grid, dtype=torch.float64)
     square = torch.cartesian_prod(unit, unit)  # (g², 2) on [−1, 1]²
     out = np.empty(x.shape[0])
-    rows = max(1, (1 << 24) // (square.shape[0] * max(1, x[0].numel())))
-    for start in range(0, x.shape[0], rows):
-        where = slice(start, start + rows)
+    for where, xb, mb in _row_chunks(x, mask, square.shape[0]):
         z = centre[where] + square[:, None, :] * half[where]  # (g², r, 2)
         log_cell = torch.log(2 * half[where] / (grid - 1)).sum(-1)  # (r,)
-        joint = _log_joint(model, x[where], None if mask is None else mask[where], z)
+        joint = _log_joint(model, xb, mb, z)
         out[where] = (torch.logsumexp(joint, 0) + log_cell).numpy()
     return out
 
