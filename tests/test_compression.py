@@ -258,7 +258,7 @@ def test_latent_dimensions_the_decoder_ignores_cost_nothing(level_model, digits)
     assert (codes[:, dropped] == 0).all() and steps[dropped] == 0  # not coded: no step, no code model travels
     still = coded.copy()
     still[dropped] = False
-    assert still.sum() >= det.latent_dim_ // 2  # the check below has dimensions to look at
+    assert still.sum() >= 2  # the check below has dimensions to look at (how many are active depends on the fit)
     assert (steps[still] > 0).all() and (codes[:, still].std(axis=0) > 0).all()  # the others are coded as before
 
 
