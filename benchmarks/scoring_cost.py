@@ -9,7 +9,9 @@ timed twice in alternation (the faster of the two counts):
 
 - *encoder*: the encoder's q(z|x) as the proposal (vaeguard's score before issue 15);
 - *default*: the score as shipped (a widened proposal; rows that the probe flags beyond
-  the model's own threshold get a proposal fitted to them, mixed with the encoder's).
+  the model's own threshold get a proposal fitted to them, mixed with the encoder's; in
+  latent spaces of one or two dimensions those rows and the rows below the model's search
+  floor are searched for on a grid).
 
 Accuracy, in latent spaces too large for the exact quadrature of ``likelihood_accuracy.py``:
 on up to 100 anomalies and 100 normal test rows, each estimate (K = 64, the first model of
@@ -73,7 +75,9 @@ def accuracy(det, X: np.ndarray, y: np.ndarray, seed: int) -> dict:
     with torch.no_grad():
         mu, logvar = model.encode(x)
     encoder = (mu, logvar)
-    default = scoring._fitted_proposals(model, x, None, None, det._refine_eps().double(), det._probe_threshold_of(0))[0]
+    default = scoring._fitted_proposals(
+        model, x, None, None, det._refine_eps().double(), det._probe_threshold_of(0), None, det._search_floor_of(0)
+    )[0]
     eps = scoring.common_random_numbers(det.n_importance_samples, det.latent_dim_, det.score_seed_).double()
     big = scoring.common_random_numbers(REFERENCE_SAMPLES, det.latent_dim_, det.score_seed_ + 7).double()
     reference = np.maximum(_estimate(model, x, big, (mu, logvar + widen)), _estimate(model, x, big, default))

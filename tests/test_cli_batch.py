@@ -486,8 +486,9 @@ def test_a_stray_text_cell_in_a_numeric_training_column(workdir, tmp_path):
 
 def test_explain_checks_and_scores_a_chunk_once(monkeypatch):
     """A chunk is checked once (row by row, by the input space; not again by the estimator), also with
-    --explain, which adds one scoring pass per column (log p(x_-j), for the column's conditional) and no more."""
-    import vaeguard.scoring as scoring
+    --explain, which adds one scoring pass for the rows without each column in turn (log p(x_-j), for the
+    column's conditional; the rows without a, b and c scored together) and no more."""
+    import vaeguard.estimators as estimators
     from vaeguard import VAEAnomalyDetector
     from vaeguard.batch import score_chunk
     from vaeguard.inputs import InputSpace
@@ -497,7 +498,13 @@ def test_explain_checks_and_scores_a_chunk_once(monkeypatch):
     det = VAEAnomalyDetector(epochs=3, hidden_dims=[16], latent_dim=2, n_importance_samples=8, random_state=0)
     det.fit(frame)
     counts = {"validate": 0, "forward": 0}
-    check_rows, validate, forward = InputSpace.check_rows, InputSpace.validate, scoring.importance_terms
+    # a scoring pass: one call of the importance-sampling estimate over the chunk's rows (how many
+    # network evaluations it makes depends on which rows get a proposal fitted, row by row)
+    check_rows, validate, forward = (
+        InputSpace.check_rows,
+        InputSpace.validate,
+        estimators.importance_sampled_log_likelihood,
+    )
 
     def counted(function, key):
         def wrapper(*args, **kwargs):
@@ -508,13 +515,13 @@ def test_explain_checks_and_scores_a_chunk_once(monkeypatch):
 
     monkeypatch.setattr(InputSpace, "check_rows", counted(check_rows, "validate"))
     monkeypatch.setattr(InputSpace, "validate", counted(validate, "validate"))
-    monkeypatch.setattr(scoring, "importance_terms", counted(forward, "forward"))
+    monkeypatch.setattr(estimators, "importance_sampled_log_likelihood", counted(forward, "forward"))
     plain, _ = score_chunk(det, frame.iloc[:40])
     without = dict(counts)
     counts.update(validate=0, forward=0)
     explained, _ = score_chunk(det, frame.iloc[:40], explain=True)
     assert without["validate"] == 1 and without["forward"] > 0
-    assert counts == {"validate": 1, "forward": 4 * without["forward"]}  # the row, and the row without a, b, c
+    assert counts == {"validate": 1, "forward": 2 * without["forward"]}  # the rows; the rows without a, b, c
     pd.testing.assert_series_equal(explained["log_likelihood"], plain["log_likelihood"])
     # the columns are feature_scores' (the same draws and proposals)
     top = det.feature_scores(frame.iloc[:40]).to_numpy().argsort(axis=1)[:, :3]

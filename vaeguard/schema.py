@@ -48,7 +48,7 @@ _FITTED_REQUIRED = {
 }
 _FITTED_OPTIONAL = {
     *("column_coder_", "feature_names_in_", "image_shape_", "image_dtype_", "pixel_levels_", "column_types_"),
-    *("condition_encoder_", "active_units_", "n_models_", "probe_thresholds_"),
+    *("condition_encoder_", "active_units_", "n_models_", "probe_thresholds_", "search_floors_"),
 }
 #: The kinds a table's column may have (``column_types_``).
 COLUMN_KINDS = ("continuous", "lattice", "constant", "categorical")
