@@ -300,6 +300,38 @@ def test_a_good_encoder_is_left_alone_and_its_rows_score_alike_in_any_batch(lg):
     np.testing.assert_allclose(mixed.value[:6], [a.value[0] for a in alone], rtol=0, atol=1e-9)
 
 
+def test_a_fit_goes_on_block_by_block_only_for_the_rows_still_rising(monkeypatch):
+    # Half the rows start their fit at the exact posterior, half 15 posterior widths away along
+    # each axis (a 4-D latent space: no grid search, blocks of 5 steps). The settled half is
+    # done after one block; only the far half, whose ELBO climbs by many nats per block, gets
+    # further blocks, and those bring it to its posterior (within 3 widths, from 15).
+    from vaeguard import scoring
+
+    lg4 = LinearGaussian.make(d=8, latent=4, sigma=0.5, seed=0)
+    X = lg4.sample(40)
+    vae = lg4.vae(dtype=torch.float64)
+    mean, var = lg4.posterior(X)
+    far = np.arange(40) % 2 == 1
+    start_mu = torch.tensor(mean + 15 * np.sqrt(var) * far[:, None])
+    start = (start_mu, torch.tensor(np.log(var)).expand(40, -1).clone())
+    rows_per_block = []
+    real = scoring.refine_proposal
+
+    def counted(model, x, *args):
+        rows_per_block.append(len(x))
+        return real(model, x, *args)
+
+    monkeypatch.setattr(scoring, "refine_proposal", counted)
+    eps = common_random_numbers(8, 4, 1).double()
+    mu, _ = scoring._fit(vae, torch.tensor(X), None, None, eps, start, torch.arange(40))
+    assert rows_per_block[0] == 40
+    assert 2 <= len(rows_per_block) <= scoring.REFINE_BLOCKS["other"][1]
+    assert set(rows_per_block[1:]) == {int(far.sum())}
+    distance = np.abs(mu.numpy() - mean) / np.sqrt(var)
+    assert distance[far].max() < 3
+    assert distance[~far].max() < 3
+
+
 def test_the_probe_threshold_is_the_typical_rise_plus_a_nat():
     assert probe_threshold(np.array([0.1, 0.2, 0.3, np.nan])) == pytest.approx(1.2)
     assert probe_threshold(np.array([4.0, 5.0, 9.0])) == pytest.approx(6.0)

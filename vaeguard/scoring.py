@@ -45,11 +45,14 @@ PROBE_STEPS, PROBE_SAMPLES, PROBE_LEARNING_RATE = 3, 4, 0.1
 PROBE_GAIN = 1.0
 #: A fitted row whose ELBO beats the encoder's q by more than this (nats) is scored with the fit alone.
 HOPELESS_ENCODER = 10.0
-#: Further Adam steps for those rows (all of ``refine_eps``), and the step size.
-REFINE_STEPS, REFINE_LEARNING_RATE = 10, 0.3
-#: A fitted row whose ELBO still rose by more than this (nats) over the second half of its steps
-#: gets as many steps again.
-STILL_RISING = 2.0
+#: Further Adam steps for those rows (all of ``refine_eps``), and the step size: blocks of steps (an Adam
+#: run each), as (steps, most blocks) by latent size; a row goes on to the next block while its ELBO rose
+#: by more than STILL_RISING nats over the block's last RISING_STEPS steps. Where the grid search runs
+#: (latent <= 2), blocks of 10: its far rows start from the grid's moments onto posteriors far narrower
+#: than a step, and shorter runs settled them worse (thyroid's anomalies 98.9 % -> 88 % within 0.5 nats
+#: of exact); elsewhere blocks of 5, so that the many rows that settle at once stop early.
+REFINE_BLOCKS, REFINE_LEARNING_RATE = {"searched": (10, 2), "other": (5, 4)}, 0.3
+STILL_RISING, RISING_STEPS = 2.0, 4
 #: A grid search for a row's posterior where the latent space has at most two dimensions: points
 #: per axis over [−SEARCH_BOX, SEARCH_BOX] (21 × 21 in 2-D: spacing 4; 81 in 1-D: spacing 1) ...
 SEARCH_BOX, SEARCH_GRID = 40.0, {1: 81, 2: 21}
@@ -517,7 +520,7 @@ def _fitted_proposals(
     (small Pareto k̂) while the estimate is off by many nats. Each row's q is therefore
     probed: :data:`PROBE_STEPS` Adam steps on its ELBO. A row whose ELBO rises by more
     than ``threshold`` nats was badly served by the encoder and gets
-    :data:`REFINE_STEPS` further steps (twice that while its ELBO keeps rising); its
+    further steps (:data:`REFINE_BLOCKS`, more while its ELBO keeps rising); its
     proposal is then the even mixture of the encoder's q and the fitted one
     (:class:`~vaeguard.objectives.MixtureProposal`), so a fit that lands worse than the
     encoder (it can, in a large latent space: a Gaussian fitted with few draws) costs at
@@ -745,20 +748,24 @@ def _fit(
 ) -> tuple[Tensor, Tensor]:
     """The proposals (μ, log σ²) fitted to ``x``, starting from the rows ``rows`` of ``start``.
 
-    :data:`REFINE_STEPS` Adam steps, and as many again for the rows whose ELBO still rose
-    by more than :data:`STILL_RISING` nats over the second half of them (far-out rows, far
-    from where their fit began).
+    Blocks of Adam steps (:data:`REFINE_BLOCKS`: each block a fresh Adam run, whose first
+    steps are full-sized): after each block only the rows whose ELBO rose by more than
+    :data:`STILL_RISING` nats over its last :data:`RISING_STEPS` steps go on (far-out rows,
+    still on their way from where their fit began); a row that has settled costs no more.
     """
-    mu, logvar, path = refine_proposal(
-        model, x, mask, condition, eps, REFINE_STEPS, REFINE_LEARNING_RATE, (start[0][rows], start[1][rows])
-    )
-    rising = torch.nonzero(path[-1] - path[REFINE_STEPS // 2] > STILL_RISING).flatten()
-    if len(rising):
-        more = refine_proposal(
-            model, x[rising], _rows(mask, rising), _rows(condition, rising), eps, REFINE_STEPS,
-            REFINE_LEARNING_RATE, (mu[rising], logvar[rising]),
+    steps, blocks = REFINE_BLOCKS["searched" if model.latent_dim in SEARCH_GRID else "other"]
+    mu, logvar = start[0][rows].clone(), start[1][rows].clone()
+    going = torch.arange(len(x), device=x.device)
+    for _ in range(blocks):
+        fitted = refine_proposal(
+            model, x[going], _rows(mask, going), _rows(condition, going), eps, steps,
+            REFINE_LEARNING_RATE, (mu[going], logvar[going]),
         )  # fmt: skip
-        mu[rising], logvar[rising] = more[0], more[1]
+        mu[going], logvar[going] = fitted[0], fitted[1]
+        path = fitted[2]  # the ELBO before each step
+        going = going[path[-1] - path[-1 - RISING_STEPS] > STILL_RISING]
+        if not len(going):
+            break
     return mu, logvar
 
 
