@@ -1576,30 +1576,30 @@ def _check_weights(prefix: str, state: dict[str, np.ndarray], needed: dict[str, 
         raise ValueError(f"the model file's weights do not fit the network it describes: {problem}")
 
 
-def _stored_probe_thresholds(value: Any, n_models: int) -> list[float] | None:
-    """A model file's ``probe_thresholds_``: None (files before them), or one finite number ≥ 0 per model."""
+def _finite_number(value: Any) -> bool:
+    """Whether ``value`` is a finite real number (not a bool)."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _stored_per_model(value: Any, n_models: int, name: str, accepts: Any, what: str) -> list[float | None] | None:
+    """A model file's per-model list ``name``: None (files before it), or ``n_models`` entries that ``accepts``."""
     if value is None:
         return None
-    if (
-        not isinstance(value, list)
-        or len(value) != n_models
-        or not all(isinstance(t, Real) and not isinstance(t, bool) and math.isfinite(t) and t >= 0 for t in value)
-    ):
-        raise ValueError(f"the model file's probe_thresholds_ must be {n_models} finite numbers >= 0, got {value!r}")
-    return [float(t) for t in value]
+    if not isinstance(value, list) or len(value) != n_models or not all(accepts(t) for t in value):
+        raise ValueError(f"the model file's {name} must be {n_models} {what}, got {value!r}")
+    return [None if t is None else float(t) for t in value]
+
+
+def _stored_probe_thresholds(value: Any, n_models: int) -> list[float] | None:
+    """A model file's ``probe_thresholds_``: None (files before them), or one finite number ≥ 0 per model."""
+    accepts = lambda t: _finite_number(t) and t >= 0  # noqa: E731
+    return _stored_per_model(value, n_models, "probe_thresholds_", accepts, "finite numbers >= 0")
 
 
 def _stored_search_floors(value: Any, n_models: int) -> list[float | None] | None:
     """A model file's ``search_floors_``: None (files before them), or per model a finite number or None."""
-    if value is None:
-        return None
-    if (
-        not isinstance(value, list)
-        or len(value) != n_models
-        or not all(t is None or (isinstance(t, Real) and not isinstance(t, bool) and math.isfinite(t)) for t in value)
-    ):
-        raise ValueError(f"the model file's search_floors_ must be {n_models} finite numbers or nulls, got {value!r}")
-    return [None if t is None else float(t) for t in value]
+    accepts = lambda t: t is None or _finite_number(t)  # noqa: E731
+    return _stored_per_model(value, n_models, "search_floors_", accepts, "finite numbers or nulls")
 
 
 def _column_medians(values: np.ndarray) -> np.ndarray:

@@ -607,12 +607,16 @@ def _moment_matched(
 def _log_joint(model: VAE, x: Tensor, mask: Tensor | None, condition: Tensor | None, z: Tensor) -> Tensor:
     """log p(x|z) + log p(z) up to a constant, for codes ``z`` (P, rows, latent) of each row: (P, rows).
 
-    Chunked along P so that the decoder's outputs stay within :data:`PROBE_ELEMENTS`.
+    ``z`` of shape (P, 1, latent) holds codes shared by every row: the decoder then runs once
+    per code, and only the likelihood per row. Chunked along P so that the decoder's outputs
+    stay within :data:`PROBE_ELEMENTS`.
     """
     chunk = max(1, PROBE_ELEMENTS // max(1, len(x) * _per_row_elements(model)))
     out = []
     for part in z.split(chunk):
-        per_element = model.likelihood.per_feature_log_prob(x, model.decode(part, condition))
+        params = model.decode(part, condition)
+        params = params.expand(len(part), len(x), *params.shape[2:])
+        per_element = model.likelihood.per_feature_log_prob(x, params)
         if mask is not None:
             per_element = torch.where(mask, per_element, torch.zeros((), dtype=per_element.dtype, device=x.device))
         out.append(per_element.flatten(2).sum(-1) - 0.5 * part.square().sum(-1))
@@ -625,19 +629,10 @@ def _grid_log_joint(model: VAE, x: Tensor, mask: Tensor | None, condition: Tenso
     Without conditions the decoder runs once per point, not once per point and row: its
     outputs are shared by the rows, and only the likelihood is evaluated per row.
     """
-    rows = len(x)
+    shared = points[:, None, :]
     if condition is not None:  # the decoder's outputs depend on the row's condition
-        return _log_joint(model, x, mask, condition, points[:, None, :].expand(-1, rows, -1))
-    chunk = max(1, PROBE_ELEMENTS // max(1, rows * _per_row_elements(model)))
-    out = []
-    for part in points.split(chunk):
-        decoded = model.decode(part[:, None, :])  # (p, 1, ...)
-        params = decoded.expand(len(part), rows, *decoded.shape[2:])
-        per_element = model.likelihood.per_feature_log_prob(x, params)
-        if mask is not None:
-            per_element = torch.where(mask, per_element, torch.zeros((), dtype=per_element.dtype, device=x.device))
-        out.append(per_element.flatten(2).sum(-1) - 0.5 * part.square().sum(-1)[:, None])
-    return torch.cat(out)
+        shared = shared.expand(-1, len(x), -1)
+    return _log_joint(model, x, mask, condition, shared)
 
 
 def _weighted_moments(weights: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
