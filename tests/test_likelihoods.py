@@ -17,6 +17,7 @@ from vaeguard.components.likelihoods import (
     DiagGaussianLikelihood,
     GaussianLikelihood,
     discretized_normal_log_prob,
+    log_ndtr,
     soft_clamp,
     soft_clamp_inverse,
 )
@@ -170,6 +171,47 @@ def test_cell_mass_matches_the_normal_cdf_in_both_tails():
             torch.tensor(z, **f64), torch.tensor(0.0, **f64), torch.tensor(1.0, **f64), torch.tensor(0.5, **f64)
         ).item()
         assert lp == pytest.approx(exact(z), rel=1e-6, abs=1e-9), z
+
+
+def test_log_ndtr_matches_the_normal_cdf_from_the_far_lower_tail_to_the_upper_one():
+    from scipy.stats import norm
+
+    for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 1e-6)):
+        t = torch.linspace(-300.0, 40.0, 68001, dtype=dtype)  # across the switch to the series (-30 / -10.6)
+        exact = norm.logcdf(t.double().numpy())
+        np.testing.assert_allclose(log_ndtr(t).double().numpy(), exact, rtol=tol, atol=tol)
+
+
+def test_cell_mass_gradients_in_float32_match_float64_in_both_tails():
+    # training runs in float32: a far-out row's gradient must point the right way with the right size
+    # (the difference of two float32 log_ndtr got it wrong by orders of magnitude beyond ~10 sigma)
+    z = [-300.0, -60.0, -12.0, -10.0, -9.0, -4.0, -0.3, 0.0, 0.7, 5.0, 11.0, 40.0, 300.0]
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        loc = torch.zeros(len(z), dtype=dtype, requires_grad=True)
+        scale = torch.full((len(z),), 0.5, dtype=dtype, requires_grad=True)
+        x = torch.tensor(z, dtype=dtype) * 0.5
+        discretized_normal_log_prob(x, loc, scale, torch.tensor(0.25, dtype=dtype)).sum().backward()
+        grads[dtype] = (loc.grad.double(), scale.grad.double())
+    for g32, g64 in zip(grads[torch.float32], grads[torch.float64], strict=True):
+        torch.testing.assert_close(g32, g64, rtol=1e-4, atol=1e-4)
+
+
+def test_cell_masses_are_the_same_inside_vmap_where_the_far_tail_is_not_selected():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 5, (400,), generator=g).double()
+    loc = torch.randn(3, 400, generator=g, dtype=torch.float64) * 30  # many cells in the far tails
+    scale = torch.rand(3, 400, generator=g, dtype=torch.float64) + 0.1
+    width, floor = torch.full((400,), 1.0, dtype=torch.float64), torch.zeros(400, dtype=torch.float64)
+
+    def one(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return discretized_normal_log_prob(x, loc, scale, width, floor)
+
+    batched = torch.func.vmap(one)(loc, scale)
+    torch.testing.assert_close(
+        batched, torch.stack([one(*p) for p in zip(loc, scale, strict=True)]), rtol=1e-13, atol=0
+    )
+    assert (batched < -100).any()
 
 
 def test_cell_mass_gradients_are_finite_for_narrow_and_wide_cells():
