@@ -566,6 +566,18 @@ def _observed_marginal(lg: LinearGaussian, X: np.ndarray, observed: np.ndarray) 
     return np.array(out)
 
 
+def _rows_with_missing_entries() -> tuple[LinearGaussian, np.ndarray, np.ndarray]:
+    """A 2-D linear-Gaussian model with a narrow decoder (σ = 0.05), 40 of its rows, and which entries of
+    each are observed (one to three of six hidden)."""
+    lg = LinearGaussian.make(d=6, latent=2, sigma=0.05, seed=4)
+    X = lg.sample(40, seed=6)
+    rng = np.random.default_rng(1)
+    observed = np.ones(X.shape, dtype=bool)
+    for row, hidden in zip(observed, rng.integers(1, 4, size=len(X)), strict=True):
+        row[rng.choice(lg.d, hidden, replace=False)] = False
+    return lg, X, observed
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_rows_with_missing_entries_get_proposals_completed_and_matched_to_their_posterior(seed):
     # A narrow decoder (σ = 0.05) and an encoder that is exact for complete rows: a row with
@@ -575,12 +587,7 @@ def test_rows_with_missing_entries_get_proposals_completed_and_matched_to_their_
     # whose weights the diagnostic trusts (k̂ ≤ 0.7) is within 4 of its own standard errors of
     # the closed-form marginal (K = 64), and no row is off by a nat (the encoder's q alone:
     # about 10 nats low on the typical row).
-    lg = LinearGaussian.make(d=6, latent=2, sigma=0.05, seed=4)
-    X = lg.sample(40, seed=6)
-    rng = np.random.default_rng(1)
-    observed = np.ones(X.shape, dtype=bool)
-    for row, hidden in zip(observed, rng.integers(1, 4, size=len(X)), strict=True):
-        row[rng.choice(lg.d, hidden, replace=False)] = False
+    lg, X, observed = _rows_with_missing_entries()
     exact = _observed_marginal(lg, X, observed)
     x, mask = torch.tensor(np.where(observed, X, lg.b)), torch.from_numpy(observed)
     vae = lg.vae(dtype=torch.float64)
@@ -606,12 +613,7 @@ def test_a_row_with_missing_entries_gets_the_same_matched_proposal_whatever_the_
     # the scores then scattered between draw sets by more than their standard errors said.)
     from vaeguard.scoring import _encoded
 
-    lg = LinearGaussian.make(d=6, latent=2, sigma=0.05, seed=4)
-    X = lg.sample(40, seed=6)
-    rng = np.random.default_rng(1)
-    observed = np.ones(X.shape, dtype=bool)
-    for row, hidden in zip(observed, rng.integers(1, 4, size=len(X)), strict=True):
-        row[rng.choice(lg.d, hidden, replace=False)] = False
+    lg, X, observed = _rows_with_missing_entries()
     x, mask = torch.tensor(np.where(observed, X, lg.b)), torch.from_numpy(observed)
     vae = lg.vae(dtype=torch.float64)
     proposals = [_encoded(vae, x, mask, None, common_random_numbers(4, 2, seed).double()) for seed in range(6)]
