@@ -558,13 +558,10 @@ def _fitted_proposals(
     for r in searched.split(fit_rows or max(1, len(searched))) if len(searched) else ():
         found, mu[r], logvar[r] = _searched(model, x[r], _rows(mask, r), _rows(condition, r), eps, (mu[r], logvar[r]))
         redo[r.cpu().numpy()] |= found.cpu().numpy()
-    r = torch.from_numpy(np.flatnonzero(redo)).to(x.device)
-    if (
-        len(r) and model.latent_dim in SEARCH_GRID
-    ):  # an ELBO fit settles on the mode: move it to the posterior's moments
+    r = torch.from_numpy(np.flatnonzero(redo)).to(x.device)  # the refitted rows
+    if len(r) and model.latent_dim in SEARCH_GRID:  # an ELBO fit settles on the mode: move it to the moments
         mu[r], logvar[r] = _moment_matched(model, x[r], _rows(mask, r), _rows(condition, r), (mu[r], logvar[r]))
     fitted = (mu, logvar + widen)
-    r = torch.from_numpy(np.flatnonzero(redo)).to(x.device)
     if len(r):  # where the encoder's q is hopeless next to the fit, its half of the draws would be wasted
         with torch.no_grad():  # the ELBO at the fit, with the probe's draws that gave the one at the encoder's q
             probe = eps[:PROBE_SAMPLES]
