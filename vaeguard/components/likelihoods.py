@@ -126,12 +126,6 @@ def _is_batched(t: Tensor) -> bool:
     return True if check is None else bool(check(t))
 
 
-def log_normal_interval_mass(lo: Tensor, hi: Tensor) -> Tensor:
-    """log(Φ(hi) − Φ(lo)) for lo < hi, stable in both tails (a cell above the mean by symmetry)."""
-    flip = lo > 0
-    return _log_mass_below_mean(torch.where(flip, -hi, lo), torch.where(flip, -lo, hi))
-
-
 #: Below this bin width (in σ units) the mass is the density times the width, to rounding.
 NARROW_BIN = 1e-3
 
