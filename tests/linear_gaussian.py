@@ -54,6 +54,17 @@ class LinearGaussian:
         means = (X - self.b) @ self.W / m_diag
         return means, self.sigma**2 / m_diag
 
+    def observed_posterior(self, X: np.ndarray, observed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact posterior means (n, L) and covariances (n, L, L) of each row given its observed entries
+        (bool, (n, d)): precision I + W_oᵀ W_o / σ², correlated once entries are hidden."""
+        means, covs = [], []
+        for x, o in zip(X, observed, strict=True):
+            w = self.W[o]
+            cov = np.linalg.inv(np.eye(self.latent) + w.T @ w / self.sigma**2)
+            means.append(cov @ w.T @ (x[o] - self.b[o]) / self.sigma**2)
+            covs.append(cov)
+        return np.array(means), np.array(covs)
+
     def vae(self, mean_shift: float = 0.0, var_scale: float = 1.0, dtype: torch.dtype = torch.float32) -> VAE:
         """The VAE with this decoder and an encoder giving the exact posterior (optionally perturbed)."""
         d, L = self.d, self.latent

@@ -82,39 +82,94 @@ def log_posterior_of_draws(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
+class CorrelatedGaussian:
+    """A Gaussian proposal with a full covariance L Lᵀ per row.
+
+    ``mean`` has shape ``(batch, latent)`` and ``scale_tril`` L ``(batch, latent, latent)``,
+    lower triangular with a positive diagonal; a draw is z = μ + L ε. A posterior whose axes
+    are strongly correlated (a ridge) is covered by a diagonal Gaussian only where that is
+    wide along both axes, and most of its draws then miss the ridge: thyroid's rows with
+    three of six entries missing have posteriors with correlation 0.99 between the two
+    latent axes, and their K = 64 estimates scattered by 0.5 nats (0.16 with this shape).
+    """
+
+    mean: Tensor
+    scale_tril: Tensor
+
+    @classmethod
+    def diagonal(cls, mu: Tensor, logvar: Tensor) -> CorrelatedGaussian:
+        """The Gaussian N(μ, diag σ²) in this form."""
+        return cls(mu, torch.diag_embed((0.5 * logvar).exp()))
+
+    def scaled(self, factor: float) -> CorrelatedGaussian:
+        """The same Gaussian with every sd multiplied by ``factor``."""
+        return CorrelatedGaussian(self.mean, self.scale_tril * factor)
+
+    def marginal(self) -> tuple[Tensor, Tensor]:
+        """(μ, log σ²) of the diagonal Gaussian with the same mean and per-axis variances."""
+        return self.mean, self.scale_tril.square().sum(-1).log()
+
+    def draws(self, eps: Tensor) -> Tensor:
+        """z = μ + L ε for ``eps`` ``(K, latent)``: ``(K, batch, latent)``."""
+        return self.mean + torch.einsum("bij,kj->kbi", self.scale_tril, eps)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log N(z; μ, L Lᵀ) for ``z`` ``(K, batch, latent)``: ``(K, batch)``."""
+        white = torch.linalg.solve_triangular(self.scale_tril, (z - self.mean).permute(1, 2, 0), upper=False)
+        log_det = torch.diagonal(self.scale_tril, dim1=-2, dim2=-1).log().sum(-1)
+        return -0.5 * (white.square().sum(1).T + self.mean.shape[-1] * math.log(2 * math.pi)) - log_det
+
+
+#: One Gaussian proposal per row: (μ, log σ²), each ``(batch, latent)``, or a :class:`CorrelatedGaussian`.
+Gaussian = tuple[Tensor, Tensor] | CorrelatedGaussian
+
+
+def gaussian_draws(component: Gaussian, eps: Tensor) -> Tensor:
+    """The draws ``(K, batch, latent)`` of a Gaussian proposal for standard-normal ``eps`` ``(K, latent)``."""
+    if isinstance(component, CorrelatedGaussian):
+        return component.draws(eps)
+    return reparameterize(*component, eps)
+
+
+def gaussian_log_prob(z: Tensor, component: Gaussian) -> Tensor:
+    """log q(z) of a Gaussian proposal for ``z`` ``(K, batch, latent)``: ``(K, batch)``."""
+    if isinstance(component, CorrelatedGaussian):
+        return component.log_prob(z)
+    mu, logvar = component
+    e = (z - mu) * (-0.5 * logvar).exp()
+    return -0.5 * (e.square().sum(-1) + logvar.sum(-1) + mu.shape[-1] * math.log(2 * math.pi))
+
+
+@dataclass(frozen=True)
 class MixtureProposal:
-    """Two Gaussian proposals per row, each (μ, log σ²) of shape ``(batch, latent)``.
+    """Two Gaussian proposals per row, each (μ, log σ²) of shape ``(batch, latent)`` or a :class:`CorrelatedGaussian`.
 
     Of K draws ε the first ⌈K/2⌉ go through ``first`` and the rest through ``second``;
     each draw is weighted against the mixture q = (K₁ q₁ + K₂ q₂) / K (the balance
     heuristic of multiple importance sampling, Veach & Guibas 1995), so the estimate stays
     unbiased and is never much worse than the better of the two: its weights are at most
     K / K_i times those of either one alone. A row whose two components are equal is
-    scored exactly as with that one Gaussian.
+    scored exactly as with that one Gaussian. The draws are stratified (a fixed number from
+    each component), so the variance of the estimate is the within-component one
+    (:func:`vaeguard.scoring.importance_sampled_log_likelihood`'s standard error).
     """
 
-    first: tuple[Tensor, Tensor]
-    second: tuple[Tensor, Tensor]
+    first: Gaussian
+    second: Gaussian
 
 
-#: A proposal per row: one Gaussian (μ, log σ²), each ``(batch, latent)``, or a mixture of two.
-Proposal = tuple[Tensor, Tensor] | MixtureProposal
-
-
-def gaussian_log_prob(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
-    """log N(z; μ, diag σ²) summed over the last axis: ``z`` (K, batch, latent) → (K, batch)."""
-    e = (z - mu) * (-0.5 * logvar).exp()
-    return -0.5 * (e.square().sum(-1) + logvar.sum(-1) + mu.shape[-1] * math.log(2 * math.pi))
+#: A proposal per row: one Gaussian, or a mixture of two.
+Proposal = Gaussian | MixtureProposal
 
 
 def _mixture_draws(proposal: MixtureProposal, eps: Tensor) -> tuple[Tensor, Tensor]:
     """The draws z ``(K, batch, latent)`` of a :class:`MixtureProposal` and their log q(z) ``(K, batch)``."""
     k = eps.shape[0]
     k_first = (k + 1) // 2
-    z = torch.cat([reparameterize(*proposal.first, eps[:k_first]), reparameterize(*proposal.second, eps[k_first:])])
-    log_q = gaussian_log_prob(z, *proposal.first) + math.log(k_first / k)
+    z = torch.cat([gaussian_draws(proposal.first, eps[:k_first]), gaussian_draws(proposal.second, eps[k_first:])])
+    log_q = gaussian_log_prob(z, proposal.first) + math.log(k_first / k)
     if k > k_first:
-        log_q = torch.logaddexp(log_q, gaussian_log_prob(z, *proposal.second) + math.log((k - k_first) / k))
+        log_q = torch.logaddexp(log_q, gaussian_log_prob(z, proposal.second) + math.log((k - k_first) / k))
     return z, log_q
 
 
@@ -132,7 +187,8 @@ def importance_terms(
     entries (``mask`` False) contribute 0 to both. With a conditional model's
     ``condition`` c every term is conditioned on it (the weights then estimate p(x|c)).
     ``proposal`` = (μ, log σ²), each ``(batch, latent)``, replaces the encoder's q(z|x)
-    (e.g. a proposal refined for each row); a :class:`MixtureProposal` draws from two.
+    (e.g. a proposal refined for each row), as does a :class:`CorrelatedGaussian`; a
+    :class:`MixtureProposal` draws from two.
     """
     if proposal is None:
         mu, logvar, z, params = encode_and_decode(model, x, eps, mask, condition)
@@ -140,6 +196,10 @@ def importance_terms(
     elif isinstance(proposal, MixtureProposal):
         z, log_q = _mixture_draws(proposal, eps)
         params = model.decode(z, condition)
+    elif isinstance(proposal, CorrelatedGaussian):
+        z = proposal.draws(eps)
+        params = model.decode(z, condition)
+        log_q = gaussian_log_prob(z, proposal)
     else:
         mu, logvar = proposal
         z = reparameterize(mu, logvar, eps)
