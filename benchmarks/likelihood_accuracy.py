@@ -39,8 +39,10 @@ COARSE_BOX, COARSE_GRID = 40.0, 321
 TOP_CELLS, SUBGRID = 24, 16
 #: Scorings with other draws (score seeds) for the coverage of the 95 % intervals: one draw
 #: is shared by every row (common random numbers), so the rows' errors are correlated and
-#: the coverage of one draw is nearly one sample; the average over draws is the coverage.
-REPEATS = 20
+#: the coverage of one draw is nearly one sample; the average over draws is the coverage. With 20
+#: draws one set's coverage moved by ±3 points between runs of draws (thyroid, one column missing: 99.8 %
+#: over 20, 95.9 % over 80), hence 60.
+REPEATS = 60
 
 
 def _log_joint(model, x: torch.Tensor, mask: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
@@ -122,7 +124,7 @@ def proposal_means(det, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     estimator's proposals cannot come out below a mode the estimator found (it was, by up to
     20 nats, when it did not look there); a mode both miss stays missed.
     """
-    from vaeguard.objectives import MixtureProposal
+    from vaeguard.objectives import CorrelatedGaussian, MixtureProposal
     from vaeguard.scoring import _fitted_proposals
 
     model = det._scoring_model(det.model_)
@@ -130,7 +132,7 @@ def proposal_means(det, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
         model, x, mask, None, det._refine_eps().to(x.dtype), det._probe_threshold_of(0), None, det._search_floor_of(0)
     )
     parts = [proposal.first, proposal.second] if isinstance(proposal, MixtureProposal) else [proposal, proposal]
-    return torch.stack([p[0] for p in parts], 1).detach()
+    return torch.stack([p.mean if isinstance(p, CorrelatedGaussian) else p[0] for p in parts], 1).detach()
 
 
 def load_table(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -168,13 +170,14 @@ def evaluate(name: str, n_normal: int, missing: int = 0, seed: int = 0) -> dict:
     default = det._log_likelihood_internal(x, mask, det.n_importance_samples, return_std=True)
     t2 = time.perf_counter()
     exact = exact_log_likelihood(det._scoring_model(det.model_), x, mask, centres=proposal_means(det, x, mask))
-    errors, stds = [], []
+    errors, stds, k_hats = [], [], []
     seed = det.score_seed_
     for r in range(REPEATS):
         det.score_seed_ = seed + 1000 + r
         again = det._log_likelihood_internal(x, mask, det.n_importance_samples, return_std=True)
         errors.append(again.value - exact)
         stds.append(again.std)
+        k_hats.append(again.pareto_k)
     det.score_seed_ = seed
     finer = exact_log_likelihood(
         det._scoring_model(det.model_),
@@ -188,7 +191,7 @@ def evaluate(name: str, n_normal: int, missing: int = 0, seed: int = 0) -> dict:
         "encoder": (encoder.value - exact, encoder.std, encoder.pareto_k),
         "default": (default.value - exact, default.std, default.pareto_k),
         "refined": default.refined,
-        "repeats": (np.array(errors), np.array(stds)),
+        "repeats": (np.array(errors), np.array(stds), np.array(k_hats)),
         "anomaly": y[rows] == 1,
         "grid_check": float(np.abs(finer - exact[:20]).max()),
         "seconds": (t1 - t0, t2 - t1),
@@ -207,12 +210,17 @@ def summary(r: dict) -> list[str]:
         before = np.abs(r["encoder"][0][sel]) > 1
         caught = f"{np.mean(r['refined'][sel][before]):.0%} of {int(before.sum())}" if before.any() else "none > 1 nat"
         k_hat = r["default"][2][sel]
-        errors, stds = (a[:, sel] for a in r["repeats"])
+        errors, stds, k_repeats = (a[:, sel] for a in r["repeats"])
         coverage = np.mean(np.abs(errors) <= 1.96 * stds)
+        off = np.abs(errors) > 1
+        flagged = f"{np.mean(k_repeats[off] > 0.7):.0%} of {int(off.sum())}" if off.any() else "none"
+        within = np.mean(np.abs(errors) <= 0.5)
+        worst_repeat = errors.flat[np.argmax(np.abs(errors))] if errors.size else float("nan")
         spread = np.median(errors.std(0) / np.maximum(stds.mean(0), 1e-12))
         lines.append(
             f"| {r['name']} | {label} ({int(sel.sum())}) | {cells[0]} | {cells[1]} | {np.mean(r['refined'][sel]):.1%} "
-            f"| {caught} | {np.mean(k_hat > 0.7):.1%} | {coverage:.1%} | {spread:.2f} |"
+            f"| {caught} | {np.mean(k_hat > 0.7):.1%} | {within:.1%} / {worst_repeat:+.2f} | {coverage:.1%} "
+            f"| {flagged} | {spread:.2f} |"
         )
     return lines
 
@@ -239,19 +247,24 @@ def main() -> None:
         "10th percentile of its training rows', get a grid search over [-40, 40]^2 for their posterior (spacing 4, "
         "then 9 x 9 points around the best one), a fit from the grid's moments and small settling steps, each kept "
         "where the ELBO rises; a row with missing entries starts from the encoder's q of the row completed by the "
-        "model, moment-matched by Gauss-Hermite quadrature, mixed with a twice wider copy). *Exact*: quadrature on "
+        "model; refitted rows and rows with missing entries are then moved to their posterior's mean and full "
+        "covariance by adaptive Gauss-Hermite quadrature, and a row with missing entries is mixed with a twice "
+        "wider copy; a row whose weights have Pareto k̂ > 0.5 is rescored like a refitted one; the standard error "
+        "is that of the mixture's stratified draws). *Exact*: quadrature on "
         "cells of side 0.25 over [-40, 40]^2, the cells around each row's 24 highest points and around the "
         "estimator's proposals on a 16 x 16 subgrid. "
         "*Probe caught*: of the rows the "
         "encoder's proposal missed by more than 1 nat, the share the probe flagged and refitted. "
         f"*Coverage, {REPEATS} draws*: the share of (row, draw) pairs whose ±1.96 standard errors cover the exact "
         f"value, over {REPEATS} scorings with other draws (one draw serves every row, so one draw's coverage is "
-        "nearly a single sample). *sd / se*: per row, the spread of the estimate over the draws divided by the "
+        "nearly a single sample); *within 0.5 / worst* over the same pairs. *Off > 1 nat*: of the (row, draw) pairs "
+        "off by more than a nat, the share whose k̂ exceeds 0.7. *sd / se*: per row, the spread of the estimate "
+        "over the draws divided by the "
         "mean reported standard error (median over rows; 1 = honest).",
         "",
-        f"| model | rows | encoder q | default | refitted | probe caught | k̂ > 0.7 | coverage, {REPEATS} draws "
-        "| sd / se |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| model | rows | encoder q | default | refitted | probe caught | k̂ > 0.7 | {REPEATS} draws: within 0.5 / "
+        f"worst | coverage, {REPEATS} draws | off > 1 nat: k̂ > 0.7 | sd / se |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines += summary(r)
