@@ -702,6 +702,21 @@ def test_a_mixtures_standard_error_is_that_of_its_stratified_draws(lg):
     assert (np.sqrt(np.mean(np.square(plain), axis=0)) > 1.3 * scatter).all()
 
 
+def test_a_heavy_tail_estimated_from_fewer_than_five_weights_rescores_nothing(lg, monkeypatch):
+    # k̂ fitted to the ⌈min(K/5, 3√K)⌉ largest weights: at K = 16 that is 4, and a k̂ from so few is
+    # noise (a 3-epoch model scored with K = 8 had a fifth of its rows "heavy"); whatever it says,
+    # nothing is rescored. At K = 21 (5 weights) it is acted on.
+    import vaeguard.scoring as scoring
+
+    monkeypatch.setattr(scoring, "pareto_k", lambda log_weights: np.ones(log_weights.shape[1]))
+    x, refine = torch.tensor(lg.sample(10)), common_random_numbers(8, 2, 1)
+    vae = lg.vae(dtype=torch.float64)
+    for k, acted in ((16, False), (21, True)):
+        eps = common_random_numbers(k, 2, 0).double()
+        got = importance_sampled_log_likelihood(vae, x, eps, refine_eps=refine, probe_threshold=1e9)
+        assert got.refined.all() if acted else not got.refined.any()
+
+
 def test_rows_whose_weights_have_a_heavy_tail_are_rescored_with_a_matched_proposal():
     # An encoder whose q is far narrower than the posterior (variance 0.15 of it; 0.34 once
     # widened, below the half at which the weights' variance becomes infinite) gives weights

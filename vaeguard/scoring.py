@@ -78,6 +78,9 @@ MISSING_WIDTH = 2.0
 #: Rows whose weights have a Pareto k̂ above this (a tail too heavy for a finite variance) get a matched proposal
 #: and are scored again (latent <= 2).
 RECHECK_PARETO_K = 0.5
+#: ... when k̂ comes from at least this many tail weights (K >= 21); from fewer it is noise, and rescoring the
+#: rows it picks would cost matchings for no gain.
+RECHECK_MIN_TAIL = 5
 #: Each round the matched sd along any direction is at least this share of the nodes' scale (the round's width × the
 #: current sd).
 MATCH_FLOOR = 0.25
@@ -235,7 +238,7 @@ def pareto_k(log_weights: np.ndarray) -> np.ndarray:
     """
     lw = np.sort(np.asarray(log_weights, dtype=np.float64), axis=0)
     k_samples = lw.shape[0]
-    m = math.ceil(min(0.2 * k_samples, 3 * math.sqrt(k_samples)))
+    m = pareto_tail_size(k_samples)
     if k_samples < 5 or m < 2:
         return np.full(lw.shape[1], np.inf)
     lw = lw - lw[-1]
@@ -256,6 +259,11 @@ def pareto_k(log_weights: np.ndarray) -> np.ndarray:
         k_post = np.log1p(-b_post[:, None] * x).mean(1)
     k_post = (m * k_post + 10 * 0.5) / (m + 10)
     return np.where(top > 0, k_post, -np.inf)
+
+
+def pareto_tail_size(k_samples: int) -> int:
+    """How many of ``k_samples`` largest weights :func:`pareto_k` fits its tail to: ⌈min(K/5, 3√K)⌉."""
+    return math.ceil(min(0.2 * k_samples, 3 * math.sqrt(k_samples)))
 
 
 def effective_sample_size(log_weights: np.ndarray) -> np.ndarray:
@@ -392,7 +400,7 @@ def importance_sampled_log_likelihood(
         if redo is not None:
             refined[where] = redo
         logw, per = importance_terms(model, xb, eps, mb, cb, proposal=proposal)
-        if redo is not None and model.latent_dim in SEARCH_GRID:
+        if redo is not None and model.latent_dim in SEARCH_GRID and pareto_tail_size(k) >= RECHECK_MIN_TAIL:
             rechecked = _rechecked(model, xb, mb, cb, eps, proposal, logw, per, redo)
             refined[where] |= rechecked
         logw = logw.double()  # (K, rows), float64
