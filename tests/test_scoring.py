@@ -302,7 +302,8 @@ def test_a_good_encoder_is_left_alone_and_its_rows_score_alike_in_any_batch(lg):
 
 def test_a_fit_goes_on_block_by_block_only_for_the_rows_still_rising(monkeypatch):
     # Half the rows start their fit at the exact posterior, half 15 posterior widths away along
-    # each axis (a 4-D latent space: no grid search, blocks of 10 steps). The settled half is
+    # each axis (a 4-D latent space, given blocks of 5 steps, up to 4: the machinery the 1-2-D default's two
+    # blocks of 10 use; above 2-D one block is the default). The settled half is
     # done after one block; only the far half, whose ELBO climbs by many nats per block, gets
     # further blocks, and those bring it to its posterior (within 3 widths, from 15).
     from vaeguard import scoring
@@ -322,10 +323,11 @@ def test_a_fit_goes_on_block_by_block_only_for_the_rows_still_rising(monkeypatch
         return real(model, x, *args)
 
     monkeypatch.setattr(scoring, "refine_proposal", counted)
+    monkeypatch.setitem(scoring.REFINE_BLOCKS, "other", (5, 4))
     eps = common_random_numbers(8, 4, 1).double()
     mu, _ = scoring._fit(vae, torch.tensor(X), None, None, eps, start, torch.arange(40))
     assert rows_per_block[0] == 40
-    assert 2 <= len(rows_per_block) <= scoring.REFINE_BLOCKS[1]
+    assert 2 <= len(rows_per_block) <= scoring.REFINE_BLOCKS["other"][1]
     assert set(rows_per_block[1:]) == {int(far.sum())}
     distance = np.abs(mu.numpy() - mean) / np.sqrt(var)
     assert distance[far].max() < 3

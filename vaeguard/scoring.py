@@ -46,13 +46,15 @@ PROBE_GAIN = 1.0
 #: A fitted row whose ELBO beats the encoder's q by more than this (nats) is scored with the fit alone.
 HOPELESS_ENCODER = 10.0
 #: Further Adam steps for those rows (all of ``refine_eps``), and the step size: blocks of steps (an Adam
-#: run each), as (steps, most blocks); a row goes on to the next block while its ELBO rose by more than
-#: STILL_RISING nats over the block's last RISING_STEPS steps. Blocks of 5 (up to 4) were used above 2-D
-#: for a while: cheaper (scoring 2.68x -> 2.36x the encoder's q on the first ten ADBench sets), but the
-#: fits settled worse — satellite's rows within 0.5 nats of a K = 2048 reference 73.3 -> 68.8 %, the ECG
-#: window model's AUROC 0.932 -> 0.895 on the same fitted model — and in 1-2-D thyroid's anomalies fell
-#: from 98.9 % to 88 % within 0.5 nats of exact.
-REFINE_BLOCKS, REFINE_LEARNING_RATE = (10, 2), 0.3
+#: run each), as (steps, most blocks) by latent size; a row goes on to the next block while its ELBO rose
+#: by more than STILL_RISING nats over the block's last RISING_STEPS steps. Where the grid search runs
+#: (latent <= 2), blocks of 10, up to 2: its far rows start from the grid's moments onto posteriors far
+#: narrower than a step, and shorter runs settled them worse (thyroid's anomalies 98.9 % -> 88 % within
+#: 0.5 nats of exact). Elsewhere one block of 10. Blocks of 5, up to 4, were cheaper but each fresh Adam run
+#: kicks a settled proposal by a full step: the ECG window model's AUROC 0.931 (one block of 10) -> 0.895
+#: on the same fitted model (0.894 with the rows going on unless they rose by less than 0.5 nats), and
+#: satellite's rows within 0.5 nats of a K = 2048 reference 73.3 -> 68.8 %.
+REFINE_BLOCKS, REFINE_LEARNING_RATE = {"searched": (10, 2), "other": (10, 1)}, 0.3
 STILL_RISING, RISING_STEPS = 2.0, 4
 #: A grid search for a row's posterior where the latent space has at most two dimensions: points
 #: per axis over [−SEARCH_BOX, SEARCH_BOX] (21 × 21 in 2-D: spacing 4; 81 in 1-D: spacing 1) ...
@@ -928,7 +930,7 @@ def _fit(
     :data:`STILL_RISING` nats over its last :data:`RISING_STEPS` steps go on (far-out rows,
     still on their way from where their fit began); a row that has settled costs no more.
     """
-    steps, blocks = REFINE_BLOCKS
+    steps, blocks = REFINE_BLOCKS["searched" if model.latent_dim in SEARCH_GRID else "other"]
     mu, logvar = start[0][rows].clone(), start[1][rows].clone()
     going = torch.arange(len(x), device=x.device)
     for _ in range(blocks):
