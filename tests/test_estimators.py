@@ -313,6 +313,36 @@ def test_offset_from_a_subsample_of_large_training_sets(blobs, fast_params, monk
     assert 0.03 <= (det.predict(blobs) == -1).mean() <= 0.2
 
 
+@pytest.mark.parametrize("contamination", [0.1, 0.02])
+def test_offset_subsample_sized_by_the_contamination(fast_params, monkeypatch, contamination):
+    # the threshold's percentile comes from offset_rows(c) random training rows: enough that the fraction of
+    # the whole set it flags has a standard error of 7 % of c (binomial: sqrt(c (1 - c) / m)); checked on a
+    # 12 000-row table, where the subsample is a part of the rows
+    from vaeguard import estimators
+
+    rows = estimators.offset_rows(contamination)
+    se = math.sqrt(contamination * (1 - contamination) / rows)
+    assert se == pytest.approx(estimators.OFFSET_RELATIVE_ERROR * contamination, rel=0.02) or rows in (
+        estimators.MIN_OFFSET_ROWS,
+        estimators.OFFSET_ROWS,
+    )
+    assert estimators.MIN_OFFSET_ROWS <= rows <= estimators.OFFSET_ROWS
+    X = np.random.default_rng(0).normal(size=(12_000, 3))
+    scored = []
+    internal = VAEAnomalyDetector._log_likelihood_internal
+
+    def counting(self, x, *args, **kwargs):
+        scored.append(len(x))
+        return internal(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(VAEAnomalyDetector, "_log_likelihood_internal", counting)
+    det = VAEAnomalyDetector(**fast_params, random_state=0, contamination=contamination).fit(X)
+    exact = estimators.EXACT_BASELINE_ROWS
+    assert sum(scored) == rows + exact + exact * X.shape[1]  # the subsample, then the baseline's correction
+    flagged = (det.score_samples(X) < det.offset_).mean()
+    assert abs(flagged - contamination) < 4 * se  # 4 standard errors of the subsample's percentile
+
+
 def test_fit_scores_each_training_row_once_and_none_when_the_offset_is_given(blobs, fast_params, monkeypatch):
     # the threshold's pass also gives the feature baseline's conditionals (rows scored with
     # others score alike), and a given offset leaves only the baseline's rows to score; the
