@@ -503,3 +503,15 @@ def test_the_exact_coder_approaches_the_discretised_elbo_within_its_own_error(bi
     # the default, fast tables add their quantisation loss: 0.32 bits per image measured (quality log C20); allow 1
     fast = read_header(compress(binary_model, held_out))[0]["info"]["net_bits"]
     assert abs(fast - expected) <= 4 * spread + 64 + 1.0 * len(held_out), (fast, expected, spread)
+
+
+def test_containers_written_by_an_earlier_version_still_decode():
+    """A bits-back container written before the coder's tables changed (tests/data/make_containers.py, the
+    commit in containers_written_by.txt): it must decode to the same images with its model file."""
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    images = (load_digits().images[200:300] >= 8).astype(np.uint8)
+    blob = (data / "digits-bitsback-0.1.vgz").read_bytes()
+    assert read_header(blob)[0]["codec_params"]["streams"] == 2
+    np.testing.assert_array_equal(decompress(str(data / "digits-bernoulli-0.1.h5"), blob), images)
