@@ -515,3 +515,13 @@ def test_containers_written_by_an_earlier_version_still_decode():
     blob = (data / "digits-bitsback-0.1.vgz").read_bytes()
     assert read_header(blob)[0]["codec_params"]["streams"] == 2
     np.testing.assert_array_equal(decompress(str(data / "digits-bernoulli-0.1.h5"), blob), images)
+
+
+def test_the_default_latent_buckets_code_no_larger_than_finer_ones(binary_model, digits):
+    """latent_bits=8 (the default) against 2¹²: the fast table quantisation lets near-empty buckets take mass, so
+    16 × 4096 masses per sample cost time and buy no bits (quality log C21: 0.4093 against 0.4118 bits/dim)."""
+    held_out = (digits[1] >= 8).astype(np.uint8)
+    default = read_header(compress(binary_model, held_out))[0]
+    finer = read_header(compress(binary_model, held_out, codec_params={"latent_bits": 12}))[0]
+    assert default["codec_params"]["latent_bits"] == 8
+    assert default["info"]["net_bits"] <= 1.002 * finer["info"]["net_bits"], (default["info"], finer["info"])

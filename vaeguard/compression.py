@@ -97,7 +97,7 @@ def compress(
     codec : str, default="bitsback"
         A registered codec (``vaeguard plugins`` lists them).
     codec_params : dict, optional
-        The codec's settings, e.g. ``{"latent_bits": 12}``.
+        The codec's settings, e.g. ``{"latent_bits": 10}``.
     progress : callable, optional
         Called with the number of samples coded since its last call (e.g. a tqdm bar's
         ``update``), by codecs that report progress (both built-in ones do).
