@@ -53,8 +53,12 @@ def _no_progress(done: int) -> None:
 
 
 def _rounded(p: torch.Tensor) -> np.ndarray:
-    table = p.double().numpy()
-    return np.round(table / PROBABILITY_GRID) * PROBABILITY_GRID
+    """``p`` rounded to multiples of :data:`PROBABILITY_GRID` (half to even), as float64 numpy.
+
+    Scaling by a power of two is exact, so this is ``np.round(p / grid) * grid`` to the bit (containers
+    written when it was computed so decode alike), in place and without numpy's division.
+    """
+    return torch.round(p.double() * (1.0 / PROBABILITY_GRID)).mul_(PROBABILITY_GRID).numpy()
 
 
 def _constriction() -> Any:
