@@ -313,6 +313,19 @@ def test_offset_from_a_subsample_of_large_training_sets(blobs, fast_params, monk
     assert 0.03 <= (det.predict(blobs) == -1).mean() <= 0.2
 
 
+def _count_scored_rows(monkeypatch) -> list[int]:
+    """The number of rows of each internal scoring call from now on (a list that fills as the estimator scores)."""
+    scored: list[int] = []
+    internal = VAEAnomalyDetector._log_likelihood_internal
+
+    def counting(self, x, *args, **kwargs):
+        scored.append(len(x))
+        return internal(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(VAEAnomalyDetector, "_log_likelihood_internal", counting)
+    return scored
+
+
 @pytest.mark.parametrize("contamination", [0.1, 0.02])
 def test_offset_subsample_sized_by_the_contamination(fast_params, monkeypatch, contamination):
     # the threshold's percentile comes from offset_rows(c) random training rows: enough that the fraction of
@@ -328,14 +341,7 @@ def test_offset_subsample_sized_by_the_contamination(fast_params, monkeypatch, c
     )
     assert estimators.MIN_OFFSET_ROWS <= rows <= estimators.OFFSET_ROWS
     X = np.random.default_rng(0).normal(size=(12_000, 3))
-    scored = []
-    internal = VAEAnomalyDetector._log_likelihood_internal
-
-    def counting(self, x, *args, **kwargs):
-        scored.append(len(x))
-        return internal(self, x, *args, **kwargs)
-
-    monkeypatch.setattr(VAEAnomalyDetector, "_log_likelihood_internal", counting)
+    scored = _count_scored_rows(monkeypatch)
     det = VAEAnomalyDetector(**fast_params, random_state=0, contamination=contamination).fit(X)
     exact = estimators.EXACT_BASELINE_ROWS
     assert sum(scored) == rows + exact + exact * X.shape[1]  # the subsample, then the baseline's correction
@@ -352,14 +358,7 @@ def test_fit_scores_each_training_row_once_and_none_when_the_offset_is_given(blo
     monkeypatch.setattr(estimators, "FEATURE_BASELINE_ROWS", 50)
     monkeypatch.setattr(estimators, "EXACT_BASELINE_ROWS", 20)
     conditionals = 20 * blobs.shape[1]
-    scored = []
-    internal = VAEAnomalyDetector._log_likelihood_internal
-
-    def counting(self, x, *args, **kwargs):
-        scored.append(len(x))
-        return internal(self, x, *args, **kwargs)
-
-    monkeypatch.setattr(VAEAnomalyDetector, "_log_likelihood_internal", counting)
+    scored = _count_scored_rows(monkeypatch)
     det = VAEAnomalyDetector(**fast_params, random_state=0).fit(blobs)
     assert sum(scored) == len(blobs) + 20 + conditionals and 50 in scored and scored[-2:] == [20, conditionals]
     baseline = det.feature_baseline_
