@@ -355,6 +355,47 @@ def standing(df: pd.DataFrame, per: pd.DataFrame, half_of: pd.Series, peers: lis
     return lines
 
 
+#: The README's names of the methods, in its column order.
+README_METHODS = {
+    "vaeguard": "vaeguard",
+    "pyod_vae": "PyOD VAE",
+    "pyod_ae": "PyOD AE",
+    "iforest": "IForest",
+    "ecod": "ECOD",
+    "gmm": "GMM (5, full)",
+}
+
+
+def readme_table(df: pd.DataFrame) -> str:
+    """The README's results table from a run's rows: mean AUROC per set (3 decimals, the best of each row in bold),
+    the sets of half A then of half B by name, each half's mean, the mean over all sets, mean AP and total seconds."""
+    methods = [m for m in README_METHODS if m in set(df["method"])]
+    ok = df[df["error"].fillna("") == ""] if "error" in df else df
+    auroc = ok.groupby(["dataset", "method"])["auroc"].mean().unstack()[methods]
+    ap = ok.groupby(["dataset", "method"])["ap"].mean().unstack()[methods]
+    seconds = (ok["fit_s"] + ok["score_s"]).groupby(ok["method"]).sum()[methods]
+    half = {stem.split("_", 1)[1]: h for h, stems in SPLIT.items() for stem in stems}
+
+    def row(label: str, which: str, values: list[float]) -> str:
+        best = max(round(v, 3) for v in values)
+        cells = [f"**{v:.3f}**" if round(v, 3) == best else f"{v:.3f}" for v in values]
+        return f"| {label} | {which} | ".replace("|  |", "| |") + " | ".join(cells) + " |"
+
+    lines = ["| data set | half | " + " | ".join(README_METHODS[m] for m in methods) + " |"]
+    lines.append("|---|---|" + "---|" * len(methods))
+    for which, label in (("A", "*mean, half A (decides)*"), ("B", "*mean, half B (confirms)*")):
+        sets = sorted((s for s in auroc.index if half.get(s) == which), key=str.lower)
+        lines += [row(s, which, auroc.loc[s].tolist()) for s in sets]
+        if sets:
+            lines.append(row(label, "", auroc.loc[sets].mean().tolist()))
+    lines.append(row(f"**mean AUROC, {len(auroc)} sets**", "", auroc.mean().tolist()))
+    lines.append(row("mean average precision", "", ap.mean().tolist()))
+    lines.append(
+        f"| fit + score, {len(ok) // len(methods)} runs (s) | | " + " | ".join(f"{v:.0f}" for v in seconds) + " |"
+    )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
@@ -384,6 +425,9 @@ def main() -> None:
     )
     ap.add_argument("--from-csv", type=Path, default=None, help="summarise an earlier run's CSV without fitting")
     ap.add_argument("--train-rows", type=int, default=None, help="subsample the train part to this many rows")
+    ap.add_argument(
+        "--readme-table", action="store_true", help="with --from-csv: print the README's results table and stop"
+    )
     args = ap.parse_args()
     import json
 
@@ -397,6 +441,9 @@ def main() -> None:
     if args.from_csv:
         df = pd.read_csv(args.from_csv, dtype={"error": str}, keep_default_na=False, na_values={"auroc": [""]})
         args.methods = [m for m in args.methods if m in set(df["method"])]
+        if args.readme_table:
+            print(readme_table(df[df["method"].isin(args.methods)]), end="")
+            return
     else:
         df = run(args.data_dir, args.seeds, args.methods, args.jobs, args.sets)
     args.out.mkdir(parents=True, exist_ok=True)

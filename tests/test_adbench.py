@@ -136,3 +136,21 @@ def test_unknown_kind_is_refused():
     X, y = _correlated_normals(100)
     with pytest.raises(ValueError, match="kind must be one of"):
         sa.synthetic_anomalies(X, y, "strange", seed=0)
+
+
+def test_readme_table_has_the_halves_their_means_and_the_best_in_bold():
+    rows = []
+    for dataset, a_or_b in (("campaign", 0.8), ("glass", 0.6), ("cardio", 0.7)):
+        for seed in (0, 1):
+            rows.append((dataset, seed, "vaeguard", a_or_b + 0.01 * seed, 0.5, 1.0, 0.5, ""))
+            rows.append((dataset, seed, "iforest", 0.75, 0.4, 0.1, 0.1, ""))
+    df = pd.DataFrame(rows, columns=["dataset", "seed", "method", "auroc", "ap", "fit_s", "score_s", "error"])
+    lines = adbench.readme_table(df).splitlines()
+    assert lines[0] == "| data set | half | vaeguard | IForest |"
+    # half A (campaign, cardio: by name), its mean, then half B (glass), its mean
+    assert [line.split(" | ")[0][2:] for line in lines[2:8]] == [
+        "campaign", "cardio", "*mean, half A (decides)*", "glass", "*mean, half B (confirms)*", "**mean AUROC, 3 sets**"
+    ]  # fmt: skip
+    assert lines[2] == "| campaign | A | **0.805** | 0.750 |" and lines[3] == "| cardio | A | 0.705 | **0.750** |"
+    assert lines[4] == "| *mean, half A (decides)* | | **0.755** | 0.750 |"
+    assert lines[-1] == "| fit + score, 6 runs (s) | | 9 | 1 |"
