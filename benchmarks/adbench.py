@@ -148,6 +148,12 @@ SPLIT = {
 }  # fmt: skip
 
 
+#: A result's data set name (the file stem without its number) → its half of :data:`SPLIT`.
+HALF_OF_SET = {stem.split("_", 1)[1]: half for half, stems in SPLIT.items() for stem in stems}
+#: How the tables label each half's mean.
+HALF_LABELS = {"A": "mean, half A (decides)", "B": "mean, half B (confirms)"}
+
+
 def split_half(stem: str) -> str:
     """``"A"`` or ``"B"`` for a shared set's file stem, ``"-"`` for a set outside the split."""
     return next((half for half, stems in SPLIT.items() if stem in stems), "-")
@@ -293,13 +299,11 @@ def summarise(df: pd.DataFrame, methods: list[str]) -> str:
     per = df.groupby(["dataset", "method"])["auroc"].mean().unstack("method")[methods]
     order = list(dict.fromkeys(df["dataset"]))
     per = per.loc[order]
-    halves = pd.Series({stem.split("_", 1)[1]: half for half, stems in SPLIT.items() for stem in stems})
-    half_of = halves.reindex(per.index).fillna("-")
+    half_of = pd.Series(HALF_OF_SET).reindex(per.index).fillna("-")
     rows = [per]
     for half in ("A", "B"):
         if (half_of == half).any() and (half_of != half).any():
-            label = {"A": "mean, half A (decides)", "B": "mean, half B (confirms)"}[half]
-            rows.append(per[half_of == half].mean().rename(f"*{label}*").to_frame().T)
+            rows.append(per[half_of == half].mean().rename(f"*{HALF_LABELS[half]}*").to_frame().T)
     rows.append(per.mean().rename("**mean**").to_frame().T)
     rows.append(df.groupby("method")["ap"].mean()[methods].rename("mean AP").to_frame().T)
     table = pd.concat(rows)
@@ -374,20 +378,20 @@ def readme_table(df: pd.DataFrame) -> str:
     auroc = ok.groupby(["dataset", "method"])["auroc"].mean().unstack()[methods]
     ap = ok.groupby(["dataset", "method"])["ap"].mean().unstack()[methods]
     seconds = (ok["fit_s"] + ok["score_s"]).groupby(ok["method"]).sum()[methods]
-    half = {stem.split("_", 1)[1]: h for h, stems in SPLIT.items() for stem in stems}
 
     def row(label: str, which: str, values: list[float]) -> str:
         best = max(round(v, 3) for v in values)
         cells = [f"**{v:.3f}**" if round(v, 3) == best else f"{v:.3f}" for v in values]
-        return f"| {label} | {which} | ".replace("|  |", "| |") + " | ".join(cells) + " |"
+        head = f"| {label} | {which} |" if which else f"| {label} | |"
+        return head + " " + " | ".join(cells) + " |"
 
     lines = ["| data set | half | " + " | ".join(README_METHODS[m] for m in methods) + " |"]
     lines.append("|---|---|" + "---|" * len(methods))
-    for which, label in (("A", "*mean, half A (decides)*"), ("B", "*mean, half B (confirms)*")):
-        sets = sorted((s for s in auroc.index if half.get(s) == which), key=str.lower)
+    for which, label in HALF_LABELS.items():
+        sets = sorted((s for s in auroc.index if HALF_OF_SET.get(s) == which), key=str.lower)
         lines += [row(s, which, auroc.loc[s].tolist()) for s in sets]
         if sets:
-            lines.append(row(label, "", auroc.loc[sets].mean().tolist()))
+            lines.append(row(f"*{label}*", "", auroc.loc[sets].mean().tolist()))
     lines.append(row(f"**mean AUROC, {len(auroc)} sets**", "", auroc.mean().tolist()))
     lines.append(row("mean average precision", "", ap.mean().tolist()))
     lines.append(
