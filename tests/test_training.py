@@ -55,6 +55,32 @@ def test_early_stopping_restores_the_best_weights():
     assert val == pytest.approx(hist.validation_loss[hist.best_epoch], abs=1e-5)
 
 
+def test_an_image_model_trains_channels_last_and_comes_back_in_the_usual_layout(monkeypatch):
+    # 2-D convolutions train channels-last (oneDNN's kernels need no reorder); the fitted model is handed back
+    # with contiguous weights, as it is saved and copied for scoring
+    from vaeguard.components.encoders import conv
+    from vaeguard.components.likelihoods import DiscretizedLogisticLikelihood
+    from vaeguard.objectives import training_terms
+
+    torch.manual_seed(0)
+    lik = DiscretizedLogisticLikelihood((1, 8, 8), n_levels=17)
+    vae = VAE(*conv((1, 8, 8), 2, lik.param_count), lik, 2)
+    layouts = []
+
+    def watched(model, *args, **kwargs):
+        convs = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+        weight = convs[0].weight  # (with one input channel both layouts have the same strides)
+        layouts.append(weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous())
+        return training_terms(model, *args, **kwargs)
+
+    monkeypatch.setattr("vaeguard.training.training_terms", watched)
+    x = torch.randint(0, 17, (64, 1, 8, 8)).float()
+    config = TrainingConfig(epochs=3, batch_size=32, patience=5)
+    train(vae, x, config, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    assert layouts and all(layouts)
+    assert all(p.is_contiguous() for p in vae.parameters())
+
+
 def test_divergence_is_a_clear_error():
     x = data(n=100)
     x[7, 1] = float("nan")
