@@ -286,7 +286,7 @@ def test_image_models_from_npz(tmp_path):
     np.savez(tmp_path / "digits.npz", images=load_digits().images[:300])
     result = run("fit", str(tmp_path / "digits.npz"), "-o", str(tmp_path / "d.h5"), *FAST)
     assert result.exit_code == 0, result.output
-    assert load(tmp_path / "d.h5").model_spec_["encoder"] == "conv"
+    assert load(tmp_path / "d.h5").model_spec_["encoder"] == "mlp"  # 8 × 8: the MLP below 16 × 16
     scored = run("score", str(tmp_path / "d.h5"), str(tmp_path / "digits.npz"), "-o", str(tmp_path / "s.csv"))
     assert scored.exit_code == 0 and len(pd.read_csv(tmp_path / "s.csv")) == 300
     drawn = run("sample", str(tmp_path / "d.h5"), "-n", "4", "-o", str(tmp_path / "s.npz"))

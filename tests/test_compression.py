@@ -524,7 +524,8 @@ def test_the_default_latent_buckets_code_no_larger_than_finer_ones(binary_model,
     default = read_header(compress(binary_model, held_out))[0]
     finer = read_header(compress(binary_model, held_out, codec_params={"latent_bits": 12}))[0]
     assert default["codec_params"]["latent_bits"] == 8
-    assert default["info"]["net_bits"] <= 1.002 * finer["info"]["net_bits"], (default["info"], finer["info"])
+    # net bits come in the coder's 32-bit words: allow the end of one stack's state (two words), as above
+    assert default["info"]["net_bits"] <= finer["info"]["net_bits"] + 64, (default["info"], finer["info"])
 
 
 def test_probability_rounding_is_the_numpy_formula_to_the_bit():

@@ -203,7 +203,7 @@ def test_conditional_images_go_through_the_conv_family():
 
     digits = load_digits()
     images, labels = digits.images[:300], digits.target[:300]
-    det = VAEAnomalyDetector(conditional=True, epochs=2, random_state=0).fit(images, labels)
+    det = VAEAnomalyDetector(conditional=True, encoder="conv", epochs=2, random_state=0).fit(images, labels)
     assert det.model_spec_["encoder"] == "conv" and det.model_spec_["condition_dim"] == 10
     assert det.sample(3, condition=7, random_state=0).shape == (3, 8, 8)
     one = copy.deepcopy(det)

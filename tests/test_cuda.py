@@ -40,7 +40,7 @@ def test_images_on_cuda_agree_with_the_cpu(tmp_path):
     from sklearn.datasets import load_digits
 
     images = (load_digits().images[:400] * 15).astype(np.uint8)  # 8-bit levels
-    det = VAEAnomalyDetector(device="cuda", random_state=0, epochs=10).fit(images)
+    det = VAEAnomalyDetector(device="cuda", encoder="conv", random_state=0, epochs=10).fit(images)
     assert det.model_spec_["encoder"] == "conv" and det.model_spec_["likelihood"] == "discretized_logistic"
     scores = det.score_samples(images[:50])
     samples = det.sample(4, random_state=0)

@@ -23,9 +23,9 @@ def fitted_digits(digits):
     return VAEAnomalyDetector(**QUICK).fit(digits[:300])
 
 
-def test_images_get_the_conv_family_and_a_pixel_level_likelihood(fitted_digits, digits):
+def test_small_images_get_the_mlp_and_a_pixel_level_likelihood(fitted_digits, digits):
     det = fitted_digits
-    assert det.model_spec_["encoder"] == "conv"
+    assert det.model_spec_["encoder"] == "mlp"  # 8 × 8: below 16 × 16 values; larger images get "conv" (below)
     assert det.model_spec_["likelihood"] == "discretized_logistic"
     assert det.model_spec_["likelihood_options"] == {"n_levels": 17}
     assert det.image_shape_ == (8, 8) and det.n_features_in_ == 64
@@ -151,6 +151,14 @@ def test_per_row_results_of_a_dataframe_keep_its_index():
     assert rebuilt.index.tolist() == [1000, 1001, 1002, 1003] and list(rebuilt.columns) == ["a", "b", "c"]
     drawn = det.sample(3, random_state=0)
     assert isinstance(drawn, pd.DataFrame) and list(drawn.columns) == ["a", "b", "c"]
+
+
+def test_the_network_family_follows_the_images_size():
+    from vaeguard.estimators import auto_encoder
+
+    # values per image C·H·W: the MLP below 16 × 16, convolutions from there; tables always the MLP
+    assert [auto_encoder(True, v) for v in (64, 192, 225, 255, 256, 3 * 16 * 16, 784)] == ["mlp"] * 4 + ["conv"] * 3
+    assert auto_encoder(False, 4096) == "mlp"
 
 
 @pytest.mark.parametrize("shape", [(28, 28), (3, 32, 32), (64, 64)])

@@ -30,7 +30,7 @@ def test_image_preset_is_what_the_defaults_pick_for_images():
     from_preset = VAEAnomalyDetector.from_config("image", **quick).fit(images)
     default = VAEAnomalyDetector(**quick).fit(images)
     assert from_preset.model_spec_ == default.model_spec_
-    assert from_preset.model_spec_["encoder"] == "conv"
+    assert from_preset.model_spec_["encoder"] == "mlp"  # 8 × 8: below 16 × 16, the MLP
     # the same training (batch, learning rate, trimming) gives the same weights, so the same scores
     np.testing.assert_array_equal(from_preset.score_samples(images), default.score_samples(images))
 

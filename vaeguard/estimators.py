@@ -86,6 +86,21 @@ TABLE_MIN_BATCH = 32
 IMAGE_MIN_BATCH = 128
 
 
+#: ``encoder="auto"``: images of at least this many values (C·H·W) get convolutional networks, smaller ones the MLP.
+CONV_MIN_IMAGE_VALUES = 256
+
+
+def auto_encoder(images: bool, values: int) -> str:
+    """The network family of ``encoder="auto"``: "conv" for images of at least 16 × 16 values, else "mlp".
+
+    On the one-class digits (quality log I12) the MLP beats the convolutions on 8 × 8 images
+    (0.9923 against 0.9903 over seeds 0–2, every seed, at half the time: a 3 × 3 kernel's view
+    of 64 pixels is most of the image), and loses at 16 × 16 (0.9907 against 0.9923) and at
+    32 × 32 (digits 2, 8, 9: −0.004 to −0.028).
+    """
+    return "conv" if images and values >= CONV_MIN_IMAGE_VALUES else "mlp"
+
+
 def default_latent_dim(n_inputs: int) -> int:
     """Latent size from the input width: about d/4, clipped to [2, 32]."""
     return int(min(32, max(2, math.ceil(n_inputs / 4))))
@@ -197,7 +212,8 @@ class VAEAnomalyDetector(
         2·n_features within [32, 256].
     encoder : str, default="auto"
         Network family, by registered name (``vaeguard plugins`` lists them); "auto" is
-        "conv" for images and "mlp" for tables.
+        "conv" for images of at least 16 × 16 values (C·H·W ≥ 256) and "mlp" for smaller
+        images and for tables.
     encoder_params : dict, optional
         Further options of the family (e.g. ``{"channels": 3}`` for "temporal").
     likelihood : str, default="auto"
@@ -737,7 +753,7 @@ class VAEAnomalyDetector(
         space = observed.with_model(
             standardizer=standardizer, pixel_levels=pixels, support=likelihood, condition_encoder=conditions
         )
-        encoder = self.encoder if self.encoder != "auto" else ("conv" if images else "mlp")
+        encoder = self.encoder if self.encoder != "auto" else auto_encoder(images, d)
         inputs = space.to_model(X, y if conditions is not None else None)
         x, mask, c = inputs.x, inputs.mask, inputs.condition
         mask_input = mask is not None
