@@ -111,7 +111,8 @@ def main() -> None:
         f"Command: `python benchmarks/scoring_memory.py` on {platform.machine()}, CPU, {os.cpu_count()} cores. Each "
         "size in a fresh process: load the model file, build the input, RSS (before); `score_samples`; peak RSS "
         f"(`VmHWM`). Target: peak ≤ {TARGET:g} × before. Images: default model of one digit class (8 × 8, "
-        'discretized logistic; the MLP, as `encoder="auto"` picks below 16 × 16); table: default model of 20-column probabilistic-PCA rows. K = 64.',
+        'discretized logistic; the MLP, as `encoder="auto"` picks below 16 × 16); '
+        "table: default model of 20-column probabilistic-PCA rows. K = 64.",
         "",
         "| input | size | RSS before MB | peak MB | peak / before | scoring s | per s |",
         "|---|---|---|---|---|---|---|",
