@@ -948,9 +948,9 @@ class VAEAnomalyDetector(
     def _refine_eps(self) -> torch.Tensor | None:
         """The draws that fit a proposal to the rows the encoder serves badly (independent of the K draws).
 
-        MLP models of tables only: convolutional models (images, "temporal" windows) keep
-        the encoder's proposal, as a probe through their decoder costs more than the K
-        draws themselves.
+        MLP models only (tables, windows and images below 16 × 16): convolutional models (larger
+        images, "temporal" windows) keep the encoder's proposal, as a probe through their
+        decoder costs more than the K draws themselves.
         """
         if self.model_spec_["encoder"] != "mlp":
             return None
