@@ -342,7 +342,9 @@ def _per_row_elements(model: VAE) -> int:
     layer's input plus output plus, for a convolution, its unfolded input (the column
     buffer that CPU convolutions without a direct kernel build, e.g. in float64: 9
     times the input of a 3 × 3 convolution), and the likelihood's parameters. Sizing by the
-    parameters alone let an 8 × 8 image model's chunks reach 3 GB.
+    parameters alone let an 8 × 8 image model's chunks reach 3 GB. In a CPU scoring copy
+    (:func:`cpu_scoring_copy`) a convolution is a :class:`FixedBlockConvolution`, counted by
+    its input and output only: its blocks hold at most one block's unfolded input at a time.
     """
     known = _ROW_ELEMENTS.get(model)
     if known is not None:
