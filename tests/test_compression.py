@@ -12,7 +12,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from vaeguard import VAEAnomalyDetector, compress, decompress
+from vaeguard import VAEAnomalyDetector, compress, decompress, load
 from vaeguard.components.codecs import decode_integer_codes, encode_integer_codes
 from vaeguard.compression import read_header
 
@@ -489,7 +489,7 @@ def test_the_exact_coder_approaches_the_discretised_elbo_within_its_own_error(bi
             q = buckets.posterior(mu[0], logvar[0])
             q = q / q.sum(axis=1, keepdims=True)
             z = np.stack([rng.choice(buckets.count, size=draws, p=row) for row in q], axis=1)  # (draws, L)
-            p = _symbol_tables(model, buckets.codes(z))  # (draws, elements, symbols)
+            p = _symbol_tables(model.likelihood, model.decode(buckets.codes(z)))  # (draws, elements, symbols)
             p = p / p.sum(axis=2, keepdims=True)
             symbols = image.reshape(-1).numpy().astype(int)
             data_bits = -np.log2(p[:, np.arange(len(symbols)), symbols]).sum(axis=1)
@@ -517,6 +517,24 @@ def test_containers_written_by_an_earlier_version_still_decode():
     np.testing.assert_array_equal(decompress(str(data / "digits-bernoulli-0.1.h5"), blob), images)
 
 
+def test_eight_bit_containers_written_before_the_tables_were_chunked_still_decode():
+    """An 8-bit container (16 × 16 digits, discretised logistic, eight stacks) written by the code before the
+    logistic tables were computed in place and a few samples at a time (tests/data/make_containers.py): each
+    step's eight samples are now two chunks of four, and the container must still decode, to the same images."""
+    from pathlib import Path
+
+    from vaeguard.components.codecs import _table_chunks
+
+    data = Path(__file__).parent / "data"
+    images = np.kron(load_digits().images[200:300] * 15, np.ones((2, 2))).astype(np.uint8)
+    model = load(data / "digits-8bit-0.1.h5")
+    assert len(_table_chunks(model.coding_model().network.likelihood, 8)) == 2  # the case the fixture guards
+    blob = (data / "digits-8bit-bitsback-0.1.vgz").read_bytes()
+    assert read_header(blob)[0]["codec_params"]["streams"] == 8
+    np.testing.assert_array_equal(decompress(model, blob), images)
+    assert compress(model, images, codec_params={"streams": 8}) == blob  # and today's code writes the same bits
+
+
 def test_the_default_latent_buckets_code_no_larger_than_finer_ones(binary_model, digits):
     """latent_bits=8 (the default) against 2¹²: the fast table quantisation lets near-empty buckets take mass, so
     16 × 4096 masses per sample cost time and buy no bits (quality log C21: 0.4093 against 0.4118 bits/dim)."""
@@ -538,4 +556,6 @@ def test_probability_rounding_is_the_numpy_formula_to_the_bit():
     for scale in (1.0, 1e-6, 1e-12, 1e-15):
         p = rng.random(50_000) * scale
         p[:500] = (rng.integers(0, 2**20, 500) + 0.5) * PROBABILITY_GRID  # exact ties
-        np.testing.assert_array_equal(_rounded(torch.from_numpy(p)), np.round(p / PROBABILITY_GRID) * PROBABILITY_GRID)
+        expected = np.round(p / PROBABILITY_GRID) * PROBABILITY_GRID
+        np.testing.assert_array_equal(_rounded(torch.from_numpy(p)), expected)
+        np.testing.assert_array_equal(_rounded(torch.from_numpy(p.copy()), in_place=True), expected)

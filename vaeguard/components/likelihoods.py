@@ -538,12 +538,12 @@ class DiscretizedLogisticLikelihood(Likelihood):
     def symbol_probabilities(self, params: Tensor) -> Tensor:
         """The L cell masses at once: differences of the logistic CDF at the L − 1 inner cell edges."""
         loc, log_scale = self.loc_log_scale(params)
-        edges = torch.arange(1, self.n_levels, dtype=loc.dtype, device=loc.device) * (2.0 / (self.n_levels - 1)) - 1.0
-        edges = edges - 1.0 / (self.n_levels - 1)  # between level k−1 and k
-        cdf = torch.sigmoid((edges - loc[..., None]) * torch.exp(-log_scale)[..., None])
-        zero, one = torch.zeros_like(cdf[..., :1]), torch.ones_like(cdf[..., :1])
-        full = torch.cat([zero, cdf, one], -1)
-        return full[..., 1:] - full[..., :-1]
+        inner = torch.arange(1, self.n_levels, dtype=loc.dtype, device=loc.device) * (2.0 / (self.n_levels - 1)) - 1.0
+        inner = inner - 1.0 / (self.n_levels - 1)  # between level k−1 and k
+        infinity = torch.full((1,), math.inf, dtype=loc.dtype, device=loc.device)
+        edges = torch.cat([-infinity, inner, infinity])  # F(−∞) = 0 and F(∞) = 1 exactly: the end cells' tails
+        cdf = (edges - loc[..., None]).mul_(torch.exp(-log_scale)[..., None]).sigmoid_()  # in place: one buffer
+        return cdf[..., 1:] - cdf[..., :-1]
 
     def encoder_input(self, x: Tensor) -> Tensor:
         return self._scaled(x)
