@@ -184,12 +184,13 @@ def at_scale_section() -> list[str]:
 
 
 AT_SCALE_READING = [
-    "- Binarised: 1 MB/s (issue 18's target) with the defaults: 1.06 / 1.15 MB/s over 10 lock-step stacks, the net",
-    "  size within 0.25 % of one stack's (0.2149 against 0.2144 bits/dim). Before quality log C21 (2¹² latent",
-    "  buckets, one stack per 2000 samples) a probe of the same data and models gave 0.42 / 0.44 MB/s: the",
-    "  posterior's 16 × 4096 bucket masses per image were most of the time, and 2⁸ buckets code no larger.",
-    "- 8-bit: ~0.27 MB/s, and one stack is as fast: each image's 784 × 256 pixel masses (discretised logistic,",
-    "  float64, rounded, then quantised by the coder) dominate, and lock step does not batch them.",
+    "- Binarised: 1 MB/s (issue 18's target) with the defaults was measured at 1.06 / 1.15 MB/s (session 11) and",
+    "  0.72–1.19 MB/s over the runs of session 20, whose machine drifted by up to 2 × in speed (see the results",
+    "  file). Lock step over 10 stacks costs 0.25 % of net size. Before quality log C21 (2¹² latent buckets, one",
+    "  stack per 2000 samples) a probe of the same data and models gave 0.42 / 0.44 MB/s.",
+    "- 8-bit: ~0.35 MB/s (target 1 MB/s: not met). Of the time per image, the float64 networks take ~0.6 ms and the",
+    "  784 × 256 pixel masses ~0.8 ms (~1.3 ms before C22, which computes them a sample at a time, in place); both",
+    "  stay float64 on one thread so that the bits are the same on every machine.",
     "",
 ]
 
