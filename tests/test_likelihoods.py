@@ -182,6 +182,24 @@ def test_log_ndtr_matches_the_normal_cdf_from_the_far_lower_tail_to_the_upper_on
         np.testing.assert_allclose(log_ndtr(t).double().numpy(), exact, rtol=tol, atol=tol)
 
 
+def test_log_ndtr_gradient_is_the_inverse_mills_ratio_and_the_same_inside_vmap():
+    """d/dt log Φ(t) = φ(t)/Φ(t), exactly (scipy), on both sides of the switch to the series; outside vmap the
+    series is computed only for the values in the far tail (selected), inside it for all (no selection): the two
+    paths must give the same values and gradients to the bit."""
+    from scipy.stats import norm
+
+    t = torch.cat([torch.linspace(-200.0, 10.0, 4201, dtype=torch.float64), torch.tensor([-30.5, -29.5])])
+    x = t.clone().requires_grad_(True)
+    log_ndtr(x).sum().backward()
+    exact = np.exp(norm.logpdf(t.numpy()) - norm.logcdf(t.numpy()))
+    np.testing.assert_allclose(x.grad.numpy(), exact, rtol=1e-10, atol=1e-14)
+    rows = t.reshape(-1, 1).repeat(1, 3)  # vmap over the rows: the where-path
+    mapped = torch.func.vmap(log_ndtr)(rows)
+    assert torch.equal(mapped, log_ndtr(rows))
+    grad_mapped = torch.func.vmap(torch.func.grad(lambda r: log_ndtr(r).sum()))(rows)
+    assert torch.equal(grad_mapped[:, 0], x.grad)
+
+
 def test_cell_mass_gradients_in_float32_match_float64_in_both_tails():
     # training runs in float32: a far-out row's gradient must point the right way with the right size
     # (the difference of two float32 log_ndtr got it wrong by orders of magnitude beyond ~10 sigma)

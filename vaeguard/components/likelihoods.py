@@ -91,7 +91,13 @@ def log_ndtr(t: Tensor) -> Tensor:
     """
     start = _far_tail_start(t.dtype)
     near = torch.log(0.5 * torch.erfc(torch.clamp(t, min=-start) * -_SQRT_HALF))
-    return torch.where(t < -start, _log_ndtr_far(torch.clamp(t, max=-start)), near)
+    far = t < -start
+    if _is_batched(t) or t.device.type != "cpu":  # vmap cannot select; a GPU computes both in the same time
+        return torch.where(far, _log_ndtr_far(torch.clamp(t, max=-start)), near)
+    # on the CPU the series (some twenty operations a value) only where it is needed: rarely
+    flat = t.expand(near.shape).reshape(-1)
+    where = torch.nonzero(far.reshape(-1)).squeeze(1)
+    return near.reshape(-1).index_put((where,), _log_ndtr_far(flat[where])).reshape(near.shape)
 
 
 def _log_mass_below_mean(a: Tensor, b: Tensor) -> Tensor:
@@ -121,8 +127,9 @@ def _log_mass_below_mean(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _is_batched(t: Tensor) -> bool:
-    """Whether ``t`` is a tensor inside ``torch.func.vmap`` (where data-dependent indexing is refused)."""
-    check = getattr(torch._C._functorch, "is_batchedtensor", None)
+    """Whether ``t`` is a tensor inside a ``torch.func`` transform (``vmap``, or ``grad`` within it), where
+    data-dependent indexing is refused or may be."""
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return True if check is None else bool(check(t))
 
 
