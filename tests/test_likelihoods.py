@@ -182,6 +182,22 @@ def test_log_ndtr_matches_the_normal_cdf_from_the_far_lower_tail_to_the_upper_on
         np.testing.assert_allclose(log_ndtr(t).double().numpy(), exact, rtol=tol, atol=tol)
 
 
+def test_logistic_symbol_tables_have_gradients_and_the_coders_fast_path_gives_the_same_values():
+    """The coder computes the tables without autograd from edges at ±∞ in place (∞ · 0 would make a gradient
+    NaN); with autograd they come from the finite edges: finite-difference gradients (gradcheck) and the same
+    values to the bit."""
+    from vaeguard.components.likelihoods import DiscretizedLogisticLikelihood
+
+    lik = DiscretizedLogisticLikelihood((3,), n_levels=8)
+    params = torch.randn(4, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    params[:, 1] = params[:, 1] - 2.0  # log scales around e^-2: cells of every size
+    assert torch.autograd.gradcheck(lik.symbol_probabilities, (params.clone().requires_grad_(True),))
+    with torch.no_grad():
+        fast = lik.symbol_probabilities(params)
+    assert torch.equal(fast, lik.symbol_probabilities(params.clone().requires_grad_(True)).detach())
+    assert torch.allclose(fast.sum(-1), torch.ones(4, 3, dtype=torch.float64), atol=1e-15)
+
+
 def test_log_ndtr_gradient_is_the_inverse_mills_ratio_and_the_same_inside_vmap():
     """d/dt log Φ(t) = φ(t)/Φ(t), exactly (scipy), on both sides of the switch to the series; outside vmap the
     series is computed only for the values in the far tail (selected), inside it for all (no selection): the two

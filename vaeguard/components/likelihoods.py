@@ -547,9 +547,13 @@ class DiscretizedLogisticLikelihood(Likelihood):
         loc, log_scale = self.loc_log_scale(params)
         inner = torch.arange(1, self.n_levels, dtype=loc.dtype, device=loc.device) * (2.0 / (self.n_levels - 1)) - 1.0
         inner = inner - 1.0 / (self.n_levels - 1)  # between level k−1 and k
-        infinity = torch.full((1,), math.inf, dtype=loc.dtype, device=loc.device)
-        edges = torch.cat([-infinity, inner, infinity])  # F(−∞) = 0 and F(∞) = 1 exactly: the end cells' tails
-        cdf = (edges - loc[..., None]).mul_(torch.exp(-log_scale)[..., None]).sigmoid_()  # in place: one buffer
+        if torch.is_grad_enabled() and (loc.requires_grad or log_scale.requires_grad):
+            cdf = torch.sigmoid((inner - loc[..., None]) * torch.exp(-log_scale)[..., None])
+            cdf = torch.cat([torch.zeros_like(cdf[..., :1]), cdf, torch.ones_like(cdf[..., :1])], -1)
+        else:  # the coder's path, the same values: edges from −∞ (F = 0) to ∞ (F = 1) in one buffer, in place
+            infinity = torch.full((1,), math.inf, dtype=loc.dtype, device=loc.device)  # (∞ · 0 in a gradient: NaN)
+            edges = torch.cat([-infinity, inner, infinity])
+            cdf = (edges - loc[..., None]).mul_(torch.exp(-log_scale)[..., None]).sigmoid_()
         return cdf[..., 1:] - cdf[..., :-1]
 
     def encoder_input(self, x: Tensor) -> Tensor:
