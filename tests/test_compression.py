@@ -546,6 +546,29 @@ def test_the_default_latent_buckets_code_no_larger_than_finer_ones(binary_model,
     assert default["info"]["net_bits"] <= finer["info"]["net_bits"] + 64, (default["info"], finer["info"])
 
 
+def test_symbol_tables_round_in_place_only_tables_of_their_own():
+    """The coder rounds a likelihood's table in place when the table owns its memory; a table that a plugin keeps
+    (a buffer, or a view of one) must come back rounded and be left untouched."""
+    from vaeguard.components.codecs import PROBABILITY_GRID, _symbol_tables
+
+    class KeptTable(torch.nn.Module):
+        n_symbols = 3
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("table", torch.tensor([[0.1, 0.2, 0.7]], dtype=torch.float64) / 3.0)
+
+        def symbol_probabilities(self, params: torch.Tensor) -> torch.Tensor:
+            return self.table if len(params) == 1 else self.table.expand(len(params), 3)
+
+    likelihood = KeptTable()
+    before = likelihood.table.clone()
+    for rows in (1, 2):
+        tables = _symbol_tables(likelihood, torch.zeros(rows, 1, dtype=torch.float64))
+        np.testing.assert_array_equal(tables[0, 0], np.round(before[0].numpy() / PROBABILITY_GRID) * PROBABILITY_GRID)
+    assert torch.equal(likelihood.table, before)
+
+
 def test_probability_rounding_is_the_numpy_formula_to_the_bit():
     """The coder's tables are rounded in torch (2.5x faster) where they were rounded by np.round(p / grid) * grid:
     the same bits, ties included (both round half to even; scaling by a power of two is exact), or containers

@@ -90,8 +90,17 @@ def _table_chunks(likelihood: Any, batch: int) -> list[range]:
 def _symbol_tables(likelihood: Any, params: torch.Tensor) -> np.ndarray:
     """P(x_j = k | z) for the decoder's ``params`` of a chunk of samples: (samples, elements, symbols), rounded."""
     probabilities = likelihood.symbol_probabilities(params)
-    fresh = probabilities.untyped_storage().data_ptr() != params.untyped_storage().data_ptr()  # not a view of params
-    return _rounded(probabilities, in_place=fresh).reshape(len(params), -1, likelihood.n_symbols)
+    return _rounded(probabilities, in_place=_fresh(probabilities, params, likelihood)).reshape(
+        len(params), -1, likelihood.n_symbols
+    )
+
+
+def _fresh(t: torch.Tensor, params: torch.Tensor, likelihood: Any) -> bool:
+    """Whether ``t`` owns its memory: not a view, and sharing it with neither ``params`` nor the likelihood's
+    parameters and buffers (a plugin may return a table it keeps), so that rounding it in place harms nothing."""
+    shared = {params.untyped_storage().data_ptr()}
+    shared.update(x.untyped_storage().data_ptr() for x in (*likelihood.parameters(), *likelihood.buffers()))
+    return not t._is_view() and t.untyped_storage().data_ptr() not in shared
 
 
 def stream_rows(n: int, streams: int) -> list[np.ndarray]:
