@@ -10,6 +10,7 @@ nats per sample. Elementwise distributions come from :mod:`torch.distributions`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -94,10 +95,16 @@ def log_ndtr(t: Tensor) -> Tensor:
     far = t < -start
     if _is_batched(t) or t.device.type != "cpu":  # vmap cannot select; a GPU computes both in the same time
         return torch.where(far, _log_ndtr_far(torch.clamp(t, max=-start)), near)
-    # on the CPU the series (some twenty operations a value) only where it is needed: rarely
-    flat = t.expand(near.shape).reshape(-1)
-    where = torch.nonzero(far.reshape(-1)).squeeze(1)
-    return near.reshape(-1).index_put((where,), _log_ndtr_far(flat[where])).reshape(near.shape)
+    return _replaced_where(far, near, _log_ndtr_far, t)  # the series (~20 operations a value) only where needed
+
+
+def _replaced_where(mask: Tensor, base: Tensor, compute: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
+    """``base`` with ``compute`` of the ``inputs`` (broadcast to ``base``) at the ``mask``'s entries, computed for
+    those entries only: ``torch.where(mask, compute(*inputs), base)`` without the work where ``mask`` is false
+    (outside ``torch.func`` transforms, which refuse data-dependent indexing). Differentiable."""
+    where = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    selected = (t.expand(base.shape).reshape(-1)[where] for t in inputs)
+    return base.reshape(-1).index_put((where,), compute(*selected)).reshape(base.shape)
 
 
 def _log_mass_below_mean(a: Tensor, b: Tensor) -> Tensor:
@@ -121,9 +128,7 @@ def _log_mass_below_mean(a: Tensor, b: Tensor) -> Tensor:
 
     if _is_batched(b):
         return torch.where(far, deep(a, b), near)
-    a, b = (t.expand(near.shape).reshape(-1) for t in (a, b))
-    where = torch.nonzero(far.reshape(-1)).squeeze(1)
-    return near.reshape(-1).index_put((where,), deep(a[where], b[where])).reshape(near.shape)
+    return _replaced_where(far, near, deep, a, b)
 
 
 def _is_batched(t: Tensor) -> bool:
