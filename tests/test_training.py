@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vaeguard.components.encoders import mlp
-from vaeguard.components.likelihoods import GaussianLikelihood
+from vaeguard.components.likelihoods import DiagGaussianLikelihood, GaussianLikelihood
 from vaeguard.model import VAE
 from vaeguard.objectives import elbo
 from vaeguard.training import TrainingConfig, TrainingDivergedError, split_validation, train
@@ -15,6 +15,30 @@ def small_vae(d=4, seed=0):
     torch.manual_seed(seed)
     enc, dec = mlp((d,), 2, 1, hidden_dims=[16])
     return VAE(enc, dec, GaussianLikelihood((d,)), 2)
+
+
+def lattice_vae(seed=0, mask_input=False):
+    """The estimator's default kind of model on :func:`lattice_data`'s four columns: an MLP and
+    ``diag_gaussian`` with a continuous column, a half-step lattice, a lattice with a floor and a
+    binary column (two cells), whose likelihood has no parameters of its own."""
+    torch.manual_seed(seed)
+    enc, dec = mlp((8 if mask_input else 4,), 2, 2, output_shape=(4,), hidden_dims=[16])
+    likelihood = DiagGaussianLikelihood(
+        (4,),
+        bin_widths=[0.0, 0.5, 0.5, 1.0],
+        lattice_floor=[None, None, -1.0, 0.0],
+        lattice_ceiling=[None, None, None, 1.0],
+    )
+    return VAE(enc, dec, likelihood, 2, mask_input=mask_input)
+
+
+def lattice_data(n=300):
+    """:func:`data` moved onto :func:`lattice_vae`'s lattices."""
+    x = data(n=n).double()
+    x[:, 1] = torch.round(2 * x[:, 1]) / 2
+    x[:, 2] = (torch.round(2 * x[:, 2]) / 2).clamp(min=-1.0)
+    x[:, 3] = (x[:, 3] > 0).double()
+    return x
 
 
 def data(n=400, d=4, seed=0):
@@ -193,19 +217,26 @@ def _train_each_alone(models, x, config, seeds, **kwargs):
     ],
     ids=["elbo-trimmed-early-stopping", "iwae", "free-bits"],
 )
-def test_models_trained_side_by_side_end_where_each_alone_would(config, float64):
-    """train_models steps three models at once (vmap over stacked parameters), each with its own
+@pytest.mark.parametrize("kind", ["vmap", "batched"])
+def test_models_trained_side_by_side_end_where_each_alone_would(config, kind, float64):
+    """train_models steps three models at once (stacked parameters), each with its own
     validation rows, shuffles, draws, clipping and early stopping: every model and history equals
     train() with the same generator, up to the rounding of the batched kernels. In float64 that
     rounding (~1e-16) stays far below the tolerances over a few hundred steps on any CPU, and no
-    early-stopping comparison can tip."""
+    early-stopping comparison can tip. "vmap": a likelihood with parameters of its own (σ per
+    column), run under ``torch.func.vmap``; "batched": the default kind of model (MLP,
+    ``diag_gaussian`` with lattices, a floor and a binary column), whose ELBO runs as batched
+    matrix products without vmap (IWAE stays on vmap)."""
     from vaeguard.training import _StackedModels, train_models
 
-    x = data(n=300).double()
+    x = data(n=300).double() if kind == "vmap" else lattice_data()
+    build = small_vae if kind == "vmap" else lattice_vae
     seeds = [3, 4, 5]
-    alone = [small_vae(seed=s) for s in seeds]
-    together = [small_vae(seed=s) for s in seeds]
-    assert _StackedModels.build(together, x, config, torch.device("cpu"), None, None) is not None
+    alone = [build(seed=s) for s in seeds]
+    together = [build(seed=s) for s in seeds]
+    stack = _StackedModels.build(together, x, config, torch.device("cpu"), None, None)
+    assert stack is not None
+    assert (stack.native is not None) == (kind == "batched" and config.objective == "elbo")
     expected = _train_each_alone(alone, x, config, seeds)
     got = train_models(
         together, x, config, generators=[torch.Generator().manual_seed(s) for s in seeds], device=torch.device("cpu")
@@ -223,17 +254,25 @@ def test_models_trained_side_by_side_end_where_each_alone_would(config, float64)
         assert len({len(h.train_loss) for h in got}) > 1 and all(h.stopped_early for h in got)
 
 
-def test_models_with_missing_entries_train_side_by_side_like_alone(float64):
-    from vaeguard.training import train_models
+@pytest.mark.parametrize("kind", ["vmap", "batched"])
+def test_models_with_missing_entries_train_side_by_side_like_alone(kind, float64):
+    """As above with entries missing; "batched" also feeds the mask to the encoder (``mask_input``)."""
+    from vaeguard.training import _StackedModels, train_models
 
-    x = data(n=300).double()
+    x = data(n=300).double() if kind == "vmap" else lattice_data()
     mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) > 0.2
     x = torch.where(mask, x, torch.zeros_like(x))
     config = TrainingConfig(epochs=4, batch_size=32)
     seeds = [1, 2]
-    alone = _train_each_alone([small_vae(seed=s) for s in seeds], x, config, seeds, mask=mask)
+
+    def build(seed):
+        return small_vae(seed=seed) if kind == "vmap" else lattice_vae(seed=seed, mask_input=True)
+
+    stack = _StackedModels.build([build(s) for s in seeds], x, config, torch.device("cpu"), mask, None)
+    assert (stack.native is not None) == (kind == "batched")
+    alone = _train_each_alone([build(s) for s in seeds], x, config, seeds, mask=mask)
     together = train_models(
-        [small_vae(seed=s) for s in seeds],
+        [build(s) for s in seeds],
         x,
         config,
         generators=[torch.Generator().manual_seed(s) for s in seeds],

@@ -303,10 +303,10 @@ def free_bits_kl(kl: Tensor, free_bits: float) -> Tensor:
     """Per-row KL with a floor of ``free_bits`` nats per dimension on the minibatch average (Kingma et al. 2016).
 
     A dimension whose batch-mean KL is below the floor is charged the floor, a constant, so
-    the optimiser stops pushing it towards the prior; ``kl`` is ``(batch, latent)``, the
-    result ``(batch,)``.
+    the optimiser stops pushing it towards the prior; ``kl`` is ``(..., batch, latent)``, the
+    result ``(..., batch)``.
     """
     if free_bits <= 0:
         return kl.sum(-1)
-    below = kl.mean(0) < free_bits
+    below = kl.mean(-2, keepdim=True) < free_bits  # the batch is the next-to-last dimension (M models may lead)
     return torch.where(below, torch.full_like(kl, free_bits), kl).sum(-1)

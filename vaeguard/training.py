@@ -14,13 +14,15 @@ import torch
 from torch import Tensor, nn
 
 from vaeguard.ddp import ProcessGroup, same_rows
-from vaeguard.model import VAE
+from vaeguard.model import LOGVAR_MAX, LOGVAR_MIN, VAE
 from vaeguard.objectives import (
     TrainingTerms,
     free_bits_kl,
     iwae_objective,
+    kl_per_dimension,
     training_terms,
 )
+from vaeguard.parts import soft_clamp
 
 #: KL schedules: "linear" ramps the KL weight from 0 to 1 over ``kl_warmup_fraction`` of the
 #: steps; "cyclical" repeats that ramp (over the first half of each) in 4 equal cycles (Fu et
@@ -430,6 +432,88 @@ def _same(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
+class _NativeStack:
+    """The stacked models' per-row ELBO loss ``(M, batch)`` with their MLPs run as batched matrix products.
+
+    The same objective as ``vmap`` of :class:`_MemberObjective` over the stacked parameters
+    (``_StackedModels.build`` compares the two on the data before training), without
+    vmap's per-operation cost, which is most of a small table's step: for the built-in
+    MLP encoder and decoder, no condition, the ELBO, and a likelihood without parameters
+    of its own (its per-element computations broadcast over the leading model dimension).
+    """
+
+    #: Modules a stacked MLP may hold besides ``nn.Linear``: elementwise or shape-only.
+    ELEMENTWISE = (nn.SiLU, nn.ReLU, nn.Tanh, nn.GELU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Softplus)
+
+    def __init__(self, model: VAE, config: TrainingConfig, params: dict[str, Tensor]) -> None:
+        self.model = model
+        self.config = config
+        self.params = params
+
+    @classmethod
+    def build(cls, model: VAE, config: TrainingConfig, params: dict[str, Tensor]) -> _NativeStack | None:
+        """The fast path for these models, or None where only ``vmap`` runs them."""
+        from vaeguard.components.encoders import MLPDecoder, MLPEncoder
+
+        if (
+            config.objective != "elbo"
+            or model.condition_dim
+            or type(model.encoder) is not MLPEncoder
+            or type(model.decoder) is not MLPDecoder
+            or any(True for _ in model.likelihood.parameters())
+        ):
+            return None
+        for net in (model.encoder.net, model.decoder.net):
+            for module in net:
+                if not isinstance(module, (nn.Linear, nn.Flatten, nn.Unflatten, *cls.ELEMENTWISE)):
+                    return None
+        return cls(model, config, params)
+
+    @torch.no_grad()
+    def agrees(self, vmapped: Any, rows: Tensor, mb: Tensor | None, cb: Tensor | None) -> bool:
+        """Whether this gives ``vmapped``'s loss on ``rows`` (M, n, ...) at random draws (float rounding aside)."""
+        count, latent = rows.shape[0], self.model.latent_dim
+        eps = torch.randn(count, 1, rows.shape[1], latent, device=rows.device, dtype=rows.dtype)
+        try:
+            return torch.allclose(self(rows, eps, mb, cb, 0.5), vmapped(rows, eps, mb, cb, 0.5), rtol=1e-4, atol=1e-4)
+        except Exception:  # a likelihood that does not broadcast over the models: vmap runs them
+            return False
+
+    def _network(self, prefix: str, net: nn.Sequential, h: Tensor) -> Tensor:
+        """``net`` applied to ``h`` (M, rows, features) with each model's own weights."""
+        for name, module in net.named_children():
+            if isinstance(module, nn.Linear):
+                weight = self.params[f"{prefix}.{name}.weight"]  # (M, out, in)
+                bias = self.params.get(f"{prefix}.{name}.bias")
+                h = (
+                    torch.matmul(h, weight.transpose(1, 2))
+                    if bias is None
+                    else torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+                )
+            elif isinstance(module, nn.Unflatten):
+                h = h.unflatten(-1, module.unflattened_size)
+            elif not isinstance(module, nn.Flatten):  # the encoder's input is flattened already
+                h = module(h)
+        return h
+
+    def __call__(self, xb: Tensor, eps: Tensor, mb: Tensor | None, cb: Tensor | None, weight: float) -> Tensor:
+        """Each model's per-row loss ``(M, batch)`` for its rows ``xb`` (M, batch, ...) and draws ``eps``
+        (M, K, batch, latent): what :class:`_MemberObjective` gives each under ``vmap``."""
+        model, count, rows = self.model, xb.shape[0], xb.shape[1]
+        features = model.likelihood.encoder_input(xb).flatten(2)
+        if model.mask_input:
+            observed = torch.ones_like(xb) if mb is None else mb
+            features = torch.cat([features, observed.flatten(2).to(features.dtype)], dim=2)
+        h = self._network("model.encoder.net", model.encoder.net, features)
+        latent = model.latent_dim
+        mu, logvar = h[..., :latent], soft_clamp(h[..., latent:], LOGVAR_MIN, LOGVAR_MAX)
+        z = mu.unsqueeze(1) + (0.5 * logvar).exp().unsqueeze(1) * eps  # (M, K, batch, latent)
+        out = self._network("model.decoder.net", model.decoder.net, z.reshape(count, -1, latent))
+        params = out.reshape(count, eps.shape[1], rows, *out.shape[2:])
+        recon = model.likelihood.log_prob(xb.unsqueeze(1), params, None if mb is None else mb.unsqueeze(1)).mean(1)
+        return weight * free_bits_kl(kl_per_dimension(mu, logvar), self.config.free_bits) - recon
+
+
 class _StackedModels:
     """M models of one architecture as stacked parameters ``(M, ...)``, stepped together under ``torch.func.vmap``."""
 
@@ -440,6 +524,8 @@ class _StackedModels:
         self.base = _MemberObjective(models[0], config)
         params, _ = torch.func.stack_module_state([_MemberObjective(m, config) for m in models])
         self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        self.native = _NativeStack.build(models[0], config, self.params)
+        self._forward = self._vmapped if self.native is None else self.native
 
     @classmethod
     def build(
@@ -477,6 +563,8 @@ class _StackedModels:
         finally:
             for p in stack.params.values():
                 p.grad = None
+        if stack.native is not None and not stack.native.agrees(stack._vmapped, rows, mb, cb):
+            stack.native, stack._forward = None, stack._vmapped
         return stack
 
     def _vmapped(self, xb: Tensor, eps: Tensor, mb: Tensor | None, cb: Tensor | None, weight: float) -> Tensor:
@@ -509,7 +597,7 @@ class _StackedModels:
         n: int,
         generator: torch.Generator,
     ) -> tuple[Tensor, None]:
-        return self._vmapped(xb, eps, mb, cb, weight), None
+        return self._forward(xb, eps, mb, cb, weight), None
 
     def clip_gradients(self, max_norm: float) -> Tensor:
         """Each model's gradient scaled to norm ≤ ``max_norm`` as ``clip_grad_norm_`` would; the norms ``(M,)``."""
@@ -541,7 +629,7 @@ class _StackedModels:
         for start in range(0, x_val.shape[1], VALIDATION_CHUNK):
             part = slice(start, start + VALIDATION_CHUNK)
             per_row.append(
-                self._vmapped(
+                self._forward(
                     x_val[:, part],
                     val_eps[:, :, part],
                     None if m_val is None else m_val[:, part],
