@@ -194,45 +194,58 @@ def _lattice_log_prob_partials(
     return d_loc, d_scale
 
 
-class _LatticeLogProb(torch.autograd.Function):
-    """:func:`discretized_normal_log_prob` as one autograd node with its gradient in closed form.
+def _lattice_value_and_partials(
+    x: Tensor, loc: Tensor, scale: Tensor, bin_width: Tensor, floor: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    log_prob = discretized_normal_log_prob(x, loc, scale, bin_width, floor)
+    return log_prob, *_lattice_log_prob_partials(x, loc, scale, bin_width, floor, log_prob)
 
-    Autograd through the cell masses records some two hundred small operations (edges,
-    mirroring, the far tail's series, the branches' ``where``); a small table's training
-    step is mostly those. Not differentiable twice.
+
+class _ClosedFormGradient(torch.autograd.Function):
+    """A log-probability of ``x`` given (loc, scale) as one autograd node.
+
+    ``value_and_partials(x, loc, scale, *args)`` returns the value and its ∂/∂loc and
+    ∂/∂scale in closed form; backward multiplies them by the incoming gradient. Autograd
+    through the cell masses records some two hundred small operations (edges, mirroring,
+    the far tail's series, the branches' ``where``), most of a small table's training
+    step. Not differentiable twice; ``x`` and ``args`` take no gradient.
     """
 
     @staticmethod
-    def forward(x: Tensor, loc: Tensor, scale: Tensor, bin_width: Tensor, floor: Tensor | None) -> Any:
-        log_prob = discretized_normal_log_prob(x, loc, scale, bin_width, floor)
-        return log_prob, *_lattice_log_prob_partials(x, loc, scale, bin_width, floor, log_prob)
+    def forward(value_and_partials: Callable[..., tuple[Tensor, Tensor, Tensor]], *inputs: Any) -> Any:
+        return value_and_partials(*inputs)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        _, loc, scale, _, _ = inputs
+        _, _, loc, scale, *args = inputs
         _, d_loc, d_scale = output
         ctx.mark_non_differentiable(d_loc, d_scale)
         ctx.save_for_backward(d_loc, d_scale)
-        ctx.shapes = (loc.shape, scale.shape)
+        ctx.shapes, ctx.n_args = (loc.shape, scale.shape), len(args)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
         d_loc, d_scale = ctx.saved_tensors
         loc_shape, scale_shape = ctx.shapes
-        grad_loc = (grad * d_loc).sum_to_size(loc_shape) if ctx.needs_input_grad[1] else None
-        grad_scale = (grad * d_scale).sum_to_size(scale_shape) if ctx.needs_input_grad[2] else None
-        return None, grad_loc, grad_scale, None, None
+        grad_loc = (grad * d_loc).sum_to_size(loc_shape) if ctx.needs_input_grad[2] else None
+        grad_scale = (grad * d_scale).sum_to_size(scale_shape) if ctx.needs_input_grad[3] else None
+        return None, None, grad_loc, grad_scale, *([None] * ctx.n_args)
+
+
+def _closed_form_applies(x: Tensor, loc: Tensor, scale: Tensor) -> bool:
+    """Whether autograd records a log-probability here that :class:`_ClosedFormGradient` can stand for: outside
+    ``torch.func`` transforms (which keep the plain operations) and where ``x`` needs no gradient."""
+    recording = torch.is_grad_enabled() and (loc.requires_grad or scale.requires_grad)
+    return recording and not x.requires_grad and not any(_is_batched(t) for t in (x, loc, scale))
 
 
 def lattice_log_prob(x: Tensor, loc: Tensor, scale: Tensor, bin_width: Tensor, floor: Tensor | None = None) -> Tensor:
-    """:func:`discretized_normal_log_prob`; where autograd records it (outside ``torch.func`` transforms,
-    which keep the plain operations, and where ``x`` needs no gradient), as :class:`_LatticeLogProb`: the
-    same values, with the gradient in closed form."""
-    recording = torch.is_grad_enabled() and (loc.requires_grad or scale.requires_grad)
-    if not recording or x.requires_grad or any(_is_batched(t) for t in (x, loc, scale)):
+    """:func:`discretized_normal_log_prob`; where autograd records it, as one node with the same values
+    and the gradient in closed form (:class:`_ClosedFormGradient`)."""
+    if not _closed_form_applies(x, loc, scale):
         return discretized_normal_log_prob(x, loc, scale, bin_width, floor)
-    return _LatticeLogProb.apply(x, loc, scale, bin_width, floor)[0]
+    return _ClosedFormGradient.apply(_lattice_value_and_partials, x, loc, scale, bin_width, floor)[0]
 
 
 class _NormalLikelihood(Likelihood):
@@ -332,9 +345,26 @@ class _NormalLikelihood(Likelihood):
 
 
 def _two_cell_log_prob(x: Tensor, loc: Tensor, scale: Tensor, midpoint: Tensor) -> Tensor:
-    """log Φ(±(μ − m)/σ): the mass of the cell of ``x`` (above or below the midpoint m) of a two-cell lattice."""
+    """log Φ(±(μ − m)/σ): the mass of the cell of ``x`` (above or below the midpoint m) of a two-cell lattice
+    (where autograd records it, as one node with the gradient in closed form)."""
+    if _closed_form_applies(x, loc, scale):
+        return _ClosedFormGradient.apply(_two_cell_value_and_partials, x, loc, scale, midpoint)[0]
     t = (loc - midpoint) / scale
     return log_ndtr(torch.where(x > midpoint, t, -t))
+
+
+def _two_cell_value_and_partials(
+    x: Tensor, loc: Tensor, scale: Tensor, midpoint: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """log Φ(s·t) with t = (μ − m)/σ and s = ±1 the side of ``x``, and its ∂/∂μ = s·r/σ, ∂/∂σ = −s·t·r/σ,
+    r = φ(s·t)/Φ(s·t) (the inverse Mills ratio, as exp(log φ − log Φ))."""
+    t = (loc - midpoint) / scale
+    above = x > midpoint
+    signed = torch.where(above, t, -t)
+    log_prob = log_ndtr(signed)
+    ratio = torch.exp(-0.5 * signed.square() - _HALF_LOG_2PI - log_prob)
+    d_loc = torch.where(above, ratio, -ratio) / scale
+    return log_prob, d_loc, -signed * ratio / scale
 
 
 def _optional_numbers(values: Any, name: str) -> list[float | None]:
