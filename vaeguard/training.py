@@ -282,8 +282,9 @@ def train_models(
     """Fit each of ``models`` to ``x`` as :func:`train` would with its own generator; their histories.
 
     Models of the same architecture are trained side by side in one loop: their
-    parameters are stacked and one vectorised step (``torch.func.vmap``) updates all of
-    them, so the fixed cost of a step is paid once instead of once per model. Each
+    parameters are stacked and one vectorised step updates all of them (batched matrix
+    products for the built-in MLPs, ``torch.func.vmap`` for other networks), so the fixed
+    cost of a step is paid once instead of once per model. Each
     model keeps its own validation rows, shuffles, draws, gradient clipping and early
     stopping, so it ends where :func:`train` with its generator would (to float rounding).
     Where they cannot be stacked (a regularizer, which keeps state of its own; a plugin
@@ -473,7 +474,8 @@ class _NativeStack:
     def agrees(self, vmapped: Any, rows: Tensor, mb: Tensor | None, cb: Tensor | None) -> bool:
         """Whether this gives ``vmapped``'s loss on ``rows`` (M, n, ...) at random draws (float rounding aside)."""
         count, latent = rows.shape[0], self.model.latent_dim
-        eps = torch.randn(count, 1, rows.shape[1], latent, device=rows.device, dtype=rows.dtype)
+        draws = torch.Generator(device=rows.device).manual_seed(0)  # the global generator's state is the user's
+        eps = torch.randn(count, 1, rows.shape[1], latent, generator=draws, device=rows.device, dtype=rows.dtype)
         try:
             return torch.allclose(self(rows, eps, mb, cb, 0.5), vmapped(rows, eps, mb, cb, 0.5), rtol=1e-4, atol=1e-4)
         except Exception:  # a likelihood that does not broadcast over the models: vmap runs them
@@ -515,7 +517,8 @@ class _NativeStack:
 
 
 class _StackedModels:
-    """M models of one architecture as stacked parameters ``(M, ...)``, stepped together under ``torch.func.vmap``."""
+    """M models of one architecture as stacked parameters ``(M, ...)``, stepped together: as batched matrix
+    products where :class:`_NativeStack` runs them (the default models), else under ``torch.func.vmap``."""
 
     def __init__(self, models: list[VAE], config: TrainingConfig) -> None:
         self.models = models
