@@ -330,3 +330,27 @@ def test_epoch_lines_say_every_tenth_and_where_training_stopped():
     said = [line.split(" (")[0] for line in out.getvalue().splitlines()]
     assert said == ["training: epoch 5/50", "training: epoch 10/50", "training: stopped at epoch 12/50"]
     assert "training loss 3.000, validation loss 3.100 nats" in out.getvalue()
+
+
+def test_only_networks_that_declare_it_run_as_batched_matrix_products(float64):
+    """A subclass of the built-in MLP may change its forward: unless it declares ``stacks_as_sequential``
+    itself, its stacked copies run under vmap (which runs whatever forward it has)."""
+    from vaeguard.components.encoders import MLPEncoder
+    from vaeguard.training import _StackedModels
+
+    class Shifted(MLPEncoder):
+        def forward(self, x, condition=None):
+            return super().forward(x, condition) + 1.0
+
+    def shifted_vae(seed):
+        vae = lattice_vae(seed=seed)
+        shifted = Shifted(4, [16], 2)
+        shifted.load_state_dict(vae.encoder.state_dict())
+        vae.encoder = shifted
+        return vae
+
+    x, config = lattice_data(), TrainingConfig(epochs=1, batch_size=32)
+    plain = _StackedModels.build([lattice_vae(seed=s) for s in (1, 2)], x, config, torch.device("cpu"), None, None)
+    shifted = _StackedModels.build([shifted_vae(s) for s in (1, 2)], x, config, torch.device("cpu"), None, None)
+    assert plain.native is not None
+    assert shifted is not None and shifted.native is None

@@ -438,9 +438,10 @@ class _NativeStack:
 
     The same objective as ``vmap`` of :class:`_MemberObjective` over the stacked parameters
     (``_StackedModels.build`` compares the two on the data before training), without
-    vmap's per-operation cost, which is most of a small table's step: for the built-in
-    MLP encoder and decoder, no condition, the ELBO, and a likelihood without parameters
-    of its own (its per-element computations broadcast over the leading model dimension).
+    vmap's per-operation cost, which is most of a small table's step: for networks that
+    declare ``stacks_as_sequential`` (the built-in MLPs), no condition, the ELBO, and a
+    likelihood without parameters of its own (its per-element computations broadcast
+    over the leading model dimension).
     """
 
     #: Modules a stacked MLP may hold besides ``nn.Linear``: elementwise or shape-only.
@@ -453,18 +454,18 @@ class _NativeStack:
 
     @classmethod
     def build(cls, model: VAE, config: TrainingConfig, params: dict[str, Tensor]) -> _NativeStack | None:
-        """The fast path for these models, or None where only ``vmap`` runs them."""
-        from vaeguard.components.encoders import MLPDecoder, MLPEncoder
-
+        """The fast path for these models, or None where only ``vmap`` runs them. The networks must declare
+        ``stacks_as_sequential`` in their own class (the built-in MLPs do: their forward is ``net`` alone)."""
         if (
             config.objective != "elbo"
             or model.condition_dim
-            or type(model.encoder) is not MLPEncoder
-            or type(model.decoder) is not MLPDecoder
+            or not all(vars(type(net)).get("stacks_as_sequential", False) for net in (model.encoder, model.decoder))
             or any(True for _ in model.likelihood.parameters())
         ):
             return None
-        for net in (model.encoder.net, model.decoder.net):
+        for net in (getattr(model.encoder, "net", None), getattr(model.decoder, "net", None)):
+            if not isinstance(net, nn.Sequential):
+                return None
             for module in net:
                 if not isinstance(module, (nn.Linear, nn.Flatten, nn.Unflatten, *cls.ELEMENTWISE)):
                     return None

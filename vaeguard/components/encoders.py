@@ -26,6 +26,10 @@ class MLPEncoder(nn.Module):
     flattened input.
     """
 
+    #: Its forward is ``net`` on the flattened input and nothing else: training may run stacked copies of it as
+    #: batched matrix products over ``net``'s layers (read from this class only, so a subclass declares it anew).
+    stacks_as_sequential = True
+
     def __init__(self, n_inputs: int, hidden_dims: Sequence[int], latent_dim: int, condition_dim: int = 0) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
@@ -42,6 +46,9 @@ class MLPEncoder(nn.Module):
 
 class MLPDecoder(nn.Module):
     """``(batch, latent_dim) → (batch, n_params, *output_shape)``; ``forward(z, c)`` when ``condition_dim`` > 0."""
+
+    #: As :attr:`MLPEncoder.stacks_as_sequential`: its forward is ``net`` on z.
+    stacks_as_sequential = True
 
     def __init__(
         self,
