@@ -20,6 +20,7 @@ from vaeguard.objectives import (
     free_bits_kl,
     iwae_objective,
     kl_per_dimension,
+    reparameterize,
     training_terms,
 )
 from vaeguard.parts import soft_clamp
@@ -510,7 +511,7 @@ class _NativeStack:
         h = self._network("model.encoder.net", model.encoder.net, features)
         latent = model.latent_dim
         mu, logvar = h[..., :latent], soft_clamp(h[..., latent:], LOGVAR_MIN, LOGVAR_MAX)
-        z = mu.unsqueeze(1) + (0.5 * logvar).exp().unsqueeze(1) * eps  # (M, K, batch, latent)
+        z = reparameterize(mu.unsqueeze(1), logvar.unsqueeze(1), eps)  # (M, K, batch, latent)
         out = self._network("model.decoder.net", model.decoder.net, z.reshape(count, -1, latent))
         params = out.reshape(count, eps.shape[1], rows, *out.shape[2:])
         recon = model.likelihood.log_prob(xb.unsqueeze(1), params, None if mb is None else mb.unsqueeze(1)).mean(1)
@@ -529,7 +530,6 @@ class _StackedModels:
         params, _ = torch.func.stack_module_state([_MemberObjective(m, config) for m in models])
         self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         self.native = _NativeStack.build(models[0], config, self.params)
-        self._forward = self._vmapped if self.native is None else self.native
 
     @classmethod
     def build(
@@ -568,8 +568,12 @@ class _StackedModels:
             for p in stack.params.values():
                 p.grad = None
         if stack.native is not None and not stack.native.agrees(stack._vmapped, rows, mb, cb):
-            stack.native, stack._forward = None, stack._vmapped
+            stack.native = None
         return stack
+
+    def _objective(self, xb: Tensor, eps: Tensor, mb: Tensor | None, cb: Tensor | None, weight: float) -> Tensor:
+        """Each model's per-row loss ``(M, batch)``: batched matrix products where they run, else vmap."""
+        return (self._vmapped if self.native is None else self.native)(xb, eps, mb, cb, weight)
 
     def _vmapped(self, xb: Tensor, eps: Tensor, mb: Tensor | None, cb: Tensor | None, weight: float) -> Tensor:
         def one(params: dict[str, Tensor], xb: Tensor, eps: Tensor, mb: Tensor | None, cb: Tensor | None) -> Tensor:
@@ -601,7 +605,7 @@ class _StackedModels:
         n: int,
         generator: torch.Generator,
     ) -> tuple[Tensor, None]:
-        return self._forward(xb, eps, mb, cb, weight), None
+        return self._objective(xb, eps, mb, cb, weight), None
 
     def clip_gradients(self, max_norm: float) -> Tensor:
         """Each model's gradient scaled to norm ≤ ``max_norm`` as ``clip_grad_norm_`` would; the norms ``(M,)``."""
@@ -633,7 +637,7 @@ class _StackedModels:
         for start in range(0, x_val.shape[1], VALIDATION_CHUNK):
             part = slice(start, start + VALIDATION_CHUNK)
             per_row.append(
-                self._forward(
+                self._objective(
                     x_val[:, part],
                     val_eps[:, :, part],
                     None if m_val is None else m_val[:, part],

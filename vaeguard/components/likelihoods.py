@@ -152,11 +152,23 @@ def discretized_normal_log_prob(
     lowest cell takes all the mass below it, (−∞, floor + w/2], so the cells from the floor
     up sum to one. Gradients stay finite in every branch.
     """
-    z = (x - loc) / scale
+    return _cell_log_prob(scale, bin_width, *_cell_geometry(x, loc, scale, bin_width, floor))
+
+
+def _cell_geometry(
+    x: Tensor, loc: Tensor, scale: Tensor, bin_width: Tensor, floor: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(z = (x − loc)/scale, the half cell width in σ units, whether x is in its floor cell (a 0-d False without
+    a floor)): what the log mass and its partials both read."""
+    at_floor = (
+        torch.zeros((), dtype=torch.bool, device=x.device) if floor is None else (x - floor).abs() < 0.5 * bin_width
+    )
+    return (x - loc) / scale, (0.5 * bin_width) / scale, at_floor
+
+
+def _cell_log_prob(scale: Tensor, bin_width: Tensor, z: Tensor, half: Tensor, at_floor: Tensor) -> Tensor:
+    """:func:`discretized_normal_log_prob` from :func:`_cell_geometry`'s terms."""
     log_density = -0.5 * z.square() - (torch.log(scale) + _HALF_LOG_2PI)
-    half = (0.5 * bin_width) / scale
-    no_floor = torch.zeros((), dtype=torch.bool, device=x.device)
-    at_floor = no_floor if floor is None else (x - floor).abs() < 0.5 * bin_width
     exact = (half > NARROW_BIN) | at_floor
     # a cell's mass is symmetric in z: mirrored below the mean, [−|z| − h, −|z| + h]; the floor cell is (−∞, z + h]
     h = torch.where(exact, half, torch.ones_like(half))  # the unused branch's inputs harmless, its gradient not NaN
@@ -169,7 +181,7 @@ def discretized_normal_log_prob(
 
 
 def _lattice_log_prob_partials(
-    x: Tensor, loc: Tensor, scale: Tensor, bin_width: Tensor, floor: Tensor | None, log_prob: Tensor
+    scale: Tensor, bin_width: Tensor, z: Tensor, half: Tensor, at_floor: Tensor, log_prob: Tensor
 ) -> tuple[Tensor, Tensor]:
     """∂/∂loc and ∂/∂scale of :func:`discretized_normal_log_prob`'s value ``log_prob``, in closed form.
 
@@ -178,14 +190,9 @@ def _lattice_log_prob_partials(
     φ/mass taken as exp(log φ − log mass) so that it stays finite where the mass underflows;
     a density (continuous, or a cell narrower than :data:`NARROW_BIN` σ) has z/σ and (z² − 1)/σ.
     """
-    z = (x - loc) / scale
-    half = (0.5 * bin_width) / scale
-    upper, lower = z + half, z - half
-    density = (bin_width <= 0) | (half <= NARROW_BIN)
-    if floor is not None:
-        at_floor = (x - floor).abs() < 0.5 * bin_width
-        density = density & ~at_floor
-        lower = torch.where(at_floor, torch.full_like(lower, -math.inf), lower)
+    upper = z + half
+    lower = torch.where(at_floor, torch.full_like(z, -math.inf), z - half)
+    density = ((bin_width <= 0) | (half <= NARROW_BIN)) & ~at_floor
     ratio_upper = torch.exp(-0.5 * upper.square() - _HALF_LOG_2PI - log_prob)  # φ(b⁺) / mass
     ratio_lower = torch.exp(-0.5 * lower.square() - _HALF_LOG_2PI - log_prob)  # 0 at −∞
     lower_term = torch.where(torch.isinf(lower), torch.zeros_like(lower), lower * ratio_lower)
@@ -197,8 +204,9 @@ def _lattice_log_prob_partials(
 def _lattice_value_and_partials(
     x: Tensor, loc: Tensor, scale: Tensor, bin_width: Tensor, floor: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    log_prob = discretized_normal_log_prob(x, loc, scale, bin_width, floor)
-    return log_prob, *_lattice_log_prob_partials(x, loc, scale, bin_width, floor, log_prob)
+    terms = _cell_geometry(x, loc, scale, bin_width, floor)
+    log_prob = _cell_log_prob(scale, bin_width, *terms)
+    return log_prob, *_lattice_log_prob_partials(scale, bin_width, *terms, log_prob)
 
 
 class _ClosedFormGradient(torch.autograd.Function):
