@@ -16,7 +16,7 @@ import torch
 from test_estimators import ppca
 
 from vaeguard import load
-from vaeguard.ddp import ProcessGroup, describe_failure
+from vaeguard.ddp import ProcessGroup, _native_log_held_back, describe_failure
 from vaeguard.training import TrainingConfig, train
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
@@ -193,3 +193,15 @@ def test_failures_are_described_in_one_line():
     assert text == "training process 1 failed (killed by SIGKILL); the other processes were stopped"
     text = describe_failure({0: Failure(1, {"message": "ValueError: bad\nmore"}, 7)})
     assert text == "training process 0 failed (ValueError: bad); the other processes were stopped"
+
+
+def test_what_native_code_logs_while_the_ranks_connect_is_dropped(capfd):
+    # gloo writes its connection retries to file descriptor 2 from C++, past sys.stderr;
+    # a job whose rank died while connecting printed them above its one-line error
+    with pytest.raises(RuntimeError, match="refused"), _native_log_held_back():
+        os.write(2, b"[gloo] ERROR failed to connect, retry=1\n")
+        raise RuntimeError("connectFullMesh failed: Connection refused")
+    with _native_log_held_back():
+        os.write(2, b"[gloo] ERROR failed to connect, retry=1\n")
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"

@@ -22,13 +22,15 @@ computes for itself from identical weights.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import hashlib
 import logging
 import os
 import signal
+import sys
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,7 +157,8 @@ def current_group(device: torch.device | None = None) -> ProcessGroup | None:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         try:
-            torch.distributed.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+            with _native_log_held_back():
+                torch.distributed.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
         except Exception as exc:
             raise DistributedError(f"could not join the process group of this torchrun job: {exc}") from exc
         # a group left for the interpreter's teardown can abort the process ("terminate called
@@ -170,6 +173,26 @@ def current_group(device: torch.device | None = None) -> ProcessGroup | None:
         local_rank=int(os.environ.get("LOCAL_RANK", torch.distributed.get_rank())),
         backend=str(torch.distributed.get_backend()),
     )
+
+
+@contextlib.contextmanager
+def _native_log_held_back() -> Iterator[None]:
+    """Drop what native code writes to file descriptor 2 while the ranks connect.
+
+    gloo logs every retry while a peer is still starting, and every refused connection
+    when a peer died before the group formed. Neither is for the user: a group that
+    forms needs no word, and one that does not raises an exception whose message says
+    why (reported in one line, as every failure of a rank is).
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _close_group() -> None:
