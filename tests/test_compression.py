@@ -79,6 +79,19 @@ def test_categorical_tables_round_trip_and_unseen_categories_are_refused():
         compress(det, unseen)
 
 
+def test_a_column_constant_in_training_comes_back_as_its_value_and_a_missing_one_is_refused():
+    rng = np.random.default_rng(2)
+    X = np.column_stack([rng.normal(3.0, 1.0, 400), np.full(400, 5.0), rng.normal(6.0, 2.0, 400)])
+    det = VAEAnomalyDetector(**{**QUICK, "epochs": 10}).fit(X)
+    assert det.input_space_.modelled.tolist() == [0, 2]
+    back = decompress(det, compress(det, X[:40], codec="latent"))
+    assert back.shape == (40, 3) and (back[:, 1] == 5.0).all()
+    changed = X[:3].copy()
+    changed[2, 1] = np.nan
+    with pytest.raises(ValueError, match="row 2 has missing values"):
+        compress(det, changed, codec="latent")
+
+
 def test_the_bits_do_not_depend_on_threads_or_the_process(binary_model, digits, tmp_path):
     held_out = (digits[1][:60] >= 8).astype(np.uint8)
     threads = torch.get_num_threads()

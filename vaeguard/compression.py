@@ -120,6 +120,18 @@ def compress(
     if mask is not None:
         row = int(np.flatnonzero(~mask.reshape(len(mask), -1).numpy().all(axis=1))[0])
         raise ValueError(f"row {row} has missing values; only complete data can be compressed")
+    unseen = det.input_space_.unseen_constants(inputs)
+    if unseen is not None:  # a column left out of the networks comes back as its one training value
+        row, col = (int(i) for i in np.argwhere(unseen)[0])
+        value = inputs.values.reshape(len(inputs), -1)[row, col]
+        if np.isnan(value):
+            raise ValueError(f"row {row} has missing values; only complete data can be compressed")
+        if coder.lossless:
+            raise ValueError(
+                f"row {row}, column {det.input_space_.column_name(col)} holds {value:g}, but the column held one "
+                "value in every training row and the model gives it back as that value: lossless coding would "
+                "change it; refit on data where the column varies"
+            )
     payload, info = coder.encode(det.coding_model(), x, **_with_progress(coder, progress))
     frame = isinstance(X, pd.DataFrame)
     original = X if frame else np.asarray(X)

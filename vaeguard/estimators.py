@@ -206,10 +206,11 @@ class VAEAnomalyDetector(
     Parameters
     ----------
     latent_dim : int or "auto", default="auto"
-        Size of z; "auto" is about n_features/4 within [2, 32].
+        Size of z; "auto" is about n_features/4 within [2, 32], counting the columns
+        the networks read (not those that held one value in every training row).
     hidden_dims : list of int or "auto", default="auto"
         Encoder hidden widths (the decoder mirrors them); "auto" is two layers of
-        2·n_features within [32, 256].
+        2·n_features within [32, 256], counted likewise.
     encoder : str, default="auto"
         Network family, by registered name (``vaeguard plugins`` lists them); "auto" is
         "conv" for images of at least 16 × 16 values (C·H·W ≥ 256) and "mlp" for smaller
@@ -399,7 +400,9 @@ class VAEAnomalyDetector(
         For a table: one row per column (index: the column names) with its ``kind``
         ("continuous", "lattice", "categorical" or "constant"), lattice ``step``,
         ``origin``, ``lower`` and ``upper`` bound (NaN where none; a two-valued column
-        has both: it is binary) and the ``reason`` in words.
+        has both: it is binary) and the ``reason`` in words. A "constant" column stays
+        out of the networks: after m training rows of one value, another value costs
+        log(m + 1) nats more (Laplace's rule of succession).
         None for images.
     image_shape_ : tuple of int or None
         For a model of images, the shape of one image as given, ``(H, W)`` or ``(C, H, W)``.
@@ -596,15 +599,23 @@ class VAEAnomalyDetector(
         standardizer = Standardizer.fit(
             X, detect_lattice=lattices, categorical=coder.categorical if categorical else None, names=names
         )
-        options: dict[str, Any] = {"n_categories": coder.n_categories} if categorical else lik_cls.options_from_data(X)
+        # the columns constant in training are left out of the model (InputSpace.modelled)
+        modelled = InputSpace.modelled_columns(standardizer)
+        keep = np.arange(d) if modelled is None else modelled
+        options: dict[str, Any] = (
+            {"n_categories": [coder.n_categories[j] for j in keep]}
+            if categorical
+            else lik_cls.options_from_data(X[:, keep])
+        )
         if standardizer.discrete.any():
-            options["bin_widths"] = standardizer.bin_widths.tolist()
+            options["bin_widths"] = standardizer.bin_widths[keep].tolist()
             for bound, values in (("floor", standardizer.lattice_floor), ("ceiling", standardizer.lattice_ceiling)):
                 if values is not None:
-                    options[f"lattice_{bound}"] = [None if np.isnan(v) else float(v) for v in values]
+                    options[f"lattice_{bound}"] = [None if np.isnan(v) else float(v) for v in values[keep]]
+        width = (len(keep),)
         if categorical:
-            return "mixed", get_part("likelihoods", "mixed")((d,), **options), standardizer
-        return name, lik_cls((d,), **options), standardizer
+            return "mixed", get_part("likelihoods", "mixed")(width, **options), standardizer
+        return name, lik_cls(width, **options), standardizer
 
     def _image_likelihood(
         self, X: np.ndarray, space: InputSpace
@@ -751,8 +762,13 @@ class VAEAnomalyDetector(
             likelihood_name, likelihood, standardizer = self._table_likelihood(X, observed)
             pixels = None
         space = observed.with_model(
-            standardizer=standardizer, pixel_levels=pixels, support=likelihood, condition_encoder=conditions
+            standardizer=standardizer,
+            pixel_levels=pixels,
+            support=likelihood,
+            condition_encoder=conditions,
+            training_values=X,
         )
+        d = math.prod(likelihood.event_shape)  # the values the networks read (a table's varying columns)
         encoder = self.encoder if self.encoder != "auto" else auto_encoder(images, d)
         inputs = space.to_model(X, y if conditions is not None else None)
         x, mask, c = inputs.x, inputs.mask, inputs.condition
@@ -1097,9 +1113,7 @@ class VAEAnomalyDetector(
         result = self._log_likelihood_internal(
             x, mask, k, return_std, condition=inputs.condition, per_feature=per_feature and not exact
         )
-        observed = (
-            np.full(x.shape[0], self.n_features_in_) if mask is None else mask.reshape(x.shape[0], -1).sum(1).numpy()
-        )
+        observed = (~np.isnan(inputs.values.reshape(len(inputs), -1))).sum(1)  # the columns left out included
         value = result.value + self.input_space_.row_nats(inputs)
         shares = None
         if per_feature:
@@ -1278,7 +1292,7 @@ class VAEAnomalyDetector(
         k = self.n_importance_samples
         full = self._log_likelihood_internal(few.x, few.mask, k, condition=few.condition, first_only=True).value
         conditionals = self._exact_conditionals(few, full, k, first_only=True)
-        exact = self.input_space_.feature_shares(conditionals, few.impossible)
+        exact = self.input_space_.feature_shares(conditionals, few)
         exact = np.asarray(exact, dtype=np.float64).reshape(len(few), -1)
         return baseline + _column_medians(exact - one_pass[: len(few)])
 
@@ -1297,13 +1311,13 @@ class VAEAnomalyDetector(
         result = self._log_likelihood_internal(
             inputs.x, inputs.mask, self.n_importance_samples, condition=inputs.condition, per_feature=True
         )
-        scores = self.input_space_.feature_shares(result.per_feature, inputs.impossible)
+        scores = self.input_space_.feature_shares(result.per_feature, inputs)
         return result.value, np.asarray(scores, dtype=np.float64).reshape(len(inputs), -1)
 
     def _feature_scores_of(self, conditionals: np.ndarray, inputs: ModelInputs, X: Any) -> Any:
         """Model-space log p(x_j | x_−j) ``(n, *event)`` as :meth:`feature_scores` reports them: in the data's
         units and form, less each element's training median (``feature_baseline_``)."""
-        scores = self.input_space_.feature_shares(conditionals, inputs.impossible, _index_of(X))
+        scores = self.input_space_.feature_shares(conditionals, inputs, _index_of(X))
         baseline = getattr(self, "feature_baseline_", None)
         if baseline is None:
             warnings.warn(
@@ -1411,7 +1425,7 @@ class VAEAnomalyDetector(
     def coding_model(self) -> CodingModel:
         """What a codec sees of this fitted model: the first network, latent size, likelihood and element scales."""
         check_is_fitted(self)
-        scale = None if self.standardizer_ is None else np.asarray(self.standardizer_.scale, dtype=np.float64)
+        scale = self.input_space_.model_scale()
         return CodingModel(self.model_, self.latent_dim_, self.model_spec_["likelihood"], scale)
 
     def from_model_space(self, x: np.ndarray) -> np.ndarray | pd.DataFrame:
@@ -1453,6 +1467,12 @@ class VAEAnomalyDetector(
                 "score_seed_": self.score_seed_,
                 "latent_dim_": int(self.latent_dim_),
                 "n_features_in_": int(self.n_features_in_),
+                "modelled_columns_": None
+                if self.input_space_.modelled is None
+                else [int(j) for j in self.input_space_.modelled],
+                "constant_rows_": None
+                if self.input_space_.constant_rows is None
+                else [int(m) for m in self.input_space_.constant_rows],
                 "feature_names_in_": [str(c) for c in getattr(self, "feature_names_in_", [])] or None,
                 "image_shape_": None if self.image_shape_ is None else list(self.image_shape_),
                 "image_dtype_": getattr(self, "image_dtype_", None),
@@ -1558,6 +1578,8 @@ class VAEAnomalyDetector(
             standardizer=standardizer,
             pixel_levels=None if levels is None else PixelLevels(**levels),
             support=models[0].likelihood,
+            modelled=_stored_modelled_columns(fitted.get("modelled_columns_"), standardizer),
+            constant_rows=None if fitted.get("constant_rows_") is None else np.asarray(fitted["constant_rows_"]),
             condition_encoder=None if conditions is None else ConditionEncoder(**conditions),
         )
         est.offset_ = float(fitted["offset_"])
@@ -1635,6 +1657,16 @@ def _stored_search_floors(value: Any, n_models: int) -> list[float | None] | Non
     """A model file's ``search_floors_``: None (files before them), or per model a finite number or None."""
     accepts = lambda t: t is None or _finite_number(t)  # noqa: E731
     return _stored_per_model(value, n_models, "search_floors_", accepts, "finite numbers or nulls")
+
+
+def _stored_modelled_columns(value: Any, standardizer: Standardizer | None) -> np.ndarray | None:
+    """A model file's ``modelled_columns_`` (checked by :mod:`vaeguard.schema`): None (every column), or the
+    columns the model reads; the standardizer holds the others' one training value."""
+    if value is None:
+        return None
+    if standardizer is None:
+        raise ValueError("the model file's modelled_columns_ needs the standardizer that holds the other columns")
+    return np.asarray(value, dtype=np.int64)
 
 
 def _column_medians(values: np.ndarray) -> np.ndarray:

@@ -47,6 +47,7 @@ Problem = tuple[int, str, Any, str]
 #: Standardised values beyond this cannot be scored in float32 (their squares overflow).
 MAX_STANDARDISED = 1e30
 TOO_FAR = "too far from the training data to be scored in float32"
+ONLY_CONSTANT = "has values only in columns that held one value in every training row: the model has nothing to score"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +103,10 @@ class InputSpace:
     ``column_coder`` codes a DataFrame's categorical columns (``handle_unknown``: "error"
     or "ignore" for unseen categories). Completed by :meth:`with_model`: ``standardizer``
     (continuous models: centre, scale, lattices), ``pixel_levels`` (discrete images),
-    ``support`` (the likelihood whose support discrete values must lie in) and
-    ``condition_encoder`` (conditional models).
+    ``support`` (the likelihood whose support discrete values must lie in),
+    ``condition_encoder`` (conditional models), ``modelled``, the columns the networks
+    read (None: all), and ``constant_rows``, the training rows that observed each of the
+    others, which held one value (see the module).
     """
 
     owner: str
@@ -117,6 +120,8 @@ class InputSpace:
     pixel_levels: PixelLevels | None = None
     support: Likelihood | None = None
     condition_encoder: ConditionEncoder | None = None
+    modelled: np.ndarray | None = None
+    constant_rows: np.ndarray | None = None
 
     # -- building ------------------------------------------------------------------------
     @classmethod
@@ -157,15 +162,33 @@ class InputSpace:
         pixel_levels: PixelLevels | None,
         support: Likelihood | None,
         condition_encoder: ConditionEncoder | None,
+        training_values: np.ndarray | None = None,
     ) -> InputSpace:
-        """This space completed with what the model chose (see the class)."""
+        """This space completed with what the model chose (see the class); a table's ``training_values``
+        (n, d) leave its constant columns out of the model."""
+        modelled = None if self.images else self.modelled_columns(standardizer)
+        rows = None
+        if modelled is not None and training_values is not None:
+            left_out = np.ones(self.n_features, bool)
+            left_out[modelled] = False
+            rows = (~np.isnan(training_values[:, left_out])).sum(axis=0)
         return dataclasses.replace(
             self,
             standardizer=standardizer,
             pixel_levels=pixel_levels,
             support=support,
             condition_encoder=condition_encoder,
+            modelled=None if rows is None else modelled,
+            constant_rows=rows,
         )
+
+    @staticmethod
+    def modelled_columns(standardizer: Standardizer | None) -> np.ndarray | None:
+        """The columns a table's model reads: all but those constant in training (None: all, also when all are)."""
+        if standardizer is None or standardizer.columns is None:
+            return None
+        varying = np.array([c.kind != "constant" for c in standardizer.columns])
+        return None if varying.all() or not varying.any() else np.flatnonzero(varying)
 
     # -- what it reads -------------------------------------------------------------------
     @property
@@ -280,6 +303,11 @@ class InputSpace:
         if empty.any():
             problems.append((int(np.flatnonzero(empty)[0]), "", None, "has no observed values (all missing)"))
             bad |= empty
+        if self.modelled is not None:
+            unread = frame.iloc[:, self.modelled].isna().all(axis=1).to_numpy() & ~bad
+            if unread.any():
+                problems.append((int(np.flatnonzero(unread)[0]), "", None, ONLY_CONSTANT))
+                bad |= unread
         if self.condition_encoder is not None:
             if conditions is None:
                 raise ValueError("this model is conditional: check_rows needs the rows' conditions")
@@ -323,13 +351,15 @@ class InputSpace:
         if self.standardizer is not None:
             with np.errstate(over="ignore", invalid="ignore"):
                 Z = self.standardizer.transform(flat).reshape(values.shape)
-                far = np.abs(Z.reshape(n, -1)) > MAX_STANDARDISED
+                far = self._model_columns(np.abs(Z.reshape(n, -1)) > MAX_STANDARDISED)
             if far.any():
                 row, col = (int(i) for i in np.argwhere(far)[0])
+                col = col if self.modelled is None else int(self.modelled[col])
                 raise ValueError(
                     f"row {row}, column {self.column_name(col)} holds {float(flat[row, col])!r}, {TOO_FAR}"
                 )
             impossible = self.standardizer.impossible(flat)
+            Z = self._model_columns(Z)
         else:
             Z = values if self.pixel_levels is None else self.pixel_levels.to_levels(values)
             if self.support is not None:
@@ -337,11 +367,69 @@ class InputSpace:
             impossible = None if self.pixel_levels is None else self.pixel_levels.impossible(flat)
         missing = np.isnan(Z)
         if missing.any():
+            empty = missing.reshape(n, -1).all(axis=1)
+            if empty.any():
+                raise ValueError(f"row {int(np.flatnonzero(empty)[0])} {ONLY_CONSTANT}")
             x, mask = torch.tensor(np.where(missing, 0.0, Z), dtype=torch.float64), torch.from_numpy(~missing)
         else:
             x, mask = torch.tensor(Z, dtype=torch.float64), None
         impossible = impossible if impossible is not None and impossible.any() else None
         return ModelInputs(x, mask, self.condition_tensor(condition, n), impossible, values)
+
+    def model_scale(self) -> np.ndarray | None:
+        """Each model-space value's unit in the data's units (the standardizer's scale of the columns the model
+        reads); None for models without a standardizer."""
+        if self.standardizer is None:
+            return None
+        return np.asarray(self._model_columns(self.standardizer.scale[None]), dtype=np.float64)[0]
+
+    def _model_columns(self, a: np.ndarray) -> np.ndarray:
+        """The columns of a table's ``a`` (n, d) that the model reads (all of ``a`` when it reads all)."""
+        return a if self.modelled is None else a[:, self.modelled]
+
+    def _all_columns(self, a: np.ndarray, fill: float | bool) -> np.ndarray:
+        """Model-space columns ``a`` (n, modelled) spread into (n, d), ``fill`` in the columns left out."""
+        if self.modelled is None:
+            return a
+        out = np.full((a.shape[0], self.n_features), fill, dtype=a.dtype)
+        out[:, self.modelled] = a
+        return out
+
+    @property
+    def _left_out(self) -> np.ndarray:
+        """Boolean mask (d,) of the columns the model does not read (constant in training)."""
+        out = np.zeros(self.n_features, bool)
+        if self.modelled is not None:
+            out[:] = True
+            out[self.modelled] = False
+        return out
+
+    def unseen_constants(self, inputs: ModelInputs) -> np.ndarray | None:
+        """Mask (n, d) of the values in columns left out of the model other than their one training value
+        (NaN included): what the networks cannot give back; None when there are none."""
+        if self.modelled is None:
+            return None
+        flat = inputs.values.reshape(len(inputs), -1)
+        out = np.zeros(flat.shape, bool)
+        value = self.standardizer.center[self._left_out]
+        with np.errstate(invalid="ignore"):
+            out[:, self._left_out] = ~(np.abs(flat[:, self._left_out] - value) <= 1e-12 * np.abs(value))
+        return out if out.any() else None
+
+    def _constant_nats(self, values: np.ndarray) -> np.ndarray:
+        """log p of each value of the columns left out of the model (rule of succession: log (m + 1)/(m + 2) for
+        the training value, −log (m + 2) for another), 0 elsewhere and where missing; (n, d)."""
+        flat = values.reshape(len(values), -1)
+        out = np.zeros(flat.shape)
+        if self.modelled is not None:
+            constant = self._left_out
+            value, m = self.standardizer.center[constant], self.constant_rows.astype(np.float64)
+            entries = flat[:, constant]
+            with np.errstate(invalid="ignore"):
+                unseen = np.abs(entries - value) > 1e-12 * np.abs(value)
+            nats = np.where(unseen, -np.log(m + 2), np.log1p(-1 / (m + 2)))
+            out[:, constant] = np.where(np.isnan(entries), 0.0, nats)
+        return out
 
     def encode(self, X: Any, condition: Any = None) -> ModelInputs:
         """:meth:`validate` then :meth:`to_model`: user input as the networks see it."""
@@ -362,13 +450,15 @@ class InputSpace:
 
     def row_nats(self, inputs: ModelInputs) -> np.ndarray:
         """Per-row nats added to a model-space log-density to give the data's: the standardiser's log-Jacobian
-        over the observed entries, less :data:`IMPOSSIBLE_VALUE_NATS` per impossible value. Shape (n,)."""
+        over the observed entries, the columns left out of the model (:meth:`_constant_nats`), less
+        :data:`IMPOSSIBLE_VALUE_NATS` per impossible value. Shape (n,)."""
         n = len(inputs)
         if self.standardizer is None:
             nats = np.zeros(n)
         else:
-            observed = None if inputs.mask is None else inputs.mask.numpy().reshape(n, -1)
-            nats = self.standardizer.log_jacobian_rows(observed, n)
+            observed = None if inputs.mask is None else self._all_columns(inputs.mask.numpy().reshape(n, -1), True)
+            nats = self.standardizer.log_jacobian_rows(observed, n)  # the columns left out: scale 1, 0 nats
+            nats = nats + self._constant_nats(inputs.values).sum(axis=1)
         if inputs.impossible is not None:
             nats = nats - IMPOSSIBLE_VALUE_NATS * inputs.impossible.sum(axis=1)
         return nats
@@ -387,23 +477,27 @@ class InputSpace:
         else:
             count = impossible.sum(axis=0)
             first = f"row {row}, column {self.column_name(col)} holds {value:g}"
-            where = "off their column's lattice or outside its bounds: " + ", ".join(
-                f"{self.column_name(j)} ({int(count[j])})" for j in np.flatnonzero(count)[:5]
-            )
+            columns = ", ".join(f"{self.column_name(j)} ({int(count[j])})" for j in np.flatnonzero(count)[:5])
+            where = f"off their column's lattice or outside its bounds: {columns}"
         return (
             f"{int(impossible.sum())} value(s) are impossible under the model, {where}; first: {first}. Each is "
             f"scored as the nearest lattice point (or level), {IMPOSSIBLE_VALUE_NATS:g} nats less likely "
             "(column_types_ lists each column's lattice; discrete_columns changes it)"
         )
 
-    def feature_shares(self, shares: np.ndarray, impossible: np.ndarray | None, index: Any = None) -> Any:
-        """Model-space per-element log-likelihood shares (n, *event_shape) in the data's units and form.
+    def feature_shares(self, shares: np.ndarray, inputs: ModelInputs, index: Any = None) -> Any:
+        """Model-space per-element log-likelihood shares (n, *event_shape) of ``inputs`` in the data's units and
+        form.
 
-        Adds each continuous column's log-Jacobian and charges an impossible value's
-        :data:`IMPOSSIBLE_VALUE_NATS` to its column. A DataFrame with the training columns
-        (``index`` for its rows) for a table; an array shaped like the images for images.
+        Adds each continuous column's log-Jacobian and the columns left out of the model, and
+        charges an impossible value's :data:`IMPOSSIBLE_VALUE_NATS` to its column. A DataFrame
+        with the training columns (``index`` for its rows) for a table; an array shaped like
+        the images for images.
         """
-        shares = shares.reshape(len(shares), -1)
+        impossible = inputs.impossible
+        shares = self._all_columns(shares.reshape(len(shares), -1), 0.0)
+        if self.modelled is not None:
+            shares = shares + self._constant_nats(inputs.values)
         if self.standardizer is not None:
             shares = shares + np.where(self.standardizer.discrete, 0.0, -np.log(self.standardizer.scale))
         if impossible is not None:
@@ -422,7 +516,7 @@ class InputSpace:
                 images = st.to_support(st.inverse_transform(x.reshape(len(x), -1))).astype(np.dtype(self.image_dtype))
             return images.reshape(len(x), *self.image_shape)
         if st is not None:
-            x = st.to_support(st.inverse_transform(x))
+            x = st.to_support(st.inverse_transform(self._all_columns(x, 0.0)))  # 0: the training value
         if self.column_coder is not None:
             frame = self.column_coder.decode(x)
         elif self.feature_names is None:
@@ -476,6 +570,7 @@ class InputSpace:
             return None
         with np.errstate(over="ignore", invalid="ignore"):
             far = np.abs(self.standardizer.transform(flat)) > MAX_STANDARDISED
+        far[:, self._left_out] = False  # not standardised: an unseen value of a constant column (_constant_nats)
         return far if far.any() else None
 
     def _check_values(self, values: np.ndarray) -> None:

@@ -15,6 +15,7 @@ against the network's shapes by the detector (built without memory first, on PyT
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from numbers import Integral, Real
 from typing import Any
@@ -49,6 +50,8 @@ _FITTED_REQUIRED = {
 _FITTED_OPTIONAL = {
     *("column_coder_", "feature_names_in_", "image_shape_", "image_dtype_", "pixel_levels_", "column_types_"),
     *("condition_encoder_", "active_units_", "n_models_", "probe_thresholds_", "search_floors_"),
+    "modelled_columns_",
+    "constant_rows_",
 }
 #: The kinds a table's column may have (``column_types_``).
 COLUMN_KINDS = ("continuous", "lattice", "constant", "categorical")
@@ -210,8 +213,21 @@ def _check_fitted(fitted: Any, spec: dict[str, Any], arrays: dict[str, np.ndarra
             f"{field}.latent_dim_", f"is {fitted['latent_dim_']}; the network's latent_dim is {spec['latent_dim']}"
         )
     n = _integer(fitted["n_features_in_"], f"{field}.n_features_in_", 1, LIMITS["n_features"])
-    if n != spec["n_features"]:
+    modelled = fitted.get("modelled_columns_")
+    if modelled is None and n != spec["n_features"]:
         raise _fail(f"{field}.n_features_in_", f"is {n} but the network reads {spec['n_features']} features")
+    if modelled is not None:  # the columns the network reads; the others were constant in training
+        where = f"{field}.modelled_columns_"
+        columns = [_integer(j, f"{where}[{i}]", 0, n - 1) for i, j in enumerate(_sequence(modelled, where))]
+        if len(columns) != spec["n_features"] or any(b <= a for a, b in itertools.pairwise(columns)):
+            raise _fail(where, f"must list the {spec['n_features']} columns the network reads, in increasing order")
+    if (modelled is None) != (fitted.get("constant_rows_") is None):
+        raise _fail(f"{field}.constant_rows_", "comes with modelled_columns_ and only with it")
+    if modelled is not None:  # the training rows that held each other column's one value
+        where = f"{field}.constant_rows_"
+        rows = _sequence(fitted["constant_rows_"], where, length=n - len(modelled))
+        for i, m in enumerate(rows):
+            _integer(m, f"{where}[{i}]", 1, 2**53)
     _integer(fitted["best_epoch"], f"{field}.best_epoch", -1)
     _boolean(fitted["stopped_early"], f"{field}.stopped_early")
     if fitted.get("n_models_") is not None:
