@@ -1567,6 +1567,7 @@ class VAEAnomalyDetector(
                 st.columns = st.lattices([str(r["kind"]) for r in records], [str(r["reason"]) for r in records])
             standardizer = st
         levels, coder, conditions = (fitted.get(k) for k in ("pixel_levels_", "column_coder_", "condition_encoder_"))
+        modelled, constant_rows = _stored_constant_columns(fitted, standardizer)
         est.input_space_ = InputSpace(
             cls.__name__,
             int(fitted["n_features_in_"]),
@@ -1578,8 +1579,8 @@ class VAEAnomalyDetector(
             standardizer=standardizer,
             pixel_levels=None if levels is None else PixelLevels(**levels),
             support=models[0].likelihood,
-            modelled=_stored_modelled_columns(fitted.get("modelled_columns_"), standardizer),
-            constant_rows=None if fitted.get("constant_rows_") is None else np.asarray(fitted["constant_rows_"]),
+            modelled=modelled,
+            constant_rows=constant_rows,
             condition_encoder=None if conditions is None else ConditionEncoder(**conditions),
         )
         est.offset_ = float(fitted["offset_"])
@@ -1659,14 +1660,17 @@ def _stored_search_floors(value: Any, n_models: int) -> list[float | None] | Non
     return _stored_per_model(value, n_models, "search_floors_", accepts, "finite numbers or nulls")
 
 
-def _stored_modelled_columns(value: Any, standardizer: Standardizer | None) -> np.ndarray | None:
-    """A model file's ``modelled_columns_`` (checked by :mod:`vaeguard.schema`): None (every column), or the
-    columns the model reads; the standardizer holds the others' one training value."""
-    if value is None:
-        return None
+def _stored_constant_columns(
+    fitted: dict[str, Any], standardizer: Standardizer | None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A model file's ``modelled_columns_`` and ``constant_rows_`` (checked by :mod:`vaeguard.schema`): both None
+    (every column modelled), or the columns the model reads and the training rows of each other one, whose one
+    value the standardizer holds."""
+    if fitted.get("modelled_columns_") is None:
+        return None, None
     if standardizer is None:
         raise ValueError("the model file's modelled_columns_ needs the standardizer that holds the other columns")
-    return np.asarray(value, dtype=np.int64)
+    return np.asarray(fitted["modelled_columns_"], dtype=np.int64), np.asarray(fitted["constant_rows_"], np.int64)
 
 
 def _column_medians(values: np.ndarray) -> np.ndarray:

@@ -381,7 +381,8 @@ class InputSpace:
         reads); None for models without a standardizer."""
         if self.standardizer is None:
             return None
-        return np.asarray(self._model_columns(self.standardizer.scale[None]), dtype=np.float64)[0]
+        scale = np.asarray(self.standardizer.scale, dtype=np.float64)
+        return scale if self.modelled is None else scale[self.modelled]
 
     def _model_columns(self, a: np.ndarray) -> np.ndarray:
         """The columns of a table's ``a`` (n, d) that the model reads (all of ``a`` when it reads all)."""
@@ -404,30 +405,33 @@ class InputSpace:
             out[self.modelled] = False
         return out
 
+    def _constant_entries(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The columns left out of the model (d,), their entries of ``values`` (n, k) and where those differ from
+        the column's one training value (n, k; NaN: False)."""
+        constant = self._left_out
+        entries = values.reshape(len(values), -1)[:, constant]
+        value = self.standardizer.center[constant]
+        with np.errstate(invalid="ignore"):
+            return constant, entries, np.abs(entries - value) > 1e-12 * np.abs(value)
+
     def unseen_constants(self, inputs: ModelInputs) -> np.ndarray | None:
         """Mask (n, d) of the values in columns left out of the model other than their one training value
         (NaN included): what the networks cannot give back; None when there are none."""
         if self.modelled is None:
             return None
-        flat = inputs.values.reshape(len(inputs), -1)
-        out = np.zeros(flat.shape, bool)
-        value = self.standardizer.center[self._left_out]
-        with np.errstate(invalid="ignore"):
-            out[:, self._left_out] = ~(np.abs(flat[:, self._left_out] - value) <= 1e-12 * np.abs(value))
+        constant, entries, differs = self._constant_entries(inputs.values)
+        out = np.zeros((len(inputs), self.n_features), bool)
+        out[:, constant] = differs | np.isnan(entries)
         return out if out.any() else None
 
     def _constant_nats(self, values: np.ndarray) -> np.ndarray:
         """log p of each value of the columns left out of the model (rule of succession: log (m + 1)/(m + 2) for
         the training value, −log (m + 2) for another), 0 elsewhere and where missing; (n, d)."""
-        flat = values.reshape(len(values), -1)
-        out = np.zeros(flat.shape)
+        out = np.zeros((len(values), self.n_features))
         if self.modelled is not None:
-            constant = self._left_out
-            value, m = self.standardizer.center[constant], self.constant_rows.astype(np.float64)
-            entries = flat[:, constant]
-            with np.errstate(invalid="ignore"):
-                unseen = np.abs(entries - value) > 1e-12 * np.abs(value)
-            nats = np.where(unseen, -np.log(m + 2), np.log1p(-1 / (m + 2)))
+            constant, entries, differs = self._constant_entries(values)
+            m = self.constant_rows.astype(np.float64)
+            nats = np.where(differs, -np.log(m + 2), np.log1p(-1 / (m + 2)))
             out[:, constant] = np.where(np.isnan(entries), 0.0, nats)
         return out
 

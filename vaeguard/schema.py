@@ -216,17 +216,16 @@ def _check_fitted(fitted: Any, spec: dict[str, Any], arrays: dict[str, np.ndarra
     modelled = fitted.get("modelled_columns_")
     if modelled is None and n != spec["n_features"]:
         raise _fail(f"{field}.n_features_in_", f"is {n} but the network reads {spec['n_features']} features")
-    if modelled is not None:  # the columns the network reads; the others were constant in training
+    if modelled is not None:  # the columns the network reads; the others held one value in their training rows
         where = f"{field}.modelled_columns_"
         columns = [_integer(j, f"{where}[{i}]", 0, n - 1) for i, j in enumerate(_sequence(modelled, where))]
         if len(columns) != spec["n_features"] or any(b <= a for a, b in itertools.pairwise(columns)):
             raise _fail(where, f"must list the {spec['n_features']} columns the network reads, in increasing order")
     if (modelled is None) != (fitted.get("constant_rows_") is None):
         raise _fail(f"{field}.constant_rows_", "comes with modelled_columns_ and only with it")
-    if modelled is not None:  # the training rows that held each other column's one value
+    if modelled is not None:
         where = f"{field}.constant_rows_"
-        rows = _sequence(fitted["constant_rows_"], where, length=n - len(modelled))
-        for i, m in enumerate(rows):
+        for i, m in enumerate(_sequence(fitted["constant_rows_"], where, length=n - len(columns))):
             _integer(m, f"{where}[{i}]", 1, 2**53)
     _integer(fitted["best_epoch"], f"{field}.best_epoch", -1)
     _boolean(fitted["stopped_early"], f"{field}.stopped_early")
