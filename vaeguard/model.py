@@ -65,13 +65,21 @@ class VAE(nn.Module):
             )
         return condition
 
-    def encoder_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """What the encoder sees: the likelihood's view of ``x``, plus the mask when ``mask_input``."""
+    def encoder_features(self, x: Tensor, mask: Tensor | None = None, batch_dims: int = 1) -> Tensor:
+        """What the encoder sees: the likelihood's view of ``x``, plus the mask when ``mask_input``
+        (flattened after the ``batch_dims`` leading dimensions)."""
         features = self.likelihood.encoder_input(x)
         if not self.mask_input:
             return features
         observed = torch.ones_like(x) if mask is None else mask
-        return torch.cat([features.flatten(1), observed.flatten(1).to(features.dtype)], dim=1)
+        return torch.cat(
+            [features.flatten(batch_dims), observed.flatten(batch_dims).to(features.dtype)], dim=batch_dims
+        )
+
+    def posterior(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """The encoder's output ``h`` (..., 2·latent_dim) as ``(μ, log σ²)``, the log-variance within its bounds."""
+        mu, raw_logvar = h[..., : self.latent_dim], h[..., self.latent_dim :]
+        return mu, soft_clamp(raw_logvar, LOGVAR_MIN, LOGVAR_MAX)
 
     def encode(self, x: Tensor, mask: Tensor | None = None, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Posterior parameters ``(μ, log σ²)``, each ``(batch, latent_dim)``.
@@ -82,8 +90,7 @@ class VAE(nn.Module):
         features = self.encoder_features(x, mask)
         c = self._checked(condition, x.shape[0])
         h = self.encoder(features) if c is None else self.encoder(features, c.to(features.dtype))
-        mu, raw_logvar = h[..., : self.latent_dim], h[..., self.latent_dim :]
-        return mu, soft_clamp(raw_logvar, LOGVAR_MIN, LOGVAR_MAX)
+        return self.posterior(h)
 
     def decode(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
         """Likelihood parameters for codes of shape ``(..., batch, latent_dim)``.

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from vaeguard.ddp import ProcessGroup, same_rows
-from vaeguard.model import LOGVAR_MAX, LOGVAR_MIN, VAE
+from vaeguard.model import VAE
 from vaeguard.objectives import (
     TrainingTerms,
     free_bits_kl,
@@ -23,7 +23,6 @@ from vaeguard.objectives import (
     reparameterize,
     training_terms,
 )
-from vaeguard.parts import soft_clamp
 
 #: KL schedules: "linear" ramps the KL weight from 0 to 1 over ``kl_warmup_fraction`` of the
 #: steps; "cyclical" repeats that ramp (over the first half of each) in 4 equal cycles (Fu et
@@ -504,13 +503,10 @@ class _NativeStack:
         """Each model's per-row loss ``(M, batch)`` for its rows ``xb`` (M, batch, ...) and draws ``eps``
         (M, K, batch, latent): what :class:`_MemberObjective` gives each under ``vmap``."""
         model, count, rows = self.model, xb.shape[0], xb.shape[1]
-        features = model.likelihood.encoder_input(xb).flatten(2)
-        if model.mask_input:
-            observed = torch.ones_like(xb) if mb is None else mb
-            features = torch.cat([features, observed.flatten(2).to(features.dtype)], dim=2)
+        features = model.encoder_features(xb, mb, batch_dims=2).flatten(2)
         h = self._network("model.encoder.net", model.encoder.net, features)
         latent = model.latent_dim
-        mu, logvar = h[..., :latent], soft_clamp(h[..., latent:], LOGVAR_MIN, LOGVAR_MAX)
+        mu, logvar = model.posterior(h)
         z = reparameterize(mu.unsqueeze(1), logvar.unsqueeze(1), eps)  # (M, K, batch, latent)
         out = self._network("model.decoder.net", model.decoder.net, z.reshape(count, -1, latent))
         params = out.reshape(count, eps.shape[1], rows, *out.shape[2:])
