@@ -101,7 +101,11 @@ def log_ndtr(t: Tensor) -> Tensor:
 def _replaced_where(mask: Tensor, base: Tensor, compute: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
     """``base`` with ``compute`` of the ``inputs`` (broadcast to ``base``) at the ``mask``'s entries, computed for
     those entries only: ``torch.where(mask, compute(*inputs), base)`` without the work where ``mask`` is false
-    (outside ``torch.func`` transforms, which refuse data-dependent indexing). Differentiable."""
+    (outside ``torch.func`` transforms, which refuse data-dependent indexing). Differentiable. Where no entry
+    is selected (nearly always in training) ``base`` itself comes back: the selection, the empty computation and
+    the empty write cost ~0.1 ms, a tenth of a small table's training step."""
+    if not bool(mask.any()):
+        return base
     where = torch.nonzero(mask.reshape(-1)).squeeze(1)
     selected = (t.expand(base.shape).reshape(-1)[where] for t in inputs)
     return base.reshape(-1).index_put((where,), compute(*selected)).reshape(base.shape)
