@@ -17,7 +17,8 @@ from vaeguard.scoring import (
     PROBE_GAIN,
     PROPOSAL_WIDTH,
     SEARCH_QUANTILE,
-    FixedBlockConvolution,
+    FixedBlockSection,
+    _fixed_block_sections,
     common_random_numbers,
     cpu_scoring_copy,
     effective_sample_size,
@@ -218,7 +219,7 @@ def test_fixed_block_convolutions_give_a_sample_the_same_output_in_any_batch(tra
         else nn.Conv2d(16, 32, 3, 2, 1)
     )
     conv = conv.double()
-    wrapped = FixedBlockConvolution(conv, block=8)
+    wrapped = FixedBlockSection([conv], block=8)
     assert all(p.dtype == torch.float64 for p in wrapped.parameters())  # callers read the model's dtype from these
     x = torch.randn(21, 16, 8, 8, dtype=torch.float64)
     alone = torch.cat([wrapped(x[i : i + 1]) for i in range(len(x))])
@@ -238,6 +239,62 @@ def test_fixed_block_convolutions_give_a_sample_the_same_output_in_any_batch(tra
     assert ((alone - exact).abs() <= (m + 2) * 2.0**-24 * terms).all()
 
 
+def test_a_run_of_convolutions_and_activations_computes_as_one_section_alike_in_any_batch():
+    # the layers between the first and the last convolution run together in float32: one conversion each way;
+    # the Sequential keeps its length (Identity where the section's other layers stood), so slices still mean
+    # what they meant, and a sample's output depends on it alone, bit for bit
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(4, 32),
+        nn.SiLU(),
+        nn.Unflatten(-1, (8, 2, 2)),
+        nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1, output_padding=1),
+        nn.SiLU(),
+        nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1),
+        nn.SiLU(),
+        nn.Conv2d(4, 2, 3, padding=1),
+    ).double()
+    reference = copy.deepcopy(net)
+    _fixed_block_sections(net, block=8)
+    assert len(net) == len(reference)
+    assert isinstance(net[3], FixedBlockSection) and len(net[3].layers) == 5
+    assert all(isinstance(net[k], nn.Identity) for k in range(4, 8))
+    assert isinstance(net[0], nn.Linear) and isinstance(net[1], nn.SiLU)  # the dense part stays float64
+    assert all(p.dtype == torch.float64 for p in net.parameters())
+    z = torch.randn(21, 4, dtype=torch.float64)
+    with torch.no_grad():
+        alone = torch.cat([net(z[i : i + 1]) for i in range(len(z))])
+        assert alone.dtype == torch.float64 and alone.is_contiguous()
+        assert torch.equal(net(z), alone)
+        assert torch.equal(net(z.flip(0)).flip(0), alone)
+        assert torch.equal(net(torch.cat([torch.randn(5, 4, dtype=torch.float64), z]))[5:], alone)
+        # float32 through three convolutions: each output of a layer sums at most 8 · 9 products; relative
+        # rounding of ~(72 + 2) · 2^-24 per layer, compounding over three layers (and the activations'
+        # 2^-24), stays below 1e-4 of the outputs' scale
+        exact = reference(z)
+    scale = exact.abs().max()
+    assert ((alone - exact).abs() <= 1e-4 * scale).all()
+
+
+def test_a_conditional_image_models_scoring_copy_scores_as_its_float64_model():
+    # the conditional encoder runs its convolutions as net[:n_features]: a section with Identity placeholders
+    # must leave that slice the same function
+    from vaeguard.components.encoders import conv
+    from vaeguard.components.likelihoods import DiscretizedLogisticLikelihood
+
+    torch.manual_seed(0)
+    lik = DiscretizedLogisticLikelihood((1, 8, 8), n_levels=17)
+    vae = VAE(*conv((1, 8, 8), 4, lik.param_count, condition_dim=3), lik, 4, condition_dim=3)
+    scoring = cpu_scoring_copy(vae)
+    assert any(isinstance(m, FixedBlockSection) for m in scoring.encoder.modules())
+    x = torch.randint(0, 17, (40, 1, 8, 8)).double()
+    c = torch.nn.functional.one_hot(torch.arange(40) % 3, 3).double()
+    eps = common_random_numbers(64, 4, seed=1)
+    value = importance_sampled_log_likelihood(scoring, x, eps, condition=c).value
+    double = importance_sampled_log_likelihood(copy.deepcopy(vae).double(), x, eps, condition=c).value
+    np.testing.assert_allclose(value, double, rtol=1e-5)
+
+
 def test_an_image_models_scoring_copy_scores_a_row_alike_in_any_batch():
     from vaeguard.components.encoders import conv
     from vaeguard.components.likelihoods import DiscretizedLogisticLikelihood
@@ -247,7 +304,7 @@ def test_an_image_models_scoring_copy_scores_a_row_alike_in_any_batch():
     vae = VAE(*conv((1, 8, 8), 4, lik.param_count), lik, 4)
     scoring = cpu_scoring_copy(vae)
     assert all(p.dtype == torch.float64 for p in scoring.parameters())
-    assert any(isinstance(m, FixedBlockConvolution) for m in scoring.decoder.modules())
+    assert any(isinstance(m, FixedBlockSection) for m in scoring.decoder.modules())
     x = torch.randint(0, 17, (150, 1, 8, 8)).double()
     eps = common_random_numbers(64, 4, seed=1)
     value = importance_sampled_log_likelihood(scoring, x, eps).value

@@ -13,7 +13,7 @@ import copy
 import functools
 import math
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,26 +95,48 @@ MATCH_FLOOR = 0.25
 ENCODER_CONV_BLOCK, DECODER_CONV_BLOCK = 1, 64
 
 
-class FixedBlockConvolution(torch.nn.Module):
-    """A convolution of a float64 scoring copy that computes in float32, ``block`` samples per call.
+#: Layers that act on each element alone: between two convolutions of a scoring copy they run in float32 with them.
+ELEMENTWISE_LAYERS = (
+    torch.nn.SiLU,
+    torch.nn.ReLU,
+    torch.nn.LeakyReLU,
+    torch.nn.ELU,
+    torch.nn.GELU,
+    torch.nn.Tanh,
+    torch.nn.Sigmoid,
+    torch.nn.Softplus,
+    torch.nn.Identity,
+)
+
+
+class FixedBlockSection(torch.nn.Module):
+    """Consecutive layers of a float64 scoring copy — convolutions and the elementwise activations between
+    them — computed together in float32, ``block`` samples per call.
 
     float64 convolutions on the CPU have no direct kernel (PyTorch unfolds the input and
-    multiplies matrices): at 32 × 32 they were 88 % of an image model's scoring time, which
-    these blocks cut to a third (31.3 → 10.4 s, same model). float32 kernels may round a sample
-    differently with the batch's size, never with its position or the other samples in it
-    (``tests/test_scoring.py``), so the input is cut into blocks of exactly ``block``
-    samples (the last one padded with zeros): a sample's output then depends on it alone.
-    Input and output keep the caller's dtype, and so do the registered parameters (the
-    wrapped ``convolution``): code that reads a model's dtype from its parameters still sees
-    float64. The float32 copy that computes is made once, here.
+    multiplies matrices): at 32 × 32 they were 88 % of an image model's scoring time. float32
+    kernels may round a sample differently with the batch's size, never with its position or
+    the other samples in it (``tests/test_scoring.py``), so the input is cut into blocks of
+    exactly ``block`` samples (the last one padded with zeros): a sample's output then depends
+    on it alone. The whole run of layers computes in float32, in channels-last layout where
+    it is 2-D (oneDNN's direct kernels then need no reorder), so that a section converts
+    once on the way in and once on the way out instead of around every convolution (a 32 × 32
+    image model's scoring: a third of its time went to those conversions and to float64
+    activations). Input and output keep the caller's dtype and layout, and so do the
+    registered parameters (the wrapped ``layers``): code that reads a model's dtype from its
+    parameters still sees float64. The float32 copy that computes is made once, here.
     """
 
-    def __init__(self, convolution: torch.nn.Module, block: int) -> None:
+    def __init__(self, layers: Sequence[torch.nn.Module], block: int) -> None:
         super().__init__()
-        self.convolution = convolution
+        self.layers = torch.nn.ModuleList(layers)
         self.block = int(block)
-        # in a tuple, not a submodule: parameters(), state_dict() and .to() see the float64 original
-        self._float32 = (copy.deepcopy(convolution).float(),)
+        computing = torch.nn.Sequential(*(copy.deepcopy(layer) for layer in layers)).float()
+        self._channels_last = any(isinstance(layer, torch.nn.Conv2d | torch.nn.ConvTranspose2d) for layer in layers)
+        if self._channels_last:
+            computing = computing.to(memory_format=torch.channels_last)
+        # in a tuple, not a submodule: parameters(), state_dict() and .to() see the float64 originals
+        self._float32 = (computing,)
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[0]
@@ -122,24 +144,56 @@ class FixedBlockConvolution(torch.nn.Module):
         short = -n % self.block
         if short:
             inputs = torch.cat([inputs, inputs.new_zeros(short, *inputs.shape[1:])])
+        if self._channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         outputs = [self._float32[0](part) for part in inputs.split(self.block)]
-        return torch.cat(outputs)[:n].to(x.dtype)
+        return torch.cat(outputs)[:n].to(dtype=x.dtype, memory_format=torch.contiguous_format)
+
+
+def _fixed_block_sections(network: torch.nn.Module, block: int) -> None:
+    """Every convolution of ``network`` into a :class:`FixedBlockSection`, in place: a run of convolutions and
+    elementwise layers inside a ``Sequential`` becomes one section (its other places hold ``Identity``, so
+    the container's indices and slices still mean what they meant); a convolution elsewhere, a section alone."""
+
+    def is_convolution(module: torch.nn.Module) -> bool:
+        return isinstance(module, torch.nn.modules.conv._ConvNd)
+
+    for parent in list(network.modules()):
+        if isinstance(parent, FixedBlockSection):
+            continue
+        if isinstance(parent, torch.nn.Sequential):
+            children = list(parent)
+            i = 0
+            while i < len(children):
+                if not is_convolution(children[i]):
+                    i += 1
+                    continue
+                j = i + 1
+                while j < len(children) and (
+                    is_convolution(children[j]) or isinstance(children[j], ELEMENTWISE_LAYERS)
+                ):
+                    j += 1
+                parent[i] = FixedBlockSection(children[i:j], block)
+                for k in range(i + 1, j):
+                    parent[k] = torch.nn.Identity()
+                i = j
+            continue
+        for name, child in list(parent.named_children()):
+            if is_convolution(child):
+                setattr(parent, name, FixedBlockSection([child], block))
 
 
 def cpu_scoring_copy(model: VAE) -> VAE:
-    """A float64 copy of ``model`` for scoring on the CPU, its convolutions in fixed-block float32.
+    """A float64 copy of ``model`` for scoring on the CPU, its convolutions in fixed-block float32 sections.
 
     float64 makes a row's score independent of the other rows of its batch (float32 matrix
     kernels round differently by the batch's shape); the convolutions keep that property by
-    computing in blocks of fixed size (:class:`FixedBlockConvolution`). A row's score moves by
+    computing in blocks of fixed size (:class:`FixedBlockSection`). A row's score moves by
     ~1e-3 nats on a 32 × 32 image (~1e-6 on 8 × 8) against an all-float64 copy.
     """
     scoring = copy.deepcopy(model).double()
     for network, block in ((scoring.encoder, ENCODER_CONV_BLOCK), (scoring.decoder, DECODER_CONV_BLOCK)):
-        for parent in list(network.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.modules.conv._ConvNd):
-                    setattr(parent, name, FixedBlockConvolution(child, block))
+        _fixed_block_sections(network, block)
     return scoring
 
 
@@ -343,8 +397,8 @@ def _per_row_elements(model: VAE) -> int:
     buffer that CPU convolutions without a direct kernel build, e.g. in float64: 9
     times the input of a 3 × 3 convolution), and the likelihood's parameters. Sizing by the
     parameters alone let an 8 × 8 image model's chunks reach 3 GB. In a CPU scoring copy
-    (:func:`cpu_scoring_copy`) a convolution is a :class:`FixedBlockConvolution`, counted by
-    its input and output only: its blocks hold at most one block's unfolded input at a time.
+    (:func:`cpu_scoring_copy`) convolutions are inside a :class:`FixedBlockSection`, counted by
+    its input and output only: its blocks hold at most one block's layers at a time.
     """
     known = _ROW_ELEMENTS.get(model)
     if known is not None:
