@@ -200,13 +200,16 @@ def ppca(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_learns_the_true_density_of_probabilistic_pca_and_keeps_units():
+    """Maximum likelihood (no trimming: the default trims the worst-fitting rows of each batch, a robust
+    estimator whose density is narrower by design, ~0.55 nats/row on this clean table) approaches the true
+    density; the units follow the data."""
     X, _ = ppca(4000, seed=1)
     X_test, logp_test = ppca(1000, seed=2)
-    det = VAEAnomalyDetector(random_state=0).fit(X)
+    det = VAEAnomalyDetector(random_state=0, trim_fraction=0.0).fit(X)
     scores = det.score_samples(X_test)
     assert abs(scores.mean() - logp_test.mean()) < 0.5, (scores.mean(), logp_test.mean())
     # rescaling the data by 1000 shifts log-densities by exactly −d·log 1000
-    scaled = VAEAnomalyDetector(random_state=0).fit(X * 1000).score_samples(X_test * 1000)
+    scaled = VAEAnomalyDetector(random_state=0, trim_fraction=0.0).fit(X * 1000).score_samples(X_test * 1000)
     shift = scaled - scores
     assert np.mean(shift) == pytest.approx(-10 * math.log(1000), abs=0.05)
     assert np.max(np.abs(shift + 10 * math.log(1000))) < 0.5
@@ -541,7 +544,7 @@ def test_auto_n_models_is_three_for_small_tables_and_one_otherwise():
 
 def test_auto_training_settings_differ_for_tables_and_images(monkeypatch):
     """The "auto" training settings reach the training loop as a table's, an image's and the
-    time-series window model's (a table): trim_fraction 0.2 / 0.1 (the window model's preset
+    time-series window model's (a table): trim_fraction 0.3 / 0.1 (the window model's preset
     0.1), learning_rate 1e-3 / 3e-3, batch_size n/32 as a power of two within [32, 512] /
     within [128, 512]; numbers given are passed through unchanged."""
     from conftest import FAST
@@ -574,7 +577,7 @@ def test_auto_training_settings_differ_for_tables_and_images(monkeypatch):
         (estimators.IMAGE_TRIM_FRACTION, estimators.IMAGE_LEARNING_RATE, 16),
         (0.1, estimators.TABLE_LEARNING_RATE, 32),
     ]
-    assert estimators.TABLE_TRIM_FRACTION == 0.2 and estimators.IMAGE_TRIM_FRACTION == 0.1
+    assert estimators.TABLE_TRIM_FRACTION == 0.3 and estimators.IMAGE_TRIM_FRACTION == 0.1
     assert (estimators.TABLE_LEARNING_RATE, estimators.IMAGE_LEARNING_RATE) == (1e-3, 3e-3)
 
 
