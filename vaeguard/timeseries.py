@@ -223,7 +223,7 @@ class VAETimeSeriesDetector(PresetMixin, OutlierMixin, BaseEstimator):
                 stacklevel=3,
             )
         # one window model and 10 % trimming unless asked: the mixture for small tables and
-        # their 20 % trimming were decided on tables, not on series
+        # their 30 % trimming were decided on tables, not on series
         window_defaults = {"n_models": 1, "trim_fraction": 0.1, "encoder": self.encoder}
         params = {k: v for k, v in window_defaults.items() if model.get_params()[k] == "auto"}
         params |= {"random_state": self.random_state, "device": self.device, "verbose": self.verbose}
