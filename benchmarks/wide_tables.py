@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from results_file import write_results
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
@@ -99,7 +100,7 @@ def main() -> None:
         *(f"| {d} | {m} | {f:.1f} | {s:.1f} | {r:.0f} | {a:.3f} |" for d, m, f, s, r, a in rows),
     ]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "wide_tables.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out / "wide_tables.md", "\n".join(lines))
 
 
 if __name__ == "__main__":
