@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from results_file import write_results
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import MinMaxScaler
@@ -476,7 +477,7 @@ def main() -> None:
         "defaults are decided on A and confirmed on B.\n\n"
     )
     text = header + summarise(df, args.methods) + "\n"
-    (args.out / f"{args.name}.md").write_text(text)
+    write_results(args.out / f"{args.name}.md", text)
     plot(df, args.methods, args.out / f"{args.name}.png")
     print(text)
 
