@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from results_file import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 ADBENCH = REPO.parent / "shared" / "data" / "adbench"
@@ -276,7 +277,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text, file=sys.stderr)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_results(args.out, text)
 
 
 if __name__ == "__main__":

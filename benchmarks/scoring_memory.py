@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from results_file import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 2.0
@@ -123,7 +124,7 @@ def main() -> None:
             f"| {r['kind']} | {r['n']:,} | {r['before_mb']:.0f} | {r['peak_mb']:.0f} | "
             f"{ratio:.2f}{'' if ratio <= TARGET else ' (over)'} | {r['seconds']:.1f} | {r['n'] / r['seconds']:,.0f} |"
         )
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    write_results(Path(args.out), "\n".join(lines))
     print("\n".join(lines))
 
 

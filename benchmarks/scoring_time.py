@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adbench import DEFAULT_DATA, REPO, load_npz, protocol_split
+from results_file import write_results
 from scoring_cost import TEN
 
 REPEATS = 3
@@ -103,7 +104,7 @@ def main() -> None:
             "",
             *compare(*(pd.read_csv(p) for p in args.compare), tuple(args.names)),
         ]
-        args.out.write_text("\n".join(lines) + "\n")
+        write_results(args.out, "\n".join(lines))
         print("\n".join(lines))
         return
     if args.csv is None:
