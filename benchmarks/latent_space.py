@@ -29,6 +29,7 @@ Writes ``benchmarks/results/latent_space.md``, ``latent_space-samples.png`` and
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -184,6 +185,7 @@ def conditional(
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help: what this measures
     digits = load_digits()
     order = np.random.default_rng(0).permutation(len(digits.images))
     images, labels = digits.images[order], digits.target[order]

@@ -8,6 +8,7 @@ page showed: sections, images drawn, script or console errors). Needs Debian's `
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ from browser import chromium, screenshot, what_is_visible  # noqa: E402
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help: what this measures
     from vaeguard import VAEAnomalyDetector
     from vaeguard.datasets import load_dataset
     from vaeguard.report import build_report

@@ -16,6 +16,7 @@ Writes ``benchmarks/results/threads.md``.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import subprocess
 import sys
@@ -52,6 +53,7 @@ def timed(work: Callable[[], object]) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help: what this measures
     from sklearn.datasets import load_digits
 
     from vaeguard import VAEAnomalyDetector
