@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from results_file import write_results
 from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
@@ -108,7 +109,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / f"{stem}.csv", index=False)
     text = report(df, args.size, " ".join(sys.argv[1:]))
-    (args.out / f"{stem}.md").write_text(text)
+    write_results(args.out / f"{stem}.md", text)
     print(text)
 
 

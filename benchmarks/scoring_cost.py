@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adbench import DEFAULT_DATA, REPO, load_npz, split_and_scale
+from results_file import write_results
 
 TEN = ("Ionosphere", "Pima", "breastw", "cardio", "mammography", "optdigits", "satellite", "thyroid", "vowels", "yeast")
 #: Draws of the reference estimate and rows (per class) it is computed on.
@@ -209,7 +210,7 @@ def main() -> None:
     df = pd.DataFrame(rows)
     df.to_csv(args.out.with_suffix(".csv"), index=False)
     text = report(df, "python " + " ".join(["benchmarks/scoring_cost.py", *sys.argv[1:]]), time.perf_counter() - start)
-    args.out.write_text(text)
+    write_results(args.out, text)
     print(text)
 
 

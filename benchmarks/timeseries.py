@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
+from results_file import write_results
 from sklearn.metrics import roc_auc_score
 
 from vaeguard.timeseries import VAETimeSeriesDetector
@@ -149,7 +150,7 @@ def main() -> None:
     errors = df[df.error != ""]
     lines += [f"- {r.series} {r.method}: {r.error}" for r in errors.itertuples()]
     lines += ["", daphnet_false_alarms(args.data_dir)]
-    args.out.write_text("\n".join(lines) + "\n")
+    write_results(args.out, "\n".join(lines))
     print("\n".join(lines))
 
 
