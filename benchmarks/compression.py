@@ -285,6 +285,10 @@ def latent_rate_distortion(det, test: np.ndarray) -> list[tuple[float, float, fl
     return curve
 
 
+#: The lossy section's first line: a rerun without ``--lossy`` carries the results file's last one over from here.
+LOSSY_HEADING = "## Lossy: the latent codec against PCA"
+
+
 def lossy_section() -> list[str]:
     images = load_digits().images
     order = np.random.default_rng(0).permutation(len(images))
@@ -296,7 +300,7 @@ def lossy_section() -> list[str]:
         "17-level digits": (images[order[:1400]], images[order[1400:]], True),
         "satellite (36 columns, normal rows)": (normal[rows[:cut]], normal[rows[cut:]], False),
     }
-    lines = ["## Lossy: the latent codec against PCA (rate in bits per sample, distortion as MSE)", ""]
+    lines = [f"{LOSSY_HEADING} (rate in bits per sample, distortion as MSE)", ""]
     for name, (train, test, levels) in sets.items():
         curves, notes = {}, []
         for label, (params, table_params) in LOSSY_MODELS.items():
@@ -344,10 +348,6 @@ def lossy_section() -> list[str]:
         ]
         print(f"{name}: best latent ≥ PCA at {wins}/{compared} rates", file=sys.stderr)
     return lines
-
-
-#: The lossy section's first line: a rerun without ``--lossy`` carries the results file's last one over from here.
-LOSSY_HEADING = "## Lossy: the latent codec against PCA"
 
 
 def previous_lossy_section(path: Path) -> list[str]:
