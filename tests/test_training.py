@@ -354,3 +354,32 @@ def test_only_networks_that_declare_it_run_as_batched_matrix_products(float64):
     shifted = _StackedModels.build([shifted_vae(s) for s in (1, 2)], x, config, torch.device("cpu"), None, None)
     assert plain.native is not None
     assert shifted is not None and shifted.native is None
+
+
+def test_stacked_clipping_scales_each_models_gradient_as_clip_grad_norm_would(float64):
+    """_StackedModels.clip_gradients: each model's gradient (over all its parameters) scaled to norm ≤ max_norm,
+    as ``torch.nn.utils.clip_grad_norm_`` does for that model alone; the norms returned are the norms before."""
+    from vaeguard.training import _StackedModels
+
+    config = TrainingConfig(epochs=1, batch_size=32)
+    models = [lattice_vae(seed=s) for s in (1, 2, 3)]
+    stack = _StackedModels.build(models, lattice_data(), config, torch.device("cpu"), None, None)
+    generator = torch.Generator().manual_seed(0)
+    grads = {k: torch.randn(v.shape, generator=generator) for k, v in stack.params.items()}
+    for g in grads.values():
+        g[1] *= 1e-3  # model 2's gradient is short: left alone
+    alone = []
+    for i in range(3):
+        params = [torch.zeros(v.shape[1:], requires_grad=True) for v in grads.values()]
+        for p, g in zip(params, grads.values(), strict=True):
+            p.grad = g[i].clone()
+        before = torch.nn.utils.clip_grad_norm_(params, max_norm=1.5)
+        alone.append((before, [p.grad for p in params]))
+    for p, g in zip(stack.params.values(), grads.values(), strict=True):
+        p.grad = g.clone()
+    norms = stack.clip_gradients(1.5)
+    for i, (before, clipped) in enumerate(alone):
+        torch.testing.assert_close(norms[i], before, rtol=1e-12, atol=0)
+        for p, g in zip(stack.params.values(), clipped, strict=True):
+            torch.testing.assert_close(p.grad[i], g, rtol=1e-12, atol=1e-15)
+    assert norms[1] < 1.5 < norms[0] and norms[2] > 1.5

@@ -606,10 +606,9 @@ class _StackedModels:
     def clip_gradients(self, max_norm: float) -> Tensor:
         """Each model's gradient scaled to norm ≤ ``max_norm`` as ``clip_grad_norm_`` would; the norms ``(M,)``."""
         grads = [p.grad for p in self.params.values() if p.grad is not None]
-        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], 1).norm(dim=1)
+        norms = torch.cat([g.flatten(1) for g in grads], 1).norm(dim=1)
         coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
+        torch._foreach_mul_(grads, [coef.view(-1, *([1] * (g.dim() - 1))) for g in grads])
         return norms
 
     def validation(

@@ -124,7 +124,7 @@ def _log_mass_below_mean(a: Tensor, b: Tensor) -> Tensor:
     erfcs = torch.erfc(torch.stack([a, b]) * -_SQRT_HALF)
     mass = 0.5 * (erfcs[1] - erfcs[0])
     far = b < -start
-    near = torch.log(torch.where(far, torch.ones_like(mass), mass).clamp(min=torch.finfo(mass.dtype).tiny))
+    near = torch.log(torch.where(far, 1.0, mass).clamp(min=torch.finfo(mass.dtype).tiny))
 
     def deep(a: Tensor, b: Tensor) -> Tensor:
         la, lb = _log_ndtr_far(torch.stack([a, b]).clamp(max=-start)).unbind(0)
@@ -156,61 +156,70 @@ def discretized_normal_log_prob(
     lowest cell takes all the mass below it, (−∞, floor + w/2], so the cells from the floor
     up sum to one. Gradients stay finite in every branch.
     """
-    return _cell_log_prob(scale, bin_width, *_cell_geometry(x, loc, scale, bin_width, floor))
+    return _cell_log_prob(scale, bin_width, *_cell_geometry(x, loc, scale, bin_width, floor))[0]
 
 
 def _cell_geometry(
     x: Tensor, loc: Tensor, scale: Tensor, bin_width: Tensor, floor: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(z = (x − loc)/scale, the half cell width in σ units, whether x is in its floor cell (a 0-d False without
-    a floor)): what the log mass and its partials both read."""
-    at_floor = (
-        torch.zeros((), dtype=torch.bool, device=x.device) if floor is None else (x - floor).abs() < 0.5 * bin_width
-    )
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(z = (x − loc)/scale, the half cell width in σ units, whether x is in its floor cell (None without a
+    floor)): what the log mass and its partials both read."""
+    at_floor = None if floor is None else (x - floor).abs() < 0.5 * bin_width
     return (x - loc) / scale, (0.5 * bin_width) / scale, at_floor
 
 
-def _cell_log_prob(scale: Tensor, bin_width: Tensor, z: Tensor, half: Tensor, at_floor: Tensor) -> Tensor:
-    """:func:`discretized_normal_log_prob` from :func:`_cell_geometry`'s terms."""
-    log_density = -0.5 * z.square() - (torch.log(scale) + _HALF_LOG_2PI)
-    exact = (half > NARROW_BIN) | at_floor
+def _cell_log_prob(
+    scale: Tensor, bin_width: Tensor, z: Tensor, half: Tensor, at_floor: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`discretized_normal_log_prob` from :func:`_cell_geometry`'s terms, and where it is a cell's mass
+    (not a density: a continuous column, or a cell narrower than :data:`NARROW_BIN` σ outside the floor).
+
+    Each operation here runs on every element of every training step (a few µs each on a small table's
+    batch, most of the step's time), so the branches that cannot occur are left out: without a floor there
+    is no floor cell to select, and a continuous column (w = 0) is never exact, so its value is the density
+    plus log 1."""
+    exact = half > NARROW_BIN if at_floor is None else (half > NARROW_BIN) | at_floor
+    h = torch.where(exact, half, 1.0)  # the unused branch's inputs harmless, its gradient not NaN
     # a cell's mass is symmetric in z: mirrored below the mean, [−|z| − h, −|z| + h]; the floor cell is (−∞, z + h]
-    h = torch.where(exact, half, torch.ones_like(half))  # the unused branch's inputs harmless, its gradient not NaN
     below = -z.abs()
-    upper = torch.where(at_floor, z + h, below + h)
-    lower = torch.where(at_floor, upper.clamp(max=0.0) - _FLOOR_REACH, below - h)
+    if at_floor is None:
+        upper, lower = below + h, below - h
+    else:
+        upper = torch.where(at_floor, z + h, below + h)
+        lower = torch.where(at_floor, upper.clamp(max=0.0) - _FLOOR_REACH, below - h)
     log_mass = _log_mass_below_mean(lower, upper)
-    narrow = log_density + torch.log(torch.where(bin_width > 0, bin_width, torch.ones_like(bin_width)))
-    return torch.where(bin_width > 0, torch.where(exact, log_mass, narrow), log_density)
+    log_density = -0.5 * z.square() - (torch.log(scale) + _HALF_LOG_2PI)
+    log_width = torch.log(torch.where(bin_width > 0, bin_width, 1.0))  # a narrow cell's mass: density × width
+    return torch.where(exact, log_mass, log_density + log_width), exact
 
 
 def _lattice_log_prob_partials(
-    scale: Tensor, bin_width: Tensor, z: Tensor, half: Tensor, at_floor: Tensor, log_prob: Tensor
+    scale: Tensor, z: Tensor, half: Tensor, at_floor: Tensor | None, log_prob: Tensor, exact: Tensor
 ) -> tuple[Tensor, Tensor]:
     """∂/∂loc and ∂/∂scale of :func:`discretized_normal_log_prob`'s value ``log_prob``, in closed form.
 
     A cell [b⁻, b⁺] (σ units; b⁻ = −∞ for a floor cell) has log mass log(Φ(b⁺) − Φ(b⁻)) with
     ∂/∂loc = −(φ(b⁺) − φ(b⁻)) / (σ·mass) and ∂/∂scale = −(b⁺φ(b⁺) − b⁻φ(b⁻)) / (σ·mass), each
     φ/mass taken as exp(log φ − log mass) so that it stays finite where the mass underflows;
-    a density (continuous, or a cell narrower than :data:`NARROW_BIN` σ) has z/σ and (z² − 1)/σ.
+    a density (``exact`` false: continuous, or a cell narrower than :data:`NARROW_BIN` σ) has z/σ
+    and (z² − 1)/σ.
     """
     upper = z + half
-    lower = torch.where(at_floor, torch.full_like(z, -math.inf), z - half)
-    density = ((bin_width <= 0) | (half <= NARROW_BIN)) & ~at_floor
+    lower = z - half if at_floor is None else torch.where(at_floor, -math.inf, z - half)
     ratio_upper = torch.exp(-0.5 * upper.square() - _HALF_LOG_2PI - log_prob)  # φ(b⁺) / mass
     ratio_lower = torch.exp(-0.5 * lower.square() - _HALF_LOG_2PI - log_prob)  # 0 at −∞
-    lower_term = torch.where(torch.isinf(lower), torch.zeros_like(lower), lower * ratio_lower)
-    d_loc = torch.where(density, z, ratio_lower - ratio_upper) / scale
-    d_scale = torch.where(density, z.square() - 1.0, lower_term - upper * ratio_upper) / scale
+    lower_term = lower * ratio_lower if at_floor is None else torch.where(at_floor, 0.0, lower * ratio_lower)
+    d_loc = torch.where(exact, ratio_lower - ratio_upper, z) / scale
+    d_scale = torch.where(exact, lower_term - upper * ratio_upper, z.square() - 1.0) / scale
     return d_loc, d_scale
 
 
 def _lattice_value_and_partials(
     x: Tensor, loc: Tensor, scale: Tensor, bin_width: Tensor, floor: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    terms = _cell_geometry(x, loc, scale, bin_width, floor)
-    log_prob = _cell_log_prob(scale, bin_width, *terms)
-    return log_prob, *_lattice_log_prob_partials(scale, bin_width, *terms, log_prob)
+    z, half, at_floor = _cell_geometry(x, loc, scale, bin_width, floor)
+    log_prob, exact = _cell_log_prob(scale, bin_width, z, half, at_floor)
+    return log_prob, *_lattice_log_prob_partials(scale, z, half, at_floor, log_prob, exact)
 
 
 class _ClosedFormGradient(torch.autograd.Function):
@@ -221,19 +230,21 @@ class _ClosedFormGradient(torch.autograd.Function):
     through the cell masses records some two hundred small operations (edges, mirroring,
     the far tail's series, the branches' ``where``), most of a small table's training
     step. Not differentiable twice; ``x`` and ``args`` take no gradient.
+
+    ``forward`` takes ``ctx`` itself (no ``setup_context``): it runs only outside ``torch.func``
+    transforms (:func:`_closed_form_applies`), and a ``setup_context`` would make every call bind
+    its arguments through ``inspect.signature`` (~20 µs a call).
     """
 
     @staticmethod
-    def forward(value_and_partials: Callable[..., tuple[Tensor, Tensor, Tensor]], *inputs: Any) -> Any:
-        return value_and_partials(*inputs)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        _, _, loc, scale, *args = inputs
+    def forward(ctx: Any, value_and_partials: Callable[..., tuple[Tensor, Tensor, Tensor]], *inputs: Any) -> Any:
+        _, loc, scale, *args = inputs
+        output = value_and_partials(*inputs)
         _, d_loc, d_scale = output
         ctx.mark_non_differentiable(d_loc, d_scale)
         ctx.save_for_backward(d_loc, d_scale)
         ctx.shapes, ctx.n_args = (loc.shape, scale.shape), len(args)
+        return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
