@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -352,6 +354,9 @@ class _OneModel:
     def parameters(self) -> list[Tensor]:
         return list(self.model.parameters())
 
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+
     def set_training(self, training: bool) -> None:
         self.model.train(training)
 
@@ -514,6 +519,20 @@ class _NativeStack:
         return weight * free_bits_kl(kl_per_dimension(mu, logvar), self.config.free_bits) - recon
 
 
+@contextlib.contextmanager
+def _strided_gradients() -> Iterator[None]:
+    """Autograd adding gradients into :class:`_StackedModels`' strided parameter views without its warning
+    that such gradients "do not obey the gradient layout contract" (they are where the optimiser wants them)."""
+    relax = getattr(torch.autograd, "enforce_grad_layout_policy", None)  # torch ≥ 2.13
+    with contextlib.ExitStack() as stack:
+        if relax is not None:
+            stack.enter_context(relax(False))
+        else:
+            stack.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+        yield
+
+
 class _StackedModels:
     """M models of one architecture as stacked parameters ``(M, ...)``, stepped together: as batched matrix
     products where :class:`_NativeStack` runs them (the default models), else under ``torch.func.vmap``."""
@@ -524,7 +543,20 @@ class _StackedModels:
         self.latent_dim = models[0].latent_dim
         self.base = _MemberObjective(models[0], config)
         params, _ = torch.func.stack_module_state([_MemberObjective(m, config) for m in models])
-        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        # Every stacked parameter is a view of one (M, P) tensor, and its gradient a view of that tensor's
+        # gradient: Adam, the clipping and the zeroing each run once per step over all of them instead of
+        # once per parameter (a small table's step is mostly such per-operation overhead). Autograd adds
+        # each parameter's gradient into its view in place (the gradient is defined, outside grad mode).
+        self.flat = torch.cat([v.detach().reshape(self.count, -1) for v in params.values()], 1).requires_grad_(True)
+        self.flat.grad = torch.zeros_like(self.flat)
+        self.params: dict[str, Tensor] = {}
+        start = 0
+        for name, v in params.items():
+            width = v[0].numel()
+            part = slice(start, start + width)
+            self.params[name] = self.flat.detach()[:, part].view(v.shape).requires_grad_(True)
+            self.params[name].grad = self.flat.grad[:, part].view(v.shape)
+            start += width
         self.native = _NativeStack.build(models[0], config, self.params)
 
     @classmethod
@@ -557,12 +589,12 @@ class _StackedModels:
             cb = None if condition is None else condition[:2].to(device=device, dtype=rows.dtype)
             cb = None if cb is None else cb.expand(stack.count, *cb.shape)
             eps = torch.zeros(stack.count, 1, rows.shape[1], stack.latent_dim, device=device)
-            stack._vmapped(rows, eps, mb, cb, 1.0).sum().backward()
+            with _strided_gradients():
+                stack._vmapped(rows, eps, mb, cb, 1.0).sum().backward()
         except Exception:  # any failure means: train them one by one
             return None
         finally:
-            for p in stack.params.values():
-                p.grad = None
+            stack.zero_grad()
         if stack.native is not None and not stack.native.agrees(stack._vmapped, rows, mb, cb):
             stack.native = None
         return stack
@@ -585,7 +617,11 @@ class _StackedModels:
         pass  # built on the device
 
     def parameters(self) -> list[Tensor]:
-        return list(self.params.values())
+        """What the optimiser steps: the one tensor that every stacked parameter is a view of."""
+        return [self.flat]
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.flat.grad.zero_()  # in place: the parameters' gradients are views of it
 
     def set_training(self, training: bool) -> None:
         self.base.train(training)
@@ -605,10 +641,8 @@ class _StackedModels:
 
     def clip_gradients(self, max_norm: float) -> Tensor:
         """Each model's gradient scaled to norm ≤ ``max_norm`` as ``clip_grad_norm_`` would; the norms ``(M,)``."""
-        grads = [p.grad for p in self.params.values() if p.grad is not None]
-        norms = torch.cat([g.flatten(1) for g in grads], 1).norm(dim=1)
-        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, [coef.view(-1, *([1] * (g.dim() - 1))) for g in grads])
+        norms = self.flat.grad.norm(dim=1)
+        self.flat.grad.mul_((max_norm / (norms + 1e-6)).clamp(max=1.0).unsqueeze(1))
         return norms
 
     def validation(
@@ -729,6 +763,9 @@ def _train_loop(
 
     bar = _progress(config.epochs, verbose)
     started = time.perf_counter()
+    layout = contextlib.ExitStack()
+    if isinstance(members, _StackedModels):
+        layout.enter_context(_strided_gradients())
     try:
         for epoch in range(config.epochs):
             members.set_training(True)
@@ -742,7 +779,7 @@ def _train_loop(
                     [torch.randn(draws, batch_rows, members.latent_dim, generator=g) for g in generators]
                 ).to(device)
                 weight = kl_weight_at(step, total_steps, config)
-                optimizer.zero_grad(set_to_none=True)
+                members.zero_grad(optimizer)
                 if group is None:
                     xb = x[rows]
                     mb = None if mask is None else mask[rows]
@@ -804,6 +841,7 @@ def _train_loop(
         if isinstance(bar, EpochLines):
             bar.finish()
     finally:
+        layout.close()
         if bar is not None:
             bar.close()
     members.restore(best_states)
@@ -859,5 +897,8 @@ def _rank_step(
     params = members.parameters()
     summed = group.sum([p.grad for p in params] + [loss.detach()], like=[*params, loss])
     for p, g in zip(params, summed[:-1], strict=True):
-        p.grad = g
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.copy_(g)  # in place: a stack's parameters' gradients are views of its one gradient
     return summed[-1]
