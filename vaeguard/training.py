@@ -8,7 +8,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -456,6 +456,14 @@ class _NativeStack:
         self.model = model
         self.config = config
         self.params = params
+        # Each linear layer's weight as (M, in, out) and bias as (M, 1, out): leaves sharing the stacked
+        # parameters' storage, their gradients views of the stacked gradients, so that a step records no
+        # transpose or unsqueeze (two autograd nodes fewer per layer, a few µs each)
+        self.layer_params = {
+            name: _reshaped_leaf(p, (lambda t: t.transpose(1, 2)) if name.endswith(".weight") else _as_row)
+            for name, p in params.items()
+            if name.endswith((".weight", ".bias")) and p.grad is not None
+        }
 
     @classmethod
     def build(cls, model: VAE, config: TrainingConfig, params: dict[str, Tensor]) -> _NativeStack | None:
@@ -491,13 +499,9 @@ class _NativeStack:
         """``net`` applied to ``h`` (M, rows, features) with each model's own weights."""
         for name, module in net.named_children():
             if isinstance(module, nn.Linear):
-                weight = self.params[f"{prefix}.{name}.weight"]  # (M, out, in)
-                bias = self.params.get(f"{prefix}.{name}.bias")
-                h = (
-                    torch.matmul(h, weight.transpose(1, 2))
-                    if bias is None
-                    else torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
-                )
+                weight = self.layer_params[f"{prefix}.{name}.weight"]  # (M, in, out)
+                bias = self.layer_params.get(f"{prefix}.{name}.bias")  # (M, 1, out)
+                h = torch.matmul(h, weight) if bias is None else torch.baddbmm(bias, h, weight)
             elif isinstance(module, nn.Unflatten):
                 h = h.unflatten(-1, module.unflattened_size)
             elif not isinstance(module, nn.Flatten):  # the encoder's input is flattened already
@@ -517,6 +521,18 @@ class _NativeStack:
         params = out.reshape(count, eps.shape[1], rows, *out.shape[2:])
         recon = model.likelihood.log_prob(xb.unsqueeze(1), params, None if mb is None else mb.unsqueeze(1)).mean(1)
         return weight * free_bits_kl(kl_per_dimension(mu, logvar), self.config.free_bits) - recon
+
+
+def _as_row(t: Tensor) -> Tensor:
+    return t.unsqueeze(1)
+
+
+def _reshaped_leaf(parameter: Tensor, view: Callable[[Tensor], Tensor]) -> Tensor:
+    """A leaf that is ``view`` of ``parameter``'s storage, its gradient ``view`` of ``parameter.grad``: autograd
+    adds into the same memory, and the optimiser, stepping ``parameter``'s storage, moves both."""
+    leaf = view(parameter.detach()).requires_grad_(True)
+    leaf.grad = view(parameter.grad)
+    return leaf
 
 
 @contextlib.contextmanager
