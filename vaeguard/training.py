@@ -568,11 +568,9 @@ class _StackedModels:
         self.params: dict[str, Tensor] = {}
         start = 0
         for name, v in params.items():
-            width = v[0].numel()
-            part = slice(start, start + width)
-            self.params[name] = self.flat.detach()[:, part].view(v.shape).requires_grad_(True)
-            self.params[name].grad = self.flat.grad[:, part].view(v.shape)
-            start += width
+            part = slice(start, start + v[0].numel())
+            self.params[name] = _reshaped_leaf(self.flat, lambda t, part=part, shape=v.shape: t[:, part].view(shape))
+            start = part.stop
         self.native = _NativeStack.build(models[0], config, self.params)
 
     @classmethod
