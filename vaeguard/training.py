@@ -357,6 +357,9 @@ class _OneModel:
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)
 
+    def gradients_in_place(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # autograd keeps each gradient in its parameter's own layout
+
     def set_training(self, training: bool) -> None:
         self.model.train(training)
 
@@ -539,7 +542,7 @@ def _reshaped_leaf(parameter: Tensor, view: Callable[[Tensor], Tensor]) -> Tenso
 def _strided_gradients() -> Iterator[None]:
     """Autograd adding gradients into :class:`_StackedModels`' strided parameter views without its warning
     that such gradients "do not obey the gradient layout contract" (they are where the optimiser wants them)."""
-    relax = getattr(torch.autograd, "enforce_grad_layout_policy", None)  # torch ≥ 2.13
+    relax = getattr(torch.autograd, "enforce_grad_layout_policy", None)  # absent from older torch
     with contextlib.ExitStack() as stack:
         if relax is not None:
             stack.enter_context(relax(False))
@@ -636,6 +639,9 @@ class _StackedModels:
 
     def zero_grad(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.flat.grad.zero_()  # in place: the parameters' gradients are views of it
+
+    def gradients_in_place(self) -> contextlib.AbstractContextManager[None]:
+        return _strided_gradients()  # the parameters are strided views of the one tensor
 
     def set_training(self, training: bool) -> None:
         self.base.train(training)
@@ -778,8 +784,7 @@ def _train_loop(
     bar = _progress(config.epochs, verbose)
     started = time.perf_counter()
     layout = contextlib.ExitStack()
-    if isinstance(members, _StackedModels):
-        layout.enter_context(_strided_gradients())
+    layout.enter_context(members.gradients_in_place())
     try:
         for epoch in range(config.epochs):
             members.set_training(True)
