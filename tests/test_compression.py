@@ -165,7 +165,8 @@ def test_progress_is_told_of_every_sample(binary_model, level_model, digits):
     for params in ({}, {"streams": 4}):
         told = []
         blob = compress(binary_model, bits, codec_params=params, progress=told.append)
-        assert sum(told) == 45 and len(told) == -(-45 // params.get("streams", 1))  # one call per (lock) step
+        groups = read_header(blob)[0]["codec_params"].get("groups", 1)
+        assert sum(told) == 45 and len(told) == groups * -(-45 // params.get("streams", 1))  # a call per group step
         told.clear()
         assert np.array_equal(decompress(binary_model, blob, progress=told.append), bits) and sum(told) == 45
     told = []
@@ -545,7 +546,8 @@ def test_eight_bit_containers_written_before_the_tables_were_chunked_still_decod
     blob = (data / "digits-8bit-bitsback-0.1.vgz").read_bytes()
     assert read_header(blob)[0]["codec_params"]["streams"] == 8
     np.testing.assert_array_equal(decompress(model, blob), images)
-    assert compress(model, images, codec_params={"streams": 8}) == blob  # and today's code writes the same bits
+    # and today's code writes the same bits in that format (one group of streams, float64)
+    assert compress(model, images, codec_params={"streams": 8, "groups": 1, "precision": "float64"}) == blob
 
 
 def test_the_default_latent_buckets_code_no_larger_than_finer_ones(binary_model, digits):
@@ -583,15 +585,113 @@ def test_symbol_tables_round_in_place_only_tables_of_their_own():
 
 
 def test_probability_rounding_is_the_numpy_formula_to_the_bit():
-    """The coder's tables are rounded in torch (2.5x faster) where they were rounded by np.round(p / grid) * grid:
-    the same bits, ties included (both round half to even; scaling by a power of two is exact), or containers
-    written before would not decode."""
+    """The coder's float64 tables are rounded in torch (adding and subtracting 1.5 · 2¹²) where they were rounded
+    by np.round(p / grid) * grid: the same bits over [0, 1], ties included (both round half to even), or containers
+    written before would not decode; and a table rounded not in place is left as it was."""
     from vaeguard.components.codecs import PROBABILITY_GRID, _rounded
 
     rng = np.random.default_rng(0)
     for scale in (1.0, 1e-6, 1e-12, 1e-15):
         p = rng.random(50_000) * scale
         p[:500] = (rng.integers(0, 2**20, 500) + 0.5) * PROBABILITY_GRID  # exact ties
+        p[500:1000] = 1.0 - (rng.integers(0, 2**20, 500) + 0.5) * PROBABILITY_GRID  # ties just below one
+        p[1000:1004] = (0.0, 1.0, PROBABILITY_GRID / 2, 1.0 - PROBABILITY_GRID / 2)
         expected = np.round(p / PROBABILITY_GRID) * PROBABILITY_GRID
+        before = p.copy()
         np.testing.assert_array_equal(_rounded(torch.from_numpy(p)), expected)
+        np.testing.assert_array_equal(p, before)
         np.testing.assert_array_equal(_rounded(torch.from_numpy(p.copy()), in_place=True), expected)
+
+
+def test_stream_groups_split_the_streams_into_contiguous_even_blocks():
+    from vaeguard.components.codecs import stream_groups
+
+    assert stream_groups(10, 2) == [range(0, 5), range(5, 10)]
+    assert stream_groups(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+    assert stream_groups(2, 5) == [range(0, 1), range(1, 2)]  # never an empty group
+    for streams, groups in ((1, 1), (64, 2), (13, 4)):
+        blocks = stream_groups(streams, groups)
+        assert [s for block in blocks for s in block] == list(range(streams))
+        assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+def test_groups_and_precision_are_part_of_the_container_and_threads_are_not(
+    binary_model, level_model, digits, monkeypatch
+):
+    """The default codes in float32 on two groups of streams, each on a thread: the container says so; the bits
+    are the same when the groups run one after the other (one CPU), and decode either way; float64 and one group
+    is the format of containers written before groups existed, and is stored as nothing."""
+    from vaeguard.components import codecs
+
+    bits = (digits[1][:60] >= 8).astype(np.uint8)
+    levels = digits[1][:60]
+    for model, data in ((binary_model, bits), (level_model, levels)):
+        blob = compress(model, data, codec_params={"streams": 6})
+        params = read_header(blob)[0]["codec_params"]
+        assert params["groups"] == 2 and params["precision"] == "float32"
+        monkeypatch.setattr(codecs, "available_cpus", lambda: 1)
+        assert compress(model, data, codec_params={"streams": 6}) == blob
+        np.testing.assert_array_equal(decompress(model, blob), data)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(decompress(model, blob), data)
+        legacy = compress(model, data, codec_params={"streams": 6, "groups": 1, "precision": "float64"})
+        params = read_header(legacy)[0]["codec_params"]
+        assert "groups" not in params and "precision" not in params
+        np.testing.assert_array_equal(decompress(model, legacy), data)
+        three = compress(model, data, codec_params={"streams": 7, "groups": 3, "precision": "float64"})
+        assert read_header(three)[0]["codec_params"]["groups"] == 3
+        np.testing.assert_array_equal(decompress(model, three), data)
+    for bad, match in (
+        ({"groups": 0}, r"groups must be .auto. or an integer in \[1, 4096\]"),
+        ({"groups": True}, r"groups must be .auto. or an integer"),
+        ({"precision": "float16"}, r"precision must be one of \['auto', 'float32', 'float64'\]"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            compress(binary_model, bits, codec_params=bad)
+
+
+def test_a_failing_group_stops_the_others_and_its_error_is_raised():
+    import threading
+    import time
+
+    from vaeguard.components.codecs import run_groups
+
+    steps = {0: 0, 1: 0}
+
+    def work(group: range, stop: threading.Event) -> None:
+        if group.start == 0:
+            time.sleep(0.05)
+            raise ValueError("the compressed data is damaged")
+        while not stop.is_set() and steps[1] < 10_000:  # a group that would run for minutes
+            steps[1] += 1
+            time.sleep(0.01)
+
+    with pytest.raises(ValueError, match="damaged"):
+        run_groups(work, [range(0, 1), range(1, 2)], threads=2)
+    assert steps[1] < 10_000  # stopped at its next step, not after its 10 000
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_group_on_a_thread_of_its_own_computes_what_the_calling_thread_does(dtype):
+    """A new thread's BLAS uses every CPU unless told otherwise, and rounds some products otherwise: a 198-wide
+    layer's output differed between a fresh thread and the caller (found on a categorical table's decoder with
+    two groups, which then did not decode). run_groups gives each group's thread one torch thread."""
+    from vaeguard.components.codecs import run_groups
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(198, 198).to(dtype)
+    x = torch.randn(8, 198, dtype=dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            expected = layer(x)
+        got = {}
+
+        def work(group: range, stop) -> None:
+            got[group.start] = layer(x)
+
+        run_groups(work, [range(0, 1), range(1, 2)], threads=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[0], expected) and torch.equal(got[1], expected)

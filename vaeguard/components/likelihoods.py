@@ -9,6 +9,7 @@ nats per sample. Elementwise distributions come from :mod:`torch.distributions`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -621,6 +622,18 @@ class MixedLikelihood(DiagGaussianLikelihood):
         return torch.where(self.is_categorical, levels, super().sample(params))
 
 
+@functools.lru_cache(maxsize=16)
+def _logistic_edges(n_levels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The L + 1 cell edges of L levels in [−1, 1] units: −∞, the L − 1 midpoints between levels, ∞.
+
+    Shared between calls (an operand only, never written to).
+    """
+    inner = torch.arange(1, n_levels, dtype=dtype, device=device) * (2.0 / (n_levels - 1)) - 1.0
+    inner = inner - 1.0 / (n_levels - 1)  # between level k−1 and k
+    infinity = torch.full((1,), math.inf, dtype=dtype, device=device)
+    return torch.cat([-infinity, inner, infinity])
+
+
 #: Bounds on the logistic's log-scale, in units where the levels span [−1, 1].
 LOGISTIC_LOG_SCALE_MIN = -7.0
 LOGISTIC_LOG_SCALE_MAX = 2.0
@@ -670,14 +683,12 @@ class DiscretizedLogisticLikelihood(Likelihood):
     def symbol_probabilities(self, params: Tensor) -> Tensor:
         """The L cell masses at once: differences of the logistic CDF at the L − 1 inner cell edges."""
         loc, log_scale = self.loc_log_scale(params)
-        inner = torch.arange(1, self.n_levels, dtype=loc.dtype, device=loc.device) * (2.0 / (self.n_levels - 1)) - 1.0
-        inner = inner - 1.0 / (self.n_levels - 1)  # between level k−1 and k
         if torch.is_grad_enabled() and (loc.requires_grad or log_scale.requires_grad):
+            inner = _logistic_edges(self.n_levels, loc.dtype, loc.device)[1:-1]
             cdf = torch.sigmoid((inner - loc[..., None]) * torch.exp(-log_scale)[..., None])
             cdf = torch.cat([torch.zeros_like(cdf[..., :1]), cdf, torch.ones_like(cdf[..., :1])], -1)
         else:  # the coder's path, the same values: edges from −∞ (F = 0) to ∞ (F = 1) in one buffer, in place
-            infinity = torch.full((1,), math.inf, dtype=loc.dtype, device=loc.device)  # (∞ · 0 in a gradient: NaN)
-            edges = torch.cat([-infinity, inner, infinity])
+            edges = _logistic_edges(self.n_levels, loc.dtype, loc.device)  # (∞ · 0 in a gradient: NaN)
             cdf = (edges - loc[..., None]).mul_(torch.exp(-log_scale)[..., None]).sigmoid_()
         return cdf[..., 1:] - cdf[..., :-1]
 
