@@ -618,19 +618,23 @@ def test_stream_groups_split_the_streams_into_contiguous_even_blocks():
 def test_groups_and_precision_are_part_of_the_container_and_threads_are_not(
     binary_model, level_model, digits, monkeypatch
 ):
-    """The default codes in float32 on two groups of streams, each on a thread: the container says so; the bits
-    are the same when the groups run one after the other (one CPU), and decode either way; float64 and one group
-    is the format of containers written before groups existed, and is stored as nothing."""
+    """The default codes in float32; groups of streams run each on a thread: the container says how many and in
+    what precision; the bits are the same when the groups run one after the other (one CPU), and decode either way;
+    float64 and one group is the format of containers written before groups existed, and is stored as nothing.
+    "auto" groups only large samples (28 × 28 images), whose work outside the GIL the threads share."""
     from vaeguard.components import codecs
 
+    auto = codecs.BitsBackCodec()
+    assert auto.group_count(20, 784) == 2 and auto.group_count(1, 784) == 1 and auto.group_count(20, 64) == 1
     bits = (digits[1][:60] >= 8).astype(np.uint8)
     levels = digits[1][:60]
     for model, data in ((binary_model, bits), (level_model, levels)):
-        blob = compress(model, data, codec_params={"streams": 6})
-        params = read_header(blob)[0]["codec_params"]
-        assert params["groups"] == 2 and params["precision"] == "float32"
+        params = read_header(compress(model, data, codec_params={"streams": 6}))[0]["codec_params"]
+        assert "groups" not in params and params["precision"] == "float32"  # small images: one group
+        blob = compress(model, data, codec_params={"streams": 6, "groups": 2})
+        assert read_header(blob)[0]["codec_params"]["groups"] == 2
         monkeypatch.setattr(codecs, "available_cpus", lambda: 1)
-        assert compress(model, data, codec_params={"streams": 6}) == blob
+        assert compress(model, data, codec_params={"streams": 6, "groups": 2}) == blob
         np.testing.assert_array_equal(decompress(model, blob), data)
         monkeypatch.undo()
         np.testing.assert_array_equal(decompress(model, blob), data)
