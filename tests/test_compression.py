@@ -99,6 +99,7 @@ def test_the_bits_do_not_depend_on_threads_or_the_process(binary_model, digits, 
     try:
         blob = compress(binary_model, held_out)
         streamed = compress(binary_model, held_out, codec_params={"streams": 7})
+        grouped = compress(binary_model, held_out, codec_params={"streams": 7, "groups": 3})
     finally:
         torch.set_num_threads(threads)
     path = tmp_path / "m.h5"
@@ -113,9 +114,12 @@ def test_the_bits_do_not_depend_on_threads_or_the_process(binary_model, digits, 
     subprocess.run([sys.executable, "-c", code, str(path), str(out), str(tmp_path / "data.vgz")], check=True, env=env)
     assert np.array_equal(np.load(out), held_out)
     assert compress(path, held_out) == blob  # the same bits from the model file in this process
-    (tmp_path / "data.vgz").write_bytes(streamed)  # batched network calls: the same shapes on both sides
-    subprocess.run([sys.executable, "-c", code, str(path), str(out), str(tmp_path / "data.vgz")], check=True, env=env)
-    assert np.array_equal(np.load(out), held_out)
+    for lock_step in (streamed, grouped):  # batched network calls: the same shapes on both sides; groups' threads
+        (tmp_path / "data.vgz").write_bytes(lock_step)
+        subprocess.run(
+            [sys.executable, "-c", code, str(path), str(out), str(tmp_path / "data.vgz")], check=True, env=env
+        )
+        assert np.array_equal(np.load(out), held_out)
 
 
 def test_lock_step_streams_round_trip_and_cost_their_initial_bits(binary_model, digits):
@@ -699,3 +703,24 @@ def test_a_group_on_a_thread_of_its_own_computes_what_the_calling_thread_does(dt
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(got[0], expected) and torch.equal(got[1], expected)
+
+
+def test_large_8_bit_images_code_on_two_groups_by_default_and_round_trip(monkeypatch):
+    """Samples of 512 values or more (here 24 × 24 8-bit images, a convolutional model) take two groups of stacks
+    by default, in float32, their tables a few images at a time; the bits are those of the groups run one after
+    the other."""
+    from vaeguard.components import codecs
+
+    rng = np.random.default_rng(0)
+    base = np.kron(load_digits().images[:60] * 15, np.ones((3, 3)))  # 24 × 24, levels 0..240
+    images = np.clip(base + rng.integers(0, 8, base.shape), 0, 255).astype(np.uint8)
+    model = VAEAnomalyDetector(epochs=2, random_state=0, device="cpu", n_importance_samples=4).fit(images[:40])
+    assert model.model_spec_["likelihood"] == "discretized_logistic" and model.model_spec_["encoder"] == "conv"
+    held_out = images[40:]
+    blob = compress(model, held_out, codec_params={"streams": 4})
+    params = read_header(blob)[0]["codec_params"]
+    assert params["groups"] == 2 and params["precision"] == "float32"
+    assert len(codecs._table_chunks(model.coding_model().network.likelihood, 2, torch.float32)) == 1
+    np.testing.assert_array_equal(decompress(model, blob), held_out)
+    monkeypatch.setattr(codecs, "available_cpus", lambda: 1)
+    assert compress(model, held_out, codec_params={"streams": 4}) == blob
