@@ -161,6 +161,12 @@ def test_the_default_number_of_streams_grows_with_the_data_and_keeps_the_net_siz
     # the bound: the net size within 1 % of one stream's (measured: 320 bits less of 119 232)
     assert abs(header["info"]["net_bits"] - one["net_bits"]) < 0.01 * one["net_bits"]
     assert read_header(compress(binary_model, many[:50]))[0]["codec_params"]["streams"] == 1
+    # large samples get one stack per 2**20 raw bits where that is more: 10,000 8-bit 28 x 28 images, 59 stacks
+    from vaeguard.components.codecs import BitsBackCodec
+
+    auto = BitsBackCodec()
+    assert auto.stream_count(10_000, 784 * 8) == 59 and auto.stream_count(10_000, 784) == 20
+    assert auto.stream_count(100_000, 784 * 8) == 64 and auto.stream_count(100, 784 * 8) == 1
 
 
 def test_progress_is_told_of_every_sample(binary_model, level_model, digits):
