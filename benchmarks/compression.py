@@ -189,11 +189,12 @@ def at_scale_section() -> list[str]:
 AT_SCALE_READING = [
     "- The defaults code 28 × 28 images in float32 on two groups of stacks, each group on a thread of its own (two",
     "  CPUs); one stack runs on one thread. 8-bit: 1 MB/s (issue 18's target) reached in session 27 (quality log C23:",
-    "  float32, two groups, ten samples per group step); before, in float64 on one thread, 0.24–0.50 MB/s over the",
-    "  runs of sessions 20 and 25. Binarised: 1.06 / 1.15 MB/s in session 11, 1.13 / 1.32 in session 25 (float64, one",
-    "  thread). This machine's speed drifts by up to 2 × between runs, so compare MB/s within a run.",
-    "- Lock step over 20 stacks costs under 0.1 % of net size here; their initial bits (the random words that seed",
-    "  each stack, 320 bits at 32 latent dimensions) are 0.64 bits per sample.",
+    "  float32, two groups, 59 stacks — one per 2²⁰ raw bits); before, in float64 on one thread, 0.24–0.50 MB/s over",
+    "  the runs of sessions 20 and 25. Binarised (20 stacks, one per 500 samples): 1.06 / 1.15 MB/s in session 11,",
+    "  1.13 / 1.32 in session 25 (float64, one thread). This machine's speed drifts by up to 2 × between runs, so",
+    "  compare MB/s within a run.",
+    "- Lock step costs under 0.1 % of net size here; the stacks' initial bits (the random words that seed each stack,",
+    "  320 bits at 32 latent dimensions) are 0.64 bits per binarised sample, 1.9 per 8-bit one (0.05 % of its bits).",
     "",
 ]
 
