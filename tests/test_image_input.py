@@ -169,3 +169,33 @@ def test_larger_images_fit_score_and_sample_end_to_end(shape):
     assert det.model_spec_["encoder"] == "conv"
     assert np.all(np.isfinite(det.score_samples(images[:3])))
     assert det.sample(2).shape == (2, *shape) and det.reconstruct(images[:2]).dtype == np.uint8
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_convolutional_models_train_in_bfloat16_by_default_where_the_hardware_has_it(monkeypatch, native, tmp_path):
+    monkeypatch.setattr("vaeguard.estimators.native_bfloat16", lambda device: native)
+    images = (np.random.default_rng(4).random((24, 16, 16)) * 256).astype(np.uint8)
+    det = VAEAnomalyDetector(epochs=1, n_importance_samples=2, random_state=0).fit(images)
+    assert det.model_spec_["encoder"] == "conv"
+    assert det.training_precision_ == ("bfloat16" if native else "float32")
+    assert det.model_.network_precision is None  # scores are computed in float32 either way
+    forced = VAEAnomalyDetector(epochs=1, n_importance_samples=2, random_state=0, training_precision="float32")
+    assert forced.fit(images).training_precision_ == "float32"
+    det.save(tmp_path / "m.h5")
+    back = load(tmp_path / "m.h5")
+    assert back.training_precision_ == det.training_precision_
+    assert np.array_equal(back.score_samples(images[:3]), det.score_samples(images[:3]))
+
+
+def test_multilayer_perceptrons_train_in_float32_by_default(monkeypatch, digits):
+    monkeypatch.setattr("vaeguard.estimators.native_bfloat16", lambda device: True)
+    assert VAEAnomalyDetector(**QUICK).fit(digits[:100]).training_precision_ == "float32"  # 8 × 8: the MLP
+    table = np.random.default_rng(0).normal(size=(100, 3))
+    assert VAEAnomalyDetector(**QUICK).fit(table).training_precision_ == "float32"
+    chosen = VAEAnomalyDetector(**QUICK, training_precision="bfloat16").fit(table)
+    assert chosen.training_precision_ == "bfloat16" and np.all(np.isfinite(chosen.score_samples(table)))
+
+
+def test_an_unknown_training_precision_is_refused_by_name():
+    with pytest.raises(ValueError, match="training_precision"):
+        VAEAnomalyDetector(**QUICK, training_precision="half").fit(np.zeros((30, 2)))

@@ -383,3 +383,79 @@ def test_stacked_clipping_scales_each_models_gradient_as_clip_grad_norm_would(fl
         for p, g in zip(stack.params.values(), clipped, strict=True):
             torch.testing.assert_close(p.grad[i], g, rtol=1e-12, atol=1e-15)
     assert norms[1] < 1.5 < norms[0] and norms[2] > 1.5
+
+
+def _linear_vae(d=6, latent=3, seed=0):
+    torch.manual_seed(seed)
+    return VAE(torch.nn.Linear(d, 2 * latent), torch.nn.Linear(latent, 2 * d), DiagGaussianLikelihood((d,)), latent)
+
+
+def test_networks_in_bfloat16_round_the_products_within_bfloat16s_error_and_hand_back_float32():
+    # y = Wz + b with W, z and b rounded to bfloat16 (unit roundoff u = 2^-8), accumulated in float32 and the
+    # sum rounded to bfloat16 once more: |ỹ - y| ≤ (3u + u² + n·2^-24 + ...)(|W||z| + |b|) ≤ (3u + 2^-12)(|W||z| + |b|)
+    from vaeguard.training import networks_in
+
+    vae = _linear_vae()
+    z = torch.randn(50, 3, generator=torch.Generator().manual_seed(1))
+    exact = vae.decode(z)
+    with networks_in(vae, "bfloat16"):
+        rounded = vae.decode(z)
+        mu, logvar = vae.encode(torch.randn(50, 6))
+    assert rounded.dtype == mu.dtype == logvar.dtype == torch.float32
+    assert not torch.equal(rounded, exact)  # the block did change the arithmetic
+    layer = vae.decoder
+    scale = (z.double().abs() @ layer.weight.double().abs().T + layer.bias.double().abs()).reshape(exact.shape)
+    u = 2.0**-8
+    assert ((rounded.double() - exact.double()).abs() <= (3 * u + 2.0**-12) * scale).all()
+    assert vae.network_precision is None and torch.equal(vae.decode(z), exact)  # restored on leaving
+
+
+def test_a_bfloat16_training_step_keeps_parameters_gradients_and_loss_in_float32(monkeypatch):
+    from vaeguard.components.encoders import conv
+    from vaeguard.components.likelihoods import DiscretizedLogisticLikelihood
+    from vaeguard.objectives import training_terms
+
+    seen = []
+
+    def watched(model, *args, **kwargs):
+        terms = training_terms(model, *args, **kwargs)
+        seen.append((model.network_precision, terms.recon.dtype, terms.kl.dtype))
+        return terms
+
+    monkeypatch.setattr("vaeguard.training.training_terms", watched)
+    lik = DiscretizedLogisticLikelihood((1, 8, 8), n_levels=17)
+    x = torch.randint(0, 17, (64, 1, 8, 8)).float()
+    fitted = {}
+    for precision in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        vae = VAE(*conv((1, 8, 8), 2, lik.param_count), lik, 2)
+        config = TrainingConfig(epochs=3, batch_size=32, patience=5, precision=precision)
+        history = train(vae, x, config, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+        assert all(np.isfinite(history.train_loss))
+        assert vae.network_precision is None  # scoring after training runs in the data's dtype
+        assert all(p.dtype == torch.float32 for p in vae.parameters())
+        fitted[precision] = torch.cat([p.detach().flatten() for p in vae.parameters()])
+    steps = [s for s in seen if s[0] is not None]
+    assert steps and all(recon == kl == torch.float32 for _, recon, kl in steps)
+    assert {s[0] for s in seen} == {None, torch.bfloat16}  # training steps in bfloat16, validation as the data
+    assert not torch.equal(fitted["float32"], fitted["bfloat16"])
+
+
+def test_models_that_train_in_bfloat16_are_trained_one_after_another():
+    from vaeguard.training import train_models
+
+    x, seeds = data(n=200), [7, 8]
+    config = TrainingConfig(epochs=3, batch_size=32, precision="bfloat16")
+    alone = [small_vae(seed=s) for s in seeds]
+    _train_each_alone(alone, x, config, seeds)
+    together = [small_vae(seed=s) for s in seeds]
+    train_models(together, x, config, generators=[torch.Generator().manual_seed(s) for s in seeds], device="cpu")
+    for a, b in zip(alone, together, strict=True):
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(pa, pb)
+
+
+def test_an_unknown_training_precision_is_refused_by_name():
+    with pytest.raises(ValueError, match="precision must be one of float32, bfloat16; got 'float16'"):
+        config = TrainingConfig(epochs=1, precision="float16")
+        train(small_vae(), data(n=100), config, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))

@@ -46,7 +46,15 @@ from vaeguard.scoring import (
     probe_threshold,
     search_floor,
 )
-from vaeguard.training import KL_SCHEDULES, TrainingConfig, TrainingHistory, train, train_models
+from vaeguard.training import (
+    KL_SCHEDULES,
+    TRAINING_PRECISIONS,
+    TrainingConfig,
+    TrainingHistory,
+    native_bfloat16,
+    train,
+    train_models,
+)
 
 #: Optimisation steps the automatic epoch count aims at (early stopping usually ends sooner).
 AUTO_STEPS = 3000
@@ -321,6 +329,17 @@ class VAEAnomalyDetector(
         decoder work per step. "iwae" takes no regularizer or free bits.
     iwae_samples : int ≥ 1, default=5
         K of the "iwae" objective (ignored for "elbo").
+    training_precision : {"auto", "float32", "bfloat16"}, default="auto"
+        What the encoder and decoder compute in during training steps. "bfloat16" runs
+        their matrix products and convolutions under ``torch.autocast`` (outputs cast back
+        before the likelihood; parameters, optimiser, loss terms, validation and every
+        score stay in float32). "auto": "bfloat16" for convolutional models (images from
+        16 × 16) on a CPU that computes bfloat16 in hardware (AMX or AVX512-BF16, e.g.
+        Intel Sapphire Rapids): a 32 × 32 digit model fits in 0.68 × the time at the same
+        AUROC (quality log I15). "float32" everywhere else: the tables' small networks
+        gain nothing, emulated bfloat16 is slower than float32, and on CUDA (whose cuDNN
+        convolutions already use TF32) bfloat16 is not measured yet. Kept as
+        ``training_precision_``.
     conditional : bool, default=False
         Fit a conditional VAE, p(x|c) = ∫ p(x|z, c) p(z) dz with q(z|x, c): ``fit(X, y)``
         takes the conditions c as ``y`` (one value per row, or several columns: strings,
@@ -452,6 +471,7 @@ class VAEAnomalyDetector(
         "free_bits": [Interval(Real, 0, None, closed="left")],
         "objective": [StrOptions({"elbo", "iwae"})],
         "iwae_samples": [Interval(Integral, 1, None, closed="left")],
+        "training_precision": [StrOptions({"auto", *TRAINING_PRECISIONS})],
         "conditional": ["boolean"],
         "device": [str],
         "random_state": ["random_state"],
@@ -484,6 +504,7 @@ class VAEAnomalyDetector(
         free_bits: float = 0.0,
         objective: str = "elbo",
         iwae_samples: int = 5,
+        training_precision: str = "auto",
         conditional: bool = False,
         device: str = "auto",
         random_state: int | np.random.RandomState | None = None,
@@ -512,6 +533,7 @@ class VAEAnomalyDetector(
         self.free_bits = free_bits
         self.objective = objective
         self.iwae_samples = iwae_samples
+        self.training_precision = training_precision
         self.conditional = conditional
         self.device = device
         self.random_state = random_state
@@ -659,6 +681,18 @@ class VAEAnomalyDetector(
             standardizer = Standardizer(center, scale)
         return name, lik_cls(event_shape, **options), standardizer, None
 
+    def _training_precision(self, encoder: str, device: torch.device) -> str:
+        """``training_precision`` resolved: "auto" is bfloat16 for the conv family on hardware that has it."""
+        if self.training_precision == "auto":
+            measured = device.type == "cpu"  # where bfloat16 training was measured (quality log I15)
+            return "bfloat16" if encoder == "conv" and measured and native_bfloat16(device) else "float32"
+        if self.training_precision not in TRAINING_PRECISIONS:
+            raise ValueError(
+                f"training_precision must be 'auto' or one of {', '.join(TRAINING_PRECISIONS)}; "
+                f"got {self.training_precision!r}"
+            )
+        return self.training_precision
+
     def _build_model(
         self,
         encoder: str,
@@ -782,6 +816,10 @@ class VAEAnomalyDetector(
         hidden = None if self.hidden_dims == "auto" else list(self.hidden_dims)
         batch_size = self.batch_size if self.batch_size != "auto" else auto_batch_size(n, images)
         epochs = self.epochs if self.epochs != "auto" else auto_epochs(n, batch_size)
+        device = resolve_device(self.device)
+        group = current_group(device)  # inside a torchrun job: train across its processes
+        if group is not None:
+            device = group.device(device)
         config = TrainingConfig(
             epochs=epochs,
             batch_size=batch_size,
@@ -793,11 +831,8 @@ class VAEAnomalyDetector(
             free_bits=float(self.free_bits),
             objective=self.objective,
             iwae_samples=int(self.iwae_samples),
+            precision=self._training_precision(encoder, device),
         )
-        device = resolve_device(self.device)
-        group = current_group(device)  # inside a torchrun job: train across its processes
-        if group is not None:
-            device = group.device(device)
         condition_dim = 0 if c is None else conditions.width
 
         def build_one(seed: int) -> VAE:
@@ -858,6 +893,7 @@ class VAEAnomalyDetector(
             "condition_dim": 0 if conditions is None else conditions.width,
         }
         self.latent_dim_ = int(latent_dim)
+        self.training_precision_ = config.precision
         self.score_seed_ = score_seed
         self.device_ = str(device)
         self.history_ = history
@@ -1467,6 +1503,7 @@ class VAEAnomalyDetector(
                 else {"columns": self.column_coder_.columns, "vocabularies": self.column_coder_.vocabularies},
                 "score_seed_": self.score_seed_,
                 "latent_dim_": int(self.latent_dim_),
+                "training_precision_": self.training_precision_,
                 "n_features_in_": int(self.n_features_in_),
                 "modelled_columns_": None
                 if self.input_space_.modelled is None
@@ -1588,6 +1625,7 @@ class VAEAnomalyDetector(
         est.threshold_rule_ = dict(fitted["threshold_rule_"])
         est.score_seed_ = int(fitted["score_seed_"])
         est.latent_dim_ = int(fitted["latent_dim_"])
+        est.training_precision_ = str(fitted.get("training_precision_", "float32"))  # files before it: float32
         est.column_types_ = est.input_space_.column_types(spec["likelihood"])
         est.history_ = TrainingHistory(
             list(arrays["history.train_loss"]),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -50,6 +52,16 @@ class VAE(nn.Module):
         self.latent_dim = int(latent_dim)
         self.mask_input = bool(mask_input)
         self.condition_dim = int(condition_dim)
+        #: a lower precision (``torch.bfloat16``) the encoder and decoder networks run in under
+        #: ``torch.autocast``, their outputs cast back; None (the default): the inputs' own dtype.
+        #: Set by the trainer for its training steps only (:func:`vaeguard.training.networks_in`).
+        self.network_precision: torch.dtype | None = None
+
+    def _networks(self, inputs: Tensor) -> contextlib.AbstractContextManager[None]:
+        """Where the networks run: under autocast to :attr:`network_precision` when one is set."""
+        if self.network_precision is None:
+            return contextlib.nullcontext()
+        return torch.autocast(inputs.device.type, dtype=self.network_precision)
 
     def _checked(self, condition: Tensor | None, rows: int) -> Tensor | None:
         """``condition`` (rows, condition_dim) for a conditional model; refuses one that is missing or misfits."""
@@ -89,8 +101,9 @@ class VAE(nn.Module):
         """
         features = self.encoder_features(x, mask)
         c = self._checked(condition, x.shape[0])
-        h = self.encoder(features) if c is None else self.encoder(features, c.to(features.dtype))
-        return self.posterior(h)
+        with self._networks(features):
+            h = self.encoder(features) if c is None else self.encoder(features, c.to(features.dtype))
+        return self.posterior(h.to(features.dtype))
 
     def decode(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
         """Likelihood parameters for codes of shape ``(..., batch, latent_dim)``.
@@ -101,9 +114,10 @@ class VAE(nn.Module):
         lead = z.shape[:-1]
         flat = z.reshape(-1, self.latent_dim)
         c = self._checked(condition, z.shape[-2] if z.dim() > 1 else 1)
-        if c is None:
-            params = self.decoder(flat)
-        else:
-            c = c.to(z.dtype).expand(*lead, self.condition_dim).reshape(-1, self.condition_dim)
-            params = self.decoder(flat, c)
-        return params.reshape(*lead, *params.shape[1:])
+        with self._networks(z):
+            if c is None:
+                params = self.decoder(flat)
+            else:
+                c = c.to(z.dtype).expand(*lead, self.condition_dim).reshape(-1, self.condition_dim)
+                params = self.decoder(flat, c)
+        return params.to(z.dtype).reshape(*lead, *params.shape[1:])

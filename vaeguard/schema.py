@@ -25,6 +25,7 @@ from sklearn.utils._param_validation import InvalidParameterError, validate_para
 
 from vaeguard.conditions import ConditionEncoder
 from vaeguard.preprocessing import PixelLevels
+from vaeguard.training import TRAINING_PRECISIONS
 
 #: Bounds on what a model file may declare (far beyond any model vaeguard fits; a guard against crafted files).
 LIMITS = {
@@ -52,6 +53,7 @@ _FITTED_OPTIONAL = {
     *("condition_encoder_", "active_units_", "n_models_", "probe_thresholds_", "search_floors_"),
     "modelled_columns_",
     "constant_rows_",
+    "training_precision_",
 }
 #: The kinds a table's column may have (``column_types_``).
 COLUMN_KINDS = ("continuous", "lattice", "constant", "categorical")
@@ -227,6 +229,10 @@ def _check_fitted(fitted: Any, spec: dict[str, Any], arrays: dict[str, np.ndarra
         where = f"{field}.constant_rows_"
         for i, m in enumerate(_sequence(fitted["constant_rows_"], where, length=n - len(columns))):
             _integer(m, f"{where}[{i}]", 1, 2**53)
+    precision = fitted.get("training_precision_", "float32")
+    if not isinstance(precision, str) or precision not in TRAINING_PRECISIONS:
+        known = ", ".join(TRAINING_PRECISIONS)
+        raise _fail(f"{field}.training_precision_", f"must be one of {known}, got {precision!r}")
     _integer(fitted["best_epoch"], f"{field}.best_epoch", -1)
     _boolean(fitted["stopped_early"], f"{field}.stopped_early")
     if fitted.get("n_models_") is not None:

@@ -51,7 +51,9 @@ class TrainingConfig:
     nats per latent dimension on the minibatch-mean KL; ``regularizer`` an object with
     ``penalty(terms, step)`` added to the loss; ``objective="iwae"`` trains on the
     importance-weighted bound with ``iwae_samples`` draws per row instead of the ELBO
-    (without regularizer or free bits).
+    (without regularizer or free bits). ``precision`` is what the encoder and decoder
+    networks compute in during training steps (see :data:`TRAINING_PRECISIONS`); the
+    likelihood, the KL, validation and scoring always keep the data's dtype.
     """
 
     epochs: int = 100
@@ -69,6 +71,41 @@ class TrainingConfig:
     regularizer: Any = None
     objective: str = "elbo"
     iwae_samples: int = 5
+    precision: str = "float32"
+
+
+#: What the networks may compute in during training steps: ``"float32"`` (the data's own dtype,
+#: whatever it is) or ``"bfloat16"`` (``torch.autocast``: matrix products and convolutions in
+#: bfloat16, their outputs cast back before the likelihood; the parameters, the optimiser and
+#: every loss term stay in the data's dtype).
+TRAINING_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 products in hardware: a CPU with AMX or AVX512-BF16, a CUDA
+    device with bfloat16 support. Elsewhere bfloat16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    try:  # private probes of torch's CPU capabilities: absent or failing means "no"
+        return any(bool(probe()) for probe in probes if probe is not None)
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def networks_in(model: VAE, precision: str) -> Iterator[None]:
+    """Within the block, ``model``'s encoder and decoder run in ``precision`` (:data:`TRAINING_PRECISIONS`)."""
+    if precision not in TRAINING_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(TRAINING_PRECISIONS)}; got {precision!r}")
+    before = model.network_precision
+    model.network_precision = TRAINING_PRECISIONS[precision]
+    try:
+        yield
+    finally:
+        model.network_precision = before
 
 
 @dataclass
@@ -290,11 +327,14 @@ def train_models(
     model keeps its own validation rows, shuffles, draws, gradient clipping and early
     stopping, so it ends where :func:`train` with its generator would (to float rounding).
     Where they cannot be stacked (a regularizer, which keeps state of its own; a plugin
-    network that ``vmap`` cannot run) they are trained one after another.
+    network that ``vmap`` cannot run; a ``precision`` other than float32) they are trained
+    one after another.
     """
     if len(models) != len(generators):
         raise ValueError(f"{len(models)} models but {len(generators)} generators")
-    stacked = _StackedModels.build(models, x, config, device, mask, condition) if len(models) > 1 else None
+    # the stacked step runs its own batched products: a lower training precision trains the models one by one
+    stackable = len(models) > 1 and TRAINING_PRECISIONS.get(config.precision, 0) is None
+    stacked = _StackedModels.build(models, x, config, device, mask, condition) if stackable else None
     if stacked is None:
         return [
             train(
@@ -378,7 +418,8 @@ class _OneModel:
         xb, eps = xb[0], eps[0]
         mb = None if mb is None else mb[0]
         cb = None if cb is None else cb[0]
-        per_row, terms = per_row_objective(self.model, xb, eps, mb, cb, weight, config, n, generator)
+        with networks_in(self.model, config.precision):
+            per_row, terms = per_row_objective(self.model, xb, eps, mb, cb, weight, config, n, generator)
         return per_row[None], terms
 
     def clip_gradients(self, max_norm: float) -> Tensor:
@@ -759,6 +800,8 @@ def _train_loop(
     total_steps = config.epochs * steps_per_epoch
     if config.kl_schedule not in KL_SCHEDULES:
         raise ValueError(f"kl_schedule must be one of {', '.join(KL_SCHEDULES)}; got {config.kl_schedule!r}")
+    if config.precision not in TRAINING_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(TRAINING_PRECISIONS)}; got {config.precision!r}")
     if config.objective not in ("elbo", "iwae"):
         raise ValueError(f"objective must be 'elbo' or 'iwae', got {config.objective!r}")
     if config.objective == "iwae" and (config.regularizer is not None or config.free_bits > 0):
