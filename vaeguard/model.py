@@ -36,6 +36,12 @@ class VAE(nn.Module):
         0: an unconditional model, whose networks take one argument.
     """
 
+    #: A lower precision (``torch.bfloat16``) the encoder and decoder networks run in under
+    #: ``torch.autocast``, their outputs cast back; None: the inputs' own dtype. Set on an instance
+    #: by the trainer for its training steps only (:func:`vaeguard.training.networks_in`); the class
+    #: default also serves models unpickled from versions before it.
+    network_precision: torch.dtype | None = None
+
     def __init__(
         self,
         encoder: nn.Module,
@@ -52,10 +58,6 @@ class VAE(nn.Module):
         self.latent_dim = int(latent_dim)
         self.mask_input = bool(mask_input)
         self.condition_dim = int(condition_dim)
-        #: a lower precision (``torch.bfloat16``) the encoder and decoder networks run in under
-        #: ``torch.autocast``, their outputs cast back; None (the default): the inputs' own dtype.
-        #: Set by the trainer for its training steps only (:func:`vaeguard.training.networks_in`).
-        self.network_precision: torch.dtype | None = None
 
     def _networks(self, inputs: Tensor) -> contextlib.AbstractContextManager[None]:
         """Where the networks run: under autocast to :attr:`network_precision` when one is set."""
