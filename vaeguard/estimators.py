@@ -683,15 +683,10 @@ class VAEAnomalyDetector(
 
     def _training_precision(self, encoder: str, device: torch.device) -> str:
         """``training_precision`` resolved: "auto" is bfloat16 for the conv family on hardware that has it."""
-        if self.training_precision == "auto":
-            measured = device.type == "cpu"  # where bfloat16 training was measured (quality log I15)
-            return "bfloat16" if encoder == "conv" and measured and native_bfloat16(device) else "float32"
-        if self.training_precision not in TRAINING_PRECISIONS:
-            raise ValueError(
-                f"training_precision must be 'auto' or one of {', '.join(TRAINING_PRECISIONS)}; "
-                f"got {self.training_precision!r}"
-            )
-        return self.training_precision
+        if self.training_precision != "auto":  # a known value: fit validated the parameters
+            return self.training_precision
+        measured = device.type == "cpu"  # where bfloat16 training was measured (quality log I15)
+        return "bfloat16" if encoder == "conv" and measured and native_bfloat16(device) else "float32"
 
     def _build_model(
         self,

@@ -333,7 +333,7 @@ def train_models(
     if len(models) != len(generators):
         raise ValueError(f"{len(models)} models but {len(generators)} generators")
     # the stacked step runs its own batched products: a lower training precision trains the models one by one
-    stackable = len(models) > 1 and TRAINING_PRECISIONS.get(config.precision, 0) is None
+    stackable = len(models) > 1 and config.precision == "float32"
     stacked = _StackedModels.build(models, x, config, device, mask, condition) if stackable else None
     if stacked is None:
         return [
