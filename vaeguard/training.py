@@ -95,13 +95,19 @@ def native_bfloat16(device: torch.device) -> bool:
         return False
 
 
+def network_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a training ``precision`` (None: the data's own); an unknown one is refused by name."""
+    if precision not in TRAINING_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(TRAINING_PRECISIONS)}; got {precision!r}")
+    return TRAINING_PRECISIONS[precision]
+
+
 @contextlib.contextmanager
 def networks_in(model: VAE, precision: str) -> Iterator[None]:
     """Within the block, ``model``'s encoder and decoder run in ``precision`` (:data:`TRAINING_PRECISIONS`)."""
-    if precision not in TRAINING_PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(TRAINING_PRECISIONS)}; got {precision!r}")
+    dtype = network_dtype(precision)
     before = model.network_precision
-    model.network_precision = TRAINING_PRECISIONS[precision]
+    model.network_precision = dtype
     try:
         yield
     finally:
@@ -800,8 +806,7 @@ def _train_loop(
     total_steps = config.epochs * steps_per_epoch
     if config.kl_schedule not in KL_SCHEDULES:
         raise ValueError(f"kl_schedule must be one of {', '.join(KL_SCHEDULES)}; got {config.kl_schedule!r}")
-    if config.precision not in TRAINING_PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(TRAINING_PRECISIONS)}; got {config.precision!r}")
+    network_dtype(config.precision)  # an unknown precision is refused before the first step
     if config.objective not in ("elbo", "iwae"):
         raise ValueError(f"objective must be 'elbo' or 'iwae', got {config.objective!r}")
     if config.objective == "iwae" and (config.regularizer is not None or config.free_bits > 0):
