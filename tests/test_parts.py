@@ -61,3 +61,27 @@ def test_a_plugin_family_that_declares_conditions_builds_a_conditional_model(mon
     X, y = rng.normal(size=(120, 3)), rng.choice(["a", "b"], 120)
     det = VAEAnomalyDetector(conditional=True, encoder="mine", epochs=2, latent_dim=2, random_state=0).fit(X, y)
     assert det.model_spec_["condition_dim"] == 2 and np.isfinite(det.score_samples(X, condition=y)).all()
+
+
+def test_the_position_independent_softplus_gives_an_element_one_value_wherever_it_sits():
+    # torch's CPU softplus rounds an element differently in its vectorised loop and its scalar remainder;
+    # a float32 scoring copy's rows would then score differently by the rows beside them
+    import torch
+
+    from vaeguard.parts import soft_clamp, softplus_alike_everywhere
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(997, generator=generator) * 8, torch.tensor([-100.0, -20.0, 0.0, 20.0, 100.0])])
+    whole = softplus_alike_everywhere(x)
+    for start, length in ((0, 1), (3, 1), (5, 37), (17, 5), (1, 64), (990, 12)):
+        part = x[start : start + length].clone()
+        np.testing.assert_array_equal(softplus_alike_everywhere(part), whole[start:][:length])
+    for i in range(0, len(x), 97):
+        assert softplus_alike_everywhere(x[i : i + 1].clone()).item() == whole[i].item()
+    # the same function as softplus, to a few units of float32 rounding (log(1 + eˣ) ≥ 0, so relative)
+    reference = torch.nn.functional.softplus(x.double())
+    np.testing.assert_allclose(whole.double(), reference, rtol=4 * 2.0**-24, atol=1e-44)
+    wide = torch.randn(2000, generator=generator) * 6
+    np.testing.assert_allclose(
+        soft_clamp(wide, -6.0, 4.0, alike_everywhere=True), soft_clamp(wide, -6.0, 4.0), rtol=0, atol=1e-5
+    )

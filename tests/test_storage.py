@@ -164,8 +164,9 @@ def test_atomic_write_replaces_the_target_whole_or_leaves_it_as_it_was(tmp_path)
 def test_model_files_written_by_an_earlier_version_still_load_and_score_the_same():
     """Fixtures written by the code named in tests/data/written_by.txt (make_model_files.py): a table
     mixture with lattice and categorical columns, and a time-series detector. Any later change of the
-    file format or of scoring must keep reading them and giving the same scores (float64 CPU
-    scoring: to rounding)."""
+    file format or of scoring must keep reading them and giving the same scores (CPU scoring: to the
+    rounding of the tables' likelihood terms, computed in float32 since the files were written: each
+    of some twenty operations rounds to 2⁻²⁴ of its size, so a row's score to ~1e-6 of its size)."""
     import sys
 
     from vaeguard import load
@@ -179,6 +180,6 @@ def test_model_files_written_by_an_earlier_version_still_load_and_score_the_same
     expected = np.load(data / "model-file-scores-0.1.npz")
     det = load(data / "table-0.1.h5")
     assert len(det.models_) == 3 and det.offset_ == float(expected["table_offset"])
-    np.testing.assert_allclose(det.score_samples(table().iloc[:50]), expected["table"], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(det.score_samples(table().iloc[:50]), expected["table"], rtol=2e-6, atol=1e-9)
     ts = load(data / "series-0.1.h5")
-    np.testing.assert_allclose(ts.score_samples(series()[:200]), expected["series"], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(ts.score_samples(series()[:200]), expected["series"], rtol=2e-6, atol=1e-9)

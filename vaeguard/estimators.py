@@ -560,7 +560,8 @@ class VAEAnomalyDetector(
 
         On the CPU, float64 makes a row's score independent of the other rows in its
         batch to ~1e-12 nats (float32 matrix kernels round differently by batch shape), with
-        convolutions in float32 blocks of fixed size (:func:`~vaeguard.scoring.cpu_scoring_copy`);
+        convolutions in float32 blocks of fixed size and the tables' likelihood terms in float32
+        (:func:`~vaeguard.scoring.cpu_scoring_copy`);
         on CUDA, float32 keeps the throughput and the scores agree to ~1e-5 nats.
         """
         model = self.model_ if model is None else model

@@ -111,9 +111,25 @@ LOG_SCALE_MIN = -6.0
 LOG_SCALE_MAX = 4.0
 
 
-def soft_clamp(x: Tensor, low: float, high: float) -> Tensor:
-    """Smoothly squash ``x`` into ``(low, high)``; the identity well inside the bounds."""
-    return high - nn.functional.softplus(high - low - nn.functional.softplus(x - low))
+def softplus_alike_everywhere(x: Tensor) -> Tensor:
+    """log(1 + eˣ) as max(x, 0) + log1p(e^−|x|): the same value for an element wherever it sits in ``x``.
+
+    ``torch.nn.functional.softplus`` on the CPU rounds an element differently in its vectorised
+    loop and in its scalar remainder (by one unit in the last place): in float32 a row's value
+    then depends on the rows computed beside it (~1e-7 nats of a score). ``exp``, ``log1p`` and
+    ``abs`` round alike in both (``tests/test_parts.py``). About twice softplus's time.
+    """
+    return x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))
+
+
+def soft_clamp(x: Tensor, low: float, high: float, *, alike_everywhere: bool = False) -> Tensor:
+    """Smoothly squash ``x`` into ``(low, high)``; the identity well inside the bounds.
+
+    ``alike_everywhere``: with :func:`softplus_alike_everywhere`, so that an element's value
+    does not depend on its position in ``x`` (float32 scoring; the two agree to rounding).
+    """
+    softplus = softplus_alike_everywhere if alike_everywhere else nn.functional.softplus
+    return high - softplus(high - low - softplus(x - low))
 
 
 def soft_clamp_inverse(y: Tensor, low: float, high: float) -> Tensor:
@@ -141,6 +157,13 @@ class Likelihood(nn.Module):
     discrete: ClassVar[bool] = False
     #: Whether the constructor takes ``bin_widths`` (cell masses for lattice-valued columns).
     supports_bin_widths: ClassVar[bool] = False
+    #: Whether :meth:`per_feature_log_prob` honours :attr:`compute_dtype`: computes its per-element terms in that
+    #: dtype from parameters of any dtype, an element's value independent of its position in the tensors (no
+    #: operation whose vectorised loop and scalar remainder round differently), and returns the parameters' dtype.
+    float32_scoring: ClassVar[bool] = False
+    #: Set on a CPU scoring copy of a model (:func:`vaeguard.scoring.cpu_scoring_copy`) whose likelihood declares
+    #: :attr:`float32_scoring`: float32. None: the parameters' own dtype.
+    compute_dtype: torch.dtype | None = None
 
     def __init__(self, event_shape: tuple[int, ...]) -> None:
         super().__init__()

@@ -182,14 +182,21 @@ def _fixed_block_sections(network: torch.nn.Module, block: int) -> None:
 
 
 def cpu_scoring_copy(model: VAE) -> VAE:
-    """A float64 copy of ``model`` for scoring on the CPU, its convolutions in fixed-block float32 sections.
+    """A float64 copy of ``model`` for scoring on the CPU, its convolutions in fixed-block float32 sections and
+    its likelihood's per-element terms in float32 where the likelihood declares ``float32_scoring``.
 
     float64 makes a row's score independent of the other rows of its batch (float32 matrix
     kernels round differently by the batch's shape); the convolutions keep that property by
-    computing in blocks of fixed size (:class:`FixedBlockSection`). A row's score moves by
-    ~1e-3 nats on a 32 × 32 image (~1e-6 on 8 × 8) against an all-float64 copy.
+    computing in blocks of fixed size (:class:`FixedBlockSection`), the likelihood by
+    elementwise operations that round an element alike wherever it sits (its row sums and
+    the importance weights stay float64). A row's score moves by ~1e-3 nats on a 32 × 32
+    image (~1e-6 on 8 × 8), and by ~1e-6 of its size on a table, against an all-float64 copy;
+    a wide table's scoring takes ~0.75 × the time (its elementwise terms dominate: float64
+    transcendental functions cost 2–6 × float32's on a CPU).
     """
     scoring = copy.deepcopy(model).double()
+    if type(scoring.likelihood).float32_scoring:
+        scoring.likelihood.compute_dtype = torch.float32
     for network, block in ((scoring.encoder, ENCODER_CONV_BLOCK), (scoring.decoder, DECODER_CONV_BLOCK)):
         _fixed_block_sections(network, block)
     return scoring
