@@ -187,13 +187,23 @@ def test_convolutional_models_train_in_bfloat16_by_default_where_the_hardware_ha
     assert np.array_equal(back.score_samples(images[:3]), det.score_samples(images[:3]))
 
 
-def test_multilayer_perceptrons_train_in_float32_by_default(monkeypatch, digits):
+def test_multilayer_perceptrons_train_in_float32_by_default_unless_a_layer_is_wide(monkeypatch, digits):
+    from vaeguard.estimators import BFLOAT16_LAYER_WEIGHTS
+
     monkeypatch.setattr("vaeguard.estimators.native_bfloat16", lambda device: True)
     assert VAEAnomalyDetector(**QUICK).fit(digits[:100]).training_precision_ == "float32"  # 8 × 8: the MLP
     table = np.random.default_rng(0).normal(size=(100, 3))
     assert VAEAnomalyDetector(**QUICK).fit(table).training_precision_ == "float32"
     chosen = VAEAnomalyDetector(**QUICK, training_precision="bfloat16").fit(table)
     assert chosen.training_precision_ == "bfloat16" and np.all(np.isfinite(chosen.score_samples(table)))
+    # a wide table's decoder ends in a 256 × 2d layer (mean and σ per column): from 2d · 256 ≥ 2¹⁸ weights, bfloat16
+    assert BFLOAT16_LAYER_WEIGHTS == 2 * 512 * 256
+    wide = np.random.default_rng(1).normal(size=(40, 512))
+    det = VAEAnomalyDetector(**QUICK, n_models=1).fit(wide)
+    assert det.training_precision_ == "bfloat16" and np.all(np.isfinite(det.score_samples(wide[:3])))
+    assert VAEAnomalyDetector(**QUICK, n_models=1).fit(wide[:, :511]).training_precision_ == "float32"
+    monkeypatch.setattr("vaeguard.estimators.native_bfloat16", lambda device: False)  # emulated: slower, never
+    assert VAEAnomalyDetector(**QUICK, n_models=1).fit(wide).training_precision_ == "float32"
 
 
 def test_an_unknown_training_precision_is_refused_by_name():

@@ -109,6 +109,27 @@ def auto_encoder(images: bool, values: int) -> str:
     return "conv" if images and values >= CONV_MIN_IMAGE_VALUES else "mlp"
 
 
+#: ``training_precision="auto"``: an MLP trains in bfloat16 (where the CPU has it) when one of its linear layers
+#: holds at least this many weights (a table of 512 columns or more: the decoder's last layer of 256 × 2d).
+BFLOAT16_LAYER_WEIGHTS = 1 << 18
+
+
+def bfloat16_pays(encoder: str, model: VAE) -> bool:
+    """Whether bfloat16 arithmetic sets a model's training time: the conv family, and MLPs with a layer of at
+    least :data:`BFLOAT16_LAYER_WEIGHTS` weights.
+
+    Measured on this project's benchmarks (quality log I15, Q71): a 32 × 32 digit model's fit
+    0.65–0.69 ×; a wide 0/1 table's training (three 256-wide models, one after another in
+    bfloat16 instead of side by side in float32) 0.5–0.76 × at 700 to 2000 columns, none at 500
+    (14.6 s against 14.7 s) nor at 200, and 1.8 × the time at 100 columns, where a step is
+    per-operation overhead and the models no longer train side by side.
+    """
+    if encoder == "conv":
+        return True
+    weights = (m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return max(weights, default=0) >= BFLOAT16_LAYER_WEIGHTS
+
+
 def default_latent_dim(n_inputs: int) -> int:
     """Latent size from the input width: about d/4, clipped to [2, 32]."""
     return int(min(32, max(2, math.ceil(n_inputs / 4))))
@@ -334,11 +355,13 @@ class VAEAnomalyDetector(
         their matrix products and convolutions under ``torch.autocast`` (outputs cast back
         before the likelihood; parameters, optimiser, loss terms, validation and every
         score stay in float32). "auto": "bfloat16" for convolutional models (images from
-        16 × 16) on a CPU that computes bfloat16 in hardware (AMX or AVX512-BF16, e.g.
-        Intel Sapphire Rapids): a 32 × 32 digit model fits in 0.68 × the time at the same
-        AUROC (quality log I15). "float32" everywhere else: the tables' small networks
-        gain nothing, emulated bfloat16 is slower than float32, and on CUDA (whose cuDNN
-        convolutions already use TF32) bfloat16 is not measured yet. Kept as
+        16 × 16) and for MLPs with a layer of at least 2¹⁸ weights (tables of 512 columns
+        or more) on a CPU that computes bfloat16 in hardware (AMX or AVX512-BF16,
+        e.g. Intel Sapphire Rapids): a 32 × 32 digit model fits in 0.68 × the time at the
+        same AUROC (quality log I15), a 2000-column table's models train in 0.5–0.6 × (Q71).
+        "float32" everywhere else: smaller tables' networks gain nothing (a step is
+        per-operation overhead), emulated bfloat16 is slower than float32, and on CUDA
+        (whose cuDNN convolutions already use TF32) bfloat16 is not measured yet. Kept as
         ``training_precision_``.
     conditional : bool, default=False
         Fit a conditional VAE, p(x|c) = ∫ p(x|z, c) p(z) dz with q(z|x, c): ``fit(X, y)``
@@ -682,12 +705,13 @@ class VAEAnomalyDetector(
             standardizer = Standardizer(center, scale)
         return name, lik_cls(event_shape, **options), standardizer, None
 
-    def _training_precision(self, encoder: str, device: torch.device) -> str:
-        """``training_precision`` resolved: "auto" is bfloat16 for the conv family on hardware that has it."""
+    def _training_precision(self, encoder: str, device: torch.device, model: VAE) -> str:
+        """``training_precision`` resolved: "auto" is bfloat16 where it pays (:func:`bfloat16_pays`) on hardware
+        that has it."""
         if self.training_precision != "auto":  # a known value: fit validated the parameters
             return self.training_precision
-        measured = device.type == "cpu"  # where bfloat16 training was measured (quality log I15)
-        return "bfloat16" if encoder == "conv" and measured and native_bfloat16(device) else "float32"
+        measured = device.type == "cpu"  # where bfloat16 training was measured (quality log I15, Q71)
+        return "bfloat16" if bfloat16_pays(encoder, model) and measured and native_bfloat16(device) else "float32"
 
     def _build_model(
         self,
@@ -816,19 +840,6 @@ class VAEAnomalyDetector(
         group = current_group(device)  # inside a torchrun job: train across its processes
         if group is not None:
             device = group.device(device)
-        config = TrainingConfig(
-            epochs=epochs,
-            batch_size=batch_size,
-            learning_rate=self.learning_rate if self.learning_rate != "auto" else auto_learning_rate(images),
-            validation_fraction=self.validation_fraction,
-            patience=max(10, epochs // 10),
-            trim_fraction=self.trim_fraction if self.trim_fraction != "auto" else auto_trim_fraction(images),
-            kl_schedule=self.kl_schedule,
-            free_bits=float(self.free_bits),
-            objective=self.objective,
-            iwae_samples=int(self.iwae_samples),
-            precision=self._training_precision(encoder, device),
-        )
         condition_dim = 0 if c is None else conditions.width
 
         def build_one(seed: int) -> VAE:
@@ -840,6 +851,19 @@ class VAEAnomalyDetector(
                 )
 
         models = [build_one(seed) for seed in member_seeds]
+        config = TrainingConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=self.learning_rate if self.learning_rate != "auto" else auto_learning_rate(images),
+            validation_fraction=self.validation_fraction,
+            patience=max(10, epochs // 10),
+            trim_fraction=self.trim_fraction if self.trim_fraction != "auto" else auto_trim_fraction(images),
+            kl_schedule=self.kl_schedule,
+            free_bits=float(self.free_bits),
+            objective=self.objective,
+            iwae_samples=int(self.iwae_samples),
+            precision=self._training_precision(encoder, device, models[0]),
+        )
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in member_seeds]
         # each model its own regularizer: FactorVAE's discriminator is trained with its model
         regularizers = [build_regularizer(self.regularizer, self.regularizer_params) for _ in models]
