@@ -117,7 +117,7 @@ def softplus_alike_everywhere(x: Tensor) -> Tensor:
     ``torch.nn.functional.softplus`` on the CPU rounds an element differently in its vectorised
     loop and in its scalar remainder (by one unit in the last place): in float32 a row's value
     then depends on the rows computed beside it (~1e-7 nats of a score). ``exp``, ``log1p`` and
-    ``abs`` round alike in both (``tests/test_parts.py``). About twice softplus's time.
+    ``abs`` round alike in both (``tests/test_parts.py``). About three times softplus's time.
     """
     return x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))
 
