@@ -8,15 +8,17 @@ import numpy as np
 import pytest
 import torch
 from linear_gaussian import LinearGaussian
-from torch import nn
+from torch import Tensor, nn
 
 from vaeguard.components.likelihoods import GaussianLikelihood, soft_clamp_inverse
 from vaeguard.model import LOGVAR_MAX, LOGVAR_MIN, VAE
 from vaeguard.objectives import log_importance_weights
 from vaeguard.scoring import (
+    FLOAT32_SECTION_BOUND,
     PROBE_GAIN,
     PROPOSAL_WIDTH,
     SEARCH_QUANTILE,
+    WIDE_LINEAR_WEIGHTS,
     FixedBlockSection,
     _fixed_block_sections,
     common_random_numbers,
@@ -321,38 +323,58 @@ def test_an_image_models_scoring_copy_scores_a_row_alike_in_any_batch():
     np.testing.assert_allclose(value, double, rtol=1e-5)
 
 
-def test_a_tables_scoring_copy_computes_its_likelihood_in_float32_and_scores_a_row_alike_in_any_batch():
-    # binary (two-cell), lattice and continuous columns: each column kind's float32 terms, and the probe and
-    # proposal fits (gradients through the float32 terms) that refine_eps turns on
-    from vaeguard.components.encoders import mlp
-    from vaeguard.components.likelihoods import BernoulliLikelihood, DiagGaussianLikelihood
+def _mixed_table(d: int, rows: int, seed: int) -> tuple[nn.Module, Tensor]:
+    """A diag-Gaussian likelihood over binary (two-cell), lattice and continuous columns — the nine of
+    ``MIXED_COLUMNS``, then ``d - 9`` more binary ones — and ``rows`` rows of such values, the last
+    continuous column far out."""
+    from vaeguard.components.likelihoods import DiagGaussianLikelihood
 
-    torch.manual_seed(0)
-    d = 9
+    widths, floors, ceilings = (list(t) for t in zip(*MIXED_COLUMNS, strict=True))
+    extra = d - len(widths)
     lik = DiagGaussianLikelihood(
         (d,),
-        bin_widths=[1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.0, 0.0, 0.0],
-        lattice_floor=[0.0, 0.0, 0.0, -1.0, None, None, None, None, None],
-        lattice_ceiling=[1.0, 1.0, 1.0, None, None, None, None, None, None],
+        bin_widths=[*widths, *[1.0] * extra],
+        lattice_floor=[*floors, *[0.0] * extra],
+        lattice_ceiling=[*ceilings, *[1.0] * extra],
     )
-    vae = VAE(*mlp((d,), 3, lik.param_count, hidden_dims=[32, 32]), lik, 3)
-    scoring = cpu_scoring_copy(vae)
-    assert scoring.likelihood.compute_dtype == torch.float32 and vae.likelihood.compute_dtype is None
-    assert all(p.dtype == torch.float64 for p in scoring.parameters())
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(seed)
     x = torch.cat(
         [
-            torch.randint(0, 2, (120, 3), generator=generator),
-            torch.randint(-2, 6, (120, 1), generator=generator) * 0.5,
-            torch.randint(-8, 8, (120, 1), generator=generator) * 0.5,
-            torch.randint(-20, 20, (120, 1), generator=generator) * 0.25,
-            torch.randn(120, 3, generator=generator) * torch.tensor([1.0, 3.0, 30.0]),  # the last far out
+            torch.randint(0, 2, (rows, 3), generator=generator),
+            torch.randint(-2, 6, (rows, 1), generator=generator) * 0.5,
+            torch.randint(-8, 8, (rows, 1), generator=generator) * 0.5,
+            torch.randint(-20, 20, (rows, 1), generator=generator) * 0.25,
+            torch.randn(rows, 3, generator=generator) * torch.tensor([1.0, 3.0, 30.0]),  # the last far out
+            torch.randint(0, 2, (rows, extra), generator=generator),
         ],
         dim=1,
     ).double()
+    return lik, x
+
+
+#: (bin width, lattice floor, lattice ceiling) of ``_mixed_table``'s first nine columns.
+MIXED_COLUMNS = [
+    (1.0, 0.0, 1.0),
+    (1.0, 0.0, 1.0),
+    (1.0, 0.0, 1.0),
+    (0.5, -1.0, None),
+    (0.5, None, None),
+    (0.25, None, None),
+    (0.0, None, None),
+    (0.0, None, None),
+    (0.0, None, None),
+]
+
+
+def _check_scores_alike_in_any_batch_and_near_float64(vae: VAE, scoring: VAE, x: Tensor) -> None:
+    """A row's score from ``scoring`` (a CPU scoring copy of ``vae``) in chunks of 1, 7 and 64 rows and in reverse
+    order (probe and proposal fits on): alike to float64's rounding of the sums; the encoder's q alone: within 1e-5
+    of the all-float64 model's; absurd values (1e20 in row 7, −3e19 in row 50) finite; a missing entry beside one."""
+    latent = vae.latent_dim
+    x = x.clone()
     x[7, 8], x[50, 7] = 1e20, -3e19  # beyond float32's range once squared: these terms are computed in float64
-    eps = common_random_numbers(64, 3, seed=2)
-    refine = common_random_numbers(8, 3, seed=3)
+    eps = common_random_numbers(64, latent, seed=2)
+    refine = common_random_numbers(8, latent, seed=3)
     value = importance_sampled_log_likelihood(scoring, x, eps, refine_eps=refine).value
     # float64 sums of float32 terms: a row's score depends on it alone, to float64's rounding of the sums
     for chunk in (1, 7, 64):
@@ -360,8 +382,9 @@ def test_a_tables_scoring_copy_computes_its_likelihood_in_float32_and_scores_a_r
         np.testing.assert_allclose(chunked, value, rtol=0, atol=1e-9)
     flipped = importance_sampled_log_likelihood(scoring, x.flip(0), eps, refine_eps=refine).value[::-1]
     np.testing.assert_allclose(flipped, value, rtol=0, atol=1e-9)
-    # against the all-float64 model (encoder's q, no fits to amplify rounding): each of the nine terms is
-    # rounded to float32 after some twenty operations (≤ ~2e-6 of its size), far below 1e-5 of the score
+    # against the all-float64 model (encoder's q, no fits to amplify rounding): each term is rounded to float32
+    # after some twenty operations, a wide decoder's outputs after three layers (≤ ~2e-6 of a term's size),
+    # far below 1e-5 of the score
     plain = importance_sampled_log_likelihood(scoring, x, eps).value
     double = importance_sampled_log_likelihood(copy.deepcopy(vae).double(), x, eps).value
     np.testing.assert_allclose(plain, double, rtol=1e-5)
@@ -373,9 +396,93 @@ def test_a_tables_scoring_copy_computes_its_likelihood_in_float32_and_scores_a_r
     double_gap = importance_sampled_log_likelihood(copy.deepcopy(vae).double(), gappy[:10], eps, mask=observed[:10])
     np.testing.assert_allclose(with_gap, double_gap.value, rtol=1e-5)
     assert not np.array_equal(plain, double)  # the terms were float32
+
+
+def test_a_tables_scoring_copy_computes_its_likelihood_in_float32_and_scores_a_row_alike_in_any_batch():
+    # binary (two-cell), lattice and continuous columns: each column kind's float32 terms, and the probe and
+    # proposal fits (gradients through the float32 terms) that refine_eps turns on
+    from vaeguard.components.encoders import mlp
+    from vaeguard.components.likelihoods import BernoulliLikelihood
+
+    torch.manual_seed(0)
+    d = 9
+    lik, x = _mixed_table(d, 120, seed=1)
+    vae = VAE(*mlp((d,), 3, lik.param_count, hidden_dims=[32, 32]), lik, 3)
+    scoring = cpu_scoring_copy(vae)
+    assert scoring.likelihood.compute_dtype == torch.float32 and vae.likelihood.compute_dtype is None
+    assert all(p.dtype == torch.float64 for p in scoring.parameters())
+    # a narrow decoder stays float64: its float32 blocks would cost more than they save
+    assert not any(isinstance(m, FixedBlockSection) for m in scoring.decoder.modules())
+    assert scoring.decode(torch.zeros(2, 3, dtype=torch.float64)).dtype == torch.float64
+    _check_scores_alike_in_any_batch_and_near_float64(vae, scoring, x)
     # a likelihood that does not declare float32 scoring computes in float64 in the copy
     bernoulli = VAE(*mlp((d,), 3, 1, hidden_dims=[16]), BernoulliLikelihood((d,)), 3)
     assert cpu_scoring_copy(bernoulli).likelihood.compute_dtype is None
+
+
+def test_a_wide_tables_scoring_copy_decodes_in_float32_blocks_and_scores_a_row_alike_in_any_batch():
+    # 529 columns: the decoder's last layer has 256 x 1058 weights, past WIDE_LINEAR_WEIGHTS
+    from vaeguard.components.encoders import mlp
+
+    torch.manual_seed(0)
+    d = 529
+    lik, x = _mixed_table(d, 100, seed=1)
+    vae = VAE(*mlp((d,), 3, lik.param_count, hidden_dims=[256, 256]), lik, 3)
+    assert vae.decoder.net[-2].weight.numel() >= WIDE_LINEAR_WEIGHTS
+    scoring = cpu_scoring_copy(vae)
+    section = scoring.decoder.net[0]
+    assert isinstance(section, FixedBlockSection) and section.float32_output
+    assert all(p.dtype == torch.float64 for p in scoring.parameters())  # the originals, as registered
+    assert scoring.decode(torch.zeros(2, 3, dtype=torch.float64)).dtype == torch.float32  # no float64 round trip
+    _check_scores_alike_in_any_batch_and_near_float64(vae, scoring, x)
+    # a value of 1e45: where the encoder sees it, its row's codes (~1e42) would overflow the float32 decoder
+    # to NaN, and the section computes them in float64 instead (FLOAT32_SECTION_BOUND); where the encoder does
+    # not (its column's weights zeroed), the codes and the decoder's float32 outputs stay ordinary, and the
+    # value's partial (~1e45 / σ²) must not overflow the float32 backward pass: the probe's rise would be NaN
+    # and the row, the one the encoder serves worst, would go without its proposal fit
+    blind = copy.deepcopy(vae)
+    with torch.no_grad():
+        next(m for m in blind.encoder.modules() if isinstance(m, nn.Linear)).weight[:, 8] = 0.0
+    far = x[:20].clone()
+    far[3, 8] = 1e45
+    eps, refine = common_random_numbers(64, 3, seed=2), common_random_numbers(8, 3, seed=3)
+    for model in (vae, blind):
+        est = importance_sampled_log_likelihood(cpu_scoring_copy(model), far, eps, refine_eps=refine)
+        assert np.all(np.isfinite(est.value)) and est.value[3] < -1e80
+    assert est.refined[3]  # the blind model's probe saw the row's ELBO rise: finite gradients
+
+
+def test_a_float32_sections_samples_beyond_its_bound_are_computed_in_float64_alone():
+    torch.manual_seed(0)
+    layers = [nn.Linear(3, 64), nn.SiLU(), nn.Linear(64, 600)]
+    double = [copy.deepcopy(layer).double() for layer in layers]
+    section = FixedBlockSection(double, 64, float32_output=True)
+    safe = section._safe_input
+    assert 0 < safe < 1e12
+    # the bound holds: inputs of that size, in the directions that grow the most, stay within it
+    z = torch.randn(200, 3, dtype=torch.float64)
+    z = z / z.abs().amax(1, keepdim=True) * (0.999 * safe)
+    h = z
+    with torch.no_grad():
+        for layer in double:
+            h = layer(h)
+            assert float(h.abs().max()) <= FLOAT32_SECTION_BOUND
+        plain = section(z)
+    assert plain.dtype == torch.float32
+    with torch.no_grad():
+        exact = nn.Sequential(*double)(z)
+    np.testing.assert_allclose(plain.double().numpy(), exact.numpy(), rtol=1e-4, atol=1e-4 * safe)
+    # one sample far beyond: it alone in float64 (to the bit), every other sample as before (to the bit)
+    far = z.clone()
+    far[5] = 1e30
+    with torch.no_grad():
+        mixed = section(far)
+        alone = nn.Sequential(*double)(far[5:6])[0]
+    assert mixed.dtype == torch.float64
+    assert torch.equal(mixed[5], alone)
+    others = torch.arange(200) != 5
+    assert torch.equal(mixed[others], plain[others].double())
+    assert np.isfinite(mixed.numpy()).all()
 
 
 def mlp_pair(d: int, hidden: int) -> tuple[nn.Module, nn.Module]:

@@ -122,4 +122,6 @@ class VAE(nn.Module):
             else:
                 c = c.to(z.dtype).expand(*lead, self.condition_dim).reshape(-1, self.condition_dim)
                 params = self.decoder(flat, c)
-        return params.to(z.dtype).reshape(*lead, *params.shape[1:])
+        if params.dtype != self.likelihood.compute_dtype:  # a scoring copy's float32 decoder output stays float32
+            params = params.to(z.dtype)
+        return params.reshape(*lead, *params.shape[1:])

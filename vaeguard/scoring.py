@@ -93,6 +93,15 @@ MATCH_FLOOR = 0.25
 #: Samples per call of a scoring copy's convolutions (:func:`cpu_scoring_copy`): the encoder's see one
 #: row at a time (a chunk may hold a single row), the decoder's blocks of 64 draws (K = 64 by default).
 ENCODER_CONV_BLOCK, DECODER_CONV_BLOCK = 1, 64
+#: A scoring copy's MLP decoder with a linear layer of at least this many weights (a table of 512 columns or more
+#: at the automatic sizes: 256 × 2d) computes in float32 blocks of DECODER_LINEAR_BLOCK draws and hands its float32
+#: output to a likelihood that computes in float32 (:func:`cpu_scoring_copy`). Smaller layers cost less in float64
+#: than a block's per-call overhead saves.
+WIDE_LINEAR_WEIGHTS, DECODER_LINEAR_BLOCK = 1 << 18, 64
+#: No activation of a float32 section may exceed this for a sample computed in float32 (a bound from the sample's
+#: input, :meth:`FixedBlockSection.forward`); a sample whose bound does (the code of an absurd row) is computed
+#: in float64. The likelihood's terms of means beyond 1e12 are float64 anyway.
+FLOAT32_SECTION_BOUND = 1e12
 
 
 #: Layers that act on each element alone: between two convolutions of a scoring copy they run in float32 with them.
@@ -107,6 +116,10 @@ ELEMENTWISE_LAYERS = (
     torch.nn.Softplus,
     torch.nn.Identity,
 )
+#: Elementwise layers with |f(t)| ≤ |t| + 1, whose outputs a float32 section bounds from its input's size.
+BOUNDED_ACTIVATIONS = (torch.nn.SiLU, torch.nn.ReLU, torch.nn.GELU, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Identity)
+#: Layers that only reshape, which may follow a float32 section whose output stays float32.
+RESHAPES = (torch.nn.Unflatten, torch.nn.Flatten, torch.nn.Identity)
 
 
 class FixedBlockSection(torch.nn.Module):
@@ -125,29 +138,105 @@ class FixedBlockSection(torch.nn.Module):
     activations). Input and output keep the caller's dtype and layout, and so do the
     registered parameters (the wrapped ``layers``): code that reads a model's dtype from its
     parameters still sees float64. The float32 copy that computes is made once, here.
+
+    With ``float32_output`` (a wide MLP decoder whose likelihood computes in float32) the output
+    stays float32, unless a sample's input is so large that an activation could pass
+    :data:`FLOAT32_SECTION_BOUND` (a bound from the layers' norms, :func:`_safe_input_size`): such
+    samples are computed by the float64 originals, and the output is then float64, every other
+    sample's values exactly those of its float32 pass.
     """
 
-    def __init__(self, layers: Sequence[torch.nn.Module], block: int) -> None:
+    def __init__(self, layers: Sequence[torch.nn.Module], block: int, float32_output: bool = False) -> None:
         super().__init__()
         self.layers = torch.nn.ModuleList(layers)
         self.block = int(block)
+        self.float32_output = bool(float32_output)
         computing = torch.nn.Sequential(*(copy.deepcopy(layer) for layer in layers)).float()
         self._channels_last = any(isinstance(layer, torch.nn.Conv2d | torch.nn.ConvTranspose2d) for layer in layers)
         if self._channels_last:
             computing = computing.to(memory_format=torch.channels_last)
         # in a tuple, not a submodule: parameters(), state_dict() and .to() see the float64 originals
         self._float32 = (computing,)
+        self._safe_input = _safe_input_size(layers) if self.float32_output else math.inf
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[0]
-        inputs = x.float()
+        beyond = None
+        if self.float32_output:
+            # a sample whose activations could pass FLOAT32_SECTION_BOUND is computed in float64 (zeros in the
+            # float32 pass); the decision reads the sample alone. NaN compares False: it goes to float64 too.
+            size = x.detach().abs().flatten(1).amax(1)
+            beyond = ~(size < self._safe_input)
+            if beyond.any():
+                x_safe = torch.where(beyond.view(-1, *(1,) * (x.dim() - 1)), torch.zeros_like(x), x)
+            else:
+                beyond, x_safe = None, x
+        else:
+            x_safe = x
+        inputs = x_safe.float()
         short = -n % self.block
         if short:
             inputs = torch.cat([inputs, inputs.new_zeros(short, *inputs.shape[1:])])
         if self._channels_last and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        outputs = [self._float32[0](part) for part in inputs.split(self.block)]
-        return torch.cat(outputs)[:n].to(dtype=x.dtype, memory_format=torch.contiguous_format)
+        outputs = torch.cat([self._float32[0](part) for part in inputs.split(self.block)])[:n]
+        if not self.float32_output:
+            return outputs.to(dtype=x.dtype, memory_format=torch.contiguous_format)
+        if beyond is None:
+            return outputs
+        rows = torch.nonzero(beyond).flatten()
+        exact = x[rows]
+        for layer in self.layers:
+            exact = layer(exact)
+        # float64 for every sample then: the float32 ones exactly as computed, so no other row's score moves
+        return outputs.to(x.dtype).index_put((rows,), exact)
+
+
+def _safe_input_size(layers: Sequence[torch.nn.Module]) -> float:
+    """The largest input size max|x| for which no activation of ``layers`` can pass :data:`FLOAT32_SECTION_BOUND`.
+
+    Each layer's output is bounded from its input's: a linear layer's by ``‖W‖∞ · size + max|b|``
+    (‖W‖∞ its largest absolute row sum), an elementwise one's by ``size + 1`` (:data:`BOUNDED_ACTIVATIONS`:
+    |f(t)| ≤ |t| + 1). A section with any other layer gets 0: every sample in float64.
+    """
+    gain, offset, safe = 1.0, 0.0, FLOAT32_SECTION_BOUND
+    for layer in layers:
+        if isinstance(layer, torch.nn.Linear):
+            norm = float(layer.weight.detach().abs().sum(1).max())
+            bias = 0.0 if layer.bias is None else float(layer.bias.detach().abs().max())
+            gain, offset = gain * norm, offset * norm + bias
+        elif isinstance(layer, BOUNDED_ACTIVATIONS):
+            offset += 1.0
+        else:
+            return 0.0
+        if gain > 0:
+            safe = min(safe, (FLOAT32_SECTION_BOUND - offset) / gain)
+        elif offset >= FLOAT32_SECTION_BOUND:
+            return 0.0
+    return max(safe, 0.0)
+
+
+def _wide_linear_section(decoder: torch.nn.Module) -> bool:
+    """An MLP decoder's linear layers and activations into one float32 :class:`FixedBlockSection` whose output
+    stays float32, in place, where one of its layers has :data:`WIDE_LINEAR_WEIGHTS` weights or more; whether
+    it did. Only a decoder whose forward is its ``net`` (``stacks_as_sequential``) of linear layers and
+    :data:`BOUNDED_ACTIVATIONS`, then at most reshapes."""
+    net = getattr(decoder, "net", None)
+    if not (getattr(decoder, "stacks_as_sequential", False) and isinstance(net, torch.nn.Sequential)):
+        return False
+    layers = list(net)
+    linear = [i for i, layer in enumerate(layers) if isinstance(layer, torch.nn.Linear)]
+    if not linear or max(layers[i].weight.numel() for i in linear) < WIDE_LINEAR_WEIGHTS:
+        return False
+    last = linear[-1]
+    if not all(isinstance(layer, (torch.nn.Linear, *BOUNDED_ACTIVATIONS)) for layer in layers[: last + 1]):
+        return False
+    if not all(isinstance(layer, RESHAPES) for layer in layers[last + 1 :]):
+        return False
+    net[0] = FixedBlockSection(layers[: last + 1], DECODER_LINEAR_BLOCK, float32_output=True)
+    for k in range(1, last + 1):
+        net[k] = torch.nn.Identity()
+    return True
 
 
 def _fixed_block_sections(network: torch.nn.Module, block: int) -> None:
@@ -183,7 +272,9 @@ def _fixed_block_sections(network: torch.nn.Module, block: int) -> None:
 
 def cpu_scoring_copy(model: VAE) -> VAE:
     """A float64 copy of ``model`` for scoring on the CPU, its convolutions in fixed-block float32 sections and
-    its likelihood's per-element terms in float32 where the likelihood declares ``float32_scoring``.
+    its likelihood's per-element terms in float32 where the likelihood declares ``float32_scoring`` — and
+    then a wide MLP decoder (a layer of :data:`WIDE_LINEAR_WEIGHTS` weights or more) in one fixed-block
+    float32 section whose float32 output the likelihood reads as it is.
 
     float64 makes a row's score independent of the other rows of its batch (float32 matrix
     kernels round differently by the batch's shape); the convolutions keep that property by
@@ -192,11 +283,15 @@ def cpu_scoring_copy(model: VAE) -> VAE:
     the importance weights stay float64). A row's score moves by ~1e-3 nats on a 32 × 32
     image (~1e-6 on 8 × 8), and by ~1e-6 of its size on a table, against an all-float64 copy;
     a wide table's scoring takes ~0.75 × the time (its elementwise terms dominate: float64
-    transcendental functions cost 2–6 × float32's on a CPU).
+    transcendental functions cost 2–6 × float32's on a CPU); its decoder in float32 takes that to
+    0.86 × again on a 2000-column table (about half the matrix products' cost, and no float64 round trip
+    of the decoder's (K · rows, 2 · columns) output). Samples whose activations could leave float32's
+    safe range are decoded in float64 (:class:`FixedBlockSection`).
     """
     scoring = copy.deepcopy(model).double()
     if type(scoring.likelihood).float32_scoring:
         scoring.likelihood.compute_dtype = torch.float32
+        _wide_linear_section(scoring.decoder)
     for network, block in ((scoring.encoder, ENCODER_CONV_BLOCK), (scoring.decoder, DECODER_CONV_BLOCK)):
         _fixed_block_sections(network, block)
     return scoring

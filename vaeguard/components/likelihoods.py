@@ -287,6 +287,25 @@ def _beyond_float32_safety(t: Tensor) -> bool:
     return bool(torch.maximum(-low, high) > FLOAT32_SAFE_VALUE)
 
 
+#: The largest partial that flows back into float32 parameters (:class:`_FiniteGradient`): far below float32's
+#: range (3.4e38) even after the decoder's layers multiply it on its way back.
+FLOAT32_SAFE_GRADIENT = 1e20
+
+
+class _FiniteGradient(torch.autograd.Function):
+    """The identity, whose gradient is clamped to ±:data:`FLOAT32_SAFE_GRADIENT`: an absurd value's partial
+    ((x − μ)/σ² at x = 1e20) would overflow a float32 decoder's backward pass to inf and its proposal's fit to
+    NaN. Such a row's score is tens of orders of magnitude below any other, and its fit only needs a direction."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.clamp(-FLOAT32_SAFE_GRADIENT, FLOAT32_SAFE_GRADIENT)
+
+
 class _NormalLikelihood(Likelihood):
     """A normal per element; columns with a lattice (``bin_widths`` > 0) get cell masses instead of densities.
 
@@ -360,30 +379,36 @@ class _NormalLikelihood(Likelihood):
         return Normal(loc, scale, validate_args=False)
 
     def per_feature_log_prob(self, x: Tensor, params: Tensor) -> Tensor:
-        """Log density or cell mass of each element, nats, ``(..., *event_shape)``, in ``params``' dtype.
+        """Log density or cell mass of each element, nats, ``(..., *event_shape)``, in the wider of ``x``'s and
+        ``params``' dtypes.
 
         With :attr:`compute_dtype` set (a CPU scoring copy: float32) the terms are computed in it and
-        returned in ``params``' dtype: on a wide table they are most of a score's time, and float64
+        returned in that wider dtype (float64): on a wide table they are most of a score's time, and float64
         elementwise functions cost 2-6 times float32's. Their rounding is then relative (a
         row's score to ~1e-6 of its size; the row sums and the importance weights stay float64), and
         alike for an element wherever it sits, so a row's score still does not depend on its batch.
+        ``params`` may then come in float32 already (a wide decoder's float32 output, :func:`~vaeguard.scoring.
+        cpu_scoring_copy`) or in float64: an element's terms are the same either way.
         """
         compute = self.compute_dtype
-        if compute is None or params.dtype == compute:
+        result = torch.promote_types(x.dtype, params.dtype)
+        if compute is None or result == compute:
             return self._per_element(x, params)
         x_low, params_low = x.to(compute), params.to(compute)
         values = torch.nan_to_num(x_low.abs(), nan=0.0)  # (rows, ...): missing entries are NaN here
         if not (_beyond_float32_safety(values) or _beyond_float32_safety(params_low)):  # nearly always
-            return self._per_element(x_low, params_low).to(params.dtype)
+            return self._per_element(x_low, params_low).to(result)
         # a value or a mean so far out that its float32 terms or partials could overflow (an absurd value, and
-        # the codes and means the encoder gives its row): those elements in params' dtype, the others as always,
-        # each element's value from itself alone. The float32 pass sees 0 for them, so that it stays finite.
+        # the codes and means the encoder gives its row): those elements in the wider dtype, the others as
+        # always, each element's value from itself alone. The float32 pass sees 0 for them, so that it stays finite.
         extreme = (values > FLOAT32_SAFE_VALUE) | (self.param(params_low, 0).abs() > FLOAT32_SAFE_VALUE)
         zero = torch.zeros((), dtype=compute, device=x.device)
         x_low = torch.where(extreme, zero, x_low)
         params_low = torch.where(extreme.unsqueeze(-1 - len(self.event_shape)), zero, params_low)
-        out = self._per_element(x_low, params_low).to(params.dtype)
-        return torch.where(extreme, self._per_element(x, params), out)
+        out = self._per_element(x_low, params_low).to(result)
+        if params.dtype != result:  # float32 parameters: their float32 gradient must stay finite
+            params = _FiniteGradient.apply(params)
+        return torch.where(extreme, self._per_element(x.to(result), params.to(result)), out)
 
     def _per_element(self, x: Tensor, params: Tensor) -> Tensor:
         loc, scale = self.loc_scale(params)
@@ -639,7 +664,7 @@ class MixedLikelihood(DiagGaussianLikelihood):
 
     def per_feature_log_prob(self, x: Tensor, params: Tensor) -> Tensor:
         numeric = super().per_feature_log_prob(x, params)
-        log_levels = self._log_levels(params)
+        log_levels = self._log_levels(params.to(numeric.dtype))  # a scoring copy's float32 parameters: float64 here
         codes = self._codes(x).expand(log_levels.shape[:-1])
         categorical = log_levels.gather(-1, codes.unsqueeze(-1)).squeeze(-1)
         return torch.where(self.is_categorical, categorical, numeric)
