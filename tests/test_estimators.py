@@ -716,6 +716,31 @@ def test_each_model_keeps_its_search_floor_in_the_model_file(tmp_path):
             load(tmp_path / "crafted.h5")
 
 
+def test_a_fit_probes_each_training_row_once_per_model_and_its_threshold_is_that_of_a_fresh_pass(monkeypatch):
+    # the calibration's probe of every training row sets each model's probe threshold and is handed to the pass
+    # that scores those rows for the threshold: probing them again there would cost a third of that pass and
+    # give the same numbers (a row's probe depends on it alone)
+    from conftest import FAST
+
+    import vaeguard.scoring as scoring
+
+    probed = []
+    real = scoring._probe
+
+    def counting(model, x, mask, *args):
+        if mask is None:  # whole rows (the feature baseline's exact conditionals probe rows less one column)
+            probed.append(x.shape[0])
+        return real(model, x, mask, *args)
+
+    monkeypatch.setattr(scoring, "_probe", counting)
+    X = np.random.default_rng(0).normal(size=(300, 4))
+    det = VAEAnomalyDetector(**FAST, n_models=3, random_state=0).fit(X)
+    assert sum(probed) == 3 * len(X)
+    fresh = det.score_samples(X)  # a pass that probes the rows itself
+    assert sum(probed) == 6 * len(X)
+    assert det.offset_ == pytest.approx(np.percentile(fresh, 100 * det.contamination), rel=0, abs=1e-9)
+
+
 @pytest.mark.parametrize("magnitude", [1e-300, 1e-13, 1e200])
 def test_a_column_at_any_magnitude_is_modelled_and_scores_change_by_the_jacobian(magnitude):
     # Rescaling one column by m multiplies its density by 1/m: every score moves by exactly

@@ -37,12 +37,13 @@ from vaeguard.scoring import (
     PROBE_GAIN,
     REFINE_SAMPLES,
     SEARCH_GRID,
+    Probe,
     common_random_numbers,
     cpu_scoring_copy,
     evidence_lower_bound,
     importance_sampled_log_likelihood,
     posterior_means,
-    probe_statistics,
+    probe_rows,
     probe_threshold,
     search_floor,
 )
@@ -154,6 +155,11 @@ def auto_n_models(n_rows: int, images: bool) -> int:
     cheap at that size (quality log Q5, Q8).
     """
     return SMALL_TABLE_MODELS if not images and n_rows <= SMALL_TABLE_ROWS else 1
+
+
+def _probe_rows(probes: list[Probe] | None, rows: torch.Tensor) -> list[Probe] | None:
+    """Each model's probe of the rows ``rows`` (None for None)."""
+    return None if probes is None else [p.rows(rows) for p in probes]
 
 
 def offset_rows(contamination: float) -> int:
@@ -921,25 +927,32 @@ class VAEAnomalyDetector(
         self.active_units_ = int((self.latent_variance_ > ACTIVE_UNIT_VARIANCE).sum())
         self.aggregate_posterior_ = AggregatePosterior.fit(means, score_seed) if len(means) > 1 else None
         self.fingerprint_ = None
-        self.probe_thresholds_, self.search_floors_ = self._probe_calibration(x, mask, c, generator)
+        self.probe_thresholds_, self.search_floors_, probes = self._probe_calibration(x, mask, c, generator)
         scored_rows = offset_rows(self.contamination)
         if n > scored_rows:  # the percentile of a large random subsample is as good and far cheaper
             inputs = inputs.rows(torch.randperm(n, generator=generator)[:scored_rows])
+            probes = None  # the calibration's probes are of every row, or of another subsample
         # every rank computes the same baseline (a few hundred rows; no collective needed)
         baseline_pick = torch.randperm(len(inputs), generator=generator)[:FEATURE_BASELINE_ROWS]
         if self.offset is not None:  # no threshold to set: only the baseline rows are scored
             picked = inputs.rows(baseline_pick)
-            self.feature_baseline_ = self._feature_baseline(picked, self._baseline_feature_scores(picked))
+            picked_probes = _probe_rows(probes, baseline_pick)
+            self.feature_baseline_ = self._feature_baseline(
+                picked, self._baseline_feature_scores(picked, picked_probes), picked_probes
+            )
             self.threshold_rule_ = {"rule": "offset", "offset": float(self.offset)}
             self.offset_ = float(self.offset)
             return self
         if group is None:  # the baseline rows' conditionals come from the pass that scores them for the threshold
-            train_scores, baseline_scores = self._training_scores(inputs, space, baseline_pick)
+            train_scores, baseline_scores = self._training_scores(inputs, space, baseline_pick, probes)
         else:  # each rank scores its share of the rows; every rank then holds all the scores
             share = group.share(len(inputs))
-            mine, _ = self._training_scores(inputs.rows(torch.arange(len(inputs))[share]), space)
+            mine_rows = torch.arange(len(inputs))[share]
+            mine_probes = None if probes is None else [p.rows(mine_rows) for p in probes]
+            mine, _ = self._training_scores(inputs.rows(mine_rows), space, None, mine_probes)
             train_scores = group.gather_scores(mine, len(inputs))
-            baseline_scores = self._baseline_feature_scores(inputs.rows(baseline_pick))
+            picked_probes = _probe_rows(probes, baseline_pick)
+            baseline_scores = self._baseline_feature_scores(inputs.rows(baseline_pick), picked_probes)
         broken = ~np.isfinite(train_scores)
         if broken.any():
             self.__dict__.pop("offset_", None)  # no model with a threshold that flags nothing (or everything)
@@ -948,31 +961,38 @@ class VAEAnomalyDetector(
                 f"(first: row {int(np.flatnonzero(broken)[0])} of those scored); the values are beyond float64 "
                 "arithmetic once standardised: rescale the extreme column(s) or drop those rows"
             )
-        self.feature_baseline_ = self._feature_baseline(inputs.rows(baseline_pick), baseline_scores)
+        self.feature_baseline_ = self._feature_baseline(
+            inputs.rows(baseline_pick), baseline_scores, _probe_rows(probes, baseline_pick)
+        )
         self.threshold_rule_ = {"rule": "contamination", "contamination": float(self.contamination)}
         self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
         return self
 
     def _training_scores(
-        self, inputs: ModelInputs, space: InputSpace, baseline_pick: torch.Tensor | None = None
+        self,
+        inputs: ModelInputs,
+        space: InputSpace,
+        baseline_pick: torch.Tensor | None = None,
+        probes: list[Probe] | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """log p(x) in the data's units (nats) of the training rows that set the threshold, (rows,), and for the
         rows ``baseline_pick`` their per-element conditionals (:meth:`_baseline_feature_scores`) from the same
-        scoring pass (a row's score does not depend on the rows scored with it)."""
+        scoring pass (a row's score does not depend on the rows scored with it). ``probes``: each model's probe
+        of these rows from the calibration (:meth:`_probe_calibration`), not repeated here."""
         if baseline_pick is None:
             value = self._log_likelihood_internal(
-                inputs.x, inputs.mask, self.n_importance_samples, condition=inputs.condition
+                inputs.x, inputs.mask, self.n_importance_samples, condition=inputs.condition, probes=probes
             ).value
             return value + space.row_nats(inputs), None
         others = torch.ones(len(inputs), dtype=torch.bool)
         others[baseline_pick] = False
         rest = torch.arange(len(inputs))[others]
         picked = inputs.rows(baseline_pick)
-        picked_values, shares = self._scores_with_conditionals(picked)
+        picked_values, shares = self._scores_with_conditionals(picked, _probe_rows(probes, baseline_pick))
         value = np.empty(len(inputs))
         value[baseline_pick.numpy()] = picked_values + space.row_nats(picked)
         if len(rest):
-            value[rest.numpy()] = self._training_scores(inputs.rows(rest), space)[0]
+            value[rest.numpy()] = self._training_scores(inputs.rows(rest), space, None, _probe_rows(probes, rest))[0]
         return value, shares
 
     @on_own_threads
@@ -1031,21 +1051,25 @@ class VAEAnomalyDetector(
 
     def _probe_calibration(
         self, x: torch.Tensor, mask: torch.Tensor | None, c: torch.Tensor | None, generator: torch.Generator
-    ) -> tuple[list[float] | None, list[float | None] | None]:
-        """Each model's probe threshold and search floor from the probe of (a subsample of) the training rows."""
+    ) -> tuple[list[float] | None, list[float | None] | None, list[Probe] | None]:
+        """Each model's probe threshold and search floor from the probe of (a subsample of) the training rows,
+        and each model's probe of every training row where no subsample was drawn (else None)."""
         refine_eps = self._refine_eps()
         if refine_eps is None:
-            return None, None
-        if x.shape[0] > PROBE_CALIBRATION_ROWS:
+            return None, None, None
+        every_row = x.shape[0] <= PROBE_CALIBRATION_ROWS
+        if not every_row:
             keep = torch.randperm(x.shape[0], generator=generator)[:PROBE_CALIBRATION_ROWS]
             x, mask, c = x[keep], (None if mask is None else mask[keep]), (None if c is None else c[keep])
-        thresholds, floors = [], []
+        thresholds, floors, probes = [], [], []
         for m in self._mixture_members():
             model = self._scoring_model(m)
-            gains, at_encoder = probe_statistics(model, x, refine_eps, mask=mask, device=self.device_, condition=c)
-            thresholds.append(probe_threshold(gains))
+            probe = probe_rows(model, x, refine_eps, mask=mask, device=self.device_, condition=c)
+            thresholds.append(probe_threshold(probe.gain.double().numpy()))
+            at_encoder = probe.at_encoder.double().numpy()
             floors.append(search_floor(at_encoder) if model.latent_dim in SEARCH_GRID else None)
-        return thresholds, floors
+            probes.append(probe)
+        return thresholds, floors, probes if every_row else None
 
     def _search_floor_of(self, member: int) -> float | None:
         """The search floor of the ``member``-th model (None: no search, e.g. files without one)."""
@@ -1066,9 +1090,10 @@ class VAEAnomalyDetector(
         condition: torch.Tensor | None = None,
         per_feature: bool = False,
         first_only: bool = False,
+        probes: list[Probe] | None = None,
     ):
         """The mixture's estimate (``first_only``: its first model's); with ``per_feature``, the first model's
-        per-element shares from the same pass."""
+        per-element shares from the same pass; ``probes``: each model's probe of these rows, computed before."""
         eps = common_random_numbers(n_samples, self.latent_dim_, self.score_seed_)
         refine_eps = self._refine_eps()
         members = [
@@ -1084,6 +1109,7 @@ class VAEAnomalyDetector(
                 probe_threshold=self._probe_threshold_of(i),
                 per_feature=per_feature and i == 0,
                 search_floor=self._search_floor_of(i),
+                probes=None if probes is None else probes[i],
             )
             for i, m in enumerate(self._mixture_members()[:1] if first_only else self._mixture_members())
         ]
@@ -1328,7 +1354,9 @@ class VAEAnomalyDetector(
             flush()
         return out
 
-    def _feature_baseline(self, inputs: ModelInputs, one_pass: np.ndarray) -> np.ndarray:
+    def _feature_baseline(
+        self, inputs: ModelInputs, one_pass: np.ndarray, probes: list[Probe] | None = None
+    ) -> np.ndarray:
         """``feature_baseline_``: each element's median over the baseline rows ``inputs`` of the value
         :meth:`feature_scores` reports before the baseline is taken off, (elements,).
 
@@ -1339,35 +1367,42 @@ class VAEAnomalyDetector(
         0.2): the median of that difference over the first :data:`EXACT_BASELINE_ROWS` rows
         (fewer for wide tables: at most :data:`EXACT_BASELINE_CELLS` conditionals, each a row
         scored without one column), the first model's as the one-pass estimate is, is added,
-        so that a typical training row reports about 0 in every column.
+        so that a typical training row reports about 0 in every column. ``probes``: each model's probe of the
+        rows ``inputs``, computed before.
         """
         baseline = _column_medians(one_pass)
         if not self._exact_conditionals_apply(inputs.x):
             return baseline
         width = int(inputs.x[0].numel())
-        few = inputs.rows(torch.arange(min(len(inputs), EXACT_BASELINE_ROWS, max(8, EXACT_BASELINE_CELLS // width))))
+        first = torch.arange(min(len(inputs), EXACT_BASELINE_ROWS, max(8, EXACT_BASELINE_CELLS // width)))
+        few = inputs.rows(first)
         k = self.n_importance_samples
-        full = self._log_likelihood_internal(few.x, few.mask, k, condition=few.condition, first_only=True).value
+        full = self._log_likelihood_internal(
+            few.x, few.mask, k, condition=few.condition, first_only=True, probes=_probe_rows(probes, first)
+        ).value
         conditionals = self._exact_conditionals(few, full, k, first_only=True)
         exact = self.input_space_.feature_shares(conditionals, few)
         exact = np.asarray(exact, dtype=np.float64).reshape(len(few), -1)
         return baseline + _column_medians(exact - one_pass[: len(few)])
 
-    def _baseline_feature_scores(self, inputs: ModelInputs) -> np.ndarray:
+    def _baseline_feature_scores(self, inputs: ModelInputs, probes: list[Probe] | None = None) -> np.ndarray:
         """The one-pass estimate of each element's log p(x_j | x_−j) in the data's units, (rows, elements).
 
         For training rows, which the encoder serves well, it is within a few tenths of a nat of
         the exact per-column value (thyroid: at most 0.29 nats on the column medians) at the
         cost of one scoring pass instead of one per column (which doubled the fit of small tables).
         """
-        return self._scores_with_conditionals(inputs)[1]
+        return self._scores_with_conditionals(inputs, probes)[1]
 
-    def _scores_with_conditionals(self, inputs: ModelInputs) -> tuple[np.ndarray, np.ndarray]:
+    def _scores_with_conditionals(
+        self, inputs: ModelInputs, probes: list[Probe] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """One scoring pass: each row's model-space log p(x) (rows,) and the one-pass estimate of each element's
         log p(x_j | x_−j) in the data's units (rows, elements)."""
         result = self._log_likelihood_internal(
-            inputs.x, inputs.mask, self.n_importance_samples, condition=inputs.condition, per_feature=True
-        )
+            inputs.x, inputs.mask, self.n_importance_samples, condition=inputs.condition, per_feature=True,
+            probes=probes,
+        )  # fmt: skip
         scores = self.input_space_.feature_shares(result.per_feature, inputs)
         return result.value, np.asarray(scores, dtype=np.float64).reshape(len(inputs), -1)
 

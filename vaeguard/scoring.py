@@ -353,6 +353,7 @@ def _chunks_with_proposals(
     probe_threshold: float,
     k: int,
     search_floor: float | None = None,
+    probes: Probe | None = None,
 ) -> Iterator[tuple[slice, Tensor, Tensor | None, Tensor | None, Proposal | None, np.ndarray | None]]:
     """``(rows of x, chunk, mask, conditions, proposal, refined)`` for chunks of ``rows`` rows.
 
@@ -370,7 +371,10 @@ def _chunks_with_proposals(
     group = max(rows, min(rows * k // PROBE_SAMPLES, _gradient_rows(model, PROBE_SAMPLES)))
     fit_rows = max(1, min(rows * k // refine_eps.shape[0], _gradient_rows(model, refine_eps.shape[0])))
     for outer, xg, mg, cg in _chunks(x, group, device, dtype, mask, condition):
-        proposal, refined = _fitted_proposals(model, xg, mg, cg, refine_eps, probe_threshold, fit_rows, search_floor)
+        probed = None if probes is None else probes.rows(outer).to(device, dtype)
+        proposal, refined = _fitted_proposals(
+            model, xg, mg, cg, refine_eps, probe_threshold, fit_rows, search_floor, probed
+        )
         for start in range(0, xg.shape[0], rows):
             inner = slice(start, min(start + rows, xg.shape[0]))
             yield (
@@ -550,6 +554,7 @@ def importance_sampled_log_likelihood(
     probe_threshold: float = PROBE_GAIN,
     per_feature: bool = False,
     search_floor: float | None = None,
+    probes: Probe | None = None,
 ) -> LogLikelihood:
     """Estimate log p(x) for every row, in nats, in the model's internal units.
 
@@ -588,6 +593,11 @@ def importance_sampled_log_likelihood(
         the encoder's q is below this (nats; a model's own value comes from its training rows,
         :func:`search_floor`), and the rows the probe flags, get a grid search for their
         posterior (:func:`_searched`). None: no search.
+    probes : Probe, optional
+        With ``refine_eps``: the rows' probe, computed before with the same ``refine_eps``
+        (:func:`probe_rows`; a fit probes its training rows once, for the threshold and for this
+        pass); None: each row is probed here. A row's probe depends on it alone, so either way
+        gives the same estimates.
 
     Returns
     -------
@@ -606,8 +616,10 @@ def importance_sampled_log_likelihood(
     shares = np.zeros((x.shape[0], *model.likelihood.event_shape)) if per_feature else None
     if refine_eps is not None:
         refine_eps = refine_eps.to(device=device, dtype=dtype)
+    if probes is not None and len(probes.gain) != x.shape[0]:
+        raise ValueError(f"probes are for {len(probes.gain)} rows, x has {x.shape[0]}")
     chunks = _chunks_with_proposals(
-        model, x, rows, device, dtype, mask, condition, refine_eps, probe_threshold, k, search_floor
+        model, x, rows, device, dtype, mask, condition, refine_eps, probe_threshold, k, search_floor, probes
     )
     for where, xb, mb, cb, proposal, redo in chunks:
         if redo is not None:
@@ -693,17 +705,52 @@ def _weights_sd(w: Tensor, proposal: Proposal | None) -> Tensor:
     return (sum(len(part) * part.var(0) for part in strata) / k).sqrt()  # each stratum's variance unbiased
 
 
-def _probe(
-    model: VAE, x: Tensor, mask: Tensor | None, condition: Tensor | None, eps: Tensor
-) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor, Tensor]:
-    """The encoder's q(z|x), q after the probe's steps, the rise of each row's ELBO and its ELBO at the
-    encoder's q (nats, (rows,) each)."""
+@dataclass
+class Probe:
+    """Each row's probe (:func:`probe_rows`): the encoder's q(z|x) ``start`` and q after the probe's steps
+    ``moved`` ((μ, log σ²), each (rows, latent)), the rise of the row's ELBO ``gain`` and its ELBO at the
+    encoder's q ``at_encoder`` (nats, (rows,) each). A fit computes it once for its training rows: it sets the
+    model's probe threshold, and the pass that scores those rows for the threshold takes it instead of
+    probing them again (``importance_sampled_log_likelihood(probes=...)``)."""
+
+    start: tuple[Tensor, Tensor]
+    moved: tuple[Tensor, Tensor]
+    gain: Tensor
+    at_encoder: Tensor
+
+    def rows(self, index: slice | Tensor) -> Probe:
+        """The probe of the rows ``index`` (a slice or a tensor of row numbers)."""
+        return Probe(
+            (self.start[0][index], self.start[1][index]),
+            (self.moved[0][index], self.moved[1][index]),
+            self.gain[index],
+            self.at_encoder[index],
+        )
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Probe:
+        """The same values on ``device`` in ``dtype`` (where the chunks are scored)."""
+        return Probe(*(tuple(t.to(device, dtype) for t in pair) for pair in (self.start, self.moved)),
+                     self.gain.to(device, dtype), self.at_encoder.to(device, dtype))  # fmt: skip
+
+    @staticmethod
+    def joined(parts: Sequence[Probe]) -> Probe:
+        """The probes of consecutive row ranges as one."""
+        return Probe(
+            (torch.cat([p.start[0] for p in parts]), torch.cat([p.start[1] for p in parts])),
+            (torch.cat([p.moved[0] for p in parts]), torch.cat([p.moved[1] for p in parts])),
+            torch.cat([p.gain for p in parts]),
+            torch.cat([p.at_encoder for p in parts]),
+        )
+
+
+def _probe(model: VAE, x: Tensor, mask: Tensor | None, condition: Tensor | None, eps: Tensor) -> Probe:
+    """The probe of each row of ``x``: :data:`PROBE_STEPS` Adam steps on its ELBO from the encoder's q."""
     probe = eps[:PROBE_SAMPLES]
     start = _encoded(model, x, mask, condition, probe)
     mu, logvar, path = refine_proposal(model, x, mask, condition, probe, PROBE_STEPS, PROBE_LEARNING_RATE, start)
     with torch.no_grad():
         after = importance_terms(model, x, probe, mask, condition, proposal=(mu, logvar))[0].mean(0)
-    return start, (mu, logvar), after - path[0], path[0]
+    return Probe(start, (mu, logvar), after - path[0], path[0])
 
 
 @torch.no_grad()
@@ -748,6 +795,32 @@ def _encoded(model: VAE, x: Tensor, mask: Tensor | None, condition: Tensor | Non
 
 
 @in_eval_mode
+def probe_rows(
+    model: VAE,
+    x: Tensor,
+    refine_eps: Tensor,
+    *,
+    mask: Tensor | None = None,
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+    condition: Tensor | None = None,
+) -> Probe:
+    """The probe of every row of ``x`` (:class:`Probe`), on the CPU in the model's scoring dtype.
+
+    The rise is how much the row's ELBO rises in a short probe of gradient steps from the
+    encoder's q: the part of the ELBO the encoder leaves on the table for that row (its
+    amortization gap, as far as :data:`PROBE_STEPS` steps find it).
+    """
+    device, dtype, eps, _ = _prepare(model, refine_eps, device, chunk_size)
+    parts = []
+    for _, xb, mb, cb in _chunks(x, chunk_size or _gradient_rows(model, PROBE_SAMPLES), device, dtype, mask, condition):
+        parts.append(_probe(model, xb, mb, cb, eps).to(torch.device("cpu"), dtype))
+    if not parts:
+        empty = torch.zeros(0, model.latent_dim, dtype=dtype)
+        return Probe((empty, empty), (empty, empty), torch.zeros(0, dtype=dtype), torch.zeros(0, dtype=dtype))
+    return Probe.joined(parts)
+
+
 def probe_statistics(
     model: VAE,
     x: Tensor,
@@ -758,20 +831,9 @@ def probe_statistics(
     device: torch.device | str | None = None,
     condition: Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's probe rise and its ELBO at the encoder's q, nats; float64 (n,) each.
-
-    The rise is how much the row's ELBO rises in a short probe of gradient steps from the
-    encoder's q: the part of the ELBO the encoder leaves on the table for that row (its
-    amortization gap, as far as :data:`PROBE_STEPS` steps find it).
-    """
-    device, dtype, eps, _ = _prepare(model, refine_eps, device, chunk_size)
-    gains, at_encoder = np.zeros(x.shape[0]), np.zeros(x.shape[0])
-    for where, xb, mb, cb in _chunks(
-        x, chunk_size or _gradient_rows(model, PROBE_SAMPLES), device, dtype, mask, condition
-    ):
-        _, _, gain, start = _probe(model, xb, mb, cb, eps)
-        gains[where], at_encoder[where] = gain.double().cpu().numpy(), start.double().cpu().numpy()
-    return gains, at_encoder
+    """Each row's probe rise and its ELBO at the encoder's q, nats; float64 (n,) each (:func:`probe_rows`)."""
+    probe = probe_rows(model, x, refine_eps, mask=mask, chunk_size=chunk_size, device=device, condition=condition)
+    return probe.gain.double().numpy(), probe.at_encoder.double().numpy()
 
 
 def search_floor(training_elbos: np.ndarray) -> float | None:
@@ -807,6 +869,7 @@ def _fitted_proposals(
     threshold: float = PROBE_GAIN,
     fit_rows: int | None = None,
     search_floor: float | None = None,
+    probed: Probe | None = None,
 ) -> tuple[Proposal, np.ndarray]:
     """The proposal for each row and which rows got one fitted to them (bool, (rows,)).
 
@@ -828,8 +891,11 @@ def _fitted_proposals(
     (:func:`_moment_matched`): an ELBO fit is mode-seeking and narrower than the posterior,
     whose flanks the draws then miss (thyroid's normal rows along a curved posterior:
     about −0.8 nats with K = 64, and no more draws mend a proposal that misses mass).
+    ``probed``: the rows' probe, computed before (:func:`probe_rows`); None: probed here.
     """
-    start, moved, gain, at_encoder = _probe(model, x, mask, condition, eps)
+    if probed is None:
+        probed = _probe(model, x, mask, condition, eps)
+    start, moved, gain, at_encoder = probed.start, probed.moved, probed.gain, probed.at_encoder
     redo = (gain > threshold).cpu().numpy()
     search = np.zeros_like(redo)
     partial = np.zeros_like(redo)
