@@ -695,13 +695,13 @@ def test_each_model_keeps_its_search_floor_in_the_model_file(tmp_path):
     # ELBO at the encoder's q, and the file keeps it; a file without floors scores without
     # the search; crafted values are refused.
     from vaeguard import storage
-    from vaeguard.scoring import SEARCH_QUANTILE, probe_statistics
+    from vaeguard.scoring import SEARCH_QUANTILE, probe_rows
 
     det, X = _mixture()
     assert len(det.search_floors_) == 3 and all(np.isfinite(det.search_floors_))
     inputs = det.to_model_space(X)
     for i, member in enumerate(det._mixture_members()):
-        _, at_encoder = probe_statistics(det._scoring_model(member), inputs.x, det._refine_eps())
+        at_encoder = probe_rows(det._scoring_model(member), inputs.x, det._refine_eps()).at_encoder.numpy()
         assert det.search_floors_[i] == pytest.approx(np.quantile(at_encoder, SEARCH_QUANTILE), rel=1e-9)
     det.save(tmp_path / "m.h5")
     assert load(tmp_path / "m.h5").search_floors_ == det.search_floors_

@@ -28,7 +28,7 @@ from vaeguard.scoring import (
     importance_sampled_log_likelihood,
     pareto_k,
     per_feature_log_likelihood,
-    probe_statistics,
+    probe_rows,
     probe_threshold,
     search_floor,
 )
@@ -645,7 +645,7 @@ def test_exactly_the_rows_that_rise_beyond_the_threshold_are_refitted_in_any_chu
     vae = lg.vae(dtype=torch.float64)
     vae.encoder = _ClampedMeans(vae.encoder, 2, 1.5)
     x, eps, refine = torch.tensor(X), common_random_numbers(64, 2, 0).double(), common_random_numbers(8, 2, 1)
-    gains = probe_statistics(vae, x, refine)[0]
+    gains = probe_rows(vae, x, refine).gain.numpy()
     threshold = 1.2
     assert 0.1 < np.mean(gains > threshold) < 0.5 and np.sum(np.abs(gains - threshold) < 0.01) == 0
     rechecked = importance_sampled_log_likelihood(vae, x, eps, refine_eps=refine, probe_threshold=np.inf).refined
@@ -705,7 +705,7 @@ def test_per_feature_log_likelihood_is_the_conditional_of_each_element(lg):
 
 def test_scoring_gives_the_callers_module_its_modes_back(lg):
     """Scoring runs in eval mode, then gives every submodule its own mode back (a model in training stays so)."""
-    from vaeguard.scoring import evidence_lower_bound, per_feature_log_likelihood, posterior_means, probe_statistics
+    from vaeguard.scoring import evidence_lower_bound, per_feature_log_likelihood, posterior_means, probe_rows
 
     vae = lg.vae()
     vae.train()
@@ -717,7 +717,7 @@ def test_scoring_gives_the_callers_module_its_modes_back(lg):
     evidence_lower_bound(vae, X, eps)
     posterior_means(vae, X)
     per_feature_log_likelihood(vae, X, eps)
-    probe_statistics(vae, X, refine_eps=eps)
+    probe_rows(vae, X, refine_eps=eps)
     assert [m.training for m in vae.modules()] == before
 
 

@@ -821,21 +821,6 @@ def probe_rows(
     return Probe.joined(parts)
 
 
-def probe_statistics(
-    model: VAE,
-    x: Tensor,
-    refine_eps: Tensor,
-    *,
-    mask: Tensor | None = None,
-    chunk_size: int | None = None,
-    device: torch.device | str | None = None,
-    condition: Tensor | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's probe rise and its ELBO at the encoder's q, nats; float64 (n,) each (:func:`probe_rows`)."""
-    probe = probe_rows(model, x, refine_eps, mask=mask, chunk_size=chunk_size, device=device, condition=condition)
-    return probe.gain.double().numpy(), probe.at_encoder.double().numpy()
-
-
 def search_floor(training_elbos: np.ndarray) -> float | None:
     """The search floor of a model: the :data:`SEARCH_QUANTILE` quantile of its training rows' ELBO at
     the encoder's q (nats); None where no training row's is finite."""
