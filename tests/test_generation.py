@@ -104,6 +104,40 @@ def test_aggregate_samples_avoid_the_gap_between_clusters():
     assert aggregate < 0.5 * prior
 
 
+def test_the_aggregate_posterior_is_fitted_on_first_use_to_the_training_codes(monkeypatch, tmp_path):
+    # a fit that only detects never fits it (3 s of a 20 000-row table's fit); sampling from it, or saving, does,
+    # once, to the same codes and seed as a fit that made it at once
+    import vaeguard.generation as generation
+    from vaeguard.estimators import latent_usage
+
+    fits = []
+    real = generation.AggregatePosterior.fit.__func__
+
+    def counting(cls, codes, random_state):
+        fits.append(len(codes))
+        return real(cls, codes, random_state)
+
+    monkeypatch.setattr(generation.AggregatePosterior, "fit", classmethod(counting))
+    X = np.random.default_rng(0).normal(size=(300, 4))
+    det = VAEAnomalyDetector(epochs=5, latent_dim=2, n_models=1, random_state=0).fit(X)
+    det.score_samples(X[:10])
+    assert fits == []
+    drawn = det.sample(5, random_state=0, source="aggregate")
+    assert fits == [300]
+    inputs = det.to_model_space(X)
+    codes = latent_usage(det.model_, inputs.x, inputs.mask, det.score_seed_)[2]
+    eager = real(generation.AggregatePosterior, codes, det.score_seed_)
+    np.testing.assert_allclose(det.aggregate_posterior_.means, eager.means, rtol=1e-9)
+    det.save(tmp_path / "m.h5")
+    assert fits == [300]  # saving reuses the one it has
+    np.testing.assert_array_equal(load(tmp_path / "m.h5").sample(5, random_state=0, source="aggregate"), drawn)
+    fresh = VAEAnomalyDetector(epochs=5, latent_dim=2, n_models=1, random_state=0).fit(X)
+    fresh.save(tmp_path / "fresh.h5")  # never sampled: the file still carries it
+    assert fits == [300, 300]
+    np.testing.assert_array_equal(load(tmp_path / "fresh.h5").sample(5, random_state=0, source="aggregate"), drawn)
+    assert getattr(VAEAnomalyDetector(), "aggregate_posterior_", None) is None
+
+
 def test_aggregate_sampling_of_images_survives_save(tmp_path):
     images, _ = make_shapes(300, image_size=16, random_state=0)
     det = VAEAnomalyDetector(epochs=3, latent_dim=4, random_state=0).fit(images)
