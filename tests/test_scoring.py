@@ -366,8 +366,10 @@ MIXED_COLUMNS = [
 ]
 
 
-def _check_scores_alike_in_any_batch_and_near_float64(vae: VAE, scoring: VAE, x: Tensor) -> None:
-    """A row's score from ``scoring`` (a CPU scoring copy of ``vae``) in chunks of 1, 7 and 64 rows and in reverse
+def _check_scores_alike_in_any_batch_and_near_float64(
+    vae: VAE, scoring: VAE, x: Tensor, chunks: tuple[int, ...] = (1, 7, 64)
+) -> None:
+    """A row's score from ``scoring`` (a CPU scoring copy of ``vae``) in ``chunks`` of rows and in reverse
     order (probe and proposal fits on): alike to float64's rounding of the sums; the encoder's q alone: within 1e-5
     of the all-float64 model's; absurd values (1e20 in row 7, −3e19 in row 50) finite; a missing entry beside one."""
     latent = vae.latent_dim
@@ -377,7 +379,7 @@ def _check_scores_alike_in_any_batch_and_near_float64(vae: VAE, scoring: VAE, x:
     refine = common_random_numbers(8, latent, seed=3)
     value = importance_sampled_log_likelihood(scoring, x, eps, refine_eps=refine).value
     # float64 sums of float32 terms: a row's score depends on it alone, to float64's rounding of the sums
-    for chunk in (1, 7, 64):
+    for chunk in chunks:
         chunked = importance_sampled_log_likelihood(scoring, x, eps, refine_eps=refine, chunk_size=chunk).value
         np.testing.assert_allclose(chunked, value, rtol=0, atol=1e-9)
     flipped = importance_sampled_log_likelihood(scoring, x.flip(0), eps, refine_eps=refine).value[::-1]
@@ -421,20 +423,21 @@ def test_a_tables_scoring_copy_computes_its_likelihood_in_float32_and_scores_a_r
 
 
 def test_a_wide_tables_scoring_copy_decodes_in_float32_blocks_and_scores_a_row_alike_in_any_batch():
-    # 529 columns: the decoder's last layer has 256 x 1058 weights, past WIDE_LINEAR_WEIGHTS
+    # 529 columns: the decoder's last layer has 256 x 1058 weights, past WIDE_LINEAR_WEIGHTS; 52 rows and
+    # chunks of 1 and 7 (the untrained model's probe flags every row, and each row's fit costs ~0.1 s)
     from vaeguard.components.encoders import mlp
 
     torch.manual_seed(0)
     d = 529
-    lik, x = _mixed_table(d, 100, seed=1)
-    vae = VAE(*mlp((d,), 3, lik.param_count, hidden_dims=[256, 256]), lik, 3)
+    lik, x = _mixed_table(d, 52, seed=1)
+    vae = VAE(*mlp((d,), 3, lik.param_count, hidden_dims=[256]), lik, 3)
     assert vae.decoder.net[-2].weight.numel() >= WIDE_LINEAR_WEIGHTS
     scoring = cpu_scoring_copy(vae)
     section = scoring.decoder.net[0]
     assert isinstance(section, FixedBlockSection) and section.float32_output
     assert all(p.dtype == torch.float64 for p in scoring.parameters())  # the originals, as registered
     assert scoring.decode(torch.zeros(2, 3, dtype=torch.float64)).dtype == torch.float32  # no float64 round trip
-    _check_scores_alike_in_any_batch_and_near_float64(vae, scoring, x)
+    _check_scores_alike_in_any_batch_and_near_float64(vae, scoring, x, chunks=(1, 7))
     # a value of 1e45: where the encoder sees it, its row's codes (~1e42) would overflow the float32 decoder
     # to NaN, and the section computes them in float64 instead (FLOAT32_SECTION_BOUND); where the encoder does
     # not (its column's weights zeroed), the codes and the decoder's float32 outputs stay ordinary, and the
