@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from results_file import write_results
 
 from vaeguard import VAEAnomalyDetector
 from vaeguard.datasets import SHAPES_FACTORS, make_shapes, render_shapes
@@ -208,7 +209,7 @@ def main() -> None:
         + ".",
         "",
     ]
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
+    write_results(RESULTS / f"{args.name}.md", "\n".join(lines))
     print("\n".join(lines))
 
 
