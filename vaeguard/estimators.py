@@ -965,8 +965,7 @@ class VAEAnomalyDetector(
         else:  # each rank scores its share of the rows; every rank then holds all the scores
             share = group.share(len(inputs))
             mine_rows = torch.arange(len(inputs))[share]
-            mine_probes = None if probes is None else [p.rows(mine_rows) for p in probes]
-            mine, _ = self._training_scores(inputs.rows(mine_rows), space, None, mine_probes)
+            mine, _ = self._training_scores(inputs.rows(mine_rows), space, None, _probe_rows(probes, mine_rows))
             train_scores = group.gather_scores(mine, len(inputs))
             picked_probes = _probe_rows(probes, baseline_pick)
             baseline_scores = self._baseline_feature_scores(inputs.rows(baseline_pick), picked_probes)
