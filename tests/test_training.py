@@ -8,7 +8,7 @@ from vaeguard.components.encoders import mlp
 from vaeguard.components.likelihoods import DiagGaussianLikelihood, GaussianLikelihood
 from vaeguard.model import VAE
 from vaeguard.objectives import elbo
-from vaeguard.training import TrainingConfig, TrainingDivergedError, split_validation, train
+from vaeguard.training import FusedAdam, TrainingConfig, TrainingDivergedError, split_validation, train
 
 
 def small_vae(d=4, seed=0):
@@ -459,3 +459,45 @@ def test_an_unknown_training_precision_is_refused_by_name():
     with pytest.raises(ValueError, match="precision must be one of float32, bfloat16; got 'float16'"):
         config = TrainingConfig(epochs=1, precision="float16")
         train(small_vae(), data(n=100), config, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-3])
+def test_the_written_out_adam_steps_as_torchs_fused_adam_to_the_bit(weight_decay):
+    generator = torch.Generator().manual_seed(0)
+    shapes = [((3, 4), torch.float32), ((5,), torch.float64), ((2, 2), torch.float32)]
+    ours = [torch.randn(*s, generator=generator, dtype=t).requires_grad_(True) for s, t in shapes]
+    theirs = [p.detach().clone().requires_grad_(True) for p in ours]
+    mine = FusedAdam(ours, lr=3e-3, weight_decay=weight_decay)
+    reference = torch.optim.Adam(theirs, lr=3e-3, weight_decay=weight_decay, fused=True)
+    for step in range(6):
+        grads = [10.0 ** (step - 3) * torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in ours]
+        for params, optimizer in ((ours, mine), (theirs, reference)):
+            optimizer.zero_grad(set_to_none=True)
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                if not (i == 2 and step < 2):  # the last parameter has no gradient in the first two steps
+                    p.grad = g.clone()
+            optimizer.step()
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.equal(a, b)
+    assert torch.equal(mine.state[id(ours[2])][0], reference.state[theirs[2]]["step"])  # stepped 4 times, not 6
+    mine.zero_grad()
+    assert all(p.grad is None for p in ours)
+
+
+def test_a_fit_and_its_scoring_do_not_import_torch_dynamo():
+    # torch.optim's first optimizer imports torch._dynamo: ~1.4 s of every `vaeguard fit`, as long as the
+    # training of a small table's first epochs
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from vaeguard import VAEAnomalyDetector\n"
+        "X = np.random.default_rng(0).normal(size=(300, 4))\n"
+        "VAEAnomalyDetector(random_state=0, epochs=2).fit(X).score_samples(X[:5])\n"
+        "VAEAnomalyDetector(random_state=0, epochs=2, n_models=1).fit(X).score_samples(X[:5])\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

@@ -351,15 +351,76 @@ def train_models(
     return _train_loop(stacked, x, config, generators, device, verbose, mask, condition, group)
 
 
-def make_optimizer(parameters: list[Tensor], config: TrainingConfig) -> torch.optim.Optimizer:
+class FusedAdam:
+    """Adam as ``torch.optim.Adam(fused=True)`` computes it, each step equal to the bit: per device and dtype one
+    ``torch._fused_adam_`` kernel over every parameter with a gradient, its moments and step counters kept alike.
+
+    Written out (as :func:`vaeguard.scoring._adam_step` is for the proposal fits) because a process's first
+    ``torch.optim`` optimizer imports ``torch._dynamo``, about 1.4 s that every ``vaeguard fit`` paid on top of
+    a small table's few seconds of training. ``zero_grad`` sets the gradients to None, as the optimiser's does.
+    """
+
+    def __init__(self, parameters: list[Tensor], *, lr: float, weight_decay: float = 0.0) -> None:
+        self.parameters = list(parameters)
+        self.lr, self.weight_decay = lr, weight_decay
+        self.state: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # id(parameter) → (step, exp_avg, exp_avg_sq)
+
+    @staticmethod
+    def available(parameters: list[Tensor]) -> bool:
+        """Whether torch has the fused kernel for these parameters (CPU and CUDA, float32 and float64)."""
+        return hasattr(torch, "_fused_adam_") and all(
+            p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in parameters
+        )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.parameters:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], ...]] = {}
+        for p in self.parameters:
+            if p.grad is None:
+                continue  # as torch's: a parameter without a gradient is not stepped, nor its moments started
+            if id(p) not in self.state:
+                zeros = (torch.zeros_like(p, memory_format=torch.preserve_format) for _ in range(2))
+                self.state[id(p)] = (torch.zeros((), dtype=torch.float32, device=p.device), *zeros)
+            step, exp_avg, exp_avg_sq = self.state[id(p)]
+            group = groups.setdefault((p.device, p.dtype), ([], [], [], [], []))
+            for part, t in zip(group, (p, p.grad, exp_avg, exp_avg_sq, step), strict=True):
+                part.append(t)
+        for params, grads, exp_avgs, exp_avg_sqs, steps in groups.values():
+            torch._foreach_add_(steps, 1)
+            torch._fused_adam_(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                [],
+                steps,
+                amsgrad=False,
+                lr=self.lr,
+                beta1=0.9,
+                beta2=0.999,
+                weight_decay=self.weight_decay,
+                eps=1e-8,
+                maximize=False,
+                grad_scale=None,
+                found_inf=None,
+            )
+
+
+def make_optimizer(parameters: list[Tensor], config: TrainingConfig) -> FusedAdam | torch.optim.Optimizer:
     """Adam; the fused implementation (one kernel per step for all parameters) where torch has it."""
-    kind = {p.device.type for p in parameters}
-    # fused=True: one kernel updates every parameter (CPU and CUDA since torch 2.4), a
-    # third of the foreach update's time on small tables where per-step overhead dominates;
-    # foreach=True elsewhere (torch picks it only on CUDA by default).
-    fused = kind <= {"cpu", "cuda"} and all(p.dtype in (torch.float32, torch.float64) for p in parameters)
-    options = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.Adam(parameters, lr=config.learning_rate, weight_decay=config.weight_decay, **options)
+    # fused: one kernel updates every parameter (CPU and CUDA since torch 2.4), a third of the
+    # foreach update's time on small tables where per-step overhead dominates; foreach=True
+    # elsewhere (torch picks it only on CUDA by default).
+    if FusedAdam.available(parameters):
+        return FusedAdam(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.Adam(parameters, lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True)
 
 
 def per_row_objective(
@@ -400,7 +461,7 @@ class _OneModel:
     def parameters(self) -> list[Tensor]:
         return list(self.model.parameters())
 
-    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+    def zero_grad(self, optimizer: FusedAdam | torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)
 
     def gradients_in_place(self) -> contextlib.AbstractContextManager[None]:
@@ -684,7 +745,7 @@ class _StackedModels:
         """What the optimiser steps: the one tensor that every stacked parameter is a view of."""
         return [self.flat]
 
-    def zero_grad(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def zero_grad(self, optimizer: FusedAdam | torch.optim.Optimizer | None = None) -> None:
         self.flat.grad.zero_()  # in place: the parameters' gradients are views of it
 
     def gradients_in_place(self) -> contextlib.AbstractContextManager[None]:
