@@ -534,12 +534,24 @@ def test_feature_baseline_is_the_training_median_and_travels_with_the_model(tmp_
 # -- a mixture of models (n_models) -------------------------------------------------------
 
 
-def test_auto_n_models_is_three_for_small_tables_and_one_otherwise():
-    from vaeguard.estimators import SMALL_TABLE_ROWS, auto_n_models
+def test_auto_n_models_is_three_for_small_narrow_tables_and_one_otherwise():
+    from vaeguard.estimators import SMALL_TABLE_ROWS, WIDE_TABLE_COLUMNS, auto_n_models
 
     assert auto_n_models(50, images=False) == 3 and auto_n_models(SMALL_TABLE_ROWS, images=False) == 3
     assert auto_n_models(SMALL_TABLE_ROWS + 1, images=False) == 1
     assert auto_n_models(100, images=True) == 1
+    assert auto_n_models(100, images=False, columns=WIDE_TABLE_COLUMNS - 1) == 3
+    assert auto_n_models(100, images=False, columns=WIDE_TABLE_COLUMNS) == 1
+
+
+def test_a_wide_table_gets_one_model_counting_the_columns_the_networks_read():
+    # a column constant in training stays out of the networks: 512 columns with one constant are 511 modelled
+    rng = np.random.default_rng(0)
+    X = (rng.random((40, 513)) < 0.2).astype(float)
+    X[:, 0] = 1.0
+    narrow = VAEAnomalyDetector(epochs=1, random_state=0).fit(X[:, :512])
+    wide = VAEAnomalyDetector(epochs=1, random_state=0).fit(X)
+    assert len(narrow.models_) == 3 and len(wide.models_) == 1
 
 
 def test_auto_training_settings_differ_for_tables_and_images(monkeypatch):
