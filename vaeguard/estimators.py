@@ -157,8 +157,9 @@ def auto_n_models(n_rows: int, images: bool, columns: int = 0) -> int:
     the seed); an equal mixture of three averages it out, at three times a fit that is
     cheap at that size (quality log Q5, Q8). A wide table (one-hot or bag-of-words columns)
     is where the three cost most, 2.8 × the fit and score of one, and there the mixture
-    showed no gain: one model against three on eight shared sets one-hot encoded to 505–1152
-    columns and a synthetic 2000-column table, seeds 0–2, paired +0.001 ± 0.004 (quality log Q74).
+    showed no gain beyond seed noise: one model against three on eight shared sets one-hot
+    encoded to 505–1152 columns, seeds 0–5, paired +0.002 ± 0.005 on half A and −0.005 ± 0.003
+    on half B, and 0.913 against 0.915 on a synthetic 2000-column table (quality log Q74).
     """
     if images or n_rows > SMALL_TABLE_ROWS or columns >= WIDE_TABLE_COLUMNS:
         return 1
